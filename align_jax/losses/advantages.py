@@ -1,0 +1,104 @@
+"""Advantage estimators: group-relative (GRPO, Dr. GRPO), leave-one-out (RLOO), and GAE (PPO).
+
+Group layouts follow TRL: the G samples of one prompt are contiguous, so rewards of shape [N·G]
+reshape to [N, G].
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+SCALES = ("group", "batch", "none")
+
+
+def _as_groups(rewards_B: Array, group_size: int) -> Array:
+    chex.assert_rank(rewards_B, 1)
+    if group_size < 1 or rewards_B.shape[0] % group_size:
+        raise ValueError(
+            f"{rewards_B.shape[0]} rewards do not split into groups of size {group_size}"
+        )
+    return rewards_B.reshape(-1, group_size).astype(jnp.float32)
+
+
+def group_advantages(
+    rewards_B: Array, group_size: int, *, scale: str = "group", eps: float = 1e-4
+) -> tuple[Array, dict[str, Array]]:
+    """A_i = (r_i - mean(r_group)) / (std + eps) (GRPO, Shao et al. 2024, §4.1.2).
+
+    scale="group": std over the sample's own group (GRPO); "batch": std over all rewards in the
+    batch (TRL's scale_rewards="batch"); "none": no scaling (Dr. GRPO, Liu et al. 2025, eq. 3).
+    std is the unbiased (n-1) standard deviation, as `torch.std` in TRL.
+
+    Returns:
+      advantages [N·G] and metrics reward_std (mean within-group std) and frac_reward_zero_std
+      (fraction of groups whose rewards are all equal, which carry no learning signal).
+    """
+    if scale not in SCALES:
+        raise ValueError(f"Unknown advantage scale {scale!r}; expected one of {SCALES}")
+    rewards_NxG = _as_groups(rewards_B, group_size)
+    centred_NxG = rewards_NxG - jnp.mean(rewards_NxG, axis=1, keepdims=True)
+    group_std_N = jnp.std(rewards_NxG, axis=1, ddof=1) if group_size > 1 else jnp.zeros(
+        rewards_NxG.shape[0]
+    )
+    if scale == "group":
+        centred_NxG = centred_NxG / (group_std_N[:, None] + eps)
+    elif scale == "batch":
+        centred_NxG = centred_NxG / (jnp.std(rewards_NxG, ddof=1) + eps)
+    metrics = {
+        "reward_std": jnp.mean(group_std_N),
+        "frac_reward_zero_std": jnp.mean(jnp.isclose(group_std_N, 0.0).astype(jnp.float32)),
+    }
+    return centred_NxG.reshape(-1), metrics
+
+
+def rloo_advantages(rewards_B: Array, group_size: int) -> Array:
+    """A_i = r_i - 1/(G-1) Σ_{j≠i} r_j, the leave-one-out baseline (Ahmadian et al. 2024, eq. 6).
+
+    Equals G/(G-1) · (r_i - mean(r_group)). Returns [N·G].
+    """
+    if group_size < 2:
+        raise ValueError(f"RLOO needs group_size >= 2, got {group_size}")
+    rewards_NxG = _as_groups(rewards_B, group_size)
+    others_mean_NxG = (jnp.sum(rewards_NxG, axis=1, keepdims=True) - rewards_NxG) / (group_size - 1)
+    return (rewards_NxG - others_mean_NxG).reshape(-1)
+
+
+def _gae_one(rewards_L, values_L, mask_L, gamma, lam):
+    """GAE for one trajectory, scanning backwards over time."""
+    next_values_L = jnp.append(values_L[1:] * mask_L[1:], 0.0)
+    next_mask_L = jnp.append(mask_L[1:], 0.0)
+    deltas_L = rewards_L + gamma * next_values_L - values_L
+
+    def step(next_advantage, inputs):
+        delta, next_valid = inputs
+        advantage = delta + gamma * lam * next_valid * next_advantage
+        return advantage, advantage
+
+    _, advantages_L = jax.lax.scan(step, 0.0, (deltas_L, next_mask_L), reverse=True)
+    return advantages_L * mask_L
+
+
+def gae(
+    rewards_BxL: Array, values_BxL: Array, mask_BxL: Array, *, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Array, Array]:
+    """Generalized advantage estimation (Schulman et al. 2016, eq. 16) per token.
+
+    δ_t = r_t + γ V_{t+1} - V_t with V = 0 after the last valid token, Â_t = Σ_k (γλ)^k δ_{t+k}.
+    Completions are right-padded: mask_BxL is 1 on generated tokens, 0 on padding.
+
+    Returns:
+      advantages [B, L] and returns = advantages + values [B, L], both 0 on padding.
+    """
+    chex.assert_rank([rewards_BxL, values_BxL, mask_BxL], 2)
+    chex.assert_equal_shape([rewards_BxL, values_BxL, mask_BxL])
+    mask_BxL = mask_BxL.astype(jnp.float32)
+    rewards_BxL = rewards_BxL.astype(jnp.float32) * mask_BxL
+    values_BxL = values_BxL.astype(jnp.float32) * mask_BxL
+    advantages_BxL = jax.vmap(_gae_one, in_axes=(0, 0, 0, None, None))(
+        rewards_BxL, values_BxL, mask_BxL, gamma, lam
+    )
+    return advantages_BxL, (advantages_BxL + values_BxL) * mask_BxL
