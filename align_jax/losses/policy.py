@@ -84,7 +84,7 @@ def policy_loss(
     advantages = jax.lax.stop_gradient(advantages).astype(jnp.float32)
 
     log_ratio = _log_importance_ratio(logps_BxL, old_logps_BxL, mask_BxL, ratio_level)
-    ratio = jnp.exp(log_ratio)
+    ratio = jnp.exp(jnp.broadcast_to(log_ratio, logps_BxL.shape))
     metrics = {}
     if loss_type == "clip":
         clipped_ratio = jnp.clip(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
@@ -107,7 +107,6 @@ def policy_loss(
         clipped = (ratio > cispo_max_ratio) & (advantages > 0)
         metrics["cispo_clip_ratio"] = ops.masked_mean(clipped.astype(jnp.float32), mask_BxL)
 
-    per_token = jnp.broadcast_to(per_token, logps_BxL.shape)
     metrics["approx_kl"] = ops.masked_mean(
         jax.lax.stop_gradient(ops.kl_k2(logps_BxL, old_logps_BxL)), mask_BxL
     )
