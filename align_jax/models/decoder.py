@@ -1,0 +1,234 @@
+"""A Flax NNX decoder-only transformer that reproduces Hugging Face's Llama-family models.
+
+Pre-norm blocks: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)); rotary position embeddings
+(the "rotate half" layout of transformers), grouped-query attention, optional q/k/v bias (Qwen2),
+q/k RMSNorm (Qwen3) and sliding window (Mistral). The KV cache is a pytree passed in and
+returned, so decoding stays a pure function.
+
+Parameters carry logical axis names ("vocab", "embed", "heads", "kv_heads", "mlp") that
+the trainer maps to mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from align_jax.models.config import DecoderConfig
+
+Array = jax.Array
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for S slots, which slots hold real tokens, and the next slot."""
+
+    keys: tuple[Array, ...]  # per layer [B, S, K, H]
+    values: tuple[Array, ...]
+    key_mask_BxS: Array  # bool, True where a slot holds a non-pad token
+    index: Array  # int32 scalar: the slot the next token is written to
+
+
+def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache of `max_length` slots."""
+    shape = (batch, max_length, config.num_kv_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return KVCache(zeros, zeros, jnp.zeros((batch, max_length), bool), jnp.zeros((), jnp.int32))
+
+
+def _dense(rngs, d_in, d_out, names, *, bias=False, dtype, param_dtype):
+    init = nnx.with_partitioning(nnx.initializers.normal(0.02), names)
+    return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=init, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    """y = w · x / sqrt(mean(x²) + ε), computed in float32 and cast back (as transformers)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, axis_name="embed"):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inv_freq(config: DecoderConfig) -> Array:
+    """Inverse frequencies θ^(-2i/d), with linear or Llama-3.1 frequency-dependent scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if config.rope_type == "linear":
+        return inv_freq / config.rope_factor
+    if config.rope_type == "llama3":
+        low_wavelen = config.rope_original_max_position / config.rope_low_freq_factor
+        high_wavelen = config.rope_original_max_position / config.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / config.rope_factor, inv_freq)
+        smooth = (config.rope_original_max_position / wavelen - config.rope_low_freq_factor) / (
+            config.rope_high_freq_factor - config.rope_low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x_BxTxNxH: Array, positions_BxT: Array, inv_freq: Array) -> Array:
+    """x·cos + rotate_half(x)·sin with angles p·inv_freq in float32; rotate_half(x) = [-x₂, x₁]."""
+    angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x_BxTxNxH.dtype), jnp.sin(angles).astype(x_BxTxNxH.dtype)
+    x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
+    return x_BxTxNxH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype):
+        c, kw = config, dict(dtype=dtype, param_dtype=param_dtype)
+        self.config = c
+        self.q_proj = _dense(rngs, c.hidden_size, c.num_heads * c.head_dim, ("embed", "heads"),
+                             bias=c.attention_bias, **kw)
+        self.k_proj = _dense(rngs, c.hidden_size, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"),
+                             bias=c.attention_bias, **kw)
+        self.v_proj = _dense(rngs, c.hidden_size, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"),
+                             bias=c.attention_bias, **kw)
+        self.o_proj = _dense(rngs, c.num_heads * c.head_dim, c.hidden_size, ("heads", "embed"), **kw)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype, axis_name="head_dim")
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype, axis_name="head_dim")
+
+    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv_cache):
+        c = self.config
+        B, T, _ = x_BxTxD.shape
+        q = self.q_proj(x_BxTxD).reshape(B, T, c.num_heads, c.head_dim)
+        k = self.k_proj(x_BxTxD).reshape(B, T, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x_BxTxD).reshape(B, T, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+        if kv_cache is not None:  # write this step's keys/values at the cache index, read all slots
+            cache_k, cache_v, index = kv_cache
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+        out = jax.nn.dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_BxTxS[:, None], scale=c.head_dim**-0.5
+        )
+        return self.o_proj(out.reshape(B, T, c.num_heads * c.head_dim)), (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.gate_proj = _dense(rngs, config.hidden_size, config.intermediate_size, ("embed", "mlp"), **kw)
+        self.up_proj = _dense(rngs, config.hidden_size, config.intermediate_size, ("embed", "mlp"), **kw)
+        self.down_proj = _dense(rngs, config.intermediate_size, config.hidden_size, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(config, **kw)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(config, **kw)
+
+    def __call__(self, x, positions, mask, inv_freq, kv_cache):
+        attn, new_kv = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, kv_cache)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+
+
+class Decoder(nnx.Module):
+    """The causal LM. `with_scalar_head` adds a linear D→1 head for reward and value models."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 param_dtype=jnp.float32, remat: bool = False, with_scalar_head: bool = False):
+        self.config, self.dtype, self.remat = config, dtype, remat
+        # Logical axis names stay metadata; the trainer places parameters on its mesh with
+        # jit(init, out_shardings=...), so no variable is sharded eagerly at construction.
+        with nnx.use_eager_sharding(False):
+            self._build(config, rngs, dtype, param_dtype, with_scalar_head)
+
+    def _build(self, config, rngs, dtype, param_dtype, with_scalar_head):
+        embed_init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"))
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, embedding_init=embed_init,
+                                      dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [Block(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(config.num_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = _dense(rngs, config.hidden_size, config.vocab_size, ("embed", "vocab"),
+                                  dtype=dtype, param_dtype=param_dtype)
+        if with_scalar_head:
+            self.score_head = _dense(rngs, config.hidden_size, 1, ("embed", None),
+                                     dtype=dtype, param_dtype=param_dtype)
+
+    def hidden_states(self, input_ids_BxT: Array, attention_mask_BxT: Array | None = None,
+                      cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+        """Final-norm hidden states [B, T, D], and the updated cache when one is given.
+
+        Position ids count the non-pad tokens before each one (so left padding is handled), as
+        transformers' `generate` does. Without a cache, T tokens attend causally among
+        themselves; with one, they are written at `cache.index` and attend to every filled slot.
+        """
+        B, T = input_ids_BxT.shape
+        new_mask = jnp.ones((B, T), bool) if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
+        if cache is None:
+            key_mask, index, offset = new_mask, jnp.zeros((), jnp.int32), jnp.zeros((B,), jnp.int32)
+        else:
+            key_mask = jax.lax.dynamic_update_slice(cache.key_mask_BxS, new_mask, (0, cache.index))
+            index, offset = cache.index, jnp.sum(cache.key_mask_BxS, axis=1, dtype=jnp.int32)
+        positions = jnp.maximum(offset[:, None] + jnp.cumsum(new_mask, axis=1, dtype=jnp.int32) - 1, 0)
+        query_slots = index + jnp.arange(T)
+        key_slots = jnp.arange(key_mask.shape[1])
+        allowed = key_slots[None, :] <= query_slots[:, None]
+        if self.config.sliding_window is not None:
+            allowed &= query_slots[:, None] - key_slots[None, :] < self.config.sliding_window
+        mask_BxTxS = allowed[None] & key_mask[:, None, :]
+
+        inv_freq = rope_inv_freq(self.config)
+        x = self.embed_tokens(input_ids_BxT)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i], index)
+            call = nnx.remat(lambda blk, *a: blk(*a)) if self.remat else (lambda blk, *a: blk(*a))
+            x, (k, v) = call(layer, x, positions, mask_BxTxS, inv_freq, kv)
+            keys.append(k)
+            values.append(v)
+        x = self.norm(x)
+        if cache is None:
+            return x, None
+        return x, KVCache(tuple(keys), tuple(values), key_mask, index + T)
+
+    def logits(self, hidden_BxTxD: Array) -> Array:
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.attend(hidden_BxTxD)
+        return self.lm_head(hidden_BxTxD)
+
+    def __call__(self, input_ids_BxT, attention_mask_BxT=None, cache=None):
+        """Logits [B, T, V] (in the compute dtype; `ops.token_logps` normalises in float32)."""
+        hidden, cache = self.hidden_states(input_ids_BxT, attention_mask_BxT, cache)
+        return (self.logits(hidden), cache) if cache is not None else self.logits(hidden)
+
+    def token_values(self, input_ids_BxT, attention_mask_BxT=None) -> Array:
+        """The scalar head on every position's hidden state [B, T] (PPO's critic)."""
+        hidden, _ = self.hidden_states(input_ids_BxT, attention_mask_BxT)
+        return self.score_head(hidden)[..., 0].astype(jnp.float32)
+
+    def score(self, input_ids_BxT, attention_mask_BxT) -> Array:
+        """The scalar head at each row's last non-pad token [B] (a reward model's score)."""
+        values_BxT = self.token_values(input_ids_BxT, attention_mask_BxT)
+        slots = jnp.arange(input_ids_BxT.shape[1])
+        last = jnp.max(jnp.where(attention_mask_BxT.astype(bool), slots, -1), axis=1)
+        return jnp.take_along_axis(values_BxT, jnp.maximum(last, 0)[:, None], axis=1)[:, 0]

@@ -1,0 +1,213 @@
+"""Checkpoints in and out: Hugging Face safetensors directories, transformers models, GGUF files.
+
+Loading never executes pickled code: weights come from safetensors or GGUF only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from align_jax.models.config import DecoderConfig
+from align_jax.models.decoder import Decoder
+
+# Buffers some checkpoints carry that are recomputed, not learned.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_param_names(config: DecoderConfig) -> Iterator[tuple[str, tuple, bool]]:
+    """(HF tensor name, path of the NNX variable, whether the HF tensor is a transposed kernel)."""
+    yield "model.embed_tokens.weight", ("embed_tokens", "embedding"), False
+    for i in range(config.num_layers):
+        hf, ours = f"model.layers.{i}", ("layers", i)
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            yield f"{hf}.self_attn.{proj}.weight", (*ours, "self_attn", proj, "kernel"), True
+            if config.attention_bias and proj != "o_proj":
+                yield f"{hf}.self_attn.{proj}.bias", (*ours, "self_attn", proj, "bias"), False
+        if config.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                yield f"{hf}.self_attn.{norm}.weight", (*ours, "self_attn", norm, "weight"), False
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            yield f"{hf}.mlp.{proj}.weight", (*ours, "mlp", proj, "kernel"), True
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            yield f"{hf}.{norm}.weight", (*ours, norm, "weight"), False
+    yield "model.norm.weight", ("norm", "weight"), False
+    if not config.tie_word_embeddings:
+        yield "lm_head.weight", ("lm_head", "kernel"), True
+
+
+def _variable(model: Decoder, path: tuple) -> nnx.Variable:
+    node = model
+    for key in path:
+        node = node[key] if isinstance(key, int) else getattr(node, key)
+    return node
+
+
+def from_tensors(config: DecoderConfig, tensors: dict[str, Any], *, dtype=jnp.float32,
+                 source: str = "checkpoint") -> Decoder:
+    """Build a Decoder from HF-named tensors (numpy or jax arrays), never initialising random weights.
+
+    Every expected tensor must be present with the right shape; unexpected tensors are an error
+    (they mean the architecture does not match), except recomputed buffers.
+    """
+    model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+    tensors = dict(tensors)
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # some tied checkpoints still store a copy
+    missing = []
+    for name, path, transposed in hf_param_names(config):
+        if name not in tensors:
+            missing.append(name)
+            continue
+        array = tensors.pop(name)
+        variable = _variable(model, path)
+        shape = variable.get_value().shape
+        expected = tuple(reversed(shape)) if transposed else tuple(shape)
+        if tuple(array.shape) != expected:
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, "
+                             f"expected {expected} for this config")
+        array = jnp.asarray(array, dtype=dtype)
+        variable.set_value(array.T if transposed else array)
+    if missing:
+        raise ValueError(f"{source}: missing tensors {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    unexpected = [k for k in tensors if not k.endswith(_IGNORED_SUFFIXES)]
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensors {unexpected[:5]} for model_type="
+                         f"{config.model_type!r}; the checkpoint does not match its config")
+    return model
+
+
+def to_tensors(model: Decoder) -> dict[str, np.ndarray]:
+    """HF-named numpy tensors of a Decoder (transformers' layouts and names)."""
+    out = {}
+    for name, path, transposed in hf_param_names(model.config):
+        array = np.asarray(jax.device_get(_variable(model, path).get_value()))
+        out[name] = np.ascontiguousarray(array.T if transposed else array)
+    return out
+
+
+def _load_safetensors_dir(directory: Path) -> dict[str, Any]:
+    from safetensors.flax import load_file  # jax arrays: keeps bf16, which numpy lacks
+
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        shard_names = [p.name for p in sorted(directory.glob("*.safetensors"))]
+    if not shard_names:
+        raise FileNotFoundError(f"{directory}: no *.safetensors files (pickled .bin checkpoints "
+                                "are not loaded; convert them to safetensors)")
+    tensors = {}
+    for shard in shard_names:
+        tensors.update(load_file(str(directory / shard)))
+    return tensors
+
+
+def _reverse_llama_cpp_permute(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs → transformers' split halves)."""
+    half = w.shape[0] // num_heads // 2
+    return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_BLOCK_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def _load_gguf(path: Path) -> tuple[DecoderConfig, dict[str, np.ndarray]]:
+    import gguf
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    config = DecoderConfig.from_hf(hf_config, source=str(path))
+    reader = gguf.GGUFReader(str(path))
+    tensors = {}
+    for t in reader.tensors:
+        if t.name in _GGUF_NAMES:
+            name = _GGUF_NAMES[t.name]
+        else:
+            _, layer, kind, suffix = t.name.split(".")
+            if kind not in _GGUF_BLOCK_NAMES:
+                raise ValueError(f"{path}: unsupported GGUF tensor {t.name!r}")
+            name = f"model.layers.{layer}.{_GGUF_BLOCK_NAMES[kind]}.{suffix}"
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
+        if config.model_type in ("llama", "mistral") and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config.num_heads if "attn_q" in t.name else config.num_kv_heads
+            w = _reverse_llama_cpp_permute(w, heads)
+        tensors[name] = w
+    return config, tensors
+
+
+def load_pretrained(source, *, dtype=jnp.float32) -> Decoder:
+    """A Decoder from a local HF directory, a `.gguf` file, or an in-memory transformers model.
+
+    HF directory: `config.json` and one or several `*.safetensors` files (with
+    `model.safetensors.index.json` when sharded). GGUF: dequantised with the `gguf` package; its
+    config is read by transformers. transformers model: a `PreTrainedModel` of a supported type.
+    """
+    if hasattr(source, "state_dict") and hasattr(source, "config"):
+        config = DecoderConfig.from_hf(source.config, source=type(source).__name__)
+        tensors = {k: v.detach().float().cpu().numpy() for k, v in source.state_dict().items()}
+        return from_tensors(config, tensors, dtype=dtype, source=type(source).__name__)
+    path = Path(source)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such GGUF file")
+        config, tensors = _load_gguf(path)
+        return from_tensors(config, tensors, dtype=dtype, source=str(path))
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: invalid JSON ({e})") from None
+    config = DecoderConfig.from_hf(hf_config, source=str(config_file))
+    return from_tensors(config, _load_safetensors_dir(path), dtype=dtype, source=str(path))
+
+
+def save_pretrained(model: Decoder, path, *, tokenizer=None) -> Path:
+    """Write an HF directory (config.json, model.safetensors, tokenizer files) atomically.
+
+    The directory is assembled next to `path` and renamed into place, so a crash never leaves a
+    half-written checkpoint; an existing directory at `path` is replaced.
+    """
+    from safetensors.flax import save_file  # keeps bfloat16 weights as bfloat16
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        config = model.config.to_hf()
+        config["torch_dtype"] = str(np.dtype(model.embed_tokens.embedding.get_value().dtype))
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        tensors = {k: jnp.asarray(v) for k, v in to_tensors(model).items()}
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,160 @@
+"""align_jax's decoder against transformers (PyTorch) on tiny random models of each family."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from align_jax.models import DecoderConfig, init_cache, load_pretrained, save_pretrained
+
+COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+ARCHITECTURES = {
+    "llama": lambda: transformers.LlamaConfig(**COMMON),
+    "llama3_rope_scaling": lambda: transformers.LlamaConfig(**COMMON, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+    "smollm_tied": lambda: transformers.LlamaConfig(**COMMON, tie_word_embeddings=True),
+    "mistral_sliding_window": lambda: transformers.MistralConfig(**COMMON, sliding_window=5),
+    "qwen2_qkv_bias": lambda: transformers.Qwen2Config(**COMMON),
+    "qwen3_qk_norm": lambda: transformers.Qwen3Config(**COMMON, head_dim=24),
+}
+
+
+def tiny_hf_model(name):
+    torch.manual_seed(0)
+    config = ARCHITECTURES[name]()
+    config._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norms start at 1 and biases at 0; randomise them so they are tested
+        for pname, p in model.named_parameters():
+            if "norm" in pname or pname.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def left_padded_batch(seed, B=3, T=12, vocab=101):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(B, T))
+    mask = np.ones((B, T), np.int64)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    return ids, mask
+
+
+def hf_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_logits_match_transformers_on_left_padded_batch(name, tmp_path):
+    hf = tiny_hf_model(name)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_pretrained(tmp_path)
+    ids, mask = left_padded_batch(1)
+    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    expected = hf_logits(hf, ids, mask)
+    diff = np.abs(got - expected)[mask.astype(bool)].max()
+    assert diff < 1e-4, f"{name}: max |Δlogit| = {diff:.2e}"
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral_sliding_window", "qwen3_qk_norm"])
+def test_kv_cache_decoding_matches_full_forward_step_by_step(name):
+    hf = tiny_hf_model(name)
+    model = load_pretrained(hf)
+    ids, mask = left_padded_batch(2, T=14)
+    prompt_len, steps = 8, ids.shape[1] - 8
+    cache = init_cache(model.config, ids.shape[0], ids.shape[1])
+    logits, cache = model(jnp.asarray(ids[:, :prompt_len]), jnp.asarray(mask[:, :prompt_len]), cache)
+    full = hf_logits(hf, ids, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(logits)[valid[:, :prompt_len]],
+                               full[:, :prompt_len][valid[:, :prompt_len]], atol=1e-4)
+    for t in range(prompt_len, prompt_len + steps):
+        logits, cache = model(jnp.asarray(ids[:, t:t + 1]), jnp.asarray(mask[:, t:t + 1]), cache)
+        rows = valid[:, t]
+        np.testing.assert_allclose(np.asarray(logits)[rows, 0], full[rows, t], atol=1e-4,
+                                   err_msg=f"{name}: decode step {t}")
+    assert int(cache.index) == ids.shape[1]
+
+
+@pytest.mark.parametrize("name", ["llama", "smollm_tied", "qwen2_qkv_bias", "qwen3_qk_norm"])
+def test_save_then_reload_in_transformers_gives_the_same_logits(name, tmp_path):
+    hf = tiny_hf_model(name)
+    model = load_pretrained(hf)
+    save_pretrained(model, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids, mask = left_padded_batch(3)
+    np.testing.assert_allclose(hf_logits(reloaded, ids, mask)[mask.astype(bool)],
+                               hf_logits(hf, ids, mask)[mask.astype(bool)], atol=1e-5)
+    again = load_pretrained(tmp_path / "out")
+    np.testing.assert_array_equal(np.asarray(again(jnp.asarray(ids), jnp.asarray(mask))),
+                                  np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))))
+
+
+def test_sharded_safetensors_with_index_load(tmp_path):
+    hf = tiny_hf_model("llama")
+    hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="50KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    ids, mask = left_padded_batch(4)
+    got = np.asarray(load_pretrained(tmp_path)(jnp.asarray(ids), jnp.asarray(mask)))
+    np.testing.assert_allclose(got[mask.astype(bool)], hf_logits(hf, ids, mask)[mask.astype(bool)], atol=1e-4)
+
+
+def test_bfloat16_compute_stays_close_and_saves_as_bfloat16(tmp_path):
+    hf = tiny_hf_model("llama")
+    model = load_pretrained(hf, dtype=jnp.bfloat16)
+    ids, mask = left_padded_batch(5)
+    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)).astype(jnp.float32))
+    assert model.embed_tokens.embedding.get_value().dtype == jnp.bfloat16
+    np.testing.assert_allclose(got[mask.astype(bool)], hf_logits(hf, ids, mask)[mask.astype(bool)], atol=0.05)
+    save_pretrained(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.dtype == torch.bfloat16
+
+
+def test_scalar_head_scores_the_last_non_pad_token():
+    from flax import nnx
+
+    from align_jax.models import Decoder
+
+    config = DecoderConfig.from_hf(ARCHITECTURES["llama"]())
+    model = Decoder(config, rngs=nnx.Rngs(0), with_scalar_head=True)
+    ids, mask = left_padded_batch(6)
+    right = np.ones_like(mask)
+    right[0, 7:] = 0
+    values = np.asarray(model.token_values(jnp.asarray(ids), jnp.asarray(right)))
+    scores = np.asarray(model.score(jnp.asarray(ids), jnp.asarray(right)))
+    np.testing.assert_allclose(scores, [values[0, 6], values[1, -1], values[2, -1]], rtol=1e-6)
+
+
+def test_remat_gives_identical_logits():
+    hf = tiny_hf_model("qwen2_qkv_bias")
+    model = load_pretrained(hf)
+    ids, mask = left_padded_batch(7)
+    plain = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    model.remat = True
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), plain, atol=1e-6)
+
+
+def test_parameters_carry_logical_axis_names():
+    from flax import nnx
+
+    from align_jax.models import Decoder
+
+    model = Decoder(DecoderConfig.from_hf(ARCHITECTURES["qwen3_qk_norm"]()), rngs=nnx.Rngs(0))
+    names = {".".join(map(str, path)): getattr(v, "out_sharding", None)
+             for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
+    assert names["embed_tokens.embedding"] == ("vocab", "embed")
+    assert names["layers.0.self_attn.q_proj.kernel"] == ("embed", "heads")
+    assert names["layers.0.self_attn.k_proj.kernel"] == ("embed", "kv_heads")
+    assert names["layers.0.mlp.down_proj.kernel"] == ("mlp", "embed")
+    assert names["layers.1.self_attn.q_norm.weight"] == ("head_dim",)
+    assert all(v is not None for v in names.values())
