@@ -80,3 +80,19 @@ def test_greedy_decoding_matches_transformers_generate(models):
     print("greedy:", repr(tokenizer.decode(generated)))
     assert len(generated) > 3
     assert generated == reference
+
+
+def test_save_with_tokenizer_reloads_in_transformers(models, tmp_path):
+    from align_jax.models import save_pretrained
+
+    ours, theirs, tokenizer = models
+    save_pretrained(ours, tmp_path / "smollm2", tokenizer=tokenizer)
+    reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "smollm2")
+    assert reloaded_tokenizer.chat_template == tokenizer.chat_template
+    ids, mask = chat_batch(tokenizer, ["Hello!"])
+    assert chat_batch(reloaded_tokenizer, ["Hello!"])[0].tolist() == ids.tolist()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "smollm2").eval()
+    with torch.no_grad():
+        got = reloaded(input_ids=torch.tensor(ids)).logits.numpy()
+        expected = theirs(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
