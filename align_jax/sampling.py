@@ -1,0 +1,167 @@
+"""Jitted batched generation with a KV cache, returning the log-probs the trainer will compute.
+
+One compiled program per (batch, prompt length, settings): a prefill over the left-padded prompt,
+then a `lax.while_loop` of one-token steps that ends as soon as every row has emitted a stop
+token. The returned per-token log-probs are log softmax(logits / temperature) of the sampled
+tokens over the full vocabulary, exactly what the trainer computes on the same tokens, so
+top-k / top-p / min-p shape only which tokens are drawn, never the log-probs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from align_jax.models.decoder import Decoder, init_cache
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Generation settings. top_k=0, top_p=1 and min_p=0 disable those filters."""
+
+    max_new_tokens: int
+    num_samples: int = 1  # G completions per prompt; rows of one prompt are contiguous
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    greedy: bool = False
+    stop_token_ids: tuple[int, ...] = ()  # EOS and any extra stop tokens
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.num_samples < 1:
+            raise ValueError("max_new_tokens and num_samples must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
+        if not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1 or self.top_k < 0:
+            raise ValueError(f"invalid filters top_k={self.top_k}, top_p={self.top_p}, min_p={self.min_p}")
+
+
+class Completions(NamedTuple):
+    """Generated tokens for B·G rows (the G samples of a prompt are contiguous)."""
+
+    ids_BxN: Array  # pad_token_id after the stop token
+    mask_BxN: Array  # True on generated tokens up to and including the stop token
+    logps_BxN: Array  # log softmax(logits / T) of each generated token; 0 where masked
+    lengths_B: Array
+    truncated_B: Array  # True where no stop token came within max_new_tokens
+
+
+def filter_logits(logits_BxV: Array, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Array:
+    """Set to -inf every token outside top-k, outside the top-p nucleus, or below min_p·p_max.
+
+    Applied in that order, as transformers' logits warpers; the most likely token always stays.
+    """
+    neg_inf = jnp.finfo(logits_BxV.dtype).min
+    if top_k:
+        kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth, neg_inf, logits_BxV)
+    if top_p < 1.0:
+        sorted_desc = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of strictly better tokens
+        kept = jnp.where(mass_before < top_p, sorted_desc, jnp.inf)
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits_BxV = jnp.where(logits_BxV < threshold, neg_inf, logits_BxV)
+    if min_p > 0.0:
+        probs = jax.nn.softmax(logits_BxV, axis=-1)
+        keep = probs >= min_p * jnp.max(probs, axis=-1, keepdims=True)
+        logits_BxV = jnp.where(keep, logits_BxV, neg_inf)
+    return logits_BxV
+
+
+def _next_token(logits_BxV, key, config: SamplingConfig):
+    scaled = logits_BxV.astype(jnp.float32) / config.temperature
+    logps_BxV = jax.nn.log_softmax(scaled, axis=-1)
+    if config.greedy:
+        token = jnp.argmax(scaled, axis=-1)
+    else:
+        filtered = filter_logits(scaled, top_k=config.top_k, top_p=config.top_p, min_p=config.min_p)
+        token = jax.random.categorical(key, filtered, axis=-1)
+    return token, jnp.take_along_axis(logps_BxV, token[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def _generate(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, *, config: SamplingConfig):
+    model = nnx.merge(graphdef, state)
+    G, N = config.num_samples, config.max_new_tokens
+    prompt_ids = jnp.repeat(prompt_ids_BxP, G, axis=0)
+    prompt_mask = jnp.repeat(prompt_mask_BxP.astype(bool), G, axis=0)
+    B, P = prompt_ids.shape
+    cache_dtype = model.embed_tokens.embedding.get_value().dtype
+    cache = init_cache(model.config, B, P + N, cache_dtype)
+    logits, cache = model(prompt_ids, prompt_mask, cache)
+    stop_ids = jnp.asarray(config.stop_token_ids or (-1,), jnp.int32)
+
+    def cond(carry):
+        step, _, _, _, _, done, _ = carry
+        return (step < N) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, last_logits, ids, logps, done, key = carry
+        key, sub = jax.random.split(key)
+        token, logp = _next_token(last_logits, sub, config)
+        active = ~done
+        ids = ids.at[:, step].set(jnp.where(active, token, config.pad_token_id))
+        logps = logps.at[:, step].set(jnp.where(active, logp, 0.0))
+        done = done | jnp.isin(token, stop_ids)
+        logits, cache = model(token[:, None], jnp.ones((B, 1), bool), cache)
+        return step + 1, cache, logits[:, -1], ids, logps, done, key
+
+    init = (jnp.zeros((), jnp.int32), cache, logits[:, -1],
+            jnp.full((B, N), config.pad_token_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
+            jnp.zeros((B,), bool), rng)
+    steps, _, _, ids, logps, done, _ = jax.lax.while_loop(cond, body, init)
+    # A row's tokens run up to and including its first stop token.
+    is_stop = jnp.isin(ids, stop_ids) & (jnp.arange(N)[None, :] < steps)
+    stops_before = jnp.cumsum(is_stop, axis=1) - is_stop
+    mask = (jnp.arange(N)[None, :] < steps) & (stops_before == 0)
+    return Completions(jnp.where(mask, ids, config.pad_token_id), mask, jnp.where(mask, logps, 0.0),
+                       jnp.sum(mask, axis=1), ~done)
+
+
+def generate(model: Decoder, prompt_ids_BxP: Array, prompt_mask_BxP: Array, rng: Array,
+             config: SamplingConfig) -> Completions:
+    """Sample `config.num_samples` completions for each left-padded prompt.
+
+    Deterministic for a given key. Works with sharded parameters: the program is compiled for
+    whatever placement the model's state has.
+    """
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, jnp.asarray(prompt_ids_BxP), jnp.asarray(prompt_mask_BxP), rng,
+                     config=config)
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket ≥ length, so that a run compiles a handful of prompt shapes."""
+    for bucket in sorted(buckets):
+        if bucket >= length:
+            return bucket
+    raise ValueError(f"length {length} exceeds the largest bucket {max(buckets)}")
+
+
+def generate_text(model: Decoder, tokenizer, prompts: Sequence[str | list[dict]], rng: Array,
+                  config: SamplingConfig, *, buckets: Sequence[int] = (32, 64, 128, 256, 512, 1024, 2048)
+                  ) -> list[str]:
+    """Prompts (plain text, or chat messages rendered with the tokenizer's chat template) in,
+    decoded completions out (prompt-major: the G samples of prompt i are at i·G … i·G+G-1)."""
+    texts = [p if isinstance(p, str) else tokenizer.apply_chat_template(
+        p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = bucket_length(max(len(e) for e in encoded), buckets)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+    ids = jnp.asarray([[pad] * (width - len(e)) + e for e in encoded], jnp.int32)
+    mask = jnp.asarray([[0] * (width - len(e)) + [1] * len(e) for e in encoded], bool)
+    if not config.stop_token_ids and tokenizer.eos_token_id is not None:
+        config = dataclasses.replace(config, stop_token_ids=(tokenizer.eos_token_id,))
+    out = generate(model, ids, mask, rng, config)
+    return [tokenizer.decode([int(t) for t, m in zip(row, row_mask) if m], skip_special_tokens=True)
+            for row, row_mask in zip(out.ids_BxN, out.mask_BxN)]

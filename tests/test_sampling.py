@@ -1,0 +1,130 @@
+"""The sampler against transformers.generate, the trainer's log-probs, and the softmax it samples."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from align_jax import ops
+from align_jax.models import load_pretrained
+from align_jax.sampling import SamplingConfig, bucket_length, filter_logits, generate
+from tests.models.test_hf_parity import left_padded_batch, tiny_hf_model
+
+
+@pytest.fixture(scope="module")
+def llama():
+    hf = tiny_hf_model("llama")
+    return hf, load_pretrained(hf)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3_qk_norm", "mistral_sliding_window"])
+def test_greedy_equals_transformers_generate(name):
+    hf = tiny_hf_model(name)
+    model = load_pretrained(hf)
+    ids, mask = left_padded_batch(0, T=12)
+    out = generate(model, ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=10, greedy=True))
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                               max_new_tokens=10, pad_token_id=0, eos_token_id=None)[:, 12:].numpy()
+    np.testing.assert_array_equal(np.asarray(out.ids_BxN), expected)
+    assert np.all(np.asarray(out.mask_BxN)) and np.all(np.asarray(out.truncated_B))
+
+
+def test_stop_tokens_end_rows_and_are_included_in_the_mask(llama):
+    hf, model = llama
+    ids, mask = left_padded_batch(1, T=12)
+    free = generate(model, ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=12, greedy=True))
+    stop = int(free.ids_BxN[0, 3])  # make row 0's fourth token a stop token
+    out = generate(model, ids, mask, jax.random.key(0),
+                   SamplingConfig(max_new_tokens=12, greedy=True, stop_token_ids=(stop,), pad_token_id=-1))
+    first_stop = [list(r).index(stop) + 1 if stop in list(r) else 12 for r in np.asarray(free.ids_BxN)]
+    np.testing.assert_array_equal(out.lengths_B, first_stop)
+    for row, n in enumerate(first_stop):
+        np.testing.assert_array_equal(out.ids_BxN[row, :n], free.ids_BxN[row, :n])
+        assert np.all(np.asarray(out.ids_BxN[row, n:]) == -1)
+        assert bool(out.truncated_B[row]) == (n == 12 and stop not in list(np.asarray(free.ids_BxN[row])))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logps_equal_teacher_forced_forward(llama, temperature):
+    _, model = llama
+    ids, mask = left_padded_batch(2, T=12)
+    config = SamplingConfig(max_new_tokens=9, num_samples=2, temperature=temperature, top_k=20,
+                            stop_token_ids=(5, 7))
+    out = generate(model, ids, mask, jax.random.key(3), config)
+    prompt_ids, prompt_mask = np.repeat(ids, 2, 0), np.repeat(mask, 2, 0)
+    full_ids = np.concatenate([prompt_ids, np.asarray(out.ids_BxN)], 1)
+    full_mask = np.concatenate([prompt_mask, np.asarray(out.mask_BxN)], 1)
+    logits = model(jnp.asarray(full_ids), jnp.asarray(full_mask)) / temperature
+    teacher = ops.token_logps(logits[:, 11:-1], jnp.asarray(full_ids[:, 12:]))
+    m = np.asarray(out.mask_BxN)
+    np.testing.assert_allclose(np.asarray(out.logps_BxN)[m], np.asarray(teacher)[m], atol=1e-5)
+    assert np.all(np.asarray(out.logps_BxN)[~m] == 0)
+
+
+def np_filtered_probs(logits, top_k, top_p, min_p):
+    """transformers' warpers, written out: top-k, then the top-p nucleus, then min-p."""
+    z = np.asarray(logits, np.float64)
+    keep = np.ones_like(z, bool)
+    if top_k:
+        keep &= z >= np.sort(z)[-top_k]
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    p /= p.sum()
+    if top_p < 1:
+        order = np.argsort(-p)
+        before = np.cumsum(p[order]) - p[order]
+        nucleus = np.zeros_like(keep)
+        nucleus[order[before < top_p]] = True
+        keep &= nucleus
+        p = np.where(keep, p, 0.0) / np.where(keep, p, 0.0).sum()
+    if min_p:
+        keep &= p >= min_p * p.max()
+        p = np.where(keep, p, 0.0) / np.where(keep, p, 0.0).sum()
+    return p
+
+
+@pytest.mark.parametrize("filters", [dict(), dict(top_k=5), dict(top_p=0.6), dict(min_p=0.2),
+                                     dict(temperature=0.5, top_k=8, top_p=0.9)])
+def test_sampled_frequencies_match_the_filtered_softmax(llama, filters):
+    _, model = llama
+    ids, mask = left_padded_batch(3, T=12)
+    ids, mask = ids[:1], mask[:1]
+    n = 6000
+    config = SamplingConfig(max_new_tokens=1, num_samples=n, **filters)
+    out = generate(model, ids, mask, jax.random.key(7), config)
+    logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))[0, -1] / config.temperature
+    p = np_filtered_probs(logits, config.top_k, config.top_p, config.min_p)
+    freq = np.bincount(np.asarray(out.ids_BxN[:, 0]), minlength=p.size) / n
+    bound = 5 * np.sqrt(p * (1 - p) / n) + 1e-9  # 5 standard errors per token
+    assert np.all(np.abs(freq - p) <= bound), np.abs(freq - p).max()
+    assert np.all(freq[p == 0] == 0)
+
+
+def test_filter_logits_keeps_the_best_token():
+    logits = jnp.array([[3.0, 1.0, 0.0, -1.0]])
+    for kw in (dict(top_k=1), dict(top_p=1e-6), dict(min_p=0.999)):
+        kept = np.asarray(filter_logits(logits, **kw)) > -1e30
+        np.testing.assert_array_equal(kept, [[True, False, False, False]])
+
+
+def test_deterministic_for_a_key_and_different_across_keys(llama):
+    _, model = llama
+    ids, mask = left_padded_batch(4, T=12)
+    config = SamplingConfig(max_new_tokens=8, num_samples=3)
+    a = generate(model, ids, mask, jax.random.key(1), config)
+    b = generate(model, ids, mask, jax.random.key(1), config)
+    c = generate(model, ids, mask, jax.random.key(2), config)
+    np.testing.assert_array_equal(a.ids_BxN, b.ids_BxN)
+    assert not np.array_equal(np.asarray(a.ids_BxN), np.asarray(c.ids_BxN))
+    assert a.ids_BxN.shape == (9, 8)
+
+
+def test_bad_settings_and_buckets():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        SamplingConfig(max_new_tokens=4, temperature=0.0)
+    with pytest.raises(ValueError, match="invalid filters"):
+        SamplingConfig(max_new_tokens=4, top_p=0.0)
+    assert bucket_length(33, (32, 64)) == 64
+    with pytest.raises(ValueError, match="exceeds the largest bucket 64"):
+        bucket_length(65, (32, 64))
