@@ -50,7 +50,7 @@ def ipo_optimum(dataset: str, tau: float) -> np.ndarray:
 
 
 def make_chunk_runner(pairs_Px2: np.ndarray, loss_type: str, batch_size: int, lr: float):
-    """A jitted function advancing every (τ, seed) lane by len(keys) Adam steps."""
+    """A jitted function advancing every (τ, seed) lane by `num_steps` Adam steps from step `start`."""
     pairs = jnp.asarray(pairs_Px2)
     optimizer = optax.adam(lr)
     ref_logp = jnp.log(1.0 / len(ACTIONS))
@@ -71,13 +71,17 @@ def make_chunk_runner(pairs_Px2: np.ndarray, loss_type: str, batch_size: int, lr
         updates, opt_state = optimizer.update(grads, opt_state)
         return (optax.apply_updates(logits, updates), opt_state), None
 
-    def run_lane(logits, opt_state, keys_K, tau):
+    def run_lane(logits, opt_state, lane_key, tau, start, num_steps):
+        keys_K = jax.random.split(jax.random.fold_in(lane_key, start), num_steps)
         (logits, opt_state), _ = jax.lax.scan(lambda c, k: step(c, k, tau), (logits, opt_state), keys_K)
         return logits, opt_state
 
-    over_seeds = jax.vmap(run_lane, in_axes=(0, 0, 0, None))
-    over_taus = jax.vmap(over_seeds, in_axes=(0, 0, 0, 0))
-    return jax.jit(over_taus), optimizer
+    def run_all(logits, opt_state, lane_keys, taus, start, num_steps):
+        over_seeds = jax.vmap(run_lane, in_axes=(0, 0, 0, None, None, None))
+        over_taus = jax.vmap(over_seeds, in_axes=(0, 0, 0, 0, None, None))
+        return over_taus(logits, opt_state, lane_keys, taus, start, num_steps)
+
+    return jax.jit(run_all, static_argnames="num_steps"), optimizer
 
 
 def train(pairs_Px2, loss_type, taus, num_seeds, steps, *, batch_size=9, lr=0.01, chunk=1000,
@@ -92,8 +96,7 @@ def train(pairs_Px2, loss_type, taus, num_seeds, steps, *, batch_size=9, lr=0.01
     done = 0
     while done < steps:
         n = min(chunk, steps - done)
-        keys = jax.vmap(jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, done), n)))(lane_keys)
-        logits, opt_state = runner(logits, opt_state, keys, taus_T)
+        logits, opt_state = runner(logits, opt_state, lane_keys, taus_T, done, num_steps=n)
         done += n
         if progress is not None:
             progress.update(n)

@@ -136,19 +136,19 @@ def aggregate_loss(
     """
     chex.assert_rank([per_token_loss_BxL, mask_BxL], 2)
     chex.assert_equal_shape([per_token_loss_BxL, mask_BxL])
-    mask = mask_BxL.astype(jnp.float32)
-    total = ops.masked_sum(per_token_loss_BxL, mask_BxL.astype(bool))
+    valid = mask_BxL.astype(bool)
     num_sequences = jnp.asarray(per_token_loss_BxL.shape[0], jnp.float32)
     if mode == "sequence_mean":
-        per_sequence = ops.masked_mean(per_token_loss_BxL, mask_BxL.astype(bool), axis=1)
-        return jnp.sum(per_sequence), num_sequences
+        return jnp.sum(ops.masked_mean(per_token_loss_BxL, valid, axis=1)), num_sequences
+    total = ops.masked_sum(per_token_loss_BxL, valid)
+    num_tokens = jnp.sum(valid, dtype=jnp.float32)
     if mode == "token_mean":
-        return total, jnp.sum(mask)
+        return total, num_tokens
     if mode == "token_sum_over_max_len":
         max_length = per_token_loss_BxL.shape[1] if max_length is None else max_length
         return total / max_length, num_sequences
     if mode == "batch_token_mean":
-        return total / jnp.maximum(jnp.sum(mask), 1.0), jnp.ones((), jnp.float32)
+        return total / jnp.maximum(num_tokens, 1.0), jnp.ones((), jnp.float32)
     raise ValueError(f"Unknown aggregation mode {mode!r}; expected one of {AGGREGATIONS}")
 
 

@@ -199,10 +199,10 @@ class Decoder(nnx.Module):
 
         inv_freq = rope_inv_freq(self.config)
         x = self.embed_tokens(input_ids_BxT)
+        call = nnx.remat(lambda blk, *a: blk(*a)) if self.remat else (lambda blk, *a: blk(*a))
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i], index)
-            call = nnx.remat(lambda blk, *a: blk(*a)) if self.remat else (lambda blk, *a: blk(*a))
             x, (k, v) = call(layer, x, positions, mask_BxTxS, inv_freq, kv)
             keys.append(k)
             values.append(v)
