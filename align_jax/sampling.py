@@ -78,6 +78,23 @@ def filter_logits(logits_BxV: Array, *, top_k: int = 0, top_p: float = 1.0, min_
     return logits_BxV
 
 
+def sample_categorical(key: Array, logits_BxV: Array) -> Array:
+    """One draw per row from softmax(logits) by inverting its CDF: the token j with
+    c_{j-1} ≤ u < c_j, where c is the cumulative probability and u ~ U[0, c_V).
+
+    Exact like the Gumbel-max trick, but with one random number per row instead of V (on CPU,
+    generating B·V Gumbel variates costs more than the rest of the sampling step). A token of
+    probability zero is never drawn, since its c_j equals c_{j-1}.
+    """
+    probs_BxV = jax.nn.softmax(logits_BxV.astype(jnp.float32), axis=-1)
+    cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
+    u_Bx1 = jax.random.uniform(key, (logits_BxV.shape[0], 1)) * cdf_BxV[:, -1:]
+    token = jnp.sum(cdf_BxV <= u_Bx1, axis=-1, dtype=jnp.int32)
+    # u·c_V may round up to c_V; fall back to the last token that has probability.
+    last_possible = logits_BxV.shape[-1] - 1 - jnp.argmax(probs_BxV[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(token, last_possible)
+
+
 def _next_token(logits_BxV, key, config: SamplingConfig):
     scaled = logits_BxV.astype(jnp.float32) / config.temperature
     logps_BxV = jax.nn.log_softmax(scaled, axis=-1)
@@ -85,7 +102,7 @@ def _next_token(logits_BxV, key, config: SamplingConfig):
         token = jnp.argmax(scaled, axis=-1)
     else:
         filtered = filter_logits(scaled, top_k=config.top_k, top_p=config.top_p, min_p=config.min_p)
-        token = jax.random.categorical(key, filtered, axis=-1)
+        token = sample_categorical(key, filtered)
     return token, jnp.take_along_axis(logps_BxV, token[:, None], axis=-1)[:, 0]
 
 
@@ -93,12 +110,18 @@ def _next_token(logits_BxV, key, config: SamplingConfig):
 def _generate(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, *, config: SamplingConfig):
     model = nnx.merge(graphdef, state)
     G, N = config.num_samples, config.max_new_tokens
-    prompt_ids = jnp.repeat(prompt_ids_BxP, G, axis=0)
-    prompt_mask = jnp.repeat(prompt_mask_BxP.astype(bool), G, axis=0)
-    B, P = prompt_ids.shape
+    prompts, P = prompt_ids_BxP.shape
+    B = prompts * G
+    # Prefill each prompt once, with logits at its last position only, then give each of its
+    # G samples a copy of the cache.
     cache_dtype = model.embed_tokens.embedding.get_value().dtype
-    cache = init_cache(model.config, B, P + N, cache_dtype)
-    logits, cache = model(prompt_ids, prompt_mask, cache)
+    cache = init_cache(model.config, prompts, P + N, cache_dtype)
+    hidden, cache = model.hidden_states(prompt_ids_BxP, prompt_mask_BxP, cache)
+    logits = model.logits(hidden[:, -1])
+    if G > 1:
+        logits = jnp.repeat(logits, G, axis=0)
+        cache = cache._replace(**{name: jax.tree.map(lambda a: jnp.repeat(a, G, axis=0), getattr(cache, name))
+                                  for name in ("keys", "values", "key_mask_BxS")})
     stop_ids = jnp.asarray(config.stop_token_ids or (-1,), jnp.int32)
 
     def cond(carry):
@@ -116,7 +139,7 @@ def _generate(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, *, config: 
         logits, cache = model(token[:, None], jnp.ones((B, 1), bool), cache)
         return step + 1, cache, logits[:, -1], ids, logps, done, key
 
-    init = (jnp.zeros((), jnp.int32), cache, logits[:, -1],
+    init = (jnp.zeros((), jnp.int32), cache, logits,
             jnp.full((B, N), config.pad_token_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
             jnp.zeros((B,), bool), rng)
     steps, _, _, ids, logps, done, _ = jax.lax.while_loop(cond, body, init)

@@ -8,7 +8,7 @@ import torch
 
 from align_jax import ops
 from align_jax.models import load_pretrained
-from align_jax.sampling import SamplingConfig, bucket_length, filter_logits, generate
+from align_jax.sampling import SamplingConfig, bucket_length, filter_logits, generate, sample_categorical
 from tests.models.test_hf_parity import left_padded_batch, tiny_hf_model
 
 
@@ -99,6 +99,19 @@ def test_sampled_frequencies_match_the_filtered_softmax(llama, filters):
     bound = 5 * np.sqrt(p * (1 - p) / n) + 1e-9  # 5 standard errors per token
     assert np.all(np.abs(freq - p) <= bound), np.abs(freq - p).max()
     assert np.all(freq[p == 0] == 0)
+
+
+def test_sample_categorical_draws_the_softmax_and_never_a_zero_probability_token():
+    # Zero-probability tokens at the start, in the middle and at the end of the vocabulary.
+    neg = jnp.finfo(jnp.float32).min
+    logits = jnp.array([neg, 2.0, 0.5, neg, -1.0, 1.0, 3.0, neg])
+    n = 40000
+    draws = sample_categorical(jax.random.key(3), jnp.broadcast_to(logits, (n, logits.size)))
+    p = np.asarray(jax.nn.softmax(logits))
+    freq = np.bincount(np.asarray(draws), minlength=p.size) / n
+    assert np.all(freq[p == 0] == 0)
+    bound = 5 * np.sqrt(p * (1 - p) / n) + 1e-9
+    assert np.all(np.abs(freq - p) <= bound), np.abs(freq - p).max()
 
 
 def test_filter_logits_keeps_the_best_token():

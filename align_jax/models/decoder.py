@@ -26,7 +26,7 @@ Array = jax.Array
 class KVCache(NamedTuple):
     """Keys and values of every layer for S slots, which slots hold real tokens, and the next slot."""
 
-    keys: tuple[Array, ...]  # per layer [B, S, K, H]
+    keys: tuple[Array, ...]  # per layer [B, K, S, H]
     values: tuple[Array, ...]
     key_mask_BxS: Array  # bool, True where a slot holds a non-pad token
     index: Array  # int32 scalar: the slot the next token is written to
@@ -34,7 +34,7 @@ class KVCache(NamedTuple):
 
 def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
     """An empty cache of `max_length` slots."""
-    shape = (batch, max_length, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, max_length, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return KVCache(zeros, zeros, jnp.zeros((batch, max_length), bool), jnp.zeros((), jnp.int32))
 
@@ -78,13 +78,33 @@ def rope_inv_freq(config: DecoderConfig) -> Array:
     return inv_freq
 
 
-def apply_rope(x_BxTxNxH: Array, positions_BxT: Array, inv_freq: Array) -> Array:
-    """x·cos + rotate_half(x)·sin with angles p·inv_freq in float32; rotate_half(x) = [-x₂, x₁]."""
+def rope_angles(positions_BxT: Array, inv_freq: Array, dtype) -> tuple[Array, Array]:
+    """cos and sin of the angles p·inv_freq (float32), laid out [B, T, 1, H] for every layer."""
     angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x_BxTxNxH.dtype), jnp.sin(angles).astype(x_BxTxNxH.dtype)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x_BxTxNxH: Array, cos_sin: tuple[Array, Array]) -> Array:
+    """x·cos + rotate_half(x)·sin, where rotate_half(x) = [-x₂, x₁] (transformers' layout)."""
+    cos, sin = cos_sin
     x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
     return x_BxTxNxH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def attention(q_BxTxNxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: Array) -> Array:
+    """softmax(q·kᵀ/√H + mask)·v with N query heads sharing K key/value heads (N = K·G).
+
+    Queries are grouped as [B, T, K, G, H] so keys and values are never repeated; scores and
+    softmax are float32. A fully masked row (a pad query) attends uniformly, never NaN.
+    """
+    B, T, N, H = q_BxTxNxH.shape
+    K = k_BxKxSxH.shape[1]
+    q = q_BxTxNxH.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k_BxKxSxH, preferred_element_type=jnp.float32) * H**-0.5
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
+    return jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxSxH).reshape(B, T, N, H)
 
 
 class Attention(nnx.Module):
@@ -102,22 +122,21 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype, axis_name="head_dim")
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype, axis_name="head_dim")
 
-    def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, inv_freq, kv_cache):
+    def __call__(self, x_BxTxD, cos_sin, mask_BxTxS, kv_cache):
         c = self.config
         B, T, _ = x_BxTxD.shape
         q = self.q_proj(x_BxTxD).reshape(B, T, c.num_heads, c.head_dim)
         k = self.k_proj(x_BxTxD).reshape(B, T, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x_BxTxD).reshape(B, T, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x_BxTxD).reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
+        q = apply_rope(q, cos_sin)
+        k = apply_rope(k, cos_sin).transpose(0, 2, 1, 3)  # [B, K, T, H]
         if kv_cache is not None:  # write this step's keys/values at the cache index, read all slots
             cache_k, cache_v, index = kv_cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-        out = jax.nn.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask_BxTxS[:, None], scale=c.head_dim**-0.5
-        )
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, index, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, index, 0))
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
         return self.o_proj(out.reshape(B, T, c.num_heads * c.head_dim)), (k, v)
 
 
@@ -142,8 +161,8 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(config, **kw)
 
-    def __call__(self, x, positions, mask, inv_freq, kv_cache):
-        attn, new_kv = self.self_attn(self.input_layernorm(x), positions, mask, inv_freq, kv_cache)
+    def __call__(self, x, cos_sin, mask, kv_cache):
+        attn, new_kv = self.self_attn(self.input_layernorm(x), cos_sin, mask, kv_cache)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), new_kv
 
@@ -197,13 +216,13 @@ class Decoder(nnx.Module):
             allowed &= query_slots[:, None] - key_slots[None, :] < self.config.sliding_window
         mask_BxTxS = allowed[None] & key_mask[:, None, :]
 
-        inv_freq = rope_inv_freq(self.config)
         x = self.embed_tokens(input_ids_BxT)
+        cos_sin = rope_angles(positions, rope_inv_freq(self.config), x.dtype)
         call = nnx.remat(lambda blk, *a: blk(*a)) if self.remat else (lambda blk, *a: blk(*a))
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i], index)
-            x, (k, v) = call(layer, x, positions, mask_BxTxS, inv_freq, kv)
+            x, (k, v) = call(layer, x, cos_sin, mask_BxTxS, kv)
             keys.append(k)
             values.append(v)
         x = self.norm(x)

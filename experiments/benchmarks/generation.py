@@ -35,6 +35,20 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
+def weight_bandwidth_gbs(rows: int = 8192, cols: int = 16384, repeats: int = 5) -> float:
+    """Measured rate (GB/s) at which a matrix-vector product streams float32 weights from memory:
+    the roofline of a decode step whose batch is too small to be compute-bound."""
+    w = jax.random.normal(jax.random.key(0), (rows, cols))
+    x = jnp.ones((1, rows))
+    f = jax.jit(lambda x, w: x @ w)
+    f(x, w).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = f(x, w)
+    out.block_until_ready()
+    return 4 * rows * cols * repeats / (time.perf_counter() - start) / 1e9
+
+
 def time_best(fn, repeats=2):
     best = float("inf")
     for _ in range(repeats):
@@ -47,6 +61,8 @@ def time_best(fn, repeats=2):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--group", type=int, nargs=2, default=[4, 8], metavar=("PROMPTS", "SAMPLES"),
+                        help="the GRPO-shaped case: PROMPTS prompts × SAMPLES sampled completions")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=64)
     args = parser.parse_args(argv)
@@ -55,32 +71,48 @@ def main(argv=None):
     hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SMOLLM2_135M)).eval()
     model = load_pretrained(hf)
     params = sum(p.numel() for p in hf.parameters())
-    peak = matmul_peak_gflops()
+    embedding = SMOLLM2_135M["vocab_size"] * SMOLLM2_135M["hidden_size"]
+    peak, bandwidth = matmul_peak_gflops(), weight_bandwidth_gbs()
     print(f"SmolLM2-135M architecture, {params / 1e6:.0f}M params; torch threads {torch.get_num_threads()}, "
-          f"JAX devices {jax.devices()}; measured fp32 matmul peak {peak:.0f} GFLOP/s")
+          f"JAX devices {jax.devices()}; measured fp32 matmul peak {peak:.0f} GFLOP/s, "
+          f"weight streaming {bandwidth:.1f} GB/s")
+    N = args.new_tokens
+    cases = [(f"{b} prompts, greedy", b, 1, True) for b in args.batches]
+    prompts, samples = args.group
+    cases.append((f"{prompts} prompts × {samples} samples, T=1", prompts, samples, False))
     rows = []
-    for batch in args.batches:
+    for label, batch, samples, greedy in cases:
         rng = np.random.default_rng(batch)
         ids = rng.integers(0, SMOLLM2_135M["vocab_size"], size=(batch, args.prompt))
         mask = np.ones_like(ids)
-        config = SamplingConfig(max_new_tokens=args.new_tokens, greedy=True)
-        generate(model, ids, mask, jax.random.key(0), config).ids_BxN.block_until_ready()  # compile
-        ours = time_best(lambda: generate(model, ids, mask, jax.random.key(0), config).ids_BxN.block_until_ready())
 
-        def hf_generate():
+        def ours(new_tokens=N):
+            config = SamplingConfig(max_new_tokens=new_tokens, num_samples=samples, greedy=greedy)
+            generate(model, ids, mask, jax.random.key(0), config).ids_BxN.block_until_ready()
+
+        def theirs():
             with torch.no_grad():
-                hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                            max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+                hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=not greedy,
+                            num_return_sequences=samples, max_new_tokens=N, min_new_tokens=N,
+                            pad_token_id=0, top_k=None, top_p=None)
 
-        theirs = time_best(hf_generate)
-        new_tokens = batch * args.new_tokens
-        flops_per_token = 2 * params  # matmul FLOPs of one decoded token (attention excluded)
-        rows.append((batch, new_tokens / ours, new_tokens / theirs, theirs / ours,
-                     new_tokens / ours * flops_per_token / 1e9 / peak))
-    print("\n| batch | align_jax tokens/s | transformers tokens/s | speed-up | align_jax fraction of peak |")
-    print("|---|---|---|---|---|")
-    for batch, a, t, s, f in rows:
-        print(f"| {batch} | {a:.0f} | {t:.0f} | {s:.1f}× | {100 * f:.1f}% |")
+        ours(), ours(1)  # compile both programs
+        total, prefill = time_best(ours), time_best(lambda: ours(1))
+        step_ms = (total - prefill) / (N - 1) * 1e3
+        new_tokens = batch * samples * N
+        hf_total = time_best(theirs)
+        # Roofline (matmuls only): prefill each prompt once at the matmul peak, then each decode
+        # step at the slower of the matmul peak and streaming every weight once from memory.
+        prefill_flops = 2 * (params - embedding) * batch * args.prompt + 2 * embedding * batch
+        step_s = max(2 * params * batch * samples / (peak * 1e9), 4 * params / (bandwidth * 1e9))
+        roofline = prefill_flops / (peak * 1e9) + (N - 1) * step_s
+        rows.append((label, new_tokens / total, new_tokens / hf_total, hf_total / total,
+                     new_tokens / roofline, prefill, step_ms))
+    print("\n| case | align_jax tokens/s | transformers tokens/s | speed-up | roofline tokens/s "
+          "| align_jax prefill s | align_jax decode step ms |")
+    print("|---|---|---|---|---|---|---|")
+    for label, a, t, s, roof, pre, step in rows:
+        print(f"| {label} | {a:.0f} | {t:.0f} | {s:.1f}× | {roof:.0f} | {pre:.2f} | {step:.0f} |")
 
 
 if __name__ == "__main__":
