@@ -1,0 +1,172 @@
+"""Encoded examples → static-shape NumPy batches, and a resumable, shardable batch iterator.
+
+Lengths are padded up to the smallest of a few bucket lengths, so a run compiles a handful of
+programs. Training sequences (prompt + completion) are right-padded; prompts that will be
+generated from are left-padded. Truncation is never silent: `truncate` drops rows whose prompt
+alone is too long and cuts completions to fit, and counts both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from align_jax.data.formats import DataError
+from align_jax.data.tokenize import Encoded
+
+log = logging.getLogger(__name__)
+
+
+class SequenceBatch(NamedTuple):
+    """Right-padded prompt+completion sequences."""
+
+    ids_BxL: np.ndarray  # int32, pad_id after the sequence
+    attention_mask_BxL: np.ndarray  # bool, True on prompt and completion tokens
+    completion_mask_BxL: np.ndarray  # bool, True on completion tokens only (where the loss goes)
+
+
+class PreferenceBatch(NamedTuple):
+    chosen: SequenceBatch  # chosen and rejected share one padded length
+    rejected: SequenceBatch
+
+
+class UnpairedBatch(NamedTuple):
+    sequences: SequenceBatch
+    label_B: np.ndarray  # bool, True for desirable completions
+
+
+class PromptBatch(NamedTuple):
+    """Left-padded prompts to generate from, and the rows' other columns (for reward functions)."""
+
+    ids_BxP: np.ndarray
+    mask_BxP: np.ndarray
+    columns: dict[str, list]
+
+
+def bucket(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket ≥ length."""
+    for b in sorted(buckets):
+        if b >= length:
+            return b
+    raise DataError(f"length {length} exceeds the largest bucket {max(buckets)}")
+
+
+def default_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to, and ending with, `max_length`."""
+    sizes, b = [], smallest
+    while b < max_length:
+        sizes.append(b)
+        b *= 2
+    return tuple(sizes) + (max_length,)
+
+
+def _completion_keys(kind: str) -> tuple[str, ...]:
+    return {"preference": ("chosen_ids", "rejected_ids"), "prompt_only": ()}.get(kind, ("completion_ids",))
+
+
+def truncate(encoded: Encoded, max_length: int, max_prompt_length: int | None = None) -> Encoded:
+    """Drop rows whose prompt exceeds `max_prompt_length` (default: leaves no room for one completion
+    token in `max_length`); cut completions so prompt + completion ≤ max_length, marking those rows
+    `truncated`. Counts go to `counts["dropped_long_prompts"]` and `counts["truncated_completions"]`."""
+    keys = _completion_keys(encoded.kind)
+    limit = max_prompt_length if max_prompt_length is not None else (max_length - 1 if keys else max_length)
+    kept, dropped, cut = [], 0, 0
+    for example in encoded.examples:
+        prompt = len(example["prompt_ids"])
+        if prompt > limit or (keys and prompt >= max_length):
+            dropped += 1
+            continue
+        example = dict(example, truncated=False)
+        for key in keys:
+            if prompt + len(example[key]) > max_length:
+                example[key] = example[key][: max_length - prompt]
+                example["truncated"] = True
+        cut += example["truncated"]
+        kept.append(example)
+    if not kept:
+        raise DataError(f"{encoded.source}: every one of {len(encoded.examples)} rows has a prompt longer than "
+                        f"{limit} tokens")
+    for what, n in (("dropped (prompt too long)", dropped), ("with a truncated completion", cut)):
+        if n:
+            log.warning("%s: %d of %d rows %s at max_length=%d", encoded.source, n, len(encoded.examples),
+                        what, max_length)
+    counts = dict(encoded.counts, dropped_long_prompts=dropped, truncated_completions=cut)
+    return dataclasses.replace(encoded, examples=kept, counts=counts)
+
+
+def _sequences(prompts: list[list[int]], completions: list[list[int]], width: int, pad_id: int) -> SequenceBatch:
+    B = len(prompts)
+    ids, attention, completion = (np.full((B, width), pad_id, np.int32), np.zeros((B, width), bool),
+                                  np.zeros((B, width), bool))
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, : len(p) + len(c)] = p + c
+        attention[i, : len(p) + len(c)] = True
+        completion[i, len(p): len(p) + len(c)] = True
+    return SequenceBatch(ids, attention, completion)
+
+
+def collate(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int], pad_id: int):
+    """One batch of the kind's type, padded to the smallest bucket that fits its longest row."""
+    prompts = [e["prompt_ids"] for e in examples]
+    if kind == "prompt_only":
+        width = bucket(max(map(len, prompts)), buckets)
+        ids, mask = np.full((len(prompts), width), pad_id, np.int32), np.zeros((len(prompts), width), bool)
+        for i, p in enumerate(prompts):
+            if p:
+                ids[i, -len(p):], mask[i, -len(p):] = p, True
+        other = [k for k in examples[0] if k not in ("prompt_ids", "truncated")]
+        return PromptBatch(ids, mask, {k: [e[k] for e in examples] for k in other})
+    if kind == "preference":
+        chosen, rejected = [e["chosen_ids"] for e in examples], [e["rejected_ids"] for e in examples]
+        width = bucket(max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)), buckets)
+        return PreferenceBatch(_sequences(prompts, chosen, width, pad_id), _sequences(prompts, rejected, width, pad_id))
+    completions = [e["completion_ids"] for e in examples]
+    sequences = _sequences(prompts, completions, bucket(max(len(p) + len(c) for p, c in zip(prompts, completions)),
+                                                        buckets), pad_id)
+    if kind == "unpaired_preference":
+        return UnpairedBatch(sequences, np.array([e["label"] for e in examples], bool))
+    return sequences
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderState:
+    """Where an iterator is: the epoch and the number of batches already taken from it.
+    Save `dataclasses.asdict(state)` in a checkpoint; `LoaderState(**saved)` resumes."""
+
+    epoch: int = 0
+    step: int = 0
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """The row order of one epoch: a permutation that depends only on (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def batches(encoded: Encoded, *, batch_size: int, seed: int, pad_id: int, buckets: Sequence[int],
+            state: LoaderState = LoaderState(), epochs: int | None = None, process_index: int = 0,
+            process_count: int = 1) -> Iterator[tuple[LoaderState, Any]]:
+    """Yield (state after this batch, host-local batch) forever, or for `epochs` epochs.
+
+    Each epoch visits the rows in `epoch_order`, in global batches of `batch_size` rows (the last,
+    incomplete one is left out so shapes stay static); process p of P takes rows
+    [p·batch_size/P, (p+1)·batch_size/P) of each global batch. Starting from a saved state yields
+    exactly the batches that would have followed it.
+    """
+    if batch_size % process_count:
+        raise DataError(f"batch_size {batch_size} is not divisible by the {process_count} processes")
+    n = len(encoded.examples)
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise DataError(f"{encoded.source}: {n} rows cannot fill one batch of {batch_size}")
+    local = batch_size // process_count
+    epoch, step = state.epoch, state.step
+    while epochs is None or epoch < epochs:
+        order = epoch_order(n, seed, epoch)
+        while step < per_epoch:
+            rows = order[step * batch_size + process_index * local: step * batch_size + (process_index + 1) * local]
+            step += 1
+            yield LoaderState(epoch, step), collate([encoded.examples[i] for i in rows], encoded.kind, buckets, pad_id)
+        epoch, step = epoch + 1, 0

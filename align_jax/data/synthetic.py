@@ -1,0 +1,201 @@
+"""Synthetic tasks whose true reward is known, deterministic from a seed, needing nothing outside.
+
+- **arithmetic**: "What is 37+45?" with an `answer` column; completions in the GRPO recipe's
+  `<think>…</think><answer>…</answer>` format, scored by `arithmetic_accuracy` and `format_reward`.
+- **sentiment grammar**: reviews such as "the plot was not very good but the music was great ."
+  over a small vocabulary; `sentiment_score` parses any text with the grammar
+  score = Σ_adjectives (−1 if "not") · (intensifier) · value(adjective), the synthetic analogue of
+  the DPO paper's IMDb task (prompt: a review's opening, reward: the sentiment of its continuation).
+- **preference labelling**: from candidates and a true reward, TRL-format preference pairs
+  (Bradley-Terry sampled, P(a ≻ b) = σ(β(r_a − r_b)), or deterministic) and unpaired labels, so
+  reward models, DPO, KTO and friends can be measured against the truth.
+
+Reward functions have TRL's signature `f(completions, **columns) -> list[float]`; a completion is
+text, or a list of messages whose last holds the text.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+import datasets
+import numpy as np
+
+FORMAT_INSTRUCTION = "Think inside <think></think>, then give only the number inside <answer></answer>."
+_FORMAT = re.compile(r"^<think>.*?</think>\s*<answer>.*?</answer>$", re.DOTALL)
+_ANSWER = re.compile(r"<answer>\s*(-?\d+)\s*</answer>")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def _text(completion) -> str:
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def _prompt(text: str, conversational: bool):
+    if conversational:
+        return [{"role": "system", "content": FORMAT_INSTRUCTION}, {"role": "user", "content": text}]
+    return f"{FORMAT_INSTRUCTION}\n{text}\n"
+
+
+def arithmetic_completion(question: str, answer: int) -> str:
+    """A well-formed completion: the sum worked in <think>, the number in <answer>."""
+    return f"<think>{question.removeprefix('What is ').rstrip('?')}={answer}</think><answer>{answer}</answer>"
+
+
+def arithmetic(n: int, seed: int, *, digits: int = 2, operators: str = "+-",
+               conversational: bool = False, with_completion: bool = False) -> datasets.Dataset:
+    """`n` problems "What is a∘b?" with operands of `digits` digits and ∘ from `operators`.
+
+    Prompt-only rows (prompt, answer), or prompt-completion rows with a correct, well-formed
+    completion when `with_completion` (an SFT warm-up set).
+    """
+    if not operators or set(operators) - set(_OPS) or digits < 1:
+        raise ValueError(f"operators must be drawn from {sorted(_OPS)} and digits >= 1")
+    rng = np.random.default_rng(seed)
+    low, high = 10 ** (digits - 1) if digits > 1 else 0, 10**digits
+    rows = []
+    for _ in range(n):
+        a, b = (int(x) for x in rng.integers(low, high, size=2))
+        op = operators[rng.integers(len(operators))]
+        question = f"What is {a}{op}{b}?"
+        answer = _OPS[op](a, b)
+        row = {"prompt": _prompt(question, conversational), "answer": answer}
+        if with_completion:
+            text = arithmetic_completion(question, answer)
+            row["completion"] = [{"role": "assistant", "content": text}] if conversational else text
+        rows.append(row)
+    return datasets.Dataset.from_list(rows)
+
+
+def arithmetic_accuracy(completions: Sequence, answer: Sequence[int], **_) -> list[float]:
+    """1 where the <answer> holds the right integer, else 0."""
+    out = []
+    for completion, truth in zip(completions, answer):
+        match = _ANSWER.search(_text(completion))
+        out.append(float(match is not None and int(match.group(1)) == int(truth)))
+    return out
+
+
+def format_reward(completions: Sequence, **_) -> list[float]:
+    """1 where the completion is exactly <think>…</think><answer>…</answer>, else 0."""
+    return [float(_FORMAT.match(_text(c).strip()) is not None) for c in completions]
+
+
+def arithmetic_candidates(row: dict, rng: np.random.Generator, n: int) -> list[str]:
+    """`n` completions of mixed quality for one problem: right, off-by-a-little, badly formatted."""
+    question = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
+    question = question.strip().splitlines()[-1]
+    out = []
+    for _ in range(n):
+        kind = rng.integers(3)
+        answer = row["answer"] + (0 if kind == 0 else int(rng.choice([-10, -2, -1, 1, 2, 10])))
+        text = arithmetic_completion(question, answer)
+        out.append(text if kind < 2 else text.replace("<think>", "").replace("</think>", " so "))
+    return out
+
+
+POSITIVE = {"good": 1.0, "great": 2.0, "fun": 1.0, "superb": 2.0, "charming": 1.0, "brilliant": 2.0}
+NEGATIVE = {"bad": -1.0, "awful": -2.0, "dull": -1.0, "boring": -1.0, "terrible": -2.0, "weak": -1.0}
+INTENSIFIERS = {"very": 2.0, "really": 1.5}
+SUBJECTS = ("the plot", "the acting", "the music", "the ending", "the script", "the cast", "the movie")
+CONNECTIVES = ("and", "but", "and honestly", "while", "and overall")
+_ADJECTIVES = {**POSITIVE, **NEGATIVE}
+_CLAUSE = re.compile(r"\b(?:(not)\s+)?(?:(%s)\s+)?(%s)\b" % ("|".join(INTENSIFIERS), "|".join(_ADJECTIVES)))
+
+
+def sentiment_score(text: str) -> float:
+    """Σ over adjectives of (−1 if preceded by "not") · intensifier · value; words outside the grammar
+    count for nothing, so any text has a score."""
+    return float(sum((-1.0 if neg else 1.0) * INTENSIFIERS.get(intensity, 1.0) * _ADJECTIVES[adj]
+                     for neg, intensity, adj in _CLAUSE.findall(text.lower())))
+
+
+def sentiment_reward(completions: Sequence, **_) -> list[float]:
+    return [sentiment_score(_text(c)) for c in completions]
+
+
+def review_clause(rng: np.random.Generator) -> str:
+    adjectives = list(_ADJECTIVES)
+    words = [SUBJECTS[rng.integers(len(SUBJECTS))], "was"]
+    if rng.random() < 0.3:
+        words.append("not")
+    if rng.random() < 0.3:
+        words.append(list(INTENSIFIERS)[rng.integers(len(INTENSIFIERS))])
+    words.append(adjectives[rng.integers(len(adjectives))])
+    return " ".join(words)
+
+
+def review(rng: np.random.Generator, clauses: int) -> str:
+    parts = [review_clause(rng)]
+    for _ in range(clauses - 1):
+        parts += [CONNECTIVES[rng.integers(len(CONNECTIVES))], review_clause(rng)]
+    return " ".join(parts) + " ."
+
+
+def sentiment(n: int, seed: int, *, conversational: bool = False) -> datasets.Dataset:
+    """Prompt-only rows: the opening clause of a review to continue ("Review: the plot was dull and"),
+    with its `prefix_score`. The reward of a continuation is `sentiment_score` of the continuation."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        opening = review_clause(rng)
+        text = f"Review: {opening} {CONNECTIVES[rng.integers(len(CONNECTIVES))]}"
+        prompt = [{"role": "user", "content": text}] if conversational else text
+        rows.append({"prompt": prompt, "prefix_score": sentiment_score(opening)})
+    return datasets.Dataset.from_list(rows)
+
+
+def sentiment_candidates(row: dict, rng: np.random.Generator, n: int) -> list[str]:
+    """`n` continuations of one to three clauses of random sentiment."""
+    return [" " + review(rng, int(rng.integers(1, 4))) for _ in range(n)]
+
+
+RewardFn = Callable[..., list[float]]
+
+
+def _scored_candidates(prompts: datasets.Dataset, candidates: Callable, reward_fn: RewardFn, n: int, rng):
+    for row in prompts:
+        texts = candidates(row, rng, n)
+        columns = {k: [v] * n for k, v in row.items() if k != "prompt"}
+        yield row, texts, np.asarray(reward_fn(completions=texts, **columns), float)
+
+
+def _as_completion(text: str, prompt):
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
+def label_pairs(prompts: datasets.Dataset, candidates: Callable, reward_fn: RewardFn, *, seed: int,
+                beta: float | None = 1.0) -> datasets.Dataset:
+    """One preference pair per prompt, from two distinct candidates a, b with true rewards r_a, r_b:
+    a is chosen with probability σ(β(r_a − r_b)) (Bradley-Terry), or whenever r_a > r_b when
+    `beta` is None (ties skipped). Rows keep `score_chosen` and `score_rejected`."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for row, texts, rewards in _scored_candidates(prompts, candidates, reward_fn, 8, rng):
+        distinct = {t: r for t, r in zip(texts, rewards)}
+        if len(distinct) < 2:
+            continue
+        (a, ra), (b, rb) = (list(distinct.items())[i] for i in rng.choice(len(distinct), 2, replace=False))
+        if beta is None:
+            if ra == rb:
+                continue
+            a_wins = ra > rb
+        else:
+            a_wins = rng.random() < 1.0 / (1.0 + np.exp(-beta * (ra - rb)))
+        (c, rc), (r, rr) = ((a, ra), (b, rb)) if a_wins else ((b, rb), (a, ra))
+        rows.append({"prompt": row["prompt"], "chosen": _as_completion(c, row["prompt"]),
+                     "rejected": _as_completion(r, row["prompt"]), "score_chosen": rc, "score_rejected": rr})
+    return datasets.Dataset.from_list(rows)
+
+
+def label_unpaired(prompts: datasets.Dataset, candidates: Callable, reward_fn: RewardFn, *, seed: int,
+                   threshold: float, per_prompt: int = 2) -> datasets.Dataset:
+    """Unpaired rows (prompt, completion, label): label = true reward > `threshold` (KTO's format);
+    rows keep their `score`."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for row, texts, rewards in _scored_candidates(prompts, candidates, reward_fn, per_prompt, rng):
+        rows += [{"prompt": row["prompt"], "completion": _as_completion(t, row["prompt"]),
+                  "label": bool(r > threshold), "score": float(r)} for t, r in zip(texts, rewards)]
+    return datasets.Dataset.from_list(rows)
