@@ -12,3 +12,12 @@ def test_readme_quickstart_runs(capsys):
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip()
+
+
+def test_readme_data_example_runs():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Data", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["batch"].chosen.ids_BxL.shape == (8, 64) and scope["state"].step == 1

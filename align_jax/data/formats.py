@@ -76,8 +76,13 @@ def load_rows(source: str | os.PathLike | datasets.Dataset) -> tuple[datasets.Da
 
 
 def detect_kind(columns: list[str], source: str) -> str:
-    """The TRL dataset type that these columns make (see the module table)."""
+    """The TRL dataset type that these columns make (see the module table). A column that looks
+    like a misspelt TRL column ('choosen') is an error, not an extra column."""
     cols = set(columns)
+    misspelt = [f"'{c}' (did you mean '{m[0]}'?)" for c in columns if c not in _KNOWN_COLUMNS
+                and (m := difflib.get_close_matches(c, _KNOWN_COLUMNS, n=1, cutoff=0.8))]
+    if misspelt:
+        raise DataError(f"{source}: misnamed column {', '.join(misspelt)}; found {sorted(columns)}")
     if {"chosen", "rejected"} <= cols:
         return "preference"
     if {"prompt", "completion", "label"} <= cols:
@@ -88,12 +93,10 @@ def detect_kind(columns: list[str], source: str) -> str:
         return "prompt_only"
     if "text" in cols or "messages" in cols:
         return "language_modeling"
-    hints = [f"'{c}' (did you mean '{m[0]}'?)" for c in columns
-             if (m := difflib.get_close_matches(c, _KNOWN_COLUMNS, n=1, cutoff=0.6))]
     raise DataError(
         f"{source}: columns {sorted(columns)} match no TRL dataset type; expected one of "
         "prompt+chosen+rejected, chosen+rejected, prompt+completion+label, prompt+completion, prompt, "
-        "text or messages" + (f"; misnamed: {', '.join(hints)}" if hints else ""))
+        "text or messages")
 
 
 def text_columns(kind: str, columns: list[str]) -> tuple[str, ...]:

@@ -169,17 +169,18 @@ def label_pairs(prompts: datasets.Dataset, candidates: Callable, reward_fn: Rewa
                 beta: float | None = 1.0) -> datasets.Dataset:
     """One preference pair per prompt, from two distinct candidates a, b with true rewards r_a, r_b:
     a is chosen with probability σ(β(r_a − r_b)) (Bradley-Terry), or whenever r_a > r_b when
-    `beta` is None (ties skipped). Rows keep `score_chosen` and `score_rejected`."""
+    `beta` is None (then a, b have different rewards; a prompt without such a pair is skipped).
+    Rows keep `score_chosen` and `score_rejected`."""
     rng = np.random.default_rng(seed)
     rows = []
     for row, texts, rewards in _scored_candidates(prompts, candidates, reward_fn, 8, rng):
-        distinct = {t: r for t, r in zip(texts, rewards)}
-        if len(distinct) < 2:
+        distinct = list({t: r for t, r in zip(texts, rewards)}.items())
+        pairs = [(i, j) for i in range(len(distinct)) for j in range(i + 1, len(distinct))
+                 if beta is not None or distinct[i][1] != distinct[j][1]]
+        if not pairs:
             continue
-        (a, ra), (b, rb) = (list(distinct.items())[i] for i in rng.choice(len(distinct), 2, replace=False))
+        (a, ra), (b, rb) = (distinct[k] for k in pairs[rng.integers(len(pairs))])
         if beta is None:
-            if ra == rb:
-                continue
             a_wins = ra > rb
         else:
             a_wins = rng.random() < 1.0 / (1.0 + np.exp(-beta * (ra - rb)))
