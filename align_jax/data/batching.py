@@ -31,11 +31,15 @@ class SequenceBatch(NamedTuple):
 class PreferenceBatch(NamedTuple):
     chosen: SequenceBatch  # chosen and rejected share one padded length
     rejected: SequenceBatch
+    margin_B: np.ndarray | None = None  # the dataset's `margin` column, when it has one
+    ref_chosen_logps_B: np.ndarray | None = None  # precomputed reference log-probs, when attached
+    ref_rejected_logps_B: np.ndarray | None = None
 
 
 class UnpairedBatch(NamedTuple):
     sequences: SequenceBatch
     label_B: np.ndarray  # bool, True for desirable completions
+    mismatched: SequenceBatch  # prompt i with completion i+1 (mod B): KTO's KL reference batch
 
 
 class PromptBatch(NamedTuple):
@@ -122,13 +126,19 @@ def collate(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int], p
     if kind == "preference":
         chosen, rejected = [e["chosen_ids"] for e in examples], [e["rejected_ids"] for e in examples]
         width = bucket(max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)), buckets)
-        return PreferenceBatch(_sequences(prompts, chosen, width, pad_id), _sequences(prompts, rejected, width, pad_id))
+        column = {k: np.array([e[k] for e in examples], np.float32) if k in examples[0] else None
+                  for k in ("margin", "ref_chosen_logps", "ref_rejected_logps")}
+        return PreferenceBatch(_sequences(prompts, chosen, width, pad_id), _sequences(prompts, rejected, width, pad_id),
+                               column["margin"], column["ref_chosen_logps"], column["ref_rejected_logps"])
     completions = [e["completion_ids"] for e in examples]
-    sequences = _sequences(prompts, completions, bucket(max(len(p) + len(c) for p, c in zip(prompts, completions)),
-                                                        buckets), pad_id)
     if kind == "unpaired_preference":
-        return UnpairedBatch(sequences, np.array([e["label"] for e in examples], bool))
-    return sequences
+        shifted = completions[1:] + completions[:1]
+        width = bucket(max(len(p) + len(c) for p, c in zip(prompts, completions)), buckets)  # mismatched cut to fit
+        return UnpairedBatch(_sequences(prompts, completions, width, pad_id),
+                             np.array([e["label"] for e in examples], bool),
+                             _sequences(prompts, [s[: width - len(p)] for p, s in zip(prompts, shifted)], width, pad_id))
+    return _sequences(prompts, completions, bucket(max(len(p) + len(c) for p, c in zip(prompts, completions)),
+                                                   buckets), pad_id)
 
 
 @dataclasses.dataclass(frozen=True)

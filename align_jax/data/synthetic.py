@@ -200,3 +200,28 @@ def label_unpaired(prompts: datasets.Dataset, candidates: Callable, reward_fn: R
         rows += [{"prompt": row["prompt"], "completion": _as_completion(t, row["prompt"]),
                   "label": bool(r > threshold), "score": float(r)} for t, r in zip(texts, rewards)]
     return datasets.Dataset.from_list(rows)
+
+
+def arithmetic_pairs(n: int, seed: int, **kwargs) -> datasets.Dataset:
+    """Preference pairs over arithmetic candidates, the right answer (or format) chosen."""
+    return label_pairs(arithmetic(n, seed, **kwargs), arithmetic_candidates, arithmetic_accuracy, seed=seed, beta=None)
+
+
+def sentiment_pairs(n: int, seed: int, beta: float | None = 1.0, **kwargs) -> datasets.Dataset:
+    """Preference pairs of review continuations, labelled by Bradley-Terry on the true sentiment."""
+    return label_pairs(sentiment(n, seed, **kwargs), sentiment_candidates, sentiment_reward, seed=seed, beta=beta)
+
+
+def sentiment_unpaired(n: int, seed: int, threshold: float = 0.0, **kwargs) -> datasets.Dataset:
+    """Unpaired continuations, desirable when their sentiment is above `threshold`."""
+    return label_unpaired(sentiment(n, seed, **kwargs), sentiment_candidates, sentiment_reward, seed=seed,
+                          threshold=threshold)
+
+
+TASKS = {  # the names a config's `data.synthetic` may use; each is f(n, seed, **synthetic_args)
+    "arithmetic": arithmetic,
+    "arithmetic_pairs": arithmetic_pairs,
+    "sentiment": sentiment,
+    "sentiment_pairs": sentiment_pairs,
+    "sentiment_unpaired": sentiment_unpaired,
+}

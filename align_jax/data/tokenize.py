@@ -8,7 +8,8 @@ tokens; a row where the joint tokenization does not start with the prompt's is c
 (`prefix_mismatches`) rather than silently accepted.
 
 Each example is a dict of int lists: `prompt_ids` and, by kind, `completion_ids`, `chosen_ids`
-and `rejected_ids`; unpaired rows add `label`, prompt-only rows keep their other columns.
+and `rejected_ids`; unpaired rows add `label`, preference rows a `margin` column when there is
+one, prompt-only rows keep all their other columns.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ def encode(source, tokenizer, *, kind: str | None = None) -> Encoded:
             prompt_ids, chosen_ids = _split(tokenizer, prompt, chosen, conversational, counts)
             _, rejected_ids = _split(tokenizer, prompt, rejected, conversational, counts)
             out = {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+            if "margin" in columns:  # a reward model's per-pair margin (Llama 2)
+                out["margin"] = float(example["margin"])
         else:  # prompt_completion, unpaired_preference
             prompt_ids, completion_ids = _split(tokenizer, example["prompt"], example["completion"],
                                                 conversational, counts)

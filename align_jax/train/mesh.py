@@ -1,0 +1,68 @@
+"""The device mesh and the one place where logical axis names become mesh axes.
+
+Mesh axes: `data` (replicas that split the batch), `fsdp` (also splits the batch, and shards
+parameters and optimizer state), `tensor` (shards heads and MLP width inside each layer).
+Batches are split over ("data", "fsdp"); a parameter dimension whose logical name maps to a mesh
+axis is sharded over it when its size divides evenly, else replicated.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+LOGICAL_RULES = {  # logical axis name (models/decoder.py) -> mesh axis
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices of all processes; -1 takes what is left."""
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if sizes.count(-1) > 1 or devices.size % known:
+        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} does not fit {devices.size} devices")
+    sizes = [devices.size // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != devices.size:
+        raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, have {devices.size}")
+    return Mesh(devices.reshape(sizes), AXES)
+
+
+def _spec(logical: tuple, shape: tuple[int, ...], mesh: Mesh, rules: dict) -> P:
+    axes = []
+    for name, size in zip(logical, shape):
+        axis = rules.get(name)
+        axes.append(axis if axis is not None and size % mesh.shape[axis] == 0 else None)
+    return P(*axes)
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: dict = LOGICAL_RULES) -> nnx.State:
+    """A NamedSharding per parameter, from the logical names in its `out_sharding` metadata."""
+    specs = nnx.get_partition_spec(abstract_state)
+    return jax.tree.map(
+        lambda spec, x: NamedSharding(mesh, _spec(tuple(spec), x.shape, mesh, rules)),
+        specs, abstract_state, is_leaf=lambda s: isinstance(s, P))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(host_batch, mesh: Mesh):
+    """This process's rows of a batch (NumPy) → global arrays split over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch)

@@ -1,0 +1,122 @@
+"""What each method optimises, on one micro-batch: models → log-probs or scores → `losses.*`.
+
+Every function has the signature `(model, ref_model, batch, cfg) -> (numerator, denominator,
+metrics)`: the loss of the whole batch is Σ numerator / Σ denominator over its micro-batches
+(tokens for SFT, pairs or examples otherwise), so gradient accumulation is exact. `ref_model` is
+the frozen reference (None when a method or config needs none); its outputs carry no gradient.
+Metric names follow TRL.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from align_jax import losses, ops
+from align_jax.config import LossConfig
+from align_jax.data import PreferenceBatch, SequenceBatch, UnpairedBatch
+
+
+def completion_logps(model, seq: SequenceBatch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token log-probs of each next token [B, L-1], the completion mask over them, and the
+    logits that produced them."""
+    logits_BxLxV = model(seq.ids_BxL, seq.attention_mask_BxL)
+    logps_BxL = ops.token_logps(logits_BxLxV[:, :-1], seq.ids_BxL[:, 1:])
+    return logps_BxL, seq.completion_mask_BxL[:, 1:], logits_BxLxV
+
+
+def _concat(a: SequenceBatch, b: SequenceBatch) -> SequenceBatch:
+    return SequenceBatch(*(jnp.concatenate([x, y]) for x, y in zip(a, b)))
+
+
+def _pair_logps(model, batch: PreferenceBatch):
+    """Summed completion log-probs of chosen and rejected [B] each (one forward over 2B rows),
+    their lengths, and the chosen rows' per-token NLL terms for RPO/ORPO."""
+    logps, mask, _ = completion_logps(model, _concat(batch.chosen, batch.rejected))
+    sums, lengths = ops.masked_sum(logps, mask, axis=1), jnp.sum(mask, axis=1)
+    B = batch.chosen.ids_BxL.shape[0]
+    return sums[:B], sums[B:], lengths[:B], lengths[B:], (logps[:B], mask[:B])
+
+
+def sft(model, ref_model, batch: SequenceBatch, cfg: LossConfig):
+    """Token-level NLL, −Σ log π(y_t | y_<t) / #tokens, on completion tokens (or all when not
+    `completion_only`)."""
+    logps, mask, logits = completion_logps(model, batch)
+    if not cfg.completion_only:
+        mask = batch.attention_mask_BxL[:, 1:] & batch.attention_mask_BxL[:, :-1]
+    correct = jnp.argmax(logits[:, :-1], axis=-1) == batch.ids_BxL[:, 1:]
+    metrics = {"mean_token_accuracy": ops.masked_mean(correct.astype(jnp.float32), mask),
+               "num_tokens": jnp.sum(mask).astype(jnp.float32)}
+    return -ops.masked_sum(logps, mask), jnp.sum(mask).astype(jnp.float32), metrics
+
+
+def reward(model, ref_model, batch: PreferenceBatch, cfg: LossConfig):
+    """Bradley-Terry on the scalar head's score at each sequence's last token."""
+    B = batch.chosen.ids_BxL.shape[0]
+    both = _concat(batch.chosen, batch.rejected)
+    scores = model.score(both.ids_BxL, both.attention_mask_BxL)
+    per_pair, m = losses.bradley_terry_loss(scores[:B], scores[B:], margin=batch.margin_B,
+                                            center_coef=cfg.center_coef)
+    metrics = {"accuracy": m["accuracy"], "margin": m["margin"],
+               "rewards/chosen": jnp.mean(scores[:B]), "rewards/rejected": jnp.mean(scores[B:])}
+    return jnp.sum(per_pair), jnp.float32(B), metrics
+
+
+def dpo(model, ref_model, batch: PreferenceBatch, cfg: LossConfig):
+    """The DPO family (`loss_type` ∈ losses.DPO_LOSSES), SimPO (`simpo`) and ORPO (`orpo`, with
+    its NLL term); `rpo_alpha` adds α · NLL of the chosen completions (RPO, Pang et al. 2024)."""
+    chosen, rejected, chosen_len, rejected_len, (chosen_tok, chosen_mask) = _pair_logps(model, batch)
+    B = chosen.shape[0]
+    nll = -ops.masked_sum(chosen_tok, chosen_mask) / jnp.maximum(jnp.sum(chosen_mask), 1)
+    if cfg.loss_type == "simpo":
+        per_pair, metrics = losses.simpo_loss(chosen, rejected, chosen_len, rejected_len, beta=cfg.beta,
+                                              gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing)
+    elif cfg.loss_type == "orpo":
+        per_pair, metrics = losses.orpo_loss(chosen, rejected, chosen_len, rejected_len, beta=cfg.beta)
+        per_pair = per_pair + nll
+    else:
+        if batch.ref_chosen_logps_B is not None:
+            ref_chosen, ref_rejected = batch.ref_chosen_logps_B, batch.ref_rejected_logps_B
+        elif cfg.reference_free:
+            ref_chosen = ref_rejected = jnp.zeros_like(chosen)
+        else:
+            ref_chosen, ref_rejected, *_ = jax.lax.stop_gradient(_pair_logps(ref_model, batch))
+        per_pair, metrics = losses.dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta, loss_type=cfg.loss_type,
+            label_smoothing=cfg.label_smoothing, chosen_lengths=chosen_len, rejected_lengths=rejected_len,
+            reference_free=cfg.reference_free)
+    if cfg.rpo_alpha is not None:
+        per_pair = per_pair + cfg.rpo_alpha * nll
+    metrics = dict(metrics, nll_loss=jax.lax.stop_gradient(nll))
+    return jnp.sum(per_pair), jnp.float32(B), metrics
+
+
+def kto(model, ref_model, batch: UnpairedBatch, cfg: LossConfig):
+    """KTO with z0 from the batch's mismatched (prompt, other completion) pairs, as TRL."""
+    def summed(m, seq):
+        logps, mask, _ = completion_logps(m, seq)
+        return ops.masked_sum(logps, mask, axis=1)
+
+    logps, kl_logps = summed(model, batch.sequences), jax.lax.stop_gradient(summed(model, batch.mismatched))
+    ref_logps = jax.lax.stop_gradient(summed(ref_model, batch.sequences))
+    kl_ref_logps = jax.lax.stop_gradient(summed(ref_model, batch.mismatched))
+    per_example, metrics = losses.kto_loss(
+        logps, ref_logps, batch.label_B, beta=cfg.beta, kl_logps=kl_logps, kl_ref_logps=kl_ref_logps,
+        desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight, loss_type=cfg.loss_type)
+    return jnp.sum(per_example), jnp.float32(logps.shape[0]), metrics
+
+
+METHODS: dict[str, tuple[Callable, str, bool]] = {  # method -> (loss, data kind, needs a reference model)
+    "sft": (sft, "prompt_completion", False),
+    "reward": (reward, "preference", False),
+    "dpo": (dpo, "preference", True),
+    "kto": (kto, "unpaired_preference", True),
+}
+
+
+def needs_reference(method: str, cfg: LossConfig) -> bool:
+    if method == "dpo":
+        return cfg.loss_type not in ("simpo", "orpo") and not cfg.reference_free and not cfg.precompute_ref_logps
+    return METHODS[method][2]

@@ -1,0 +1,233 @@
+"""The host loop of an offline run (SFT, reward model, DPO family, KTO): it only moves data, logs
+and checkpoints; every computation is a jitted pure step.
+
+Outputs under `out_dir`: `config.yaml`, `metrics.jsonl` (one JSON object per logged step, with
+`split` train or eval), TensorBoard event files in `tb/`, Orbax checkpoints in `checkpoints/`
+(train state with its rng, and the data iterator position; the last `keep_checkpoints` kept),
+and the final policy as a Hugging Face directory in `model/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import transformers
+from flax import nnx
+from tqdm.auto import tqdm
+
+from align_jax.config import RunConfig, to_yaml
+from align_jax.data import DataError, LoaderState, batches, collate, default_buckets, encode, synthetic, truncate
+from align_jax.data.tiny_tokenizer import tiny_tokenizer
+from align_jax.models import Decoder, DecoderConfig, load_pretrained, save_pretrained
+from align_jax.train import methods
+from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
+from align_jax.train.state import init_train_state, learning_rate, make_optimizer
+from align_jax.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient became NaN/inf; the last good checkpoint is left as it was."""
+
+
+def load_tokenizer(spec: str):
+    if spec == "tiny":
+        return tiny_tokenizer()
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return transformers.AutoTokenizer.from_pretrained(spec)
+
+
+def _source(path: str | None, cfg: RunConfig, seed_offset: int):
+    if path is not None:
+        return path
+    if cfg.data.synthetic is None:
+        raise DataError("config: set data.train (a dataset file) or data.synthetic (a task name)")
+    if cfg.data.synthetic not in synthetic.TASKS:
+        raise DataError(f"config: data.synthetic {cfg.data.synthetic!r} is not one of {sorted(synthetic.TASKS)}")
+    args = dict(cfg.data.synthetic_args)
+    args["seed"] = args.get("seed", 0) + seed_offset
+    return synthetic.TASKS[cfg.data.synthetic](**args)
+
+
+def load_data(cfg: RunConfig, tokenizer):
+    """(train, eval or None): encoded, validated for the method's kind, truncated with counts."""
+    _, kind, _ = methods.METHODS[cfg.train.method]
+    limit = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
+    train = truncate(encode(_source(cfg.data.train, cfg, 0), tokenizer, kind=kind), **limit)
+    if cfg.data.eval is not None or (cfg.data.synthetic and cfg.data.eval_fraction == 0 and cfg.train.eval_every):
+        return train, truncate(encode(_source(cfg.data.eval, cfg, 1000), tokenizer, kind=kind), **limit)
+    if cfg.data.eval_fraction > 0:
+        order = np.random.default_rng(cfg.train.seed).permutation(len(train.examples))
+        held = max(1, int(cfg.data.eval_fraction * len(order)))
+        pick = lambda idx: dataclasses.replace(train, examples=[train.examples[i] for i in sorted(idx)])  # noqa: E731
+        return pick(order[held:]), pick(order[:held])
+    return train, None
+
+
+def build_model(cfg: RunConfig):
+    """(make_model, pretrained params or None): the policy's constructor and its starting weights."""
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
+    with_head = cfg.train.method == "reward"
+    pretrained = None
+    if cfg.model.path is not None:
+        loaded = load_pretrained(cfg.model.path)
+        config, pretrained = loaded.config, nnx.split(loaded)[1]
+    else:
+        config = DecoderConfig.from_hf(transformers.LlamaConfig(**cfg.model.init))
+    return (lambda rngs: Decoder(config, rngs=rngs, dtype=dtype, remat=cfg.model.remat,
+                                 with_scalar_head=with_head)), pretrained
+
+
+def _attach_reference_logps(data, ref_fn, cfg, pad_id, buckets, mesh, ref_params):
+    """Precompute: reference log-probs of every pair, once, stored on the examples."""
+    width = cfg.train.batch_size
+    rows = data.examples
+    padded = rows + rows[: (-len(rows)) % width]
+    for start in range(0, len(rows), width):
+        chunk = padded[start:start + width]
+        batch = collate(chunk, "preference", buckets, pad_id)
+        chosen, rejected = jax.device_get(ref_fn(ref_params, shard_batch(batch, mesh)))
+        for i, example in enumerate(chunk[: len(rows) - start]):
+            example["ref_chosen_logps"], example["ref_rejected_logps"] = float(chosen[i]), float(rejected[i])
+
+
+class _Stop:
+    """SIGTERM / Ctrl-C ask the loop to checkpoint and return at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        def handler(signum, frame):
+            self.requested = True
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _log(writer, jsonl, split: str, step: int, metrics: dict):
+    record = {"split": split, "step": step, **{k: float(v) for k, v in metrics.items()}}
+    jsonl.write(json.dumps(record) + "\n")
+    jsonl.flush()
+    for k, v in metrics.items():
+        writer.add_scalar(f"{split}/{k}", float(v), step)
+
+
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """Run `cfg` to `train.steps` updates (or until interrupted); return the last metrics."""
+    from tensorboardX import SummaryWriter
+
+    t = cfg.train
+    if t.method not in methods.METHODS:
+        raise ValueError(f"train.method must be one of {sorted(methods.METHODS)}, got {t.method!r}")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    buckets = tuple(cfg.data.buckets or default_buckets(cfg.data.max_length))
+    train_data, eval_data = load_data(cfg, tokenizer)
+    log.info("data: %s", train_data.counts)
+
+    make_model, pretrained = build_model(cfg)
+    tx, schedule = make_optimizer(t), learning_rate(t)
+    graphdef, state, shardings = init_train_state(make_model, tx, mesh, t.seed, pretrained)
+    loss_fn = methods.METHODS[t.method][0]
+    needs_ref = methods.needs_reference(t.method, cfg.loss)
+    ref_params, ref_shardings = None, None
+    if needs_ref or cfg.loss.precompute_ref_logps:
+        source = load_pretrained(cfg.reference) if cfg.reference else None
+        ref_params = nnx.split(source)[1] if source else jax.tree.map(jnp.copy, state.params)
+        ref_shardings = param_shardings(ref_params, mesh)
+        ref_params = jax.device_put(ref_params, ref_shardings)
+    if cfg.loss.precompute_ref_logps:
+        if t.method != "dpo":
+            raise ValueError("loss.precompute_ref_logps applies to train.method=dpo")
+        ref_fn = jax.jit(lambda p, b: methods._pair_logps(nnx.merge(graphdef, p), b)[:2])
+        for data in filter(None, (train_data, eval_data)):
+            _attach_reference_logps(data, ref_fn, t, pad_id, buckets, mesh, ref_params)
+        ref_params = ref_shardings = None  # no reference model from here on
+
+    train_step = jit_train_step(make_train_step(loss_fn, graphdef, tx, cfg.loss, t.micro_batches, schedule),
+                                shardings, ref_shardings, mesh)
+    eval_step = jit_eval_step(make_eval_step(loss_fn, graphdef, cfg.loss, t.micro_batches),
+                              shardings.params, ref_shardings, mesh)
+
+    manager = ocp.CheckpointManager((out / "checkpoints").absolute(),
+                                    options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints))
+    loader = LoaderState()
+    if resume and manager.latest_step() is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
+        state, loader = restored.state, LoaderState(**restored.loader)
+        log.info("resumed from step %d (%s)", int(state.step), loader)
+
+    def save(step: int, loader_state: LoaderState):
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   loader=ocp.args.JsonSave(dataclasses.asdict(loader_state))),
+                     force=True)
+        manager.wait_until_finished()
+
+    def evaluate(step: int) -> dict:
+        stream = batches(eval_data, batch_size=t.batch_size, seed=0, pad_id=pad_id, buckets=buckets, epochs=1,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+        results = [eval_step(state.params, ref_params, shard_batch(b, mesh))
+                   for _, (_, b) in zip(range(t.eval_batches), stream)]
+        mean = {k: float(np.mean([jax.device_get(r[k]) for r in results])) for k in results[0]}
+        _log(writer, jsonl, "eval", step, mean)
+        return mean
+
+    stream = batches(train_data, batch_size=t.batch_size, seed=t.seed, pad_id=pad_id, buckets=buckets,
+                     state=loader, process_index=jax.process_index(), process_count=jax.process_count())
+    step, last, start = int(state.step), {}, time.perf_counter()
+    writer = SummaryWriter(str(out / "tb"))
+    with open(out / "metrics.jsonl", "a") as jsonl, _Stop().installed() as stop, \
+            tqdm(total=t.steps, initial=step, disable=not progress, desc=t.method, unit="step") as bar:
+        while step < t.steps and not stop.requested:
+            loader, host_batch = next(stream)
+            state, metrics = train_step(state, ref_params, shard_batch(host_batch, mesh))
+            if float(metrics["nonfinite"]):
+                raise NonFiniteError(f"step {step + 1}: non-finite loss or gradient on the batch at {loader} "
+                                     f"(loss {float(metrics['loss'])}); params were not updated and the last "
+                                     f"checkpoint is intact")
+            step += 1
+            bar.update(1)
+            if step % t.log_every == 0 or step == t.steps:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last["steps_per_second"] = (step - int(bar.initial)) / (time.perf_counter() - start)
+                _log(writer, jsonl, "train", step, last)
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+            if eval_data is not None and t.eval_every and step % t.eval_every == 0:
+                last.update({f"eval_{k}": v for k, v in evaluate(step).items()})
+            if t.checkpoint_every and step % t.checkpoint_every == 0:
+                save(step, loader)
+        save(step, loader)
+        if stop.requested:
+            log.warning("interrupted at step %d: checkpoint written, resume with --resume", step)
+            return last
+        if eval_data is not None and not (t.eval_every and step % t.eval_every == 0):
+            last.update({f"eval_{k}": v for k, v in evaluate(step).items()})
+    writer.close()
+    if t.method != "reward" and jax.process_index() == 0:
+        save_pretrained(nnx.merge(graphdef, jax.device_get(state.params)), out / "model", tokenizer=tokenizer)
+    return last
+

@@ -1,0 +1,95 @@
+"""The pure train and eval steps: `(state, ref_params, batch) -> (state, metrics)`.
+
+A batch of B examples is split into M micro-batches scanned with `lax.scan`, carrying
+(Σ ∇numerator, Σ numerator, Σ denominator); the update uses ∇(Σ num)/Σ den, which is exactly the
+gradient of the full-batch loss Σ num / Σ den (denominators — token or pair counts — do not depend
+on the parameters). A non-finite loss or gradient leaves params and optimizer state untouched and
+sets `metrics["nonfinite"]`, so the host loop can stop with the last good state intact.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from align_jax.config import LossConfig
+from align_jax.train.mesh import batch_sharding, replicated
+from align_jax.train.state import TrainState
+
+
+def _split_micro(batch, micro_batches: int):
+    def split(x):
+        if x.shape[0] % micro_batches:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {micro_batches} micro-batches")
+        return x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def _accumulate(loss_fn: Callable, graphdef, params, ref_model, batch, cfg: LossConfig, micro_batches: int,
+                with_grad: bool):
+    def objective(p, micro):
+        num, den, metrics = loss_fn(nnx.merge(graphdef, p), ref_model, micro, cfg)
+        return num, (den, metrics)
+
+    def body(carry, micro):
+        grads, num, den = carry
+        if with_grad:
+            (n, (d, metrics)), g = jax.value_and_grad(objective, has_aux=True)(params, micro)
+            grads = jax.tree.map(jnp.add, grads, g)
+        else:
+            n, (d, metrics) = objective(params, micro)
+        return (grads, num + n, den + d), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, params) if with_grad else None
+    (grads, num, den), metrics = jax.lax.scan(body, (zeros, 0.0, 0.0), _split_micro(batch, micro_batches))
+    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)  # micro-batches hold equal counts
+    return grads, num / den, den, metrics
+
+
+def make_train_step(loss_fn: Callable, graphdef, tx: optax.GradientTransformation, cfg: LossConfig,
+                    micro_batches: int, schedule: optax.Schedule):
+    def step(state: TrainState, ref_params, batch) -> tuple[TrainState, dict]:
+        ref_model = None if ref_params is None else nnx.merge(graphdef, ref_params)
+        grads, loss, den, metrics = _accumulate(loss_fn, graphdef, state.params, ref_model, batch, cfg,
+                                                micro_batches, with_grad=True)
+        grads = jax.tree.map(lambda g: g / den, grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(state.step + finite.astype(jnp.int32), keep(params, state.params),
+                               keep(opt_state, state.opt_state), state.rng)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                       nonfinite=(~finite).astype(jnp.float32))
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(loss_fn: Callable, graphdef, cfg: LossConfig, micro_batches: int):
+    def step(params, ref_params, batch) -> dict:
+        ref_model = None if ref_params is None else nnx.merge(graphdef, ref_params)
+        _, loss, _, metrics = _accumulate(loss_fn, graphdef, params, ref_model, batch, cfg, micro_batches,
+                                          with_grad=False)
+        return dict(metrics, loss=loss)
+
+    return step
+
+
+def jit_train_step(step, shardings: TrainState, ref_shardings, mesh: Mesh):
+    """Jitted with the state's shardings in and out, batches split over the data axes, and the old
+    state's buffers donated to the new one."""
+    return jax.jit(step, in_shardings=(shardings, ref_shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
+
+
+def jit_eval_step(step, param_shardings, ref_shardings, mesh: Mesh):
+    return jax.jit(step, in_shardings=(param_shardings, ref_shardings, batch_sharding(mesh)),
+                   out_shardings=replicated(mesh))
+
