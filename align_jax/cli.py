@@ -1,0 +1,46 @@
+"""`align-jax train CONFIG [key.sub=value ...] [--resume]` — the command-line entry point.
+
+Also `python -m align_jax …`. Problems with the config or the data are reported in one line
+naming the file, key, row or column, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from align_jax.config import ConfigError, load_config, to_yaml
+from align_jax.data import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="align-jax", description="Align language models with JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("train", help="run an offline training job (sft, reward, dpo, kto)")
+    run.add_argument("config", help="a YAML file, e.g. configs/sft_arithmetic.yaml")
+    run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 train.steps=50")
+    run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg))
+            return 0
+        from align_jax.train import train  # imports JAX; kept out of --help and --print-config
+
+        metrics = train(cfg, resume=args.resume)
+    except (ConfigError, DataError) as e:
+        print(f"align-jax: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Run by test_sharding.py in a fresh process with 8 host devices: one SFT and one DPO update on
+several meshes, compared with the same update on one device. Prints a JSON report."""
+
+import json
+import os
+import sys
+
+assert "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", ""), "set XLA_FLAGS first"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from align_jax.config import LossConfig  # noqa: E402
+from align_jax.data import PreferenceBatch, SequenceBatch  # noqa: E402
+from align_jax.models import Decoder, DecoderConfig  # noqa: E402
+from align_jax.train import methods  # noqa: E402
+from align_jax.train.mesh import make_mesh, param_shardings, shard_batch  # noqa: E402
+from align_jax.train.state import init_train_state  # noqa: E402
+from align_jax.train.step import jit_train_step, make_train_step  # noqa: E402
+
+MESHES = {"one_device": None, "data": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (1, 1, 8),
+          "fsdp_x_tensor": (1, 4, 2), "data_x_fsdp_x_tensor": (2, 2, 2)}
+
+
+def sequences(seed, B=8, L=16, vocab=128):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, size=(B, L)).astype(np.int32)
+    lengths = rng.integers(6, L + 1, size=B)
+    attention = np.arange(L)[None] < lengths[:, None]
+    completion = attention & (np.arange(L)[None] >= 3)
+    return SequenceBatch(np.where(attention, ids, 0), attention, completion)
+
+
+def main():
+    config = DecoderConfig.from_hf(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=8, max_position_embeddings=64))
+    make_model = lambda rngs: Decoder(config, rngs=rngs)  # noqa: E731
+    pretrained = nnx.split(make_model(nnx.Rngs(1)))[1]
+    tx = optax.sgd(0.5, momentum=0.9)
+    batches = {"sft": sequences(0), "dpo": PreferenceBatch(sequences(1), sequences(2))}
+    report = {}
+    for name, shape in MESHES.items():
+        mesh = make_mesh(*shape) if shape else make_mesh(devices=jax.devices()[:1])
+        for method, batch in batches.items():
+            graphdef, state, shardings = init_train_state(make_model, tx, mesh, 0, pretrained)
+            ref, ref_shardings = None, None
+            if method == "dpo":
+                ref_shardings = param_shardings(state.params, mesh)
+                ref = jax.device_put(jax.tree.map(lambda x: x * 1.01, pretrained), ref_shardings)
+            step = jit_train_step(make_train_step(methods.METHODS[method][0], graphdef, tx, LossConfig(beta=0.5), 2,
+                                                  optax.constant_schedule(0.5)), shardings, ref_shardings, mesh)
+            for _ in range(2):
+                state, metrics = step(state, ref, shard_batch(batch, mesh))
+            kernel = state.params["layers"][0]["mlp"]["up_proj"]["kernel"][...]
+            report[f"{name}/{method}"] = {
+                "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                "params": [np.asarray(x).ravel()[:64].tolist() for x in jax.tree.leaves(state.params)],
+                "kernel_shard": list(kernel.sharding.shard_shape(kernel.shape)),
+                "devices": len(kernel.sharding.device_set)}
+    json.dump(report, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Each method's loss on a batch = the paper's formula (NumPy, float64) on transformers' logits for
+the same weights; and gradient accumulation over micro-batches equals the full batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+
+from align_jax.config import LossConfig
+from align_jax.data import PreferenceBatch, SequenceBatch, UnpairedBatch
+from align_jax.models import Decoder, load_pretrained
+from align_jax.train import methods
+from align_jax.train.mesh import make_mesh
+from align_jax.train.state import init_train_state
+from align_jax.train.step import make_train_step
+from tests.models.test_hf_parity import hf_logits, tiny_hf_model
+from tests.np_ref import log_sigmoid, log_softmax
+
+
+@pytest.fixture(scope="module")
+def policy_and_reference():
+    policy = tiny_hf_model("llama")
+    reference = tiny_hf_model("llama")
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return policy, reference
+
+
+def sequences(seed, B=4, L=14, vocab=101):
+    """Right-padded rows: prompt of 3–5 tokens, completion of 2–7, then padding."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, size=(B, L)).astype(np.int32)
+    attention, completion = np.zeros((B, L), bool), np.zeros((B, L), bool)
+    for i in range(B):
+        p, c = rng.integers(3, 6), rng.integers(2, 8)
+        attention[i, : p + c], completion[i, p: p + c] = True, True
+        ids[i, p + c:] = 0
+    return SequenceBatch(ids, attention, completion)
+
+
+def np_completion_logps(hf, seq):
+    """Σ over completion tokens of log softmax(logits)[next token], from transformers (float64)."""
+    logps = log_softmax(hf_logits(hf, seq.ids_BxL, seq.attention_mask_BxL.astype(np.int64)))
+    token = np.take_along_axis(logps[:, :-1], seq.ids_BxL[:, 1:, None], axis=-1)[..., 0]
+    mask = seq.completion_mask_BxL[:, 1:]
+    return (token * mask).sum(1), mask.sum(1), token, mask
+
+
+def ours(loss_fn, hf, ref_hf, batch, cfg):
+    model = load_pretrained(hf)
+    ref = load_pretrained(ref_hf) if ref_hf is not None else None
+    num, den, metrics = loss_fn(model, ref, jax.tree.map(jnp.asarray, batch), cfg)
+    return float(num / den), metrics
+
+
+def test_sft_is_the_mean_token_nll_on_completions(policy_and_reference):
+    hf, _ = policy_and_reference
+    seq = sequences(0)
+    _, _, token, mask = np_completion_logps(hf, seq)
+    loss, metrics = ours(methods.sft, hf, None, seq, LossConfig())
+    np.testing.assert_allclose(loss, -(token * mask).sum() / mask.sum(), rtol=1e-5)
+    full = seq.attention_mask_BxL[:, 1:] & seq.attention_mask_BxL[:, :-1]
+    loss_all, _ = ours(methods.sft, hf, None, seq, LossConfig(completion_only=False))
+    np.testing.assert_allclose(loss_all, -(token * full).sum() / full.sum(), rtol=1e-5)
+    assert float(metrics["num_tokens"]) == mask.sum()
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo", "orpo"])
+def test_dpo_family_on_transformers_logits(loss_type, policy_and_reference):
+    hf, ref_hf = policy_and_reference
+    chosen, rejected = sequences(1), sequences(2)
+    batch = PreferenceBatch(chosen, rejected)
+    beta = 0.3
+    cw, lw, tok_w, mask_w = np_completion_logps(hf, chosen)
+    cl, ll, _, _ = np_completion_logps(hf, rejected)
+    rw, _, _, _ = np_completion_logps(ref_hf, chosen)
+    rl, _, _, _ = np_completion_logps(ref_hf, rejected)
+    nll = -(tok_w * mask_w).sum() / mask_w.sum()
+    if loss_type == "sigmoid":  # Rafailov et al. eq. 7
+        expected = -log_sigmoid(beta * ((cw - rw) - (cl - rl)))
+    elif loss_type == "ipo":  # Azar et al. eq. 17 on per-token-averaged log-ratios (TRL)
+        expected = ((cw - rw) / lw - (cl - rl) / ll - 1 / (2 * beta)) ** 2
+    elif loss_type == "simpo":  # Meng et al. eq. 6
+        expected = -log_sigmoid(beta * cw / lw - beta * cl / ll - 0.5)
+    else:  # Hong et al. eq. 7 plus the NLL of the chosen completion
+        odds = lambda avg: avg - np.log1p(-np.exp(avg))  # noqa: E731
+        expected = -beta * log_sigmoid(odds(cw / lw) - odds(cl / ll)) + nll
+    loss, metrics = ours(methods.dpo, hf, ref_hf, batch, LossConfig(loss_type=loss_type, beta=beta))
+    np.testing.assert_allclose(loss, expected.mean(), rtol=2e-5)
+    np.testing.assert_allclose(float(metrics["nll_loss"]), nll, rtol=2e-5)
+    rpo, _ = ours(methods.dpo, hf, ref_hf, batch, LossConfig(loss_type=loss_type, beta=beta, rpo_alpha=0.5))
+    np.testing.assert_allclose(rpo, expected.mean() + 0.5 * nll, rtol=2e-5)
+
+
+def test_reward_model_scores_the_last_token_with_bradley_terry(policy_and_reference):
+    hf, _ = policy_and_reference
+    chosen, rejected = sequences(3), sequences(4)
+    model = load_pretrained(hf)
+    rm = Decoder(model.config, rngs=nnx.Rngs(0), with_scalar_head=True)
+    nnx.update(rm, nnx.state(model))
+    w = np.asarray(rm.score_head.kernel.get_value())[:, 0]
+    hidden = lambda seq: np.asarray(rm.hidden_states(jnp.asarray(seq.ids_BxL), jnp.asarray(seq.attention_mask_BxL))[0])  # noqa: E731
+    last = lambda seq: seq.attention_mask_BxL.sum(1) - 1  # noqa: E731
+    score = lambda seq: hidden(seq)[np.arange(4), last(seq)] @ w  # noqa: E731
+    margin = np.array([0.0, 0.5, 1.0, -0.2], np.float32)
+    expected = -log_sigmoid(score(chosen) - score(rejected) - margin) + 0.01 * (score(chosen) + score(rejected)) ** 2
+    num, den, _ = methods.reward(rm, None, jax.tree.map(jnp.asarray, PreferenceBatch(chosen, rejected, margin)),
+                                 LossConfig(center_coef=0.01))
+    np.testing.assert_allclose(float(num / den), expected.mean(), rtol=1e-4)
+
+
+def test_kto_uses_mismatched_pairs_for_its_reference_point(policy_and_reference):
+    hf, ref_hf = policy_and_reference
+    seq, mismatched = sequences(5), sequences(6)
+    label = np.array([True, False, True, False])
+    beta = 0.2
+    logp, _, _, _ = np_completion_logps(hf, seq)
+    ref, _, _, _ = np_completion_logps(ref_hf, seq)
+    kl, _, _, _ = np_completion_logps(hf, mismatched)
+    kl_ref, _, _, _ = np_completion_logps(ref_hf, mismatched)
+    z0 = max((kl - kl_ref).mean(), 0.0)
+    r = logp - ref
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    expected = np.where(label, 1 - sig(beta * (r - z0)), 1 - sig(beta * (z0 - r)))
+    loss, metrics = ours(methods.kto, hf, ref_hf, UnpairedBatch(seq, label, mismatched), LossConfig(beta=beta,
+                                                                                                    loss_type="kto"))
+    np.testing.assert_allclose(loss, expected.mean(), rtol=2e-5)
+    np.testing.assert_allclose(float(metrics["kl"]), z0, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_micro_batches_give_the_full_batch_update(method, policy_and_reference):
+    hf, _ = policy_and_reference
+    model = load_pretrained(hf)
+    pretrained = nnx.split(model)[1]
+    # Plain SGD, so the parameters move by exactly the accumulated gradient (Adam's first step,
+    # lr·g/|g|, would magnify float32 summation-order noise in near-zero gradients).
+    tx, mesh = optax.sgd(0.5), make_mesh()
+    batch = sequences(7, B=8) if method == "sft" else PreferenceBatch(sequences(7, B=8), sequences(8, B=8))
+    batch = jax.tree.map(jnp.asarray, batch)
+    loss_fn, cfg = methods.METHODS[method][0], LossConfig()
+    results = []
+    for micro in (1, 4):
+        graphdef, state, _ = init_train_state(lambda r: type(model)(model.config, rngs=r), tx, mesh, 0, pretrained)
+        ref = jax.tree.map(jnp.copy, state.params) if method == "dpo" else None
+        step = jax.jit(make_train_step(loss_fn, graphdef, tx, cfg, micro, optax.constant_schedule(0.0)))
+        for _ in range(2):  # the second step sees a moved policy, so DPO's loss is not ln 2
+            state, metrics = step(state, ref, batch)
+        results.append((state, metrics))
+    (full, m_full), (micro, m_micro) = results
+    np.testing.assert_allclose(float(m_full["loss"]), float(m_micro["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m_full["grad_norm"]), float(m_micro["grad_norm"]), rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(micro.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
