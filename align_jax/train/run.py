@@ -91,9 +91,8 @@ def build_model(cfg: RunConfig):
                                  with_scalar_head=with_head)), pretrained
 
 
-def _attach_reference_logps(data, ref_fn, cfg, pad_id, buckets, mesh, ref_params):
-    """Precompute: reference log-probs of every pair, once, stored on the examples."""
-    width = cfg.train.batch_size
+def _attach_reference_logps(data, ref_fn, width: int, pad_id, buckets, mesh, ref_params):
+    """Precompute: reference log-probs of every pair, once, in batches of `width`, stored on the examples."""
     rows = data.examples
     padded = rows + rows[: (-len(rows)) % width]
     for start in range(0, len(rows), width):
@@ -130,8 +129,12 @@ def _log(writer, jsonl, split: str, step: int, metrics: dict):
         writer.add_scalar(f"{split}/{k}", float(v), step)
 
 
-def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dict:
-    """Run `cfg` to `train.steps` updates (or until interrupted); return the last metrics."""
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_updates: int | None = None) -> dict:
+    """Run `cfg` to `train.steps` updates; return the last metrics.
+
+    SIGTERM or Ctrl-C, or `max_updates` updates made by this call (a time-boxed slice of a long
+    run), end it early with a checkpoint that `resume=True` continues exactly.
+    """
     from tensorboardX import SummaryWriter
 
     t = cfg.train
@@ -163,7 +166,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
             raise ValueError("loss.precompute_ref_logps applies to train.method=dpo")
         ref_fn = jax.jit(lambda p, b: methods._pair_logps(nnx.merge(graphdef, p), b)[:2])
         for data in filter(None, (train_data, eval_data)):
-            _attach_reference_logps(data, ref_fn, t, pad_id, buckets, mesh, ref_params)
+            _attach_reference_logps(data, ref_fn, t.batch_size, pad_id, buckets, mesh, ref_params)
         ref_params = ref_shardings = None  # no reference model from here on
 
     train_step = jit_train_step(make_train_step(loss_fn, graphdef, tx, cfg.loss, t.micro_batches, schedule),
@@ -199,10 +202,12 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
     stream = batches(train_data, batch_size=t.batch_size, seed=t.seed, pad_id=pad_id, buckets=buckets,
                      state=loader, process_index=jax.process_index(), process_count=jax.process_count())
     step, last, start = int(state.step), {}, time.perf_counter()
+    first = step
     writer = SummaryWriter(str(out / "tb"))
     with open(out / "metrics.jsonl", "a") as jsonl, _Stop().installed() as stop, \
             tqdm(total=t.steps, initial=step, disable=not progress, desc=t.method, unit="step") as bar:
-        while step < t.steps and not stop.requested:
+        stop_at = t.steps if max_updates is None else min(t.steps, step + max_updates)
+        while step < stop_at and not stop.requested:
             loader, host_batch = next(stream)
             state, metrics = train_step(state, ref_params, shard_batch(host_batch, mesh))
             if float(metrics["nonfinite"]):
@@ -213,7 +218,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                last["steps_per_second"] = (step - int(bar.initial)) / (time.perf_counter() - start)
+                last["steps_per_second"] = (step - first) / (time.perf_counter() - start)
                 _log(writer, jsonl, "train", step, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
             if eval_data is not None and t.eval_every and step % t.eval_every == 0:
@@ -221,8 +226,9 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True) -> dic
             if t.checkpoint_every and step % t.checkpoint_every == 0:
                 save(step, loader)
         save(step, loader)
-        if stop.requested:
-            log.warning("interrupted at step %d: checkpoint written, resume with --resume", step)
+        if step < t.steps:
+            log.warning("stopped at step %d of %d: checkpoint written, continue with --resume", step, t.steps)
+            writer.close()
             return last
         if eval_data is not None and not (t.eval_every and step % t.eval_every == 0):
             last.update({f"eval_{k}": v for k, v in evaluate(step).items()})

@@ -58,7 +58,7 @@ def make_train_step(loss_fn: Callable, graphdef, tx: optax.GradientTransformatio
         grads, loss, den, metrics = _accumulate(loss_fn, graphdef, state.params, ref_model, batch, cfg,
                                                 micro_batches, with_grad=True)
         grads = jax.tree.map(lambda g: g / den, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

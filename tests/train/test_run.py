@@ -1,0 +1,97 @@
+"""Whole runs: exact resume, non-finite stops, SIGTERM, the CLI, config errors and exports."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import transformers
+from safetensors.numpy import load_file
+
+from align_jax.config import ConfigError, load_config
+from align_jax.train import NonFiniteError, train
+
+ROOT = Path(__file__).parents[2]
+TINY = ["model.init.hidden_size=32", "model.init.intermediate_size=64", "model.init.num_hidden_layers=2",
+        "data.synthetic_args.n=200", "train.batch_size=8", "train.log_every=1", "data.max_length=64"]
+
+
+def config(out, *extra, base="configs/sft_arithmetic.yaml"):
+    return load_config(ROOT / base, TINY + [f"out_dir={out}", *extra])
+
+
+def weights(out):
+    return load_file(str(Path(out) / "model" / "model.safetensors"))
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path):
+    extra = ["train.steps=6", "train.micro_batches=2", "train.eval_every=0"]
+    train(config(tmp_path / "straight", *extra), progress=False)
+    train(config(tmp_path / "resumed", *extra), progress=False, max_updates=4)
+    assert not (tmp_path / "resumed" / "model").exists()  # stopped early: no export yet
+    train(config(tmp_path / "resumed", *extra), progress=False, resume=True)
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    logged = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_dpo_run_with_precomputed_reference_and_eval_split(tmp_path):
+    cfg = config(tmp_path, "train.steps=3", "data.synthetic_args.n=64", "data.eval_fraction=0.25",
+                 "loss.precompute_ref_logps=true", base="configs/dpo_sentiment.yaml")
+    metrics = train(cfg, progress=False)
+    assert {"rewards/accuracies", "rewards/margins", "logps/chosen", "eval_loss"} <= metrics.keys()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # a real HF export
+    assert model.config.num_hidden_layers == 2
+    assert (tmp_path / "tb").is_dir() and (tmp_path / "config.yaml").is_file()
+
+
+def test_non_finite_loss_stops_and_leaves_the_last_checkpoint(tmp_path):
+    cfg = config(tmp_path, "train.steps=20", "train.lr=1e12", "train.max_grad_norm=null",
+                 "train.warmup_steps=0", "train.schedule=constant", "train.checkpoint_every=1")
+    with pytest.raises(NonFiniteError, match=r"step (\d+): non-finite loss or gradient on the batch at LoaderState"):
+        train(cfg, progress=False)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] < 20  # the checkpoints before the bad step are kept, none after
+
+
+def test_kto_and_reward_model_runs(tmp_path):
+    kto = train(config(tmp_path / "kto", "train.steps=2", base="configs/kto_sentiment.yaml"), progress=False)
+    assert {"kl", "rewards/chosen", "loss"} <= kto.keys()
+    rm = train(config(tmp_path / "rm", "train.steps=2", base="configs/reward_sentiment.yaml"), progress=False)
+    assert {"accuracy", "margin", "loss"} <= rm.keys()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"key 'trian'"):
+        load_config(ROOT / "configs/sft_arithmetic.yaml", ["trian.lr=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: key 'train.steps': Value 'many'"):
+        load_config(bad)
+
+
+def test_cli_trains_and_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "align_jax", "train", "configs/sft_arithmetic.yaml", *TINY, "train.steps=100000",
+           f"out_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "continue with --resume" in err
+    assert any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+    bad = subprocess.run([sys.executable, "-m", "align_jax", "train", "configs/sft_arithmetic.yaml", "train.lr=x"],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "key 'train.lr'" in bad.stderr
