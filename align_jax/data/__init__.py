@@ -10,6 +10,7 @@ from align_jax.data.batching import (
     bucket,
     collate,
     default_buckets,
+    row_length,
     truncate,
 )
 from align_jax.data.formats import DataError, detect_kind, extract_prompt, load_rows, validate
@@ -31,6 +32,7 @@ __all__ = [
     "encode",
     "extract_prompt",
     "load_rows",
+    "row_length",
     "truncate",
     "validate",
 ]

@@ -112,11 +112,19 @@ def _sequences(prompts: list[list[int]], completions: list[list[int]], width: in
     return SequenceBatch(ids, attention, completion)
 
 
-def collate(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int], pad_id: int):
-    """One batch of the kind's type, padded to the smallest bucket that fits its longest row."""
+def row_length(example: dict[str, Any], kind: str) -> int:
+    """Tokens the row needs: its prompt, plus its (longest) completion."""
+    completions = [len(example[k]) for k in _completion_keys(kind)]
+    return len(example["prompt_ids"]) + max(completions, default=0)
+
+
+def collate(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int], pad_id: int,
+            width: int | None = None):
+    """One batch of the kind's type, padded to `width`, by default the smallest bucket that fits its
+    longest row (with several processes, the global batch's longest row, so all shapes agree)."""
+    width = width or bucket(max(row_length(e, kind) for e in examples), buckets)
     prompts = [e["prompt_ids"] for e in examples]
     if kind == "prompt_only":
-        width = bucket(max(map(len, prompts)), buckets)
         ids, mask = np.full((len(prompts), width), pad_id, np.int32), np.zeros((len(prompts), width), bool)
         for i, p in enumerate(prompts):
             if p:
@@ -125,7 +133,6 @@ def collate(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int], p
         return PromptBatch(ids, mask, {k: [e[k] for e in examples] for k in other})
     if kind == "preference":
         chosen, rejected = [e["chosen_ids"] for e in examples], [e["rejected_ids"] for e in examples]
-        width = bucket(max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)), buckets)
         column = {k: np.array([e[k] for e in examples], np.float32) if k in examples[0] else None
                   for k in ("margin", "ref_chosen_logps", "ref_rejected_logps")}
         return PreferenceBatch(_sequences(prompts, chosen, width, pad_id), _sequences(prompts, rejected, width, pad_id),
@@ -133,12 +140,10 @@ def collate(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int], p
     completions = [e["completion_ids"] for e in examples]
     if kind == "unpaired_preference":
         shifted = completions[1:] + completions[:1]
-        width = bucket(max(len(p) + len(c) for p, c in zip(prompts, completions)), buckets)  # mismatched cut to fit
         return UnpairedBatch(_sequences(prompts, completions, width, pad_id),
                              np.array([e["label"] for e in examples], bool),
                              _sequences(prompts, [s[: width - len(p)] for p, s in zip(prompts, shifted)], width, pad_id))
-    return _sequences(prompts, completions, bucket(max(len(p) + len(c) for p, c in zip(prompts, completions)),
-                                                   buckets), pad_id)
+    return _sequences(prompts, completions, width, pad_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +181,9 @@ def batches(encoded: Encoded, *, batch_size: int, seed: int, pad_id: int, bucket
     while epochs is None or epoch < epochs:
         order = epoch_order(n, seed, epoch)
         while step < per_epoch:
-            rows = order[step * batch_size + process_index * local: step * batch_size + (process_index + 1) * local]
+            global_rows = [encoded.examples[i] for i in order[step * batch_size:(step + 1) * batch_size]]
+            width = bucket(max(row_length(e, encoded.kind) for e in global_rows), buckets)
             step += 1
-            yield LoaderState(epoch, step), collate([encoded.examples[i] for i in rows], encoded.kind, buckets, pad_id)
+            mine = global_rows[process_index * local:(process_index + 1) * local]
+            yield LoaderState(epoch, step), collate(mine, encoded.kind, buckets, pad_id, width)
         epoch, step = epoch + 1, 0

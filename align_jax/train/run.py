@@ -23,10 +23,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import transformers
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from align_jax.config import RunConfig, to_yaml
-from align_jax.data import DataError, LoaderState, batches, collate, default_buckets, encode, synthetic, truncate
+from align_jax.data import (DataError, LoaderState, batches, bucket, collate, default_buckets, encode, row_length,
+                            synthetic, truncate)
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.models import Decoder, DecoderConfig, load_pretrained, save_pretrained
 from align_jax.train import methods
@@ -95,12 +97,22 @@ def _attach_reference_logps(data, ref_fn, width: int, pad_id, buckets, mesh, ref
     """Precompute: reference log-probs of every pair, once, in batches of `width`, stored on the examples."""
     rows = data.examples
     padded = rows + rows[: (-len(rows)) % width]
+    local = width // jax.process_count()
     for start in range(0, len(rows), width):
         chunk = padded[start:start + width]
-        batch = collate(chunk, "preference", buckets, pad_id)
-        chosen, rejected = jax.device_get(ref_fn(ref_params, shard_batch(batch, mesh)))
+        mine = chunk[jax.process_index() * local:(jax.process_index() + 1) * local]
+        batch = collate(mine, "preference", buckets, pad_id, bucket(max(row_length(e, "preference") for e in chunk),
+                                                                   buckets))
+        chosen, rejected = to_host(ref_fn(ref_params, shard_batch(batch, mesh)))
         for i, example in enumerate(chunk[: len(rows) - start]):
             example["ref_chosen_logps"], example["ref_rejected_logps"] = float(chosen[i]), float(rejected[i])
+
+
+def to_host(tree):
+    """Global arrays (sharded over devices of every process) → full NumPy arrays on each host."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
 
 
 class _Stop:
@@ -122,6 +134,8 @@ class _Stop:
 
 
 def _log(writer, jsonl, split: str, step: int, metrics: dict):
+    if writer is None:  # only the first process writes logs
+        return
     record = {"split": split, "step": step, **{k: float(v) for k, v in metrics.items()}}
     jsonl.write(json.dumps(record) + "\n")
     jsonl.flush()
@@ -149,6 +163,10 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     buckets = tuple(cfg.data.buckets or default_buckets(cfg.data.max_length))
     train_data, eval_data = load_data(cfg, tokenizer)
     log.info("data: %s", train_data.counts)
+    for name, data in (("train", train_data), ("eval", eval_data)):
+        if data is not None and len(data.examples) < t.batch_size:
+            raise DataError(f"{data.source}: the {name} split has {len(data.examples)} rows after truncation, "
+                            f"fewer than train.batch_size={t.batch_size}")
 
     make_model, pretrained = build_model(cfg)
     tx, schedule = make_optimizer(t), learning_rate(t)
@@ -195,7 +213,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
                          process_index=jax.process_index(), process_count=jax.process_count())
         results = [eval_step(state.params, ref_params, shard_batch(b, mesh))
                    for _, (_, b) in zip(range(t.eval_batches), stream)]
-        mean = {k: float(np.mean([jax.device_get(r[k]) for r in results])) for k in results[0]}
+        mean = {k: float(np.mean([to_host(r[k]) for r in results])) for k in results[0]}
         _log(writer, jsonl, "eval", step, mean)
         return mean
 
@@ -203,21 +221,23 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
                      state=loader, process_index=jax.process_index(), process_count=jax.process_count())
     step, last, start = int(state.step), {}, time.perf_counter()
     first = step
-    writer = SummaryWriter(str(out / "tb"))
-    with open(out / "metrics.jsonl", "a") as jsonl, _Stop().installed() as stop, \
-            tqdm(total=t.steps, initial=step, disable=not progress, desc=t.method, unit="step") as bar:
+    primary = jax.process_index() == 0
+    writer = SummaryWriter(str(out / "tb")) if primary else None
+    with (open(out / "metrics.jsonl", "a") if primary else contextlib.nullcontext()) as jsonl, \
+            _Stop().installed() as stop, \
+            tqdm(total=t.steps, initial=step, disable=not (progress and primary), desc=t.method, unit="step") as bar:
         stop_at = t.steps if max_updates is None else min(t.steps, step + max_updates)
         while step < stop_at and not stop.requested:
             loader, host_batch = next(stream)
             state, metrics = train_step(state, ref_params, shard_batch(host_batch, mesh))
-            if float(metrics["nonfinite"]):
+            if float(to_host(metrics["nonfinite"])):
                 raise NonFiniteError(f"step {step + 1}: non-finite loss or gradient on the batch at {loader} "
-                                     f"(loss {float(metrics['loss'])}); params were not updated and the last "
+                                     f"(loss {float(to_host(metrics['loss']))}); params were not updated and the last "
                                      f"checkpoint is intact")
             step += 1
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
-                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last = {k: float(v) for k, v in to_host(metrics).items()}
                 last["steps_per_second"] = (step - first) / (time.perf_counter() - start)
                 _log(writer, jsonl, "train", step, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
@@ -228,12 +248,16 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
         save(step, loader)
         if step < t.steps:
             log.warning("stopped at step %d of %d: checkpoint written, continue with --resume", step, t.steps)
-            writer.close()
+            if writer is not None:
+                writer.close()
             return last
         if eval_data is not None and not (t.eval_every and step % t.eval_every == 0):
             last.update({f"eval_{k}": v for k, v in evaluate(step).items()})
-    writer.close()
-    if t.method != "reward" and jax.process_index() == 0:
-        save_pretrained(nnx.merge(graphdef, jax.device_get(state.params)), out / "model", tokenizer=tokenizer)
+    if writer is not None:
+        writer.close()
+    if t.method != "reward":
+        params = to_host(state.params)  # every process takes part in the gather; the first one writes
+        if primary:
+            save_pretrained(nnx.merge(graphdef, params), out / "model", tokenizer=tokenizer)
     return last
 
