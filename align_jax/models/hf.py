@@ -24,8 +24,11 @@ from align_jax.models.decoder import Decoder
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def hf_param_names(config: DecoderConfig) -> Iterator[tuple[str, tuple, bool]]:
-    """(HF tensor name, path of the NNX variable, whether the HF tensor is a transposed kernel)."""
+def hf_param_names(config: DecoderConfig, scalar_head: bool = False) -> Iterator[tuple[str, tuple, bool]]:
+    """(HF tensor name, path of the NNX variable, whether the HF tensor is a transposed kernel).
+
+    With `scalar_head`, the layout of `…ForSequenceClassification` (one label): `score.weight`
+    instead of an LM head."""
     yield "model.embed_tokens.weight", ("embed_tokens", "embedding"), False
     for i in range(config.num_layers):
         hf, ours = f"model.layers.{i}", ("layers", i)
@@ -41,7 +44,9 @@ def hf_param_names(config: DecoderConfig) -> Iterator[tuple[str, tuple, bool]]:
         for norm in ("input_layernorm", "post_attention_layernorm"):
             yield f"{hf}.{norm}.weight", (*ours, norm, "weight"), False
     yield "model.norm.weight", ("norm", "weight"), False
-    if not config.tie_word_embeddings:
+    if scalar_head:
+        yield "score.weight", ("score_head", "kernel"), True
+    elif not config.tie_word_embeddings:
         yield "lm_head.weight", ("lm_head", "kernel"), True
 
 
@@ -57,14 +62,17 @@ def from_tensors(config: DecoderConfig, tensors: dict[str, Any], *, dtype=jnp.fl
     """Build a Decoder from HF-named tensors (numpy or jax arrays), never initialising random weights.
 
     Every expected tensor must be present with the right shape; unexpected tensors are an error
-    (they mean the architecture does not match), except recomputed buffers.
+    (they mean the architecture does not match), except recomputed buffers. A `score.weight`
+    tensor (a reward model saved as `…ForSequenceClassification`) gives a Decoder with its scalar head.
     """
-    model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+    scalar_head = "score.weight" in tensors
+    model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
+                                           with_scalar_head=scalar_head))
     tensors = dict(tensors)
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # some tied checkpoints still store a copy
     missing = []
-    for name, path, transposed in hf_param_names(config):
+    for name, path, transposed in hf_param_names(config, scalar_head):
         if name not in tensors:
             missing.append(name)
             continue
@@ -89,7 +97,7 @@ def from_tensors(config: DecoderConfig, tensors: dict[str, Any], *, dtype=jnp.fl
 def to_tensors(model: Decoder) -> dict[str, np.ndarray]:
     """HF-named numpy tensors of a Decoder (transformers' layouts and names)."""
     out = {}
-    for name, path, transposed in hf_param_names(model.config):
+    for name, path, transposed in hf_param_names(model.config, hasattr(model, "score_head")):
         array = np.asarray(jax.device_get(_variable(model, path).get_value()))
         out[name] = np.ascontiguousarray(array.T if transposed else array)
     return out
@@ -188,8 +196,11 @@ def load_pretrained(source, *, dtype=jnp.float32) -> Decoder:
 def save_pretrained(model: Decoder, path, *, tokenizer=None) -> Path:
     """Write an HF directory (config.json, model.safetensors, tokenizer files) atomically.
 
-    The directory is assembled next to `path` and renamed into place, so a crash never leaves a
-    half-written checkpoint; an existing directory at `path` is replaced.
+    A model with a scalar head is written as `<Arch>ForSequenceClassification` with one label
+    (`score.weight`), which scores each sequence at its last non-pad token as `Decoder.score`
+    does; the tokenizer's pad token id goes into the config for that. The directory is assembled
+    next to `path` and renamed into place, so a crash never leaves a half-written checkpoint; an
+    existing directory at `path` is replaced.
     """
     from safetensors.flax import save_file  # keeps bfloat16 weights as bfloat16
 
@@ -199,8 +210,13 @@ def save_pretrained(model: Decoder, path, *, tokenizer=None) -> Path:
     try:
         config = model.config.to_hf()
         config["torch_dtype"] = str(np.dtype(model.embed_tokens.embedding.get_value().dtype))
-        (staging / "config.json").write_text(json.dumps(config, indent=2))
         tensors = {k: jnp.asarray(v) for k, v in to_tensors(model).items()}
+        if hasattr(model, "score_head"):
+            config["architectures"] = [config["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
+            config["num_labels"] = 1
+            if tokenizer is not None:
+                config["pad_token_id"] = tokenizer.pad_token_id
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))

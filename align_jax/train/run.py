@@ -4,7 +4,8 @@ and checkpoints; every computation is a jitted pure step.
 Outputs under `out_dir`: `config.yaml`, `metrics.jsonl` (one JSON object per logged step, with
 `split` train or eval), TensorBoard event files in `tb/`, Orbax checkpoints in `checkpoints/`
 (train state with its rng, and the data iterator position; the last `keep_checkpoints` kept),
-and the final policy as a Hugging Face directory in `model/`.
+and the final model as a Hugging Face directory in `model/` (a reward model as
+`…ForSequenceClassification`).
 """
 
 from __future__ import annotations
@@ -258,9 +259,8 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
             last.update({f"eval_{k}": v for k, v in evaluate(step).items()})
     if writer is not None:
         writer.close()
-    if t.method != "reward":
-        params = to_host(state.params)  # every process takes part in the gather; the first one writes
-        if primary:
-            save_pretrained(nnx.merge(graphdef, params), out / "model", tokenizer=tokenizer)
+    params = to_host(state.params)  # every process takes part in the gather; the first one writes
+    if primary:
+        save_pretrained(nnx.merge(graphdef, params), out / "model", tokenizer=tokenizer)
     return last
 

@@ -49,10 +49,11 @@ def smollm2_tokenizer():
 def token_rows(tokenizer, rng):
     """Texts whose tokenizations are exactly PROMPT and COMPLETION tokens long (decoded ids that
     re-tokenize to themselves), so both libraries see the same 4 × 128-token pairs."""
-    words = [w for w in tokenizer.get_vocab() if w.startswith("Ġ") and w[1:].isalpha() and len(w) > 3]
+    candidates = sorted(w[1:] for w in tokenizer.get_vocab() if w.startswith("Ġ") and w[1:].isalpha())
+    words = [w for w in candidates[:4000] if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
 
     def text(n):
-        return "".join(rng.choice(words, size=n)).replace("Ġ", " ")
+        return "".join(" " + w for w in rng.choice(words, size=n))
 
     rows = [{"prompt": text(PROMPT), "chosen": text(COMPLETION), "rejected": text(COMPLETION)} for _ in range(PAIRS)]
     for row in rows:
@@ -106,7 +107,8 @@ def trl(hf, ref, tokenizer, rows, steps: int) -> float:
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(output_dir=out, per_device_train_batch_size=PAIRS, max_steps=steps + 1, learning_rate=1e-6,
                          beta=0.1, max_length=PROMPT + COMPLETION + 2, report_to=[], save_strategy="no",
-                         logging_strategy="no", use_cpu=True, dataloader_num_workers=0, max_grad_norm=1.0)
+                         logging_strategy="no", use_cpu=True, dataloader_num_workers=0, max_grad_norm=1.0,
+                         bf16=False, gradient_checkpointing=False)  # fp32 and no remat, as ours
         trainer = DPOTrainer(model=hf, ref_model=ref, args=args, processing_class=tokenizer,
                              train_dataset=datasets.Dataset.from_list(rows * (steps + 1)), callbacks=[clock])
         start = time.perf_counter()

@@ -8,12 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 import transformers
 from safetensors.numpy import load_file
 
 from align_jax.config import ConfigError, load_config
+from align_jax.models import load_pretrained
 from align_jax.train import NonFiniteError, train
 
 ROOT = Path(__file__).parents[2]
@@ -67,6 +70,18 @@ def test_kto_and_reward_model_runs(tmp_path):
     assert {"kl", "rewards/chosen", "loss"} <= kto.keys()
     rm = train(config(tmp_path / "rm", "train.steps=2", base="configs/reward_sentiment.yaml"), progress=False)
     assert {"accuracy", "margin", "loss"} <= rm.keys()
+    # The exported reward model scores right-padded text in transformers as the trainer did.
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "rm" / "model")
+    batch = tokenizer(["the plot was good .", "the acting was not very awful and the music was great ."],
+                      padding=True, return_tensors="np")
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(batch["input_ids"]),
+                    attention_mask=torch.tensor(batch["attention_mask"])).logits[:, 0].numpy()
+    ours = load_pretrained(tmp_path / "rm" / "model").score(jnp.asarray(batch["input_ids"]),
+                                                             jnp.asarray(batch["attention_mask"]))
+    np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(theirs[0], theirs[1])
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -95,3 +110,9 @@ def test_cli_trains_and_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "align_jax", "train", "configs/sft_arithmetic.yaml", "train.lr=x"],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "key 'train.lr'" in bad.stderr
+
+
+def test_bfloat16_compute_trains_with_float32_master_weights(tmp_path):
+    metrics = train(config(tmp_path, "train.steps=3", "model.dtype=bfloat16"), progress=False)
+    assert np.isfinite(metrics["loss"]) and metrics["nonfinite"] == 0
+    assert all(w.dtype == np.float32 for w in weights(tmp_path).values())
