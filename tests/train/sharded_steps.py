@@ -1,5 +1,6 @@
 """Run by test_sharding.py in a fresh process with 8 host devices: one SFT and one DPO update on
-several meshes, compared with the same update on one device. Prints a JSON report."""
+several meshes, and sampling from the updated sharded parameters, compared with one device.
+Prints a JSON report."""
 
 import json
 import os
@@ -16,6 +17,7 @@ from flax import nnx  # noqa: E402
 from align_jax.config import LossConfig  # noqa: E402
 from align_jax.data import PreferenceBatch, SequenceBatch  # noqa: E402
 from align_jax.models import Decoder, DecoderConfig  # noqa: E402
+from align_jax.sampling import SamplingConfig, generate  # noqa: E402
 from align_jax.train import methods  # noqa: E402
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch  # noqa: E402
 from align_jax.train.state import init_train_state  # noqa: E402
@@ -55,6 +57,12 @@ def main():
                                                   optax.constant_schedule(0.5)), shardings, ref_shardings, mesh)
             for _ in range(2):
                 state, metrics = step(state, ref, shard_batch(batch, mesh))
+            if method == "sft":  # the sampler on the same sharded parameters
+                prompts = sequences(3)
+                out = generate(nnx.merge(graphdef, state.params), prompts.ids_BxL[:, :6], prompts.attention_mask_BxL[:, :6],
+                               jax.random.key(0), SamplingConfig(max_new_tokens=5, num_samples=2))
+                report[f"{name}/sample"] = {"ids": np.asarray(out.ids_BxN).tolist(),
+                                            "logps": np.asarray(out.logps_BxN).tolist()}
             kernel = state.params["layers"][0]["mlp"]["up_proj"]["kernel"][...]
             report[f"{name}/{method}"] = {
                 "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),

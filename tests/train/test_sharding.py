@@ -1,5 +1,6 @@
 """A step on data-parallel, FSDP, tensor-parallel and combined meshes of 8 CPU devices gives the
-one-device loss, gradient norm and updated parameters (JAX's own SPMD runtime, in a subprocess)."""
+one-device loss, gradient norm and updated parameters, and the sampler on those sharded
+parameters the one-device tokens and log-probs (JAX's own SPMD runtime, in a subprocess)."""
 
 import json
 import os
@@ -39,3 +40,10 @@ def test_parameters_are_really_sharded(report):
     assert shards == {"one_device": [64, 128], "data": [64, 128], "fsdp": [8, 128], "tensor": [64, 16],
                       "fsdp_x_tensor": [16, 64], "data_x_fsdp_x_tensor": [32, 64]}
     assert report["one_device/sft"]["devices"] == 1 and report["data/sft"]["devices"] == 8
+
+
+@pytest.mark.parametrize("mesh", ["data", "fsdp", "tensor", "fsdp_x_tensor"])
+def test_sampling_from_sharded_parameters_equals_one_device(report, mesh):
+    one, many = report["one_device/sample"], report[f"{mesh}/sample"]
+    assert many["ids"] == one["ids"]  # same key, same tokens
+    np.testing.assert_allclose(many["logps"], one["logps"], rtol=1e-5, atol=1e-5)
