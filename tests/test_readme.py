@@ -1,6 +1,7 @@
 """The README's Quickstart runs as written."""
 
 import re
+import shutil
 from pathlib import Path
 
 
@@ -21,3 +22,15 @@ def test_readme_data_example_runs():
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["batch"].chosen.ids_BxL.shape == (8, 64) and scope["state"].step == 1
+
+
+def test_readme_training_example_runs(tmp_path, monkeypatch):
+    root = Path(__file__).parents[1]
+    section = (root / "README.md").read_text().split("## Training", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    shutil.copytree(root / "configs", tmp_path / "configs")
+    monkeypatch.chdir(tmp_path)  # runs/quickstart lands in the temporary directory
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert (tmp_path / "runs" / "quickstart" / "model" / "model.safetensors").is_file()
+    assert scope["metrics"]["loss"] < 3.0
