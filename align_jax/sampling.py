@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from align_jax.data.batching import bucket
 from align_jax.models.decoder import Decoder, init_cache
 
 Array = jax.Array
@@ -163,14 +164,6 @@ def generate(model: Decoder, prompt_ids_BxP: Array, prompt_mask_BxP: Array, rng:
                      config=config)
 
 
-def bucket_length(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket ≥ length, so that a run compiles a handful of prompt shapes."""
-    for bucket in sorted(buckets):
-        if bucket >= length:
-            return bucket
-    raise ValueError(f"length {length} exceeds the largest bucket {max(buckets)}")
-
-
 def generate_text(model: Decoder, tokenizer, prompts: Sequence[str | list[dict]], rng: Array,
                   config: SamplingConfig, *, buckets: Sequence[int] = (32, 64, 128, 256, 512, 1024, 2048)
                   ) -> list[str]:
@@ -179,7 +172,7 @@ def generate_text(model: Decoder, tokenizer, prompts: Sequence[str | list[dict]]
     texts = [p if isinstance(p, str) else tokenizer.apply_chat_template(
         p, tokenize=False, add_generation_prompt=True) for p in prompts]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = bucket_length(max(len(e) for e in encoded), buckets)
+    width = bucket(max(len(e) for e in encoded), buckets)  # a handful of prompt shapes per run
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
     ids = jnp.asarray([[pad] * (width - len(e)) + e for e in encoded], jnp.int32)
     mask = jnp.asarray([[0] * (width - len(e)) + [1] * len(e) for e in encoded], bool)

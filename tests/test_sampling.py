@@ -8,7 +8,8 @@ import torch
 
 from align_jax import ops
 from align_jax.models import load_pretrained
-from align_jax.sampling import SamplingConfig, bucket_length, filter_logits, generate, sample_categorical
+from align_jax.data import bucket
+from align_jax.sampling import SamplingConfig, filter_logits, generate, sample_categorical
 from tests.models.test_hf_parity import left_padded_batch, tiny_hf_model
 
 
@@ -138,6 +139,6 @@ def test_bad_settings_and_buckets():
         SamplingConfig(max_new_tokens=4, temperature=0.0)
     with pytest.raises(ValueError, match="invalid filters"):
         SamplingConfig(max_new_tokens=4, top_p=0.0)
-    assert bucket_length(33, (32, 64)) == 64
+    assert bucket(33, (32, 64)) == 64
     with pytest.raises(ValueError, match="exceeds the largest bucket 64"):
-        bucket_length(65, (32, 64))
+        bucket(65, (32, 64))

@@ -8,9 +8,9 @@ from align_jax.data.batching import (
     UnpairedBatch,
     batches,
     bucket,
+    bucket_width,
     collate,
     default_buckets,
-    row_length,
     truncate,
 )
 from align_jax.data.formats import DataError, detect_kind, extract_prompt, load_rows, validate
@@ -26,13 +26,13 @@ __all__ = [
     "UnpairedBatch",
     "batches",
     "bucket",
+    "bucket_width",
     "collate",
     "default_buckets",
     "detect_kind",
     "encode",
     "extract_prompt",
     "load_rows",
-    "row_length",
     "truncate",
     "validate",
 ]

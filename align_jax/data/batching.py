@@ -112,17 +112,17 @@ def _sequences(prompts: list[list[int]], completions: list[list[int]], width: in
     return SequenceBatch(ids, attention, completion)
 
 
-def row_length(example: dict[str, Any], kind: str) -> int:
-    """Tokens the row needs: its prompt, plus its (longest) completion."""
-    completions = [len(example[k]) for k in _completion_keys(kind)]
-    return len(example["prompt_ids"]) + max(completions, default=0)
+def bucket_width(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int]) -> int:
+    """The smallest bucket that fits every row: its prompt plus its (longest) completion."""
+    return bucket(max(len(e["prompt_ids"]) + max((len(e[k]) for k in _completion_keys(kind)), default=0)
+                      for e in examples), buckets)
 
 
 def collate(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int], pad_id: int,
             width: int | None = None):
     """One batch of the kind's type, padded to `width`, by default the smallest bucket that fits its
     longest row (with several processes, the global batch's longest row, so all shapes agree)."""
-    width = width or bucket(max(row_length(e, kind) for e in examples), buckets)
+    width = width or bucket_width(examples, kind, buckets)
     prompts = [e["prompt_ids"] for e in examples]
     if kind == "prompt_only":
         ids, mask = np.full((len(prompts), width), pad_id, np.int32), np.zeros((len(prompts), width), bool)
@@ -182,7 +182,7 @@ def batches(encoded: Encoded, *, batch_size: int, seed: int, pad_id: int, bucket
         order = epoch_order(n, seed, epoch)
         while step < per_epoch:
             global_rows = [encoded.examples[i] for i in order[step * batch_size:(step + 1) * batch_size]]
-            width = bucket(max(row_length(e, encoded.kind) for e in global_rows), buckets)
+            width = bucket_width(global_rows, encoded.kind, buckets)
             step += 1
             mine = global_rows[process_index * local:(process_index + 1) * local]
             yield LoaderState(epoch, step), collate(mine, encoded.kind, buckets, pad_id, width)

@@ -37,7 +37,7 @@ class Encoded:
 def _render(tokenizer, messages, *, generation_prompt: bool) -> list[int]:
     out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
                                         return_dict=False)
-    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)  # a BatchEncoding in some versions
 
 
 def _split(tokenizer, prompt, completion, conversational: bool, counts: dict) -> tuple[list[int], list[int]]:

@@ -31,7 +31,7 @@ def _concat(a: SequenceBatch, b: SequenceBatch) -> SequenceBatch:
     return SequenceBatch(*(jnp.concatenate([x, y]) for x, y in zip(a, b)))
 
 
-def _pair_logps(model, batch: PreferenceBatch):
+def pair_logps(model, batch: PreferenceBatch):
     """Summed completion log-probs of chosen and rejected [B] each (one forward over 2B rows),
     their lengths, and the chosen rows' per-token NLL terms for RPO/ORPO."""
     logps, mask, _ = completion_logps(model, _concat(batch.chosen, batch.rejected))
@@ -67,7 +67,7 @@ def reward(model, ref_model, batch: PreferenceBatch, cfg: LossConfig):
 def dpo(model, ref_model, batch: PreferenceBatch, cfg: LossConfig):
     """The DPO family (`loss_type` ∈ losses.DPO_LOSSES), SimPO (`simpo`) and ORPO (`orpo`, with
     its NLL term); `rpo_alpha` adds α · NLL of the chosen completions (RPO, Pang et al. 2024)."""
-    chosen, rejected, chosen_len, rejected_len, (chosen_tok, chosen_mask) = _pair_logps(model, batch)
+    chosen, rejected, chosen_len, rejected_len, (chosen_tok, chosen_mask) = pair_logps(model, batch)
     B = chosen.shape[0]
     nll = -ops.masked_sum(chosen_tok, chosen_mask) / jnp.maximum(jnp.sum(chosen_mask), 1)
     if cfg.loss_type == "simpo":
@@ -82,7 +82,7 @@ def dpo(model, ref_model, batch: PreferenceBatch, cfg: LossConfig):
         elif cfg.reference_free:
             ref_chosen = ref_rejected = jnp.zeros_like(chosen)
         else:
-            ref_chosen, ref_rejected, *_ = jax.lax.stop_gradient(_pair_logps(ref_model, batch))
+            ref_chosen, ref_rejected, *_ = jax.lax.stop_gradient(pair_logps(ref_model, batch))
         per_pair, metrics = losses.dpo_loss(
             chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta, loss_type=cfg.loss_type,
             label_smoothing=cfg.label_smoothing, chosen_lengths=chosen_len, rejected_lengths=rejected_len,

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from align_jax.config import ConfigError, RunConfig, to_yaml
-from align_jax.data import (DataError, LoaderState, batches, bucket, collate, default_buckets, encode, row_length,
+from align_jax.data import (DataError, LoaderState, batches, bucket_width, collate, default_buckets, encode,
                             synthetic, truncate)
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.models import Decoder, DecoderConfig, load_pretrained, save_pretrained
@@ -102,8 +102,7 @@ def _attach_reference_logps(data, ref_fn, width: int, pad_id, buckets, mesh, ref
     for start in range(0, len(rows), width):
         chunk = padded[start:start + width]
         mine = chunk[jax.process_index() * local:(jax.process_index() + 1) * local]
-        batch = collate(mine, "preference", buckets, pad_id, bucket(max(row_length(e, "preference") for e in chunk),
-                                                                   buckets))
+        batch = collate(mine, "preference", buckets, pad_id, bucket_width(chunk, "preference", buckets))
         chosen, rejected = to_host(ref_fn(ref_params, shard_batch(batch, mesh)))
         for i, example in enumerate(chunk[: len(rows) - start]):
             example["ref_chosen_logps"], example["ref_rejected_logps"] = float(chosen[i]), float(rejected[i])
@@ -183,7 +182,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     if cfg.loss.precompute_ref_logps:
         if t.method != "dpo":
             raise ValueError("loss.precompute_ref_logps applies to train.method=dpo")
-        ref_fn = jax.jit(lambda p, b: methods._pair_logps(nnx.merge(graphdef, p), b)[:2])
+        ref_fn = jax.jit(lambda p, b: methods.pair_logps(nnx.merge(graphdef, p), b)[:2])
         for data in filter(None, (train_data, eval_data)):
             _attach_reference_logps(data, ref_fn, t.batch_size, pad_id, buckets, mesh, ref_params)
         ref_params = ref_shardings = None  # no reference model from here on

@@ -73,8 +73,9 @@ def ours(hf, tokenizer, rows, steps: int) -> float:
 
     batch = PreferenceBatch(seq("chosen"), seq("rejected"))
     mesh = make_mesh()
-    pretrained = nnx.split(load_pretrained(hf))[1]
-    model_cls, config = type(load_pretrained(hf)), load_pretrained(hf).config
+    loaded = load_pretrained(hf)
+    pretrained = nnx.split(loaded)[1]
+    model_cls, config = type(loaded), loaded.config
     tcfg = TrainConfig(lr=1e-6, steps=steps, max_grad_norm=1.0)
     tx = make_optimizer(tcfg)
     graphdef, state, shardings = init_train_state(lambda r: model_cls(config, rngs=r), tx, mesh, 0, pretrained)
