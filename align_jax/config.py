@@ -41,9 +41,9 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    method: str = "sft"  # sft | reward | dpo | kto
-    steps: int = 100
-    batch_size: int = 8  # global, in examples (pairs for preference methods)
+    method: str = "sft"  # sft | reward | dpo | kto (offline); grpo | ppo (online, settings in `rl`)
+    steps: int = 100  # updates; for online methods, rollouts (each of rl.num_iterations × rl.mini_batches updates)
+    batch_size: int = 8  # global, in examples (pairs for preference methods, prompts per rollout online)
     micro_batches: int = 1  # gradient accumulation: batch_size is split into this many
     lr: float = 1e-5
     schedule: str = "cosine"  # cosine | linear | constant, after linear warmup
@@ -75,6 +75,50 @@ class LossConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """Online RL: GRPO and its variants (`train.method: grpo`) and PPO (`train.method: ppo`)."""
+
+    # rollouts: train.batch_size prompts × num_generations samples
+    num_generations: int = 8  # G; PPO usually 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    # rewards (GRPO): names in train.rl.REWARD_FUNCTIONS or 'module:function', combined with weights
+    reward_funcs: list[str] = dataclasses.field(default_factory=lambda: ["accuracy", "format"])
+    reward_weights: Optional[list[float]] = None  # default: 1 each
+    reward_model: Optional[str] = None  # a reward model's HF directory: PPO's score, or GRPO's "reward_model"
+    soft_overlong_cache: int = 0  # DAPO soft overlong punishment over the last L_cache tokens; 0: off
+    # advantages (GRPO family)
+    advantage: str = "grpo"  # grpo: (r - mean) / scale | rloo: leave-one-out baseline
+    scale_rewards: str = "group"  # group (GRPO) | batch | none (Dr. GRPO)
+    dynamic_sampling: bool = False  # DAPO: refill the batch with groups whose rewards are not all equal
+    max_sampling_rounds: int = 3  # rollouts drawn at most per batch when dynamic_sampling
+    mask_truncated: bool = False  # DAPO overlong filtering: no loss on completions that hit max_new_tokens
+    # the surrogate
+    loss_type: str = "clip"  # clip | cispo
+    importance_sampling_level: str = "token"  # token | sequence (GSPO)
+    aggregation: str = "sequence_mean"  # GRPO; token_mean (DAPO, PPO); token_sum_over_max_len (Dr. GRPO)
+    epsilon_low: float = 0.2
+    epsilon_high: Optional[float] = None  # DAPO clip-higher, e.g. 0.28; default epsilon_low
+    beta: float = 0.0  # GRPO: k3 KL to the reference (no reference is held at 0)
+    entropy_coef: float = 0.0
+    num_iterations: int = 1  # μ: passes over each rollout
+    mini_batches: int = 1  # updates per pass
+    # PPO (Ouyang et al. 2022; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO")
+    critic: Optional[str] = None  # the value model's starting weights; default: the reward model
+    kl_coef: float = 0.05  # per-token KL penalty in the reward
+    kl_target: Optional[float] = None  # adaptive KL controller target (Ziegler et al. 2019); None: fixed
+    kl_horizon: int = 10000
+    missing_eos_penalty: Optional[float] = None  # the EOS trick: subtracted from scores without EOS
+    whiten_rewards: bool = False
+    gamma: float = 1.0
+    lam: float = 0.95
+    vf_coef: float = 0.1
+    cliprange_value: float = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     data: int = -1  # -1: every device not used by the other axes
     fsdp: int = 1
@@ -88,6 +132,7 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     out_dir: str = "runs/run"
     reference: Optional[str] = None  # the frozen reference policy; default: the initial policy

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
-from align_jax import ops
+from align_jax import ops, rewards
 from align_jax.config import load_config
 from align_jax.data import collate, encode
 from align_jax.data import synthetic as syn
@@ -75,9 +75,9 @@ def evaluate(model, sft_model, tokenizer, problems, stage: str, seconds: float) 
     answers = [a for a in problems["answer"] for _ in range(4)]
     return {
         "stage": stage,
-        "accuracy (greedy)": np.mean(syn.arithmetic_accuracy(greedy, problems["answer"])),
-        "accuracy (T=1)": np.mean(syn.arithmetic_accuracy(sampled, answers)),
-        "format (T=1)": np.mean(syn.format_reward(sampled)),
+        "accuracy (greedy)": np.mean(rewards.accuracy(greedy, problems["answer"])),
+        "accuracy (T=1)": np.mean(rewards.accuracy(sampled, answers)),
+        "format (T=1)": np.mean(rewards.think_format(sampled)),
         "KL to SFT (T=1)": kl_to(model, sft_model, out, batch, 4),
         "mean length": float(jnp.mean(out.lengths_B)),
         "wall time (s)": seconds,
@@ -89,7 +89,7 @@ def on_policy_pairs(model, tokenizer, prompts, path: Path, seed: int) -> int:
     texts, _, _ = sample(model, tokenizer, prompts, num_samples=4, greedy=False, seed=seed)
     by_prompt = {i: texts[4 * i: 4 * i + 4] for i in range(len(prompts))}
     pairs = syn.label_pairs(prompts.add_column("index", list(range(len(prompts)))),
-                            lambda row, rng, n: by_prompt[row["index"]], syn.arithmetic_accuracy, seed=seed, beta=None)
+                            lambda row, rng, n: by_prompt[row["index"]], rewards.accuracy, seed=seed, beta=None)
     pairs = pairs.remove_columns(["index"]) if "index" in pairs.column_names else pairs
     pairs.to_json(str(path), lines=True)
     return len(pairs)

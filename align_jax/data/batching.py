@@ -43,7 +43,8 @@ class UnpairedBatch(NamedTuple):
 
 
 class PromptBatch(NamedTuple):
-    """Left-padded prompts to generate from, and the rows' other columns (for reward functions)."""
+    """Left-padded prompts to generate from, and the rows' `prompt` and other columns (what reward
+    functions are called with)."""
 
     ids_BxP: np.ndarray
     mask_BxP: np.ndarray

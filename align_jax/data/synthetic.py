@@ -1,7 +1,7 @@
 """Synthetic tasks whose true reward is known, deterministic from a seed, needing nothing outside.
 
 - **arithmetic**: "What is 37+45?" with an `answer` column; completions in the GRPO recipe's
-  `<think>…</think><answer>…</answer>` format, scored by `arithmetic_accuracy` and `format_reward`.
+  `<think>…</think><answer>…</answer>` format, scored by `rewards.accuracy` and `rewards.think_format`.
 - **sentiment grammar**: reviews such as "the plot was not very good but the music was great ."
   over a small vocabulary; `sentiment_score` parses any text with the grammar
   score = Σ_adjectives (−1 if "not") · (intensifier) · value(adjective), the synthetic analogue of
@@ -10,8 +10,7 @@
   (Bradley-Terry sampled, P(a ≻ b) = σ(β(r_a − r_b)), or deterministic) and unpaired labels, so
   reward models, DPO, KTO and friends can be measured against the truth.
 
-Reward functions have TRL's signature `f(completions, **columns) -> list[float]`; a completion is
-text, or a list of messages whose last holds the text.
+Reward functions have TRL's signature (see `align_jax.rewards`).
 """
 
 from __future__ import annotations
@@ -22,14 +21,10 @@ from typing import Callable, Sequence
 import datasets
 import numpy as np
 
+from align_jax.rewards import accuracy, completion_text
+
 FORMAT_INSTRUCTION = "Think inside <think></think>, then give only the number inside <answer></answer>."
-_FORMAT = re.compile(r"^<think>.*?</think>\s*<answer>.*?</answer>$", re.DOTALL)
-_ANSWER = re.compile(r"<answer>\s*(-?\d+)\s*</answer>")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
-
-
-def _text(completion) -> str:
-    return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
 def _prompt(text: str, conversational: bool):
@@ -68,20 +63,6 @@ def arithmetic(n: int, seed: int, *, digits: int = 2, operators: str = "+-",
     return datasets.Dataset.from_list(rows)
 
 
-def arithmetic_accuracy(completions: Sequence, answer: Sequence[int], **_) -> list[float]:
-    """1 where the <answer> holds the right integer, else 0."""
-    out = []
-    for completion, truth in zip(completions, answer):
-        match = _ANSWER.search(_text(completion))
-        out.append(float(match is not None and int(match.group(1)) == int(truth)))
-    return out
-
-
-def format_reward(completions: Sequence, **_) -> list[float]:
-    """1 where the completion is exactly <think>…</think><answer>…</answer>, else 0."""
-    return [float(_FORMAT.match(_text(c).strip()) is not None) for c in completions]
-
-
 def arithmetic_candidates(row: dict, rng: np.random.Generator, n: int) -> list[str]:
     """`n` completions of mixed quality for one problem: right, off-by-a-little, badly formatted."""
     question = row["prompt"] if isinstance(row["prompt"], str) else row["prompt"][-1]["content"]
@@ -112,7 +93,7 @@ def sentiment_score(text: str) -> float:
 
 
 def sentiment_reward(completions: Sequence, **_) -> list[float]:
-    return [sentiment_score(_text(c)) for c in completions]
+    return [sentiment_score(completion_text(c)) for c in completions]
 
 
 def review_clause(rng: np.random.Generator) -> str:
@@ -204,7 +185,7 @@ def label_unpaired(prompts: datasets.Dataset, candidates: Callable, reward_fn: R
 
 def arithmetic_pairs(n: int, seed: int, **kwargs) -> datasets.Dataset:
     """Preference pairs over arithmetic candidates, the right answer (or format) chosen."""
-    return label_pairs(arithmetic(n, seed, **kwargs), arithmetic_candidates, arithmetic_accuracy, seed=seed, beta=None)
+    return label_pairs(arithmetic(n, seed, **kwargs), arithmetic_candidates, accuracy, seed=seed, beta=None)
 
 
 def sentiment_pairs(n: int, seed: int, beta: float | None = 1.0, **kwargs) -> datasets.Dataset:

@@ -56,6 +56,14 @@ def _split(tokenizer, prompt, completion, conversational: bool, counts: dict) ->
     return list(prompt_ids), list(joint[len(prompt_ids):])
 
 
+def render_pair(tokenizer, prompt, completion) -> list[int]:
+    """The ids of prompt + completion exactly as training tokenizes them (chat template for
+    messages, EOS appended to text)."""
+    prompt_ids, completion_ids = _split(tokenizer, prompt, completion, not isinstance(completion, str),
+                                        {"prefix_mismatches": 0})
+    return prompt_ids + completion_ids
+
+
 def encode(source, tokenizer, *, kind: str | None = None) -> Encoded:
     """Load, validate and tokenize a dataset (a path, a saved directory or a `datasets.Dataset`)."""
     ds, name = load_rows(source)
@@ -78,7 +86,7 @@ def encode(source, tokenizer, *, kind: str | None = None) -> Encoded:
             prompt = example["prompt"]
             ids = (_render(tokenizer, prompt, generation_prompt=True) if conversational
                    else tokenizer(prompt)["input_ids"])
-            out = {"prompt_ids": list(ids), **{c: example[c] for c in extra}}
+            out = {"prompt_ids": list(ids), "prompt": prompt, **{c: example[c] for c in extra}}
         elif kind == "preference":
             prompt, chosen, rejected = ((example["prompt"], example["chosen"], example["rejected"])
                                         if "prompt" in columns else extract_prompt(example["chosen"], example["rejected"]))

@@ -10,6 +10,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from align_jax import ops
+
 Array = jax.Array
 
 SCALES = ("group", "batch", "none")
@@ -24,14 +26,25 @@ def _as_groups(rewards_B: Array, group_size: int) -> Array:
     return rewards_B.reshape(-1, group_size).astype(jnp.float32)
 
 
+def _valid_groups(rewards_B: Array, group_size: int, valid_B: Array | None) -> tuple[Array, Array]:
+    rewards_NxG = _as_groups(rewards_B, group_size)
+    if valid_B is None:
+        return rewards_NxG, jnp.ones_like(rewards_NxG, bool)
+    chex.assert_equal_shape([rewards_B, valid_B])
+    valid_NxG = valid_B.reshape(rewards_NxG.shape).astype(bool)
+    return jnp.where(valid_NxG, rewards_NxG, 0.0), valid_NxG
+
+
 def group_advantages(
-    rewards_B: Array, group_size: int, *, scale: str = "group", eps: float = 1e-4
+    rewards_B: Array, group_size: int, *, scale: str = "group", eps: float = 1e-4,
+    valid_B: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """A_i = (r_i - mean(r_group)) / (std + eps) (GRPO, Shao et al. 2024, §4.1.2).
 
     scale="group": std over the sample's own group (GRPO); "batch": std over all rewards in the
     batch (TRL's scale_rewards="batch"); "none": no scaling (Dr. GRPO, Liu et al. 2025, eq. 3).
-    std is the unbiased (n-1) standard deviation, as `torch.std` in TRL.
+    std is the unbiased (n-1) standard deviation, as `torch.std` in TRL. With `valid_B`, samples
+    marked False (no reward) are left out of every mean and std and get advantage 0.
 
     Returns:
       advantages [N·G] and metrics reward_std (mean within-group std) and frac_reward_zero_std
@@ -39,32 +52,32 @@ def group_advantages(
     """
     if scale not in SCALES:
         raise ValueError(f"Unknown advantage scale {scale!r}; expected one of {SCALES}")
-    rewards_NxG = _as_groups(rewards_B, group_size)
-    centred_NxG = rewards_NxG - jnp.mean(rewards_NxG, axis=1, keepdims=True)
-    group_std_N = jnp.std(rewards_NxG, axis=1, ddof=1) if group_size > 1 else jnp.zeros(
-        rewards_NxG.shape[0]
-    )
+    rewards_NxG, valid_NxG = _valid_groups(rewards_B, group_size, valid_B)
+    centred_NxG = rewards_NxG - ops.masked_mean(rewards_NxG, valid_NxG, axis=1)[:, None]
+    group_std_N = jnp.sqrt(ops.masked_var(rewards_NxG, valid_NxG, axis=1))
     if scale == "group":
         centred_NxG = centred_NxG / (group_std_N[:, None] + eps)
     elif scale == "batch":
-        centred_NxG = centred_NxG / (jnp.std(rewards_NxG, ddof=1) + eps)
+        centred_NxG = centred_NxG / (jnp.sqrt(ops.masked_var(rewards_NxG, valid_NxG)) + eps)
     metrics = {
         "reward_std": jnp.mean(group_std_N),
         "frac_reward_zero_std": jnp.mean(jnp.isclose(group_std_N, 0.0).astype(jnp.float32)),
     }
-    return centred_NxG.reshape(-1), metrics
+    return jnp.where(valid_NxG, centred_NxG, 0.0).reshape(-1), metrics
 
 
-def rloo_advantages(rewards_B: Array, group_size: int) -> Array:
+def rloo_advantages(rewards_B: Array, group_size: int, *, valid_B: Array | None = None) -> Array:
     """A_i = r_i - 1/(G-1) Σ_{j≠i} r_j, the leave-one-out baseline (Ahmadian et al. 2024, eq. 6).
 
-    Equals G/(G-1) · (r_i - mean(r_group)). Returns [N·G].
+    Equals G/(G-1) · (r_i - mean(r_group)). With `valid_B`, the baseline averages the other valid
+    samples, and invalid samples (or a valid one with no valid peer) get advantage 0. Returns [N·G].
     """
     if group_size < 2:
         raise ValueError(f"RLOO needs group_size >= 2, got {group_size}")
-    rewards_NxG = _as_groups(rewards_B, group_size)
-    others_mean_NxG = (jnp.sum(rewards_NxG, axis=1, keepdims=True) - rewards_NxG) / (group_size - 1)
-    return (rewards_NxG - others_mean_NxG).reshape(-1)
+    rewards_NxG, valid_NxG = _valid_groups(rewards_B, group_size, valid_B)
+    others_N = jnp.sum(valid_NxG, axis=1, keepdims=True) - valid_NxG
+    others_mean_NxG = (jnp.sum(rewards_NxG, axis=1, keepdims=True) - rewards_NxG) / jnp.maximum(others_N, 1)
+    return jnp.where(valid_NxG & (others_N > 0), rewards_NxG - others_mean_NxG, 0.0).reshape(-1)
 
 
 def _gae_one(rewards_L, values_L, mask_L, gamma, lam):

@@ -10,88 +10,44 @@ and the final model as a Hugging Face directory in `model/` (a reward model as
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
-import signal
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
-import transformers
 from flax import nnx
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from align_jax.config import ConfigError, RunConfig, to_yaml
-from align_jax.data import (DataError, LoaderState, batches, bucket_width, collate, default_buckets, encode,
-                            synthetic, truncate)
-from align_jax.data.tiny_tokenizer import tiny_tokenizer
-from align_jax.models import Decoder, DecoderConfig, load_pretrained, save_pretrained
+from align_jax.config import RunConfig, to_yaml
+from align_jax.data import DataError, LoaderState, batches, bucket_width, collate, default_buckets, encode, truncate
+from align_jax.models import load_pretrained, save_pretrained
 from align_jax.train import methods
+from align_jax.train.host import (Checkpoints, MetricLog, StopSignal, build_model, check_finite, data_source,
+                                  load_tokenizer, to_host)
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
 from align_jax.train.state import init_train_state, learning_rate, make_optimizer
 from align_jax.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
-
-class NonFiniteError(RuntimeError):
-    """The loss or gradient became NaN/inf; the last good checkpoint is left as it was."""
+ONLINE_METHODS = ("grpo", "ppo")  # run by `rl.train_online`
 
 
-def load_tokenizer(spec: str):
-    if spec == "tiny":
-        return tiny_tokenizer()
-    path = Path(spec)
-    if path.suffix == ".gguf":
-        return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return transformers.AutoTokenizer.from_pretrained(spec)
-
-
-def _source(path: str | None, cfg: RunConfig, seed_offset: int):
-    if path is not None:
-        return path
-    if cfg.data.synthetic is None:
-        raise DataError("config: set data.train (a dataset file) or data.synthetic (a task name)")
-    if cfg.data.synthetic not in synthetic.TASKS:
-        raise DataError(f"config: data.synthetic {cfg.data.synthetic!r} is not one of {sorted(synthetic.TASKS)}")
-    args = dict(cfg.data.synthetic_args)
-    args["seed"] = args.get("seed", 0) + seed_offset
-    return synthetic.TASKS[cfg.data.synthetic](**args)
-
-
-def load_data(cfg: RunConfig, tokenizer):
-    """(train, eval or None): encoded, validated for the method's kind, truncated with counts."""
-    _, kind, _ = methods.METHODS[cfg.train.method]
+def load_data(cfg: RunConfig, tokenizer, kind: str):
+    """(train, eval or None): encoded, validated for the method's `kind`, truncated with counts."""
     limit = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-    train = truncate(encode(_source(cfg.data.train, cfg, 0), tokenizer, kind=kind), **limit)
+    train = truncate(encode(data_source(cfg.data.train, cfg, 0), tokenizer, kind=kind), **limit)
     if cfg.data.eval is not None or (cfg.data.synthetic and cfg.data.eval_fraction == 0 and cfg.train.eval_every):
-        return train, truncate(encode(_source(cfg.data.eval, cfg, 1000), tokenizer, kind=kind), **limit)
+        return train, truncate(encode(data_source(cfg.data.eval, cfg, 1000), tokenizer, kind=kind), **limit)
     if cfg.data.eval_fraction > 0:
         order = np.random.default_rng(cfg.train.seed).permutation(len(train.examples))
         held = max(1, int(cfg.data.eval_fraction * len(order)))
         pick = lambda idx: dataclasses.replace(train, examples=[train.examples[i] for i in sorted(idx)])  # noqa: E731
         return pick(order[held:]), pick(order[:held])
     return train, None
-
-
-def build_model(cfg: RunConfig):
-    """(make_model, pretrained params or None): the policy's constructor and its starting weights."""
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
-    with_head = cfg.train.method == "reward"
-    pretrained = None
-    if cfg.model.path is not None:
-        loaded = load_pretrained(cfg.model.path)
-        config, pretrained = loaded.config, nnx.split(loaded)[1]
-    else:
-        config = DecoderConfig.from_hf(transformers.LlamaConfig(**cfg.model.init))
-    return (lambda rngs: Decoder(config, rngs=rngs, dtype=dtype, remat=cfg.model.remat,
-                                 with_scalar_head=with_head)), pretrained
 
 
 def _attach_reference_logps(data, ref_fn, width: int, pad_id, buckets, mesh, ref_params):
@@ -108,52 +64,19 @@ def _attach_reference_logps(data, ref_fn, width: int, pad_id, buckets, mesh, ref
             example["ref_chosen_logps"], example["ref_rejected_logps"] = float(chosen[i]), float(rejected[i])
 
 
-def to_host(tree):
-    """Global arrays (sharded over devices of every process) → full NumPy arrays on each host."""
-    if jax.process_count() > 1:
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
-
-
-class _Stop:
-    """SIGTERM / Ctrl-C ask the loop to checkpoint and return at the next step boundary."""
-
-    def __init__(self):
-        self.requested = False
-
-    @contextlib.contextmanager
-    def installed(self):
-        def handler(signum, frame):
-            self.requested = True
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-
-def _log(writer, jsonl, split: str, step: int, metrics: dict):
-    if writer is None:  # only the first process writes logs
-        return
-    record = {"split": split, "step": step, **{k: float(v) for k, v in metrics.items()}}
-    jsonl.write(json.dumps(record) + "\n")
-    jsonl.flush()
-    for k, v in metrics.items():
-        writer.add_scalar(f"{split}/{k}", float(v), step)
-
-
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_updates: int | None = None) -> dict:
-    """Run `cfg` to `train.steps` updates; return the last metrics.
+    """Run `cfg` to `train.steps` updates (rollouts for online methods); return the last metrics.
 
     SIGTERM or Ctrl-C, or `max_updates` updates made by this call (a time-boxed slice of a long
     run), end it early with a checkpoint that `resume=True` continues exactly.
     """
-    from tensorboardX import SummaryWriter
-
     t = cfg.train
+    if t.method in ONLINE_METHODS:
+        from align_jax.train.rl import train_online
+        return train_online(cfg, resume=resume, progress=progress, max_updates=max_updates)
     if t.method not in methods.METHODS:
-        raise ValueError(f"train.method must be one of {sorted(methods.METHODS)}, got {t.method!r}")
+        raise ValueError(f"train.method must be one of {sorted(methods.METHODS) + list(ONLINE_METHODS)}, "
+                         f"got {t.method!r}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
@@ -161,14 +84,14 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     tokenizer = load_tokenizer(cfg.tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     buckets = tuple(cfg.data.buckets or default_buckets(cfg.data.max_length))
-    train_data, eval_data = load_data(cfg, tokenizer)
+    train_data, eval_data = load_data(cfg, tokenizer, methods.METHODS[t.method][1])
     log.info("data: %s", train_data.counts)
     for name, data in (("train", train_data), ("eval", eval_data)):
         if data is not None and len(data.examples) < t.batch_size:
             raise DataError(f"{data.source}: the {name} split has {len(data.examples)} rows after truncation, "
                             f"fewer than train.batch_size={t.batch_size}")
 
-    make_model, pretrained = build_model(cfg)
+    make_model, pretrained = build_model(cfg, with_scalar_head=t.method == "reward")
     tx, schedule = make_optimizer(t), learning_rate(t)
     graphdef, state, shardings = init_train_state(make_model, tx, mesh, t.seed, pretrained)
     loss_fn = methods.METHODS[t.method][0]
@@ -192,24 +115,12 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     eval_step = jit_eval_step(make_eval_step(loss_fn, graphdef, cfg.loss, t.micro_batches),
                               shardings.params, ref_shardings, mesh)
 
-    manager = ocp.CheckpointManager((out / "checkpoints").absolute(),
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints))
+    checkpoints = Checkpoints(out, t.keep_checkpoints, resume)
     loader = LoaderState()
-    if not resume and manager.latest_step() is not None:
-        raise ConfigError(f"{out}: holds checkpoints up to step {manager.latest_step()}; continue them with "
-                          "--resume (resume=True) or choose another out_dir")
-    if resume and manager.latest_step() is not None:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
-        state, loader = restored.state, LoaderState(**restored.loader)
+    restored = checkpoints.restore(state, shardings)
+    if restored is not None:
+        state, loader = restored[0], LoaderState(**restored[1])
         log.info("resumed from step %d (%s)", int(state.step), loader)
-
-    def save(step: int, loader_state: LoaderState):
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   loader=ocp.args.JsonSave(dataclasses.asdict(loader_state))),
-                     force=True)
-        manager.wait_until_finished()
 
     def evaluate(step: int) -> dict:
         stream = batches(eval_data, batch_size=t.batch_size, seed=0, pad_id=pad_id, buckets=buckets, epochs=1,
@@ -217,7 +128,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
         results = [eval_step(state.params, ref_params, shard_batch(b, mesh))
                    for _, (_, b) in zip(range(t.eval_batches), stream)]
         mean = {k: float(np.mean([to_host(r[k]) for r in results])) for k in results[0]}
-        _log(writer, jsonl, "eval", step, mean)
+        metric_log.write("eval", step, mean)
         return mean
 
     stream = batches(train_data, batch_size=t.batch_size, seed=t.seed, pad_id=pad_id, buckets=buckets,
@@ -225,41 +136,34 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     step, last, start = int(state.step), {}, time.perf_counter()
     first = step
     primary = jax.process_index() == 0
-    writer = SummaryWriter(str(out / "tb")) if primary else None
-    with (open(out / "metrics.jsonl", "a") if primary else contextlib.nullcontext()) as jsonl, \
-            _Stop().installed() as stop, \
+    metric_log = MetricLog(out)
+    with StopSignal().installed() as stop, \
             tqdm(total=t.steps, initial=step, disable=not (progress and primary), desc=t.method, unit="step") as bar:
         stop_at = t.steps if max_updates is None else min(t.steps, step + max_updates)
         while step < stop_at and not stop.requested:
             loader, host_batch = next(stream)
             state, metrics = train_step(state, ref_params, shard_batch(host_batch, mesh))
-            if float(to_host(metrics["nonfinite"])):
-                raise NonFiniteError(f"step {step + 1}: non-finite loss or gradient on the batch at {loader} "
-                                     f"(loss {float(to_host(metrics['loss']))}); params were not updated and the last "
-                                     f"checkpoint is intact")
+            check_finite(metrics, step + 1, str(loader))
             step += 1
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
                 last = {k: float(v) for k, v in to_host(metrics).items()}
                 last["steps_per_second"] = (step - first) / (time.perf_counter() - start)
-                _log(writer, jsonl, "train", step, last)
+                metric_log.write("train", step, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
             if eval_data is not None and t.eval_every and step % t.eval_every == 0:
                 last.update({f"eval_{k}": v for k, v in evaluate(step).items()})
             if t.checkpoint_every and step % t.checkpoint_every == 0:
-                save(step, loader)
-        save(step, loader)
+                checkpoints.save(step, state, dataclasses.asdict(loader))
+        checkpoints.save(step, state, dataclasses.asdict(loader))
         if step < t.steps:
             log.warning("stopped at step %d of %d: checkpoint written, continue with --resume", step, t.steps)
-            if writer is not None:
-                writer.close()
+            metric_log.close()
             return last
         if eval_data is not None and not (t.eval_every and step % t.eval_every == 0):
             last.update({f"eval_{k}": v for k, v in evaluate(step).items()})
-    if writer is not None:
-        writer.close()
+    metric_log.close()
     params = to_host(state.params)  # every process takes part in the gather; the first one writes
     if primary:
         save_pretrained(nnx.merge(graphdef, params), out / "model", tokenizer=tokenizer)
     return last
-

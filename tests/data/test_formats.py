@@ -61,7 +61,7 @@ def test_every_kind_in_both_forms_round_trips_through_the_masks(kind, conversati
     batch = collate(encoded.examples, kind, default_buckets(64), tok.pad_token_id)
     end = tok.eos_token
     if kind == "prompt_only":
-        assert isinstance(batch, PromptBatch) and batch.columns == {"answer": [4, 4]}
+        assert isinstance(batch, PromptBatch) and batch.columns == {"prompt": [row["prompt"]] * 2, "answer": [4, 4]}
         expected = (tok.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
                     if conversational else row["prompt"])
         assert decode(tok, batch.ids_BxP[0], batch.mask_BxP[0]) == expected

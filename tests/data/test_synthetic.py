@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import transformers
 
+from align_jax import rewards
 from align_jax.data import encode
 from align_jax.data import synthetic as syn
 from align_jax.data.tiny_tokenizer import CHAT_TEMPLATE, tiny_tokenizer
@@ -25,11 +26,11 @@ def test_arithmetic_rewards():
     good = "<think>2+2=4</think><answer>4</answer>"
     completions = [good, "<think>2+2=5</think><answer>5</answer>", "the answer is <answer>4</answer>",
                    "<answer>4</answer><think>x</think>", [{"role": "assistant", "content": good}]]
-    assert syn.arithmetic_accuracy(completions, answer=[4] * 5) == [1, 0, 1, 1, 1]
-    assert syn.format_reward(completions) == [1, 1, 0, 0, 1]
+    assert rewards.accuracy(completions, answer=[4] * 5) == [1, 0, 1, 1, 1]
+    assert rewards.think_format(completions) == [1, 1, 0, 0, 1]
     rows = syn.arithmetic(20, 0, with_completion=True, conversational=True)
-    assert syn.arithmetic_accuracy(rows["completion"], rows["answer"]) == [1.0] * 20
-    assert syn.format_reward(rows["completion"]) == [1.0] * 20
+    assert rewards.accuracy(rows["completion"], rows["answer"]) == [1.0] * 20
+    assert rewards.think_format(rows["completion"]) == [1.0] * 20
 
 
 def test_sentiment_score_follows_the_grammar():
@@ -64,11 +65,11 @@ def test_bradley_terry_labels_follow_the_true_reward():
 
 def test_unpaired_labels_and_arithmetic_candidates(tok):
     prompts = syn.arithmetic(100, 3, conversational=True)
-    rows = syn.label_unpaired(prompts, syn.arithmetic_candidates, syn.arithmetic_accuracy, seed=0, threshold=0.5)
+    rows = syn.label_unpaired(prompts, syn.arithmetic_candidates, rewards.accuracy, seed=0, threshold=0.5)
     assert len(rows) == 200 and 0.1 < np.mean(rows["label"]) < 0.6
     assert rows["label"] == [s > 0.5 for s in rows["score"]]
     assert encode(rows, tok).kind == "unpaired_preference"  # a valid TRL dataset
-    pairs = syn.label_pairs(prompts, syn.arithmetic_candidates, syn.arithmetic_accuracy, seed=0, beta=None)
+    pairs = syn.label_pairs(prompts, syn.arithmetic_candidates, rewards.accuracy, seed=0, beta=None)
     assert len(pairs) > 50 and encode(pairs, tok).kind == "preference"
 
 

@@ -1,0 +1,333 @@
+"""The host loop of online RL (GRPO and its variants, RLOO, PPO): it samples, scores and moves
+data; every computation on arrays is a jitted pure function.
+
+One rollout: `train.batch_size` prompts → the sampler (G samples each, KV cache, the policy's
+log-probs) → reward functions on the decoded texts (GRPO family) or the reward model's score
+(PPO) → advantages → `rl.num_iterations` passes of `rl.mini_batches` sharded train steps
+(`online.grpo` / `online.ppo`) → metrics. With `rl.dynamic_sampling` (DAPO), groups whose rewards
+are all equal are dropped and more prompts are drawn, up to `rl.max_sampling_rounds` rollouts,
+until the batch is full. Checkpoints hold the train state, the prompt iterator's position and the
+KL controller; outputs are those of `run.py` (PPO also writes its critic to `value_model/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from align_jax import losses, rewards
+from align_jax.config import ConfigError, RunConfig, to_yaml
+from align_jax.data import LoaderState, batches, bucket, default_buckets, synthetic
+from align_jax.models import load_pretrained, save_pretrained
+from align_jax.sampling import SamplingConfig, generate
+from align_jax.train import online
+from align_jax.train.host import (Checkpoints, MetricLog, StopSignal, build_model, check_finite, load_tokenizer,
+                                  to_host)
+from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
+from align_jax.train.run import load_data
+from align_jax.train.state import init_train_state, learning_rate, make_optimizer
+from align_jax.train.step import jit_train_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+REWARD_FUNCTIONS = {  # the names `rl.reward_funcs` may use besides "reward_model" and "module:function"
+    "accuracy": rewards.accuracy,
+    "format": rewards.think_format,
+    "sentiment": synthetic.sentiment_reward,
+}
+
+
+def _reward_functions(cfg: RunConfig, tokenizer, score_fn) -> tuple[dict, list[float]]:
+    rl = cfg.rl
+    weights = list(rl.reward_weights) if rl.reward_weights is not None else [1.0] * len(rl.reward_funcs)
+    if len(weights) != len(rl.reward_funcs):
+        raise ConfigError(f"rl.reward_weights has {len(weights)} entries for {len(rl.reward_funcs)} rl.reward_funcs")
+    funcs = {}
+    for name in rl.reward_funcs:
+        if name == "reward_model":
+            if score_fn is None:
+                raise ConfigError("rl.reward_funcs names reward_model but rl.reward_model is not set")
+            funcs[name] = rewards.reward_model_reward(score_fn, tokenizer)
+        else:
+            funcs[name.rsplit(":", 1)[-1]] = rewards.resolve(name, REWARD_FUNCTIONS)
+    if rl.soft_overlong_cache:
+        funcs["soft_overlong"] = rewards.soft_overlong_punishment(rl.max_new_tokens, rl.soft_overlong_cache)
+        weights.append(1.0)
+    return funcs, weights
+
+
+def _nan_mean(x: np.ndarray) -> float:
+    """Mean over the entries that are not NaN (None rewards); NaN when there are none."""
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else float("nan")
+
+
+def _nan_std(x: np.ndarray) -> float:
+    """Unbiased std over the entries that are not NaN; 0 for fewer than two."""
+    x = x[~np.isnan(x)]
+    return float(x.std(ddof=1)) if x.size > 1 else 0.0
+
+
+def _pad_to(x: np.ndarray, width: int, value, left: bool) -> np.ndarray:
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (width - x.shape[1], 0) if left else (0, width - x.shape[1])
+    return np.pad(x, pad, constant_values=value)
+
+
+def _concat_groups(parts: list[dict], pad_id: int) -> dict:
+    """Rows from several sampling rounds, padded to common prompt (left) and completion (right) widths."""
+    P = max(p["prompt_ids"].shape[1] for p in parts)
+    T = max(p["completion_ids"].shape[1] for p in parts)
+    out = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if key in ("prompt_ids", "prompt_mask"):
+            values = [_pad_to(v, P, pad_id if key == "prompt_ids" else 0, left=True) for v in values]
+        elif key in ("completion_ids", "completion_mask", "logps"):
+            values = [_pad_to(v, T, pad_id if key == "completion_ids" else 0, left=False) for v in values]
+        out[key] = np.concatenate(values) if isinstance(values[0], np.ndarray) else sum(values, [])
+    return out
+
+
+def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
+                 max_updates: int | None = None) -> dict:
+    """Run a GRPO-family or PPO config for `train.steps` rollouts; return the last metrics.
+
+    SIGTERM / Ctrl-C, or `max_updates` rollouts made by this call, end it early with a checkpoint
+    that `resume=True` continues exactly.
+    """
+    t, rl = cfg.train, cfg.rl
+    is_ppo = t.method == "ppo"
+    G = rl.num_generations
+    rows_per_rollout = t.batch_size * G
+    if rows_per_rollout % (rl.mini_batches * t.micro_batches):
+        raise ConfigError(f"train.batch_size × rl.num_generations = {rows_per_rollout} completions do not split "
+                          f"into rl.mini_batches={rl.mini_batches} × train.micro_batches={t.micro_batches}")
+    if not is_ppo and G < 2:
+        raise ConfigError("rl.num_generations must be >= 2 for group-relative advantages")
+    if is_ppo and rl.reward_model is None:
+        raise ConfigError("PPO needs rl.reward_model (a reward model's HF directory)")
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts, _ = load_data(cfg, tokenizer, "prompt_only")
+    prompt_buckets = tuple(cfg.data.buckets or default_buckets(cfg.data.max_length))
+    completion_buckets = default_buckets(rl.max_new_tokens, smallest=8)
+
+    # Models: the policy (with PPO, a policy + critic pair), the frozen reference and reward model.
+    make_policy, pretrained = build_model(cfg)
+    reward_model = load_pretrained(rl.reward_model) if rl.reward_model else None
+    make_model = make_policy
+    if is_ppo:  # the critic starts from the reward model (or rl.critic), as Huang et al. 2024 do
+        make_value, value_state = build_model(cfg, with_scalar_head=True, path=rl.critic or rl.reward_model)
+        make_model = lambda rngs: online.ActorCritic(make_policy(rngs), make_value(rngs))  # noqa: E731
+        pretrained = nnx.State({"value": value_state, **({"policy": pretrained} if pretrained is not None else {})})
+    updates_per_rollout = rl.num_iterations * rl.mini_batches
+    schedule_cfg = dataclasses.replace(t, steps=t.steps * updates_per_rollout,
+                                       warmup_steps=t.warmup_steps * updates_per_rollout)
+    tx, schedule = make_optimizer(schedule_cfg), learning_rate(schedule_cfg)
+    graphdef, state, shardings = init_train_state(make_model, tx, mesh, t.seed, pretrained)
+    policy_of = (lambda m: m.policy) if is_ppo else (lambda m: m)  # noqa: E731
+
+    ref_logps_fn = None
+    if is_ppo or rl.beta != 0.0:
+        source = load_pretrained(cfg.reference) if cfg.reference else policy_of(nnx.merge(graphdef, state.params))
+        ref_graphdef, ref_params = nnx.split(source)
+        ref_params = jax.tree.map(jnp.copy, ref_params)  # the train state's buffers are donated
+        ref_params = jax.device_put(ref_params, param_shardings(ref_params, mesh))
+        ref_logps_fn = jax.jit(lambda p, r: online.policy_outputs(nnx.merge(ref_graphdef, p), r, rl.temperature)[0])
+    score_fn = None
+    if reward_model is not None:
+        rm_graphdef, rm_params = nnx.split(reward_model)
+        rm_params = jax.device_put(rm_params, param_shardings(rm_params, mesh))
+        rm_score = jax.jit(lambda p, ids, mask: nnx.merge(rm_graphdef, p).score(ids, mask))
+        score_fn = lambda ids, mask: rm_score(rm_params, ids, mask)  # noqa: E731
+    if is_ppo:
+        values_fn = jax.jit(lambda p, r: online.critic_values(nnx.merge(graphdef, p).value, r))
+        targets_fn = jax.jit(lambda *args: online.ppo_targets(*args, rl))
+    else:
+        funcs, weights = _reward_functions(cfg, tokenizer, score_fn)
+
+    loss_fn = online.ppo if is_ppo else online.grpo
+    train_step = jit_train_step(make_train_step(loss_fn, graphdef, tx, rl, t.micro_batches, schedule),
+                                shardings, None, mesh)
+    sampling = SamplingConfig(max_new_tokens=rl.max_new_tokens, num_samples=G, temperature=rl.temperature,
+                              top_k=rl.top_k, top_p=rl.top_p, stop_token_ids=(tokenizer.eos_token_id,),
+                              pad_token_id=pad_id)
+
+    checkpoints = Checkpoints(out, t.keep_checkpoints, resume)
+    loader, kl_coef = LoaderState(), rl.kl_coef
+    restored = checkpoints.restore(state, shardings)
+    if restored is not None:
+        state, record = restored
+        loader, kl_coef = LoaderState(record["epoch"], record["step"]), record["kl_coef"]
+        log.info("resumed from rollout %d (%s)", int(state.step) // updates_per_rollout, loader)
+    # Every process walks the same global prompt batches (reward functions see all completions);
+    # arrays are split over processes only when they are placed on the mesh.
+    stream = batches(prompts, batch_size=t.batch_size, seed=t.seed, pad_id=pad_id, buckets=prompt_buckets,
+                     state=loader)
+    P_count, p_index = jax.process_count(), jax.process_index()
+
+    def place(tree):
+        def mine(x):
+            n = x.shape[0] // P_count
+            return np.asarray(x)[p_index * n:(p_index + 1) * n]
+        return shard_batch(jax.tree.map(mine, tree), mesh)
+
+    def sample_round(rollout: int, round_: int) -> dict:
+        nonlocal loader
+        loader, batch = next(stream)
+        key = jax.random.fold_in(jax.random.key(t.seed), rollout * rl.max_sampling_rounds + round_)
+        policy = policy_of(nnx.merge(graphdef, state.params))
+        done = to_host(generate(policy, *place((batch.ids_BxP, batch.mask_BxP)), key, sampling))
+        T = bucket(max(int(done.lengths_B.max()), 1), completion_buckets)
+        ids, mask = np.asarray(done.ids_BxN)[:, :T], np.asarray(done.mask_BxN)[:, :T]
+        columns = {k: [v for v in vs for _ in range(G)] for k, vs in batch.columns.items()}
+        prompt_texts = columns.pop("prompt")
+        return {"prompt_ids": np.repeat(batch.ids_BxP, G, axis=0), "prompt_mask": np.repeat(batch.mask_BxP, G, axis=0),
+                "completion_ids": ids, "completion_mask": mask, "logps": np.asarray(done.logps_BxN)[:, :T],
+                "truncated": np.asarray(done.truncated_B), "prompts": prompt_texts,
+                "texts": tokenizer.batch_decode([row[m] for row, m in zip(ids, mask)], skip_special_tokens=True),
+                "columns": columns}
+
+    def score_round(part: dict) -> dict:
+        ids = [row[m].tolist() for row, m in zip(part["completion_ids"], part["completion_mask"])]
+        r, per_fn = rewards.score(funcs, weights, prompts=part["prompts"], completions=part["texts"],
+                                  completion_ids=ids, columns=part["columns"])
+        return dict(part, rewards=r, per_function=per_fn)
+
+    def collect(rollout: int) -> tuple[dict, dict]:
+        """A full batch of scored groups (GRPO family) or completions (PPO), and sampling metrics."""
+        kept, spare, rounds = [], [], 0
+        while len(kept) < t.batch_size and rounds < (rl.max_sampling_rounds if rl.dynamic_sampling else 1):
+            part = sample_round(rollout, rounds)
+            part = part if is_ppo else score_round(part)
+            rounds += 1
+            for g in range(t.batch_size):
+                rows = slice(g * G, (g + 1) * G)
+                group = {k: (v[rows] if not isinstance(v, dict) else {c: x[rows] for c, x in v.items()})
+                         for k, v in part.items()}
+                informative = not rl.dynamic_sampling or is_ppo or _nan_std(group["rewards"]) > 0
+                (kept if informative else spare).append(group)
+        shortfall = max(0, t.batch_size - len(kept))
+        groups = (kept + spare[:shortfall])[:t.batch_size]  # rounds ran out: fill with uninformative groups
+        columns = [g.pop("columns") for g in groups]
+        merged = _concat_groups(groups, pad_id)
+        merged["columns"] = {c: sum((list(col[c]) for col in columns), []) for c in columns[0]}
+        metrics = {"sampling/rounds": rounds, "sampling/shortfall_groups": shortfall} if rl.dynamic_sampling else {}
+        return merged, metrics
+
+    def prepare(data: dict) -> tuple[online.Rollout, dict]:
+        """Advantages (and PPO's targets) for a collected rollout: the jitted part of a rollout."""
+        loss_mask = data["completion_mask"].copy()
+        if rl.mask_truncated:
+            loss_mask &= ~data["truncated"][:, None]
+        lengths = data["completion_mask"].sum(1)
+        metrics = {"completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
+                   "completions/max_length": lengths.max(), "completions/clipped_ratio": data["truncated"].mean()}
+        if is_ppo:
+            advantages = np.zeros(loss_mask.shape, np.float32)
+        else:
+            valid = ~np.isnan(data["rewards"])
+            loss_mask &= valid[:, None]
+            r = np.nan_to_num(data["rewards"])
+            if rl.advantage == "rloo":
+                advantages = losses.rloo_advantages(jnp.asarray(r), G, valid_B=jnp.asarray(valid))
+                _, group = losses.group_advantages(jnp.asarray(r), G, valid_B=jnp.asarray(valid))
+            elif rl.advantage == "grpo":
+                advantages, group = losses.group_advantages(jnp.asarray(r), G, scale=rl.scale_rewards,
+                                                            valid_B=jnp.asarray(valid))
+            else:
+                raise ConfigError(f"rl.advantage must be grpo or rloo, got {rl.advantage!r}")
+            metrics["reward"] = _nan_mean(data["rewards"])
+            metrics.update({k: float(v) for k, v in group.items()})
+            for j, name in enumerate(funcs):
+                metrics[f"rewards/{name}/mean"] = _nan_mean(data["per_function"][:, j])
+                metrics[f"rewards/{name}/std"] = _nan_std(data["per_function"][:, j])
+        rollout = online.Rollout(data["prompt_ids"], data["prompt_mask"], data["completion_ids"], data["completion_mask"],
+                                 loss_mask, data["logps"].astype(np.float32), np.asarray(advantages, np.float32))
+        placed = place(rollout)
+        if ref_logps_fn is not None:
+            rollout = rollout._replace(ref_logps_BxT=to_host(ref_logps_fn(ref_params, placed)))
+        if is_ppo:
+            values = to_host(values_fn(state.params, placed))
+            ids = np.concatenate([rollout.prompt_ids_BxP, rollout.completion_ids_BxT], 1)
+            mask = np.concatenate([rollout.prompt_mask_BxP, rollout.completion_mask_BxT], 1)
+            scores = to_host(score_fn(*place((ids, mask))))
+            rollout, ppo_metrics = targets_fn(rollout, rollout.ref_logps_BxT, values, scores, data["truncated"],
+                                              jnp.float32(kl_coef))
+            rollout = to_host(rollout._replace(ref_logps_BxT=None))
+            metrics.update({k: float(v) for k, v in ppo_metrics.items()})
+            metrics.update(reward=metrics["objective/scores"], kl_coef=kl_coef)
+        return rollout, metrics
+
+    def update(rollout: online.Rollout, index: int) -> dict:
+        """μ passes over the rollout in shuffled mini-batches; metrics averaged over the updates,
+        except logp_diff (sampler vs trainer), which the first update measures before any change."""
+        nonlocal state
+        B = rollout.prompt_ids_BxP.shape[0]
+        rng = np.random.default_rng([t.seed, index])
+        all_metrics = []
+        for _ in range(rl.num_iterations):
+            order = rng.permutation(B)
+            for rows in np.split(order, rl.mini_batches):
+                state, metrics = train_step(state, None, place(jax.tree.map(lambda x: x[np.sort(rows)], rollout)))
+                check_finite(metrics, int(to_host(state.step)) + 1, f"rollout {index + 1}")
+                all_metrics.append(to_host(metrics))
+        mean = {k: float(np.mean([m[k] for m in all_metrics])) for k in all_metrics[0]}
+        mean["sampling/sampler_trainer_logp_diff"] = float(all_metrics[0]["logp_diff"])
+        del mean["logp_diff"], mean["nonfinite"]
+        return mean
+
+    rollout_index = int(to_host(state.step)) // updates_per_rollout
+    first, last, start = rollout_index, {}, time.perf_counter()
+    metric_log = MetricLog(out)
+    primary = p_index == 0
+    with StopSignal().installed() as stop, \
+            tqdm(total=t.steps, initial=rollout_index, disable=not (progress and primary), desc=t.method,
+                 unit="rollout") as bar:
+        stop_at = t.steps if max_updates is None else min(t.steps, rollout_index + max_updates)
+        while rollout_index < stop_at and not stop.requested:
+            clock = time.perf_counter()
+            data, metrics = collect(rollout_index)
+            metrics["timing/generate_and_score"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            rollout, prepared = prepare(data)
+            metrics.update(prepared)
+            metrics.update(update(rollout, rollout_index))
+            metrics["timing/update"] = time.perf_counter() - clock
+            if is_ppo and rl.kl_target is not None:
+                kl_coef = online.adaptive_kl_coef(kl_coef, metrics["objective/kl"], target=rl.kl_target,
+                                                  horizon=rl.kl_horizon, n_steps=rows_per_rollout)
+            rollout_index += 1
+            bar.update(1)
+            if rollout_index % t.log_every == 0 or rollout_index == t.steps:
+                last = {k: float(v) for k, v in metrics.items()}
+                last["rollouts_per_second"] = (rollout_index - first) / (time.perf_counter() - start)
+                metric_log.write("train", rollout_index, last)
+                bar.set_postfix(reward=f"{last['reward']:.3f}")
+            record = dict(dataclasses.asdict(loader), kl_coef=kl_coef)
+            if t.checkpoint_every and rollout_index % t.checkpoint_every == 0:
+                checkpoints.save(rollout_index, state, record)
+        checkpoints.save(rollout_index, state, dict(dataclasses.asdict(loader), kl_coef=kl_coef))
+    metric_log.close()
+    if rollout_index < t.steps:
+        log.warning("stopped at rollout %d of %d: checkpoint written, continue with --resume", rollout_index, t.steps)
+        return last
+    model = nnx.merge(graphdef, to_host(state.params))  # every process gathers; the first one writes
+    if primary:
+        save_pretrained(policy_of(model), out / "model", tokenizer=tokenizer)
+        if is_ppo:
+            save_pretrained(model.value, out / "value_model", tokenizer=tokenizer)
+    return last
