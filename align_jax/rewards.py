@@ -163,7 +163,10 @@ def score(funcs: dict[str, RewardFn], weights: Sequence[float], *, prompts: Sequ
     B = len(completions)
     per_function = np.full((B, len(funcs)), np.nan)
     for j, (name, fn) in enumerate(funcs.items()):
-        values = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        try:
+            values = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        except TypeError as e:  # most often a column the function needs that the dataset lacks
+            raise ValueError(f"reward function {name!r} failed on the dataset's columns {sorted(columns)}: {e}") from e
         if values is None or len(values) != B:
             got = "None" if values is None else f"{len(values)} values"
             raise ValueError(f"reward function {name!r} returned {got} for {B} completions")

@@ -1,18 +1,24 @@
-"""The demo: SFT, then DPO on the model's own samples labelled by the known reward.
+"""The demo: SFT, then three ways to align from it — RLHF (reward model + PPO), DPO, and GRPO.
 
-On the synthetic arithmetic task ("What is 37+45?", answered as <think>…</think><answer>…</answer>):
+On the synthetic arithmetic task ("What is 7*8?", answered as <think>…</think><answer>…</answer>),
+whose true reward is known: accuracy + ½ · format (`rewards.accuracy`, `rewards.think_format`).
 1. SFT a tiny Llama-style model from scratch (`configs/sft_arithmetic.yaml`).
-2. Sample 4 completions per training prompt from the SFT model, score them with the true reward
-   (`arithmetic_accuracy`), and keep one (right, wrong) pair per prompt: an on-policy preference
-   dataset in TRL's format, written to `pairs.jsonl`.
-3. DPO from the SFT model, with the SFT model as reference (`configs/dpo_arithmetic.yaml`), twice:
-   plain DPO, and DPO plus the NLL of the chosen answers (RPO, Pang et al. 2024, "Iterative
-   Reasoning Preference Optimization"), which keeps the chosen answers' likelihood from falling.
+2. Sample 4 completions per training prompt from the SFT model, score them with the true reward,
+   and keep one (better, worse) pair per prompt: an on-policy preference dataset in TRL's format,
+   written to `pairs.jsonl`.
+3. Three branches from the SFT model, each with the SFT model as reference:
+   - RLHF: a Bradley-Terry reward model on the pairs (`configs/reward_arithmetic.yaml`, batches
+     of 16), then PPO against it with a critic initialised from it (`configs/ppo_arithmetic.yaml`,
+     2 PPO epochs per rollout to fit the demo's time);
+   - DPO on the pairs, plus the NLL of the chosen answers (RPO, Pang et al. 2024), which keeps
+     the chosen answers' likelihood from falling (`configs/dpo_arithmetic.yaml`);
+   - GRPO on the true reward itself (`configs/grpo_arithmetic.yaml`).
 After each stage the policy answers 256 fresh problems, greedy and sampled (T = 1); the table
 reports accuracy, format reward, KL(π ‖ π_SFT) estimated on the sampled completions, mean length
 and wall time. Writes `report.md`, `curves.png` and the runs' own outputs under `--out`.
 
-Run: python experiments/demo.py [--out runs/demo] [--sft-steps 600] [--dpo-steps 150]
+Run: python experiments/demo.py [--out runs/demo] [--sft-steps 400] [--rm-steps 100] [--dpo-steps 120]
+     [--rl-rollouts 30]
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
-COLORS = {"sft": "C0", "dpo": "C1", "rpo": "C2"}
+COLORS = {"sft": "C0", "ppo": "C1", "dpo": "C2", "grpo": "C3"}
+STAGES = ("sft", "reward", "ppo", "dpo", "grpo")
 
 
 def sample(model, tokenizer, prompts, *, num_samples: int, greedy: bool, seed: int, max_new_tokens: int = 40):
@@ -84,30 +91,46 @@ def evaluate(model, sft_model, tokenizer, problems, stage: str, seconds: float) 
     }
 
 
+def true_reward(completions, answer, **_) -> list[float]:
+    """accuracy + ½ · format: what GRPO is trained on, what labels the pairs, what the table reports."""
+    return [a + 0.5 * f for a, f in zip(rewards.accuracy(completions, answer), rewards.think_format(completions))]
+
+
 def on_policy_pairs(model, tokenizer, prompts, path: Path, seed: int) -> int:
-    """Sample 4 completions per prompt, keep one (right, wrong) pair each, write TRL-format JSONL."""
+    """Sample 4 completions per prompt, keep one (better, worse) pair each by the true reward (pairs
+    with an empty completion are left out), write TRL-format JSONL."""
     texts, _, _ = sample(model, tokenizer, prompts, num_samples=4, greedy=False, seed=seed)
     by_prompt = {i: texts[4 * i: 4 * i + 4] for i in range(len(prompts))}
     pairs = syn.label_pairs(prompts.add_column("index", list(range(len(prompts)))),
-                            lambda row, rng, n: by_prompt[row["index"]], rewards.accuracy, seed=seed, beta=None)
-    pairs = pairs.remove_columns(["index"]) if "index" in pairs.column_names else pairs
+                            lambda row, rng, n: by_prompt[row["index"]], true_reward, seed=seed, beta=None)
+    pairs = pairs.filter(lambda row: row["chosen"].strip() and row["rejected"].strip())
     pairs.to_json(str(path), lines=True)
     return len(pairs)
 
 
+def _series(out: Path, stage: str, key: str, split: str = "train"):
+    rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
+
+
 def curves(out: Path):
-    """SFT loss; DPO's and RPO's chosen log-probs and reward accuracy (train solid, eval dashed)."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    panels = ((axes[0], "loss", ("sft",)), (axes[1], "logps/chosen", ("dpo", "rpo")),
-              (axes[2], "rewards/accuracies", ("dpo", "rpo")))
-    for ax, key, stages in panels:
-        for stage in stages:
-            rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
-            for split, style in (("train", "-"), ("eval", "o--")):
-                points = [(r["step"], r[key]) for r in rows if r["split"] == split and key in r]
-                if points:
-                    ax.plot(*zip(*points), style, color=COLORS[stage], label=f"{stage.upper()} {split}")
-        ax.set(title=key, xlabel="step")
+    """SFT loss; the true reward of GRPO's and PPO's training rollouts; the reward model's score and
+    the KL penalty under PPO; DPO's implicit-reward accuracy (train solid, eval dashed)."""
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
+    axes[0].plot(*zip(*_series(out, "sft", "loss")), color=COLORS["sft"], label="SFT train")
+    axes[0].plot(*zip(*_series(out, "sft", "loss", "eval")), "o--", color=COLORS["sft"], label="SFT eval")
+    for stage in ("grpo", "ppo"):
+        acc, fmt = _series(out, stage, "rewards/accuracy/mean"), _series(out, stage, "rewards/format/mean")
+        axes[1].plot([s for s, _ in acc], [a + 0.5 * f for (_, a), (_, f) in zip(acc, fmt)], color=COLORS[stage],
+                     label=stage.upper())
+    axes[2].plot(*zip(*_series(out, "ppo", "objective/scores")), color=COLORS["ppo"], label="reward-model score")
+    axes[2].plot(*zip(*_series(out, "ppo", "objective/kl")), "--", color=COLORS["ppo"], label="KL(π‖π_SFT)")
+    for split, style in (("train", "-"), ("eval", "o--")):
+        axes[3].plot(*zip(*_series(out, "dpo", "rewards/accuracies", split)), style, color=COLORS["dpo"],
+                     label=f"DPO {split}")
+    titles = ("SFT loss", "true reward of training samples", "PPO", "DPO rewards/accuracies")
+    for ax, title, unit in zip(axes, titles, ("step", "rollout", "rollout", "step")):
+        ax.set(title=title, xlabel=unit)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
@@ -118,14 +141,19 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--sft-steps", type=int, default=400)
     parser.add_argument("--dpo-steps", type=int, default=120)
+    parser.add_argument("--rm-steps", type=int, default=100)
+    parser.add_argument("--rl-rollouts", type=int, default=30)
     parser.add_argument("--pair-prompts", type=int, default=1024)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
-    for stage in ("sft", "dpo", "rpo"):  # the demo owns these runs: start them afresh
+    for stage in STAGES:  # the demo owns these runs: start them afresh
         shutil.rmtree(out / stage, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_tokenizer()
+    sft_dir = out / "sft" / "model"
+    config = lambda name, *overrides: load_config(ROOT / "configs" / name, [  # noqa: E731
+        f"model.path={sft_dir}", *overrides])
     sft_config = load_config(ROOT / "configs/sft_arithmetic.yaml", [f"train.steps={args.sft_steps}",
                                                                     f"out_dir={out / 'sft'}"])
     task = {k: v for k, v in sft_config.data.synthetic_args.items() if k in ("digits", "operators")}
@@ -134,29 +162,45 @@ def main(argv=None):
     start = time.perf_counter()
     train(sft_config)
     sft_seconds = time.perf_counter() - start
-    sft = load_pretrained(out / "sft" / "model")
+    sft = load_pretrained(sft_dir)
     rows = [evaluate(sft, sft, tokenizer, problems, "SFT", sft_seconds)]
 
     start = time.perf_counter()
     n_pairs = on_policy_pairs(sft, tokenizer, syn.arithmetic(args.pair_prompts, seed=7, **task), out / "pairs.jsonl",
                               seed=7)
     pair_seconds = time.perf_counter() - start
-    for stage, label, rpo in (("dpo", "SFT → DPO", "null"), ("rpo", "SFT → DPO + NLL (RPO)", "1.0")):
-        start = time.perf_counter()
-        train(load_config(ROOT / "configs/dpo_arithmetic.yaml", [
-            f"train.steps={args.dpo_steps}", f"model.path={out / 'sft' / 'model'}", f"data.train={out / 'pairs.jsonl'}",
-            f"loss.rpo_alpha={rpo}", f"out_dir={out / stage}"]))
-        rows.append(evaluate(load_pretrained(out / stage / "model"), sft, tokenizer, problems, label,
-                             pair_seconds + time.perf_counter() - start))
+    pairs = f"data.train={out / 'pairs.jsonl'}"
+
+    start = time.perf_counter()
+    train(config("reward_arithmetic.yaml", pairs, f"train.steps={args.rm_steps}", "train.batch_size=16",
+                 f"out_dir={out / 'reward'}"))
+    train(config("ppo_arithmetic.yaml", f"rl.reward_model={out / 'reward' / 'model'}", "rl.num_iterations=2",
+                 f"train.steps={args.rl_rollouts}", f"out_dir={out / 'ppo'}"))
+    rows.append(evaluate(load_pretrained(out / "ppo" / "model"), sft, tokenizer, problems,
+                         "SFT → reward model → PPO (RLHF)", pair_seconds + time.perf_counter() - start))
+
+    start = time.perf_counter()
+    train(config("dpo_arithmetic.yaml", pairs, f"train.steps={args.dpo_steps}", f"out_dir={out / 'dpo'}"))
+    rows.append(evaluate(load_pretrained(out / "dpo" / "model"), sft, tokenizer, problems,
+                         "SFT → DPO + NLL (RPO)", pair_seconds + time.perf_counter() - start))
+
+    start = time.perf_counter()
+    train(config("grpo_arithmetic.yaml", f"train.steps={args.rl_rollouts}", f"out_dir={out / 'grpo'}"))
+    rows.append(evaluate(load_pretrained(out / "grpo" / "model"), sft, tokenizer, problems, "SFT → GRPO",
+                         time.perf_counter() - start))
 
     header = list(rows[0])
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(r["stage"] if k == "stage" else f"{r[k]:.3f}" if k != "wall time (s)" else f"{r[k]:.0f}"
                           for k in header) + " |" for r in rows])
     curves(out)
-    report = (f"# align_jax demo: SFT then DPO on synthetic arithmetic\n\n{__doc__.split(chr(10) + chr(10))[1]}\n\n"
-              f"{n_pairs} on-policy pairs from {args.pair_prompts} prompts; {args.sft_steps} SFT and "
-              f"{args.dpo_steps} steps of each DPO run; evaluation on 256 fresh draws of the task's problems (seed 12345).\n\n{table}\n\n![curves](curves.png)\n")
+    report = (f"# align_jax demo: SFT, then RLHF (PPO), DPO and GRPO on synthetic arithmetic\n\n"
+              f"{__doc__.split(chr(10) + chr(10))[1]}\n\n"
+              f"{n_pairs} on-policy pairs from {args.pair_prompts} prompts; {args.sft_steps} SFT steps, "
+              f"{args.rm_steps} reward-model steps, {args.dpo_steps} DPO steps, {args.rl_rollouts} PPO and GRPO "
+              f"rollouts; evaluation on 256 fresh draws of the task's problems (seed 12345). Wall times of the "
+              f"PPO and DPO rows include sampling the pairs, and PPO's the reward model.\n\n"
+              f"{table}\n\n![curves](curves.png)\n")
     (out / "report.md").write_text(report)
     print("\n" + table + f"\n\nreport: {out / 'report.md'}")
 

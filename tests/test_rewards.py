@@ -69,3 +69,9 @@ def test_resolve_builtin_and_module_functions():
         rewards.resolve("nope", {})
     with pytest.raises(ValueError, match="align_jax.rewards:missing"):
         rewards.resolve("align_jax.rewards:missing", {})
+
+
+def test_missing_column_names_the_function_and_the_columns():
+    with pytest.raises(ValueError, match=r"'accuracy' failed on the dataset's columns \['label'\]"):
+        rewards.score({"accuracy": rewards.accuracy}, [1.0], prompts=["p"], completions=["c"],
+                      completion_ids=[[1]], columns={"label": [1]})

@@ -153,11 +153,14 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         rm_params = jax.device_put(rm_params, param_shardings(rm_params, mesh))
         rm_score = jax.jit(lambda p, ids, mask: nnx.merge(rm_graphdef, p).score(ids, mask))
         score_fn = lambda ids, mask: rm_score(rm_params, ids, mask)  # noqa: E731
+    # GRPO trains on the reward functions; PPO trains on the reward model and, when given reward
+    # functions, logs them as a measure of the true reward.
+    funcs, weights = _reward_functions(cfg, tokenizer, score_fn)
+    if not funcs and not is_ppo:
+        raise ConfigError("GRPO needs at least one reward function in rl.reward_funcs")
     if is_ppo:
         values_fn = jax.jit(lambda p, r: online.critic_values(nnx.merge(graphdef, p).value, r))
         targets_fn = jax.jit(lambda *args: online.ppo_targets(*args, rl))
-    else:
-        funcs, weights = _reward_functions(cfg, tokenizer, score_fn)
 
     loss_fn = online.ppo if is_ppo else online.grpo
     train_step = jit_train_step(make_train_step(loss_fn, graphdef, tx, rl, t.micro_batches, schedule),
@@ -211,8 +214,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         """A full batch of scored groups (GRPO family) or completions (PPO), and sampling metrics."""
         kept, spare, rounds = [], [], 0
         while len(kept) < t.batch_size and rounds < (rl.max_sampling_rounds if rl.dynamic_sampling else 1):
-            part = sample_round(rollout, rounds)
-            part = part if is_ppo else score_round(part)
+            part = score_round(sample_round(rollout, rounds)) if funcs else sample_round(rollout, rounds)
             rounds += 1
             for g in range(t.batch_size):
                 rows = slice(g * G, (g + 1) * G)
@@ -236,6 +238,9 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         lengths = data["completion_mask"].sum(1)
         metrics = {"completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
                    "completions/max_length": lengths.max(), "completions/clipped_ratio": data["truncated"].mean()}
+        for j, name in enumerate(funcs):
+            metrics[f"rewards/{name}/mean"] = _nan_mean(data["per_function"][:, j])
+            metrics[f"rewards/{name}/std"] = _nan_std(data["per_function"][:, j])
         if is_ppo:
             advantages = np.zeros(loss_mask.shape, np.float32)
         else:
@@ -252,9 +257,6 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
                 raise ConfigError(f"rl.advantage must be grpo or rloo, got {rl.advantage!r}")
             metrics["reward"] = _nan_mean(data["rewards"])
             metrics.update({k: float(v) for k, v in group.items()})
-            for j, name in enumerate(funcs):
-                metrics[f"rewards/{name}/mean"] = _nan_mean(data["per_function"][:, j])
-                metrics[f"rewards/{name}/std"] = _nan_std(data["per_function"][:, j])
         rollout = online.Rollout(data["prompt_ids"], data["prompt_mask"], data["completion_ids"], data["completion_mask"],
                                  loss_mask, data["logps"].astype(np.float32), np.asarray(advantages, np.float32))
         placed = place(rollout)

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from align_jax.config import LossConfig
+from align_jax.config import LossConfig, RLConfig
 from align_jax.train.mesh import batch_sharding, replicated
 from align_jax.train.state import TrainState
 
@@ -30,7 +30,7 @@ def _split_micro(batch, micro_batches: int):
     return jax.tree.map(split, batch)
 
 
-def _accumulate(loss_fn: Callable, graphdef, params, ref_model, batch, cfg: LossConfig, micro_batches: int,
+def _accumulate(loss_fn: Callable, graphdef, params, ref_model, batch, cfg: LossConfig | RLConfig, micro_batches: int,
                 with_grad: bool):
     def objective(p, micro):
         num, den, metrics = loss_fn(nnx.merge(graphdef, p), ref_model, micro, cfg)
@@ -51,7 +51,7 @@ def _accumulate(loss_fn: Callable, graphdef, params, ref_model, batch, cfg: Loss
     return grads, num / den, den, metrics
 
 
-def make_train_step(loss_fn: Callable, graphdef, tx: optax.GradientTransformation, cfg: LossConfig,
+def make_train_step(loss_fn: Callable, graphdef, tx: optax.GradientTransformation, cfg: LossConfig | RLConfig,
                     micro_batches: int, schedule: optax.Schedule):
     def step(state: TrainState, ref_params, batch) -> tuple[TrainState, dict]:
         ref_model = None if ref_params is None else nnx.merge(graphdef, ref_params)
@@ -72,7 +72,7 @@ def make_train_step(loss_fn: Callable, graphdef, tx: optax.GradientTransformatio
     return step
 
 
-def make_eval_step(loss_fn: Callable, graphdef, cfg: LossConfig, micro_batches: int):
+def make_eval_step(loss_fn: Callable, graphdef, cfg: LossConfig | RLConfig, micro_batches: int):
     def step(params, ref_params, batch) -> dict:
         ref_model = None if ref_params is None else nnx.merge(graphdef, ref_params)
         _, loss, _, metrics = _accumulate(loss_fn, graphdef, params, ref_model, batch, cfg, micro_batches,

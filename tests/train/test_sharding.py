@@ -1,4 +1,4 @@
-"""A step on data-parallel, FSDP, tensor-parallel and combined meshes of 8 CPU devices gives the
+"""An SFT, DPO or GRPO step on data-parallel, FSDP, tensor-parallel and combined meshes of 8 CPU devices gives the
 one-device loss, gradient norm and updated parameters, and the sampler on those sharded
 parameters the one-device tokens and log-probs (JAX's own SPMD runtime, in a subprocess)."""
 
@@ -24,7 +24,7 @@ def report():
 
 
 @pytest.mark.parametrize("mesh", ["data", "fsdp", "tensor", "fsdp_x_tensor", "data_x_fsdp_x_tensor"])
-@pytest.mark.parametrize("method", ["sft", "dpo"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
 def test_sharded_step_equals_one_device(report, mesh, method):
     one, many = report[f"one_device/{method}"], report[f"{mesh}/{method}"]
     np.testing.assert_allclose(many["loss"], one["loss"], rtol=1e-5)
