@@ -33,21 +33,25 @@ def _prompt(text: str, conversational: bool):
     return f"{FORMAT_INSTRUCTION}\n{text}\n"
 
 
-def arithmetic_completion(question: str, answer: int) -> str:
-    """A well-formed completion: the sum worked in <think>, the number in <answer>."""
-    return f"<think>{question.removeprefix('What is ').rstrip('?')}={answer}</think><answer>{answer}</answer>"
+def arithmetic_completion(question: str, answer: int, filler: int = 0) -> str:
+    """A well-formed completion: the sum worked in <think> (then `filler` " ." tokens), the number
+    in <answer>."""
+    work = question.removeprefix("What is ").rstrip("?")
+    return f"<think>{work}={answer}{' .' * filler}</think><answer>{answer}</answer>"
 
 
 def arithmetic(n: int, seed: int, *, digits: int = 2, operators: str = "+-",
-               conversational: bool = False, with_completion: bool = False) -> datasets.Dataset:
+               conversational: bool = False, with_completion: bool = False, filler: int = 0) -> datasets.Dataset:
     """`n` problems "What is a∘b?" with operands of `digits` digits and ∘ from `operators`.
 
     Prompt-only rows (prompt, answer), or prompt-completion rows with a correct, well-formed
-    completion when `with_completion` (an SFT warm-up set).
+    completion when `with_completion` (an SFT warm-up set). With `filler` > 0 each completion's
+    <think> ends with 0 … `filler` (uniform) " ." tokens: lengths that change neither the
+    answer nor the format, for studying length biases.
     """
     if not operators or set(operators) - set(_OPS) or digits < 1:
         raise ValueError(f"operators must be drawn from {sorted(_OPS)} and digits >= 1")
-    rng = np.random.default_rng(seed)
+    rng, filler_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])  # problems independent of filler
     low, high = 10 ** (digits - 1) if digits > 1 else 0, 10**digits
     rows = []
     for _ in range(n):
@@ -57,7 +61,7 @@ def arithmetic(n: int, seed: int, *, digits: int = 2, operators: str = "+-",
         answer = _OPS[op](a, b)
         row = {"prompt": _prompt(question, conversational), "answer": answer}
         if with_completion:
-            text = arithmetic_completion(question, answer)
+            text = arithmetic_completion(question, answer, int(filler_rng.integers(filler + 1)) if filler else 0)
             row["completion"] = [{"role": "assistant", "content": text}] if conversational else text
         rows.append(row)
     return datasets.Dataset.from_list(rows)

@@ -86,3 +86,13 @@ def test_tiny_tokenizer_round_trips_saves_and_splits_digits(tok, tmp_path):
     assert loaded.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
         "<|user|>hi<|end|><|assistant|>"
     assert tiny_tokenizer().get_vocab() == tok.get_vocab()  # deterministic
+
+
+def test_arithmetic_filler_varies_length_not_reward():
+    plain = syn.arithmetic(40, 5, with_completion=True)
+    padded = syn.arithmetic(40, 5, with_completion=True, filler=6)
+    assert plain["prompt"] == padded["prompt"]
+    extra = [c.count(" .") for c in padded["completion"]]
+    assert min(extra) == 0 and max(extra) == 6 and all(c.count(" .") == 0 for c in plain["completion"])
+    assert rewards.accuracy(padded["completion"], padded["answer"]) == [1.0] * 40
+    assert rewards.think_format(padded["completion"]) == [1.0] * 40
