@@ -1,0 +1,43 @@
+"""What every paper reproduction shares: its command line, mean ± SE cells, and the results file
+`<out>/<name>.md` with the setup, the table, the check (PASS or FAIL) and the runtime."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+def argument_parser(doc: str, name: str, *, seeds: int, smoke: str | None = None) -> argparse.ArgumentParser:
+    """--seeds, --out (results, default experiments/results), --runs (default runs/<name>) and,
+    when `smoke` describes it, --smoke; the experiment adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=seeds)
+    parser.add_argument("--out", type=Path, default=Path("experiments/results"))
+    parser.add_argument("--runs", type=Path, default=Path("runs") / name)
+    if smoke:
+        parser.add_argument("--smoke", action="store_true", help=f"{smoke}: the pipeline, not the claims")
+    return parser
+
+
+def mean_se(values) -> str:
+    """'mean ± standard error' over seeds (± 0 for one seed)."""
+    values = np.asarray(values, float)
+    se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+    return f"{values.mean():.3f} ± {se:.3f}"
+
+
+def write(out: Path, name: str, *, title: str, body: str, table: str, failures: list[str], claim: str,
+          seconds: float) -> int:
+    """Write `<out>/<name>.md` (the plot `<name>.png` is the caller's), print the table and the
+    verdict, and return the exit status: 0 when the check passed, 1 when it failed."""
+    verdict = f"PASS: {claim}" if not failures else "FAIL:\n" + "\n".join(f"- {f}" for f in failures)
+    runtime = (f"Everything took {seconds / 60:.1f} min on {jax.devices()[0].platform.upper()} "
+               f"({jax.device_count()} device).")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(f"# {title}\n\n{body} {runtime}\n\n{table}\n\n**Check.** {verdict}\n\n"
+                                    f"![{name}]({name}.png)\n")
+    print(f"\n{table}\n\n{verdict}\n\nwrote {out / f'{name}.md'} ({seconds / 60:.1f} min)")
+    return 0 if not failures else 1
