@@ -164,20 +164,40 @@ def generate(model: Decoder, prompt_ids_BxP: Array, prompt_mask_BxP: Array, rng:
                      config=config)
 
 
-def generate_text(model: Decoder, tokenizer, prompts: Sequence[str | list[dict]], rng: Array,
-                  config: SamplingConfig, *, buckets: Sequence[int] = (32, 64, 128, 256, 512, 1024, 2048)
-                  ) -> list[str]:
-    """Prompts (plain text, or chat messages rendered with the tokenizer's chat template) in,
-    decoded completions out (prompt-major: the G samples of prompt i are at i·G … i·G+G-1)."""
+PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str | list[dict]], *, pad_token_id: int = 0,
+                   buckets: Sequence[int] = PROMPT_BUCKETS) -> tuple[Array, Array]:
+    """Prompts (plain text, or chat messages rendered with the tokenizer's chat template) →
+    left-padded (ids_BxP, mask_BxP) for `generate`, P the smallest bucket that fits them all."""
     texts = [p if isinstance(p, str) else tokenizer.apply_chat_template(
         p, tokenize=False, add_generation_prompt=True) for p in prompts]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     width = bucket(max(len(e) for e in encoded), buckets)  # a handful of prompt shapes per run
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else pad_token_id
     ids = jnp.asarray([[pad] * (width - len(e)) + e for e in encoded], jnp.int32)
     mask = jnp.asarray([[0] * (width - len(e)) + [1] * len(e) for e in encoded], bool)
+    return ids, mask
+
+
+def generate_from_text(model: Decoder, tokenizer, prompts: Sequence[str | list[dict]], rng: Array,
+                       config: SamplingConfig, *, buckets: Sequence[int] = PROMPT_BUCKETS
+                       ) -> tuple[list[str], Completions]:
+    """`generate` on text prompts (see `encode_prompts`), stopping at the tokenizer's EOS unless
+    `config.stop_token_ids` says otherwise: (decoded completions, the `Completions` with their
+    token ids and log-probs). Rows are prompt-major: the G samples of prompt i are at i·G … i·G+G-1."""
+    ids, mask = encode_prompts(tokenizer, prompts, pad_token_id=config.pad_token_id, buckets=buckets)
     if not config.stop_token_ids and tokenizer.eos_token_id is not None:
         config = dataclasses.replace(config, stop_token_ids=(tokenizer.eos_token_id,))
     out = generate(model, ids, mask, rng, config)
-    return [tokenizer.decode([int(t) for t, m in zip(row, row_mask) if m], skip_special_tokens=True)
-            for row, row_mask in zip(out.ids_BxN, out.mask_BxN)]
+    texts = [tokenizer.decode([int(t) for t, m in zip(row, row_mask) if m], skip_special_tokens=True)
+             for row, row_mask in zip(out.ids_BxN, out.mask_BxN)]
+    return texts, out
+
+
+def generate_text(model: Decoder, tokenizer, prompts: Sequence[str | list[dict]], rng: Array,
+                  config: SamplingConfig, *, buckets: Sequence[int] = PROMPT_BUCKETS) -> list[str]:
+    """Prompts (plain text, or chat messages rendered with the tokenizer's chat template) in,
+    decoded completions out (prompt-major: the G samples of prompt i are at i·G … i·G+G-1)."""
+    return generate_from_text(model, tokenizer, prompts, rng, config, buckets=buckets)[0]

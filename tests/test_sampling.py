@@ -5,11 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from align_jax import ops
 from align_jax.models import load_pretrained
 from align_jax.data import bucket
-from align_jax.sampling import SamplingConfig, filter_logits, generate, sample_categorical
+from align_jax.data.tiny_tokenizer import tiny_tokenizer
+from align_jax.sampling import (SamplingConfig, encode_prompts, filter_logits, generate, generate_from_text,
+                                generate_text, sample_categorical)
 from tests.models.test_hf_parity import left_padded_batch, tiny_hf_model
 
 
@@ -142,3 +145,28 @@ def test_bad_settings_and_buckets():
     assert bucket(33, (32, 64)) == 64
     with pytest.raises(ValueError, match="exceeds the largest bucket 64"):
         bucket(65, (32, 64))
+
+
+def test_text_prompts_are_left_padded_to_a_bucket_and_completions_decode_their_tokens():
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1)).eval()
+    model = load_pretrained(hf)
+    prompts = ["Review: the plot was dull and", "What is 7*8?", [{"role": "user", "content": "What is 1+2?"}]]
+    ids, mask = encode_prompts(tok, prompts)
+    rendered = [*prompts[:2], tok.apply_chat_template(prompts[2], tokenize=False, add_generation_prompt=True)]
+    for row, text in enumerate(rendered):
+        expected = tok(text, add_special_tokens=False)["input_ids"]
+        width = ids.shape[1]
+        assert width == bucket(max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in rendered), (32, 64))
+        np.testing.assert_array_equal(ids[row, width - len(expected):], expected)
+        assert not np.any(mask[row, :width - len(expected)]) and np.all(mask[row, width - len(expected):])
+
+    config = SamplingConfig(max_new_tokens=8, num_samples=2)
+    texts, out = generate_from_text(model, tok, prompts, jax.random.key(0), config)
+    assert texts == generate_text(model, tok, prompts, jax.random.key(0), config)
+    assert len(texts) == 6 and out.ids_BxN.shape == (6, 8)
+    for text, row, row_mask in zip(texts, np.asarray(out.ids_BxN), np.asarray(out.mask_BxN)):
+        assert text == tok.decode(row[row_mask], skip_special_tokens=True)
