@@ -82,6 +82,7 @@ class LossConfig:
     label_smoothing: float = 0.0
     rpo_alpha: Optional[float] = None  # weight of the NLL on chosen completions added to DPO (RPO)
     simpo_gamma: float = 0.5
+    simpo_length_normalize: bool = True  # False: the "SimPO w/o LN" ablation, reward β log π(y)
     reference_free: bool = False
     precompute_ref_logps: bool = False  # reference log-probs once over the dataset, then no reference model
     completion_only: bool = True  # SFT: loss on completion tokens only, else on every token

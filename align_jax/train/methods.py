@@ -72,7 +72,8 @@ def dpo(model, ref_model, batch: PreferenceBatch, cfg: LossConfig):
     nll = -ops.masked_sum(chosen_tok, chosen_mask) / jnp.maximum(jnp.sum(chosen_mask), 1)
     if cfg.loss_type == "simpo":
         per_pair, metrics = losses.simpo_loss(chosen, rejected, chosen_len, rejected_len, beta=cfg.beta,
-                                              gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing)
+                                              gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing,
+                                              length_normalize=cfg.simpo_length_normalize)
     elif cfg.loss_type == "orpo":
         per_pair, metrics = losses.orpo_loss(chosen, rejected, chosen_len, rejected_len, beta=cfg.beta)
         per_pair = per_pair + nll

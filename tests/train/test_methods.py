@@ -69,7 +69,7 @@ def test_sft_is_the_mean_token_nll_on_completions(policy_and_reference):
     assert float(metrics["num_tokens"]) == mask.sum()
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo", "orpo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo", "simpo w/o LN", "orpo"])
 def test_dpo_family_on_transformers_logits(loss_type, policy_and_reference):
     hf, ref_hf = policy_and_reference
     chosen, rejected = sequences(1), sequences(2)
@@ -86,13 +86,17 @@ def test_dpo_family_on_transformers_logits(loss_type, policy_and_reference):
         expected = ((cw - rw) / lw - (cl - rl) / ll - 1 / (2 * beta)) ** 2
     elif loss_type == "simpo":  # Meng et al. eq. 6
         expected = -log_sigmoid(beta * cw / lw - beta * cl / ll - 0.5)
+    elif loss_type == "simpo w/o LN":  # Meng et al. Table 5's ablation: summed log-probs
+        expected = -log_sigmoid(beta * cw - beta * cl - 0.5)
     else:  # Hong et al. eq. 7 plus the NLL of the chosen completion
         odds = lambda avg: avg - np.log1p(-np.exp(avg))  # noqa: E731
         expected = -beta * log_sigmoid(odds(cw / lw) - odds(cl / ll)) + nll
-    loss, metrics = ours(methods.dpo, hf, ref_hf, batch, LossConfig(loss_type=loss_type, beta=beta))
+    kind = {"loss_type": "simpo", "simpo_length_normalize": False} if loss_type == "simpo w/o LN" else {
+        "loss_type": loss_type}
+    loss, metrics = ours(methods.dpo, hf, ref_hf, batch, LossConfig(**kind, beta=beta))
     np.testing.assert_allclose(loss, expected.mean(), rtol=2e-5)
     np.testing.assert_allclose(float(metrics["nll_loss"]), nll, rtol=2e-5)
-    rpo, _ = ours(methods.dpo, hf, ref_hf, batch, LossConfig(loss_type=loss_type, beta=beta, rpo_alpha=0.5))
+    rpo, _ = ours(methods.dpo, hf, ref_hf, batch, LossConfig(**kind, beta=beta, rpo_alpha=0.5))
     np.testing.assert_allclose(rpo, expected.mean() + 0.5 * nll, rtol=2e-5)
 
 
