@@ -118,16 +118,21 @@ def review(rng: np.random.Generator, clauses: int) -> str:
     return " ".join(parts) + " ."
 
 
-def sentiment(n: int, seed: int, *, conversational: bool = False) -> datasets.Dataset:
+def sentiment(n: int, seed: int, *, conversational: bool = False, with_completion: bool = False) -> datasets.Dataset:
     """Prompt-only rows: the opening clause of a review to continue ("Review: the plot was dull and"),
-    with its `prefix_score`. The reward of a continuation is `sentiment_score` of the continuation."""
-    rng = np.random.default_rng(seed)
+    with its `prefix_score`. The reward of a continuation is `sentiment_score` of the continuation.
+    With `with_completion`, prompt-completion rows whose completion is a random continuation of one
+    to three clauses (`sentiment_candidates`): an SFT set for a reference policy of neutral taste."""
+    rng, completion_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])  # prompts independent
     rows = []
     for _ in range(n):
         opening = review_clause(rng)
         text = f"Review: {opening} {CONNECTIVES[rng.integers(len(CONNECTIVES))]}"
-        prompt = [{"role": "user", "content": text}] if conversational else text
-        rows.append({"prompt": prompt, "prefix_score": sentiment_score(opening)})
+        row = {"prompt": [{"role": "user", "content": text}] if conversational else text,
+               "prefix_score": sentiment_score(opening)}
+        if with_completion:
+            row["completion"] = _as_completion(sentiment_candidates(row, completion_rng, 1)[0], row["prompt"])
+        rows.append(row)
     return datasets.Dataset.from_list(rows)
 
 
@@ -192,9 +197,17 @@ def arithmetic_pairs(n: int, seed: int, **kwargs) -> datasets.Dataset:
     return label_pairs(arithmetic(n, seed, **kwargs), arithmetic_candidates, accuracy, seed=seed, beta=None)
 
 
-def sentiment_pairs(n: int, seed: int, beta: float | None = 1.0, **kwargs) -> datasets.Dataset:
-    """Preference pairs of review continuations, labelled by Bradley-Terry on the true sentiment."""
-    return label_pairs(sentiment(n, seed, **kwargs), sentiment_candidates, sentiment_reward, seed=seed, beta=beta)
+def sentiment_pairs(n: int, seed: int, beta: float | None = 1.0, longer_chosen: bool = False,
+                    **kwargs) -> datasets.Dataset:
+    """Preference pairs of review continuations, labelled by Bradley-Terry on the true sentiment.
+    With `longer_chosen`, only the pairs whose chosen continuation has more words than the rejected
+    one are kept (of the `n` prompts): preferences where the better answer is also the longer one,
+    as in SimPO's length ablations."""
+    pairs = label_pairs(sentiment(n, seed, **kwargs), sentiment_candidates, sentiment_reward, seed=seed, beta=beta)
+    if longer_chosen:
+        pairs = pairs.filter(lambda row: len(completion_text(row["chosen"]).split())
+                             > len(completion_text(row["rejected"]).split()))
+    return pairs
 
 
 def sentiment_unpaired(n: int, seed: int, threshold: float = 0.0, **kwargs) -> datasets.Dataset:

@@ -96,3 +96,19 @@ def test_arithmetic_filler_varies_length_not_reward():
     assert min(extra) == 0 and max(extra) == 6 and all(c.count(" .") == 0 for c in plain["completion"])
     assert rewards.accuracy(padded["completion"], padded["answer"]) == [1.0] * 40
     assert rewards.think_format(padded["completion"]) == [1.0] * 40
+
+
+def test_sentiment_sft_set_and_length_biased_pairs():
+    prompts = syn.sentiment(60, 3)
+    sft = syn.sentiment(60, 3, with_completion=True)
+    assert sft["prompt"] == prompts["prompt"]  # the completions draw from their own stream
+    clauses = [c.count(" was ") for c in sft["completion"]]
+    assert set(clauses) == {1, 2, 3} and all(c.startswith(" the ") and c.endswith(" .") for c in sft["completion"])
+    every = syn.sentiment_pairs(300, 4, beta=None)
+    longer = syn.sentiment_pairs(300, 4, beta=None, longer_chosen=True)
+    words = lambda rows, key: [len(t.split()) for t in rows[key]]  # noqa: E731
+    assert 0 < len(longer) < len(every)
+    assert all(c > r for c, r in zip(words(longer, "chosen"), words(longer, "rejected")))
+    assert all(sc > sr for sc, sr in zip(longer["score_chosen"], longer["score_rejected"]))
+    kept = {(p, c) for p, c in zip(longer["prompt"], longer["chosen"])}
+    assert kept <= {(p, c) for p, c in zip(every["prompt"], every["chosen"])}  # a filter, not a relabelling
