@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test reproduce install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ demo: install
 
 test: install-test
 	$(BIN)/python -m pytest -n 2 tests
+
+# Every paper reproduction in full mode (about an hour on 2 CPU cores); each writes
+# experiments/results/<name>.md and .png with its check, PASS or FAIL, and its runtime.
+EXPERIMENTS := ipo_bandit dapo_ladder dr_grpo_length simpo_ablations
+reproduce: install
+	status=0; for e in $(EXPERIMENTS); do $(BIN)/python -m experiments.$$e --out experiments/results || status=1; done; exit $$status
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -14,8 +14,9 @@ whose true reward is known: accuracy + ½ · format (`rewards.accuracy`, `reward
      the chosen answers' likelihood from falling (`configs/dpo_arithmetic.yaml`, batches of 16);
    - GRPO on the true reward itself (`configs/grpo_arithmetic.yaml`).
 After each stage the policy answers 256 fresh problems, greedy and sampled (T = 1); the table
-reports accuracy, format reward, KL(π ‖ π_SFT) estimated on the sampled completions, mean length
-and wall time. Writes `report.md`, `curves.png` and the runs' own outputs under `--out`.
+reports accuracy, format reward, KL(π ‖ π_SFT) estimated on the sampled completions, mean length,
+the completions each branch drew from a policy to train (the pairs' 4 per prompt, and each online
+rollout's) and wall time. Writes `report.md`, `curves.png` and the runs' own outputs under `--out`.
 
 Run: python experiments/demo.py [--out runs/demo] [--sft-steps 400] [--rm-steps 100] [--dpo-steps 120]
      [--ppo-rollouts 20] [--grpo-rollouts 30]
@@ -76,7 +77,7 @@ def kl_to(model, reference, out, batch, num_samples: int) -> float:
     return float(jnp.mean(ops.masked_sum(out.logps_BxN - ref_logps, out.mask_BxN, axis=1)))
 
 
-def evaluate(model, sft_model, tokenizer, problems, stage: str, seconds: float) -> dict:
+def evaluate(model, sft_model, tokenizer, problems, stage: str, seconds: float, samples: int) -> dict:
     greedy, _, _ = sample(model, tokenizer, problems, num_samples=1, greedy=True, seed=0)
     sampled, out, batch = sample(model, tokenizer, problems, num_samples=4, greedy=False, seed=1)
     answers = [a for a in problems["answer"] for _ in range(4)]
@@ -87,8 +88,14 @@ def evaluate(model, sft_model, tokenizer, problems, stage: str, seconds: float) 
         "format (T=1)": np.mean(rewards.think_format(sampled)),
         "KL to SFT (T=1)": kl_to(model, sft_model, out, batch, 4),
         "mean length": float(jnp.mean(out.lengths_B)),
+        "samples drawn": samples,
         "wall time (s)": seconds,
     }
+
+
+def rollout_samples(cfg) -> int:
+    """Completions an online run draws from its policy: rollouts × prompts × samples per prompt."""
+    return cfg.train.steps * cfg.train.batch_size * cfg.rl.num_generations
 
 
 def true_reward(completions, answer, **_) -> list[float]:
@@ -164,39 +171,41 @@ def main(argv=None):
     train(sft_config)
     sft_seconds = time.perf_counter() - start
     sft = load_pretrained(sft_dir)
-    rows = [evaluate(sft, sft, tokenizer, problems, "SFT", sft_seconds)]
+    rows = [evaluate(sft, sft, tokenizer, problems, "SFT", sft_seconds, 0)]
 
     start = time.perf_counter()
     n_pairs = on_policy_pairs(sft, tokenizer, syn.arithmetic(args.pair_prompts, seed=7, **task), out / "pairs.jsonl",
                               seed=7)
-    pair_seconds = time.perf_counter() - start
+    pair_seconds, pair_samples = time.perf_counter() - start, 4 * args.pair_prompts
     pairs = f"data.train={out / 'pairs.jsonl'}"
 
     start = time.perf_counter()
     train(config("reward_arithmetic.yaml", pairs, f"train.steps={args.rm_steps}", "train.batch_size=16",
                  "train.eval_batches=8", f"out_dir={out / 'reward'}"))
     rm_accuracy = _series(out, "reward", "accuracy", "eval")[-1][1]
-    train(config("ppo_arithmetic.yaml", f"rl.reward_model={out / 'reward' / 'model'}", "rl.num_iterations=2",
-                 f"train.steps={args.ppo_rollouts}", f"out_dir={out / 'ppo'}"))
+    ppo = config("ppo_arithmetic.yaml", f"rl.reward_model={out / 'reward' / 'model'}", "rl.num_iterations=2",
+                 f"train.steps={args.ppo_rollouts}", f"out_dir={out / 'ppo'}")
+    train(ppo)
     rows.append(evaluate(load_pretrained(out / "ppo" / "model"), sft, tokenizer, problems,
                          f"SFT → reward model (held-out pair accuracy {rm_accuracy:.2f}) → PPO (RLHF)",
-                         pair_seconds + time.perf_counter() - start))
+                         pair_seconds + time.perf_counter() - start, pair_samples + rollout_samples(ppo)))
 
     start = time.perf_counter()
     train(config("dpo_arithmetic.yaml", pairs, f"train.steps={args.dpo_steps}", "train.batch_size=16",
                  f"out_dir={out / 'dpo'}"))
     rows.append(evaluate(load_pretrained(out / "dpo" / "model"), sft, tokenizer, problems,
-                         "SFT → DPO + NLL (RPO)", pair_seconds + time.perf_counter() - start))
+                         "SFT → DPO + NLL (RPO)", pair_seconds + time.perf_counter() - start, pair_samples))
 
     start = time.perf_counter()
-    train(config("grpo_arithmetic.yaml", f"train.steps={args.grpo_rollouts}", f"out_dir={out / 'grpo'}"))
+    grpo = config("grpo_arithmetic.yaml", f"train.steps={args.grpo_rollouts}", f"out_dir={out / 'grpo'}")
+    train(grpo)
     rows.append(evaluate(load_pretrained(out / "grpo" / "model"), sft, tokenizer, problems, "SFT → GRPO",
-                         time.perf_counter() - start))
+                         time.perf_counter() - start, rollout_samples(grpo)))
 
     header = list(rows[0])
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(r["stage"] if k == "stage" else f"{r[k]:.3f}" if k != "wall time (s)" else f"{r[k]:.0f}"
-                          for k in header) + " |" for r in rows])
+        "| " + " | ".join(r["stage"] if k == "stage" else f"{r[k]:.0f}" if k in ("samples drawn", "wall time (s)")
+                          else f"{r[k]:.3f}" for k in header) + " |" for r in rows])
     curves(out)
     report = (f"# align_jax demo: SFT, then RLHF (PPO), DPO and GRPO on synthetic arithmetic\n\n"
               f"{__doc__.split(chr(10) + chr(10))[1]}\n\n"
