@@ -32,7 +32,7 @@ test: install-test
 
 # Every paper reproduction in full mode (about an hour on 2 CPU cores); each writes
 # experiments/results/<name>.md and .png with its check, PASS or FAIL, and its runtime.
-EXPERIMENTS := ipo_bandit dapo_ladder dr_grpo_length simpo_ablations
+EXPERIMENTS := ipo_bandit dapo_ladder dr_grpo_length simpo_ablations kto_imbalanced rm_overoptimization
 reproduce: install
 	status=0; for e in $(EXPERIMENTS); do $(BIN)/python -m experiments.$$e --out experiments/results || status=1; done; exit $$status
 

@@ -50,7 +50,6 @@ from experiments import report
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ROOT = Path(__file__).parents[1]
 RUNGS = {  # cumulative overrides
     "GRPO": [],
     "+ clip-higher": ["rl.epsilon_high=0.28"],
@@ -76,12 +75,10 @@ def accuracy(model, problems, *, greedy: bool) -> float:
 
 
 def run_ladder(out: Path, *, rollouts: int, seeds: int, sft_steps: int, problems: int = 256,
-               extra: tuple[str, ...] = ()) -> dict:
+               extra: tuple[str, ...] = (), smoke: bool = False) -> dict:
     """Train the SFT model, then every rung for every seed; return {rung: [per-seed result]}."""
-    sft_dir = out / "sft"
     shutil.rmtree(out, ignore_errors=True)
-    train(load_config(ROOT / "configs/sft_arithmetic.yaml", [f"train.steps={sft_steps}", "train.eval_every=0",
-                                                             f"out_dir={sft_dir}"]), progress=False)
+    sft_model = report.sft("sft_arithmetic.yaml", out / "sft", sft_steps, smoke=smoke)
     problems = synthetic.arithmetic(problems, seed=12345, **TASK)
     results = {}
     for rung in RUNGS:
@@ -89,8 +86,8 @@ def run_ladder(out: Path, *, rollouts: int, seeds: int, sft_steps: int, problems
         for seed in range(seeds):
             run = out / f"{list(RUNGS).index(rung) + 1}_seed{seed}"
             start = time.perf_counter()
-            train(load_config(ROOT / "configs/grpo_arithmetic.yaml", [
-                f"model.path={sft_dir / 'model'}", f"train.steps={rollouts}", f"train.seed={seed}", "train.log_every=1",
+            train(load_config(report.ROOT / "configs/grpo_arithmetic.yaml", [
+                f"model.path={sft_model}", f"train.steps={rollouts}", f"train.seed={seed}", "train.log_every=1",
                 f"out_dir={run}", *OFF_POLICY, *rung_overrides(rung), *extra]), progress=False)
             seconds = time.perf_counter() - start
             rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -106,7 +103,7 @@ def run_ladder(out: Path, *, rollouts: int, seeds: int, sft_steps: int, problems
             })
             print(f"{rung:20s} seed {seed}: {results[rung][-1]['accuracy (T=1)']:.3f} at T=1, {seconds:.0f} s",
                   flush=True)
-    sft = load_pretrained(sft_dir / "model")
+    sft = load_pretrained(sft_model)
     results["SFT"] = [{"accuracy (greedy)": accuracy(sft, problems, greedy=True),
                        "accuracy (T=1)": accuracy(sft, problems, greedy=False)}]
     return results
@@ -174,7 +171,7 @@ def main(argv=None) -> int:
     rollouts, seeds, sft_steps, problems = (2, 1, 30, 16) if args.smoke else (args.rollouts, args.seeds,
                                                                                 args.sft_steps, 256)
     start = time.perf_counter()
-    results = run_ladder(args.runs, rollouts=rollouts, seeds=seeds, sft_steps=sft_steps, problems=problems,
+    results = run_ladder(args.runs, rollouts=rollouts, seeds=seeds, sft_steps=sft_steps, problems=problems, smoke=args.smoke,
                          extra=extra)
     setup = (f"{sft_steps} SFT steps; {rollouts} rollouts of {4 if args.smoke else 32} prompts × "
              f"{4 if args.smoke else 8} samples per run; {seeds} seeds; mean ± standard error over seeds.")

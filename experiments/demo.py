@@ -176,6 +176,9 @@ def main(argv=None):
     start = time.perf_counter()
     n_pairs = on_policy_pairs(sft, tokenizer, syn.arithmetic(args.pair_prompts, seed=7, **task), out / "pairs.jsonl",
                               seed=7)
+    if n_pairs == 0:
+        raise SystemExit(f"no preference pairs: the SFT model's 4 samples tied on reward for all {args.pair_prompts} "
+                         f"prompts; train SFT longer (--sft-steps, now {args.sft_steps}) or use more --pair-prompts")
     pair_seconds, pair_samples = time.perf_counter() - start, 4 * args.pair_prompts
     pairs = f"data.train={out / 'pairs.jsonl'}"
 

@@ -43,7 +43,6 @@ from experiments import report
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ROOT = Path(__file__).parents[1]
 METHODS = {"GRPO": [], "Dr. GRPO": ["rl.scale_rewards=none", "rl.aggregation=token_sum_over_max_len"]}
 TASK = {"digits": 1, "operators": "+-*"}
 MAX_NEW_TOKENS = 48
@@ -68,22 +67,20 @@ def gap(sample: dict) -> tuple[float, float]:
 
 
 def run_study(out: Path, *, rollouts: int, seeds: int, sft_steps: int, filler: int, problems: int = 256,
-              extra: tuple[str, ...] = ()) -> dict:
+              extra: tuple[str, ...] = (), smoke: bool = False) -> dict:
     """{"SFT": sample, method: [sample per seed]} with per-seed training times under "seconds"."""
     shutil.rmtree(out, ignore_errors=True)
-    sft_dir = out / "sft"
-    train(load_config(ROOT / "configs/sft_arithmetic.yaml", [
-        f"train.steps={sft_steps}", "train.eval_every=0", f"data.synthetic_args.filler={filler}",
-        f"out_dir={sft_dir}"]), progress=False)
+    sft_model = report.sft("sft_arithmetic.yaml", out / "sft", sft_steps, f"data.synthetic_args.filler={filler}",
+                           smoke=smoke)
     test = synthetic.arithmetic(problems, seed=12345, **TASK)
-    results = {"SFT": lengths_by_correctness(load_pretrained(sft_dir / "model"), test)}
+    results = {"SFT": lengths_by_correctness(load_pretrained(sft_model), test)}
     for method, overrides in METHODS.items():
         results[method] = []
         for seed in range(seeds):
             run = out / f"{method.replace('. ', '_').lower()}_seed{seed}"
             start = time.perf_counter()
-            train(load_config(ROOT / "configs/grpo_arithmetic.yaml", [
-                f"model.path={sft_dir / 'model'}", f"train.steps={rollouts}", f"train.seed={seed}",
+            train(load_config(report.ROOT / "configs/grpo_arithmetic.yaml", [
+                f"model.path={sft_model}", f"train.steps={rollouts}", f"train.seed={seed}",
                 f"rl.max_new_tokens={MAX_NEW_TOKENS}", f"out_dir={run}", *overrides, *extra]), progress=False)
             sample = lengths_by_correctness(load_pretrained(run / "model"), test)
             sample["seconds"] = time.perf_counter() - start
@@ -156,7 +153,7 @@ def main(argv=None) -> int:
     rollouts, seeds, sft_steps, problems = (2, 1, 30, 16) if args.smoke else (args.rollouts, args.seeds,
                                                                                 args.sft_steps, 256)
     start = time.perf_counter()
-    results = run_study(args.runs, rollouts=rollouts, seeds=seeds, sft_steps=sft_steps, filler=args.filler,
+    results = run_study(args.runs, rollouts=rollouts, seeds=seeds, sft_steps=sft_steps, filler=args.filler, smoke=args.smoke,
                         problems=problems, extra=extra)
     paragraphs = __doc__.split("\n\n")
     setup = (f"{sft_steps} SFT steps with 0–{args.filler} filler tokens; {rollouts} rollouts of "

@@ -1,5 +1,6 @@
-"""What every paper reproduction shares: its command line, mean ± SE cells, and the results file
-`<out>/<name>.md` with the setup, the table, the check (PASS or FAIL) and the runtime."""
+"""What every paper reproduction shares: its command line, the reference policy it fine-tunes first,
+mean ± SE cells, and the results file `<out>/<name>.md` with the setup, the table, the check (PASS
+or FAIL) and the runtime."""
 
 from __future__ import annotations
 
@@ -8,6 +9,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+from align_jax.config import load_config
+from align_jax.train import train
+
+ROOT = Path(__file__).parents[1]
+# --smoke checks the pipeline, not the claims: a one-layer model compiles several times faster.
+SMOKE_MODEL = ("model.init.num_hidden_layers=1",)
 
 
 def argument_parser(doc: str, name: str, *, seeds: int, smoke: str | None = None) -> argparse.ArgumentParser:
@@ -20,6 +28,14 @@ def argument_parser(doc: str, name: str, *, seeds: int, smoke: str | None = None
     if smoke:
         parser.add_argument("--smoke", action="store_true", help=f"{smoke}: the pipeline, not the claims")
     return parser
+
+
+def sft(config: str, out_dir: Path, steps: int, *overrides: str, smoke: bool = False) -> Path:
+    """Fine-tune the reference policy from scratch with `configs/<config>` for `steps` steps (no
+    evaluation); return the directory of the exported model."""
+    train(load_config(ROOT / "configs" / config, [f"train.steps={steps}", "train.eval_every=0", f"out_dir={out_dir}",
+                                                  *overrides, *(SMOKE_MODEL if smoke else ())]), progress=False)
+    return out_dir / "model"
 
 
 def mean_se(values) -> str:

@@ -46,7 +46,6 @@ from experiments import report
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ROOT = Path(__file__).parents[1]
 GAMMAS = (0.0, 0.5, 1.0, 2.0)
 RUNS = {  # name: overrides of configs/simpo_sentiment.yaml (SimPO, β = 2, γ = 1)
     **{f"SimPO (γ = {g:g})": [f"loss.simpo_gamma={g}"] for g in GAMMAS},
@@ -70,20 +69,18 @@ def generations(model, prompts: list[str]) -> dict:
 
 
 def run_study(out: Path, *, seeds: int, sft_steps: int, steps: int, prompts: int = 256,
-              extra: tuple[str, ...] = ()) -> dict:
+              extra: tuple[str, ...] = (), smoke: bool = False) -> dict:
     """Train the SFT model, then every run for every seed; return {name: [per-seed result]}."""
     shutil.rmtree(out, ignore_errors=True)
-    sft_dir = out / "sft"
-    train(load_config(ROOT / "configs/sft_sentiment.yaml", [f"train.steps={sft_steps}", f"out_dir={sft_dir}"]),
-          progress=False)
+    sft_model = report.sft("sft_sentiment.yaml", out / "sft", sft_steps, smoke=smoke)
     held_out = list(synthetic.sentiment(prompts, seed=12345)["prompt"])
-    results = {"SFT": [generations(load_pretrained(sft_dir / "model"), held_out)]}
+    results = {"SFT": [generations(load_pretrained(sft_model), held_out)]}
     for i, (name, overrides) in enumerate(RUNS.items()):
         results[name] = []
         for seed in range(seeds):
             start = time.perf_counter()
-            last = train(load_config(ROOT / "configs/simpo_sentiment.yaml", [
-                f"model.path={sft_dir / 'model'}", f"train.steps={steps}", f"train.eval_every={steps}",
+            last = train(load_config(report.ROOT / "configs/simpo_sentiment.yaml", [
+                f"model.path={sft_model}", f"train.steps={steps}", f"train.eval_every={steps}",
                 f"train.seed={seed}", f"out_dir={out / f'{i}_seed{seed}'}", *overrides, *extra]), progress=False)
             result = generations(load_pretrained(out / f"{i}_seed{seed}" / "model"), held_out)
             result.update({"reward accuracy": last["eval_rewards/accuracies"], "seconds": time.perf_counter() - start})
@@ -152,7 +149,8 @@ def main(argv=None) -> int:
     extra = ("train.batch_size=4", "train.eval_batches=4", "data.synthetic_args.n=400") if args.smoke else ()
     seeds, sft_steps, steps, prompts = (1, 20, 4, 16) if args.smoke else (args.seeds, args.sft_steps, args.steps, 256)
     start = time.perf_counter()
-    results = run_study(args.runs, seeds=seeds, sft_steps=sft_steps, steps=steps, prompts=prompts, extra=extra)
+    results = run_study(args.runs, seeds=seeds, sft_steps=sft_steps, steps=steps, prompts=prompts, extra=extra,
+                        smoke=args.smoke)
     paragraphs = __doc__.split("\n\n")
     setup = (f"{sft_steps} SFT steps; {steps} preference steps of {4 if args.smoke else 16} pairs per run; "
              f"{seeds} seeds; mean ± standard error over seeds.")

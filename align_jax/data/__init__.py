@@ -13,7 +13,7 @@ from align_jax.data.batching import (
     default_buckets,
     truncate,
 )
-from align_jax.data.formats import DataError, detect_kind, extract_prompt, load_rows, validate
+from align_jax.data.formats import DataError, detect_kind, extract_prompt, load_rows, unpair, validate
 from align_jax.data.tokenize import Encoded, encode
 
 __all__ = [
@@ -34,5 +34,6 @@ __all__ = [
     "extract_prompt",
     "load_rows",
     "truncate",
+    "unpair",
     "validate",
 ]

@@ -63,6 +63,8 @@ def load_rows(source: str | os.PathLike | datasets.Dataset) -> tuple[datasets.Da
     reader = _READERS.get(os.path.splitext(path)[1].lower())
     if reader is None:
         raise DataError(f"{path}: unknown file type; expected one of {sorted(_READERS)} or a saved directory")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty (no rows)")
     try:
         ds = datasets.load_dataset(reader, data_files=path, split="train")
     except Exception as e:
@@ -178,3 +180,15 @@ def extract_prompt(chosen: str | list, rejected: str | list) -> tuple[Any, Any, 
     if isinstance(chosen, str) and n > 0 and chosen[n - 1] == " " and n < min(len(chosen), len(rejected)):
         n -= 1
     return chosen[:n], chosen[n:], rejected[n:]
+
+
+def unpair(pairs: datasets.Dataset, source: str = "<in-memory dataset>") -> datasets.Dataset:
+    """Preference rows (explicit prompt) → unpaired rows for KTO, as TRL's `unpair_preference_dataset`:
+    each pair gives (prompt, chosen, label True) then (prompt, rejected, label False); other
+    columns are dropped."""
+    validate(pairs, source, kind="preference")
+    if "prompt" not in pairs.column_names:
+        raise DataError(f"{source}: unpair needs an explicit prompt column, got {pairs.column_names}")
+    rows = [{"prompt": row["prompt"], "completion": row[column], "label": column == "chosen"}
+            for row in pairs for column in ("chosen", "rejected")]
+    return datasets.Dataset.from_list(rows)

@@ -33,7 +33,7 @@ CORPUS = [  # (file name, rows or raw text, expected message after the path)
      r"row 0, column 'messages': message 1 has unknown role 'bot'"),
     ("mixed_forms.jsonl", [{"prompt": U, "completion": A}, {"prompt": "hi", "completion": "yo"}],
      r"row 1, column 'prompt': standard value in a conversational dataset"),
-    ("empty.jsonl", "", r"cannot be read as json|the dataset is empty"),
+    ("empty.jsonl", "", r"the file is empty \(no rows\)"),
     ("broken.jsonl", '{"prompt": "a", "completion": \n', r"cannot be read as json"),
     ("rows.txt", "prompt,completion\n", r"unknown file type"),
     ("missing.jsonl", None, r"no such file or directory"),

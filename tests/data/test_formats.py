@@ -8,7 +8,7 @@ import pytest
 import transformers
 
 from align_jax.data import (DataError, PreferenceBatch, PromptBatch, SequenceBatch, UnpairedBatch, collate,
-                            default_buckets, detect_kind, encode, extract_prompt, truncate)
+                            default_buckets, detect_kind, encode, extract_prompt, truncate, unpair)
 from tests.models.test_smollm2 import smollm2_gguf
 
 USER = [{"role": "user", "content": "What is 2+2?"}]
@@ -150,3 +150,13 @@ def test_real_chat_template_boundary_on_smollm2_tokenizer():
     assert tok.decode(ex["prompt_ids"] + ex["chosen_ids"]) == tok.apply_chat_template(
         USER + said("4"), tokenize=False)
     assert tok.decode(ex["chosen_ids"]).startswith("4<|im_end|>")
+
+
+def test_unpair_gives_each_pair_as_a_desirable_and_an_undesirable_row():
+    pairs = datasets.Dataset.from_list([{"prompt": "p0", "chosen": " a", "rejected": " b", "score_chosen": 1.0},
+                                        {"prompt": "p1", "chosen": " c", "rejected": " d", "score_chosen": 2.0}])
+    assert unpair(pairs).to_list() == [
+        {"prompt": "p0", "completion": " a", "label": True}, {"prompt": "p0", "completion": " b", "label": False},
+        {"prompt": "p1", "completion": " c", "label": True}, {"prompt": "p1", "completion": " d", "label": False}]
+    with pytest.raises(DataError, match="pairs.jsonl: unpair needs an explicit prompt column"):
+        unpair(datasets.Dataset.from_list([{"chosen": "x a", "rejected": "x b"}]), "pairs.jsonl")

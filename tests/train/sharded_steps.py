@@ -38,7 +38,7 @@ def sequences(seed, B=8, L=16, vocab=128):
 
 def main():
     config = DecoderConfig.from_hf(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=8,
         num_key_value_heads=8, max_position_embeddings=64))
     make_model = lambda rngs: Decoder(config, rngs=rngs)  # noqa: E731
     pretrained = nnx.split(make_model(nnx.Rngs(1)))[1]

@@ -205,7 +205,8 @@ def sft_model(tmp_path_factory):
 
 def grpo_config(out, sft, *extra):
     return load_config(ROOT / "configs/grpo_arithmetic.yaml", [
-        f"out_dir={out}", f"model.path={sft}", "train.steps=12", "train.lr=5e-4", "train.log_every=1", *extra])
+        f"out_dir={out}", f"model.path={sft}", "train.steps=12", "train.batch_size=16", "train.lr=5e-4",
+        "train.log_every=1", *extra])
 
 
 VARIANTS = {

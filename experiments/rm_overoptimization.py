@@ -1,0 +1,229 @@
+"""Reward-model over-optimisation (Gao, Schulman & Hilton 2022, "Scaling Laws for Reward Model
+Overoptimization", Fig. 1a and §4.2 on reward-model data size) at CPU scale, on the synthetic
+sentiment grammar, whose true sentiment `synthetic.sentiment_score` plays the gold reward.
+
+A tiny model is fine-tuned on random review continuations (`configs/sft_sentiment.yaml`). Proxy
+reward models start from it, as Gao et al.'s start from the pretrained model, with a new scalar
+head (`configs/reward_sentiment.yaml`), and are trained on N ∈ {256, 1k, 4k, 16k} comparisons
+labelled by Bradley-Terry on the gold reward, P(a ≻ b) = σ(r_a − r_b), all for the same number of
+updates. Their accuracy is measured on 2,048 held-out comparisons, next to the Bayes ceiling
+E[max(σ(Δ), σ(−Δ))] of those comparisons: the accuracy of a model that knew the gold reward.
+
+Best-of-n: the SFT policy draws M = 512 continuations at T = 1 for each of 64 held-out openings,
+and best-of-n keeps the one a proxy scores highest among n. Its expected gold reward is computed
+for every n from the same M samples with Gao et al.'s unbiased estimator (their App. I): ranked
+by proxy score, the sample of rank i (ascending) is the pick of a uniformly random n-subset with
+probability C(i−1, n−1) / C(M, n). The KL of best-of-n to the policy is log n − (n−1)/n, and the
+gold-reward gain is fitted with Gao et al.'s best-of-n form R(d) = d (α − β d) in d = √KL, which
+peaks at d* = α / (2β) (never, when β ≤ 0). Best-of-n by the gold reward itself is the oracle.
+
+Checks (printed and written with the results):
+  - the N = 16k proxy's held-out accuracy is within 0.03 of the Bayes ceiling;
+  - the gold reward peaks later for more data: the fitted d* does not fall as N grows, and is
+    larger at N = 16k than at N = 256.
+
+Run: python -m experiments.rm_overoptimization [--seeds 2] [--out experiments/results] [--smoke]
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import matplotlib
+import numpy as np
+import scipy.special
+from flax import nnx
+
+from align_jax.config import load_config
+from align_jax.data import synthetic
+from align_jax.data.tiny_tokenizer import tiny_tokenizer
+from align_jax.models import load_pretrained
+from align_jax.rewards import reward_model_reward
+from align_jax.sampling import SamplingConfig, generate_from_text
+from align_jax.train import train
+from experiments import report
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SIZES = (256, 1024, 4096, 16384)
+CEILING_GAP = 0.03
+
+
+def bon_weights(num_samples: int, ns) -> np.ndarray:
+    """[len(ns), M]: row k is the probability that the sample of ascending rank i (1-based) is the
+    best of a uniformly random ns[k]-subset of the M samples, C(i−1, n−1) / C(M, n)."""
+    ranks = np.arange(1, num_samples + 1)  # comb is 0 where i − 1 < n − 1; exact in float64 up to M ≈ 1,000
+    return np.stack([scipy.special.comb(ranks - 1, n - 1) / scipy.special.comb(num_samples, n) for n in ns])
+
+
+def best_of_n_gold(proxy_PxM: np.ndarray, gold_PxM: np.ndarray, ns) -> np.ndarray:
+    """Expected gold reward of best-of-n by the proxy, for each n in `ns`, averaged over prompts."""
+    order = np.argsort(proxy_PxM, axis=1, kind="stable")
+    gold_sorted = np.take_along_axis(gold_PxM, order, axis=1)
+    return (gold_sorted @ bon_weights(proxy_PxM.shape[1], ns).T).mean(axis=0)
+
+
+def bon_kl(ns) -> np.ndarray:
+    """KL(best-of-n ‖ policy) = log n − (n − 1)/n (Stiennon et al. 2020; Gao et al. §2)."""
+    ns = np.asarray(ns, float)
+    return np.log(ns) - (ns - 1) / ns
+
+
+def fit_peak(ns, gold: np.ndarray) -> tuple[float, float, float]:
+    """Least squares of gold(n) − gold(1) = d (α − β d), d = √KL: (α, β, d* = α / 2β, ∞ if β ≤ 0)."""
+    d = np.sqrt(bon_kl(ns))
+    (alpha, beta), *_ = np.linalg.lstsq(np.stack([d, -d * d], axis=1), gold - gold[0], rcond=None)
+    return float(alpha), float(beta), float(alpha / (2 * beta)) if beta > 0 else float("inf")
+
+
+def bayes_ceiling(score_chosen, score_rejected) -> float:
+    """E[max(σ(Δ), σ(−Δ))]: the expected accuracy of ranking each pair by the gold reward when its
+    label was drawn from Bradley-Terry with P(chosen ≻ rejected) = σ(Δ)."""
+    delta = np.asarray(score_chosen) - np.asarray(score_rejected)
+    return float(np.mean(scipy.special.expit(np.abs(delta))))
+
+
+def proxy_scores(model_dir: Path):
+    model = load_pretrained(model_dir)
+    graphdef, params = nnx.split(model)
+    score = jax.jit(lambda p, ids, mask: nnx.merge(graphdef, p).score(ids, mask))
+    return reward_model_reward(lambda ids, mask: score(params, ids, mask), tiny_tokenizer(), batch_size=256)
+
+
+def policy_samples(model_dir: Path, prompts: list[str], num_samples: int, chunk: int = 8) -> list[str]:
+    """`num_samples` continuations of each prompt at T = 1, prompt-major, a few prompts at a time."""
+    model, texts = load_pretrained(model_dir), []
+    config = SamplingConfig(max_new_tokens=48, num_samples=num_samples)
+    for start in range(0, len(prompts), chunk):
+        texts += generate_from_text(model, tiny_tokenizer(), prompts[start:start + chunk],
+                                    jax.random.key(start), config)[0]
+    return texts
+
+
+def run_study(out: Path, *, seeds: int, sft_steps: int, rm_steps: int, rm_batch: int = 32, sizes=SIZES,
+              prompts: int = 64, num_samples: int = 512, held_out_pairs: int = 2048, smoke: bool = False) -> dict:
+    """SFT, the M samples per prompt and their gold rewards, then each proxy RM: its held-out
+    accuracy and best-of-n curve. Returns {"ns", "oracle", "ceiling", N: [per-seed result]}."""
+    shutil.rmtree(out, ignore_errors=True)
+    sft_model = report.sft("sft_sentiment.yaml", out / "sft", sft_steps, smoke=smoke)
+    openings = list(synthetic.sentiment(prompts, seed=12345)["prompt"])
+    texts = policy_samples(sft_model, openings, num_samples)
+    prompts_rep = [p for p in openings for _ in range(num_samples)]
+    gold = np.asarray(synthetic.sentiment_reward(texts)).reshape(prompts, num_samples)
+    ns = [2 ** k for k in range(int(np.log2(num_samples)))]  # 1 … M/2
+    held_out = synthetic.sentiment_pairs(held_out_pairs, seed=999)
+    results = {"ns": ns, "oracle": best_of_n_gold(gold, gold, ns),
+               "ceiling": bayes_ceiling(held_out["score_chosen"], held_out["score_rejected"])}
+    print(f"gold reward of the policy {gold.mean():+.3f}; Bayes ceiling of the held-out pairs "
+          f"{results['ceiling']:.3f}", flush=True)
+    for size in sizes:
+        results[size] = []
+        for seed in range(seeds):
+            start, run_dir = time.perf_counter(), out / f"rm_{size}_seed{seed}"
+            train(load_config(report.ROOT / "configs/reward_sentiment.yaml", [
+                f"model.path={sft_model}", f"data.synthetic_args.n={size}", f"data.synthetic_args.seed={seed}",
+                "data.eval_fraction=0", "train.eval_every=0", f"train.steps={rm_steps}", f"train.seed={seed}",
+                f"train.batch_size={rm_batch}", f"out_dir={run_dir}"]), progress=False)
+            rm = proxy_scores(run_dir / "model")
+            chosen = np.asarray(rm(prompts=held_out["prompt"], completions=held_out["chosen"]))
+            rejected = np.asarray(rm(prompts=held_out["prompt"], completions=held_out["rejected"]))
+            proxy = np.asarray(rm(prompts=prompts_rep, completions=texts)).reshape(prompts, num_samples)
+            bon = best_of_n_gold(proxy, gold, ns)
+            results[size].append({"accuracy": float(np.mean(chosen > rejected)), "bon": bon,
+                                  "peak": fit_peak(ns, bon)[2], "seconds": time.perf_counter() - start})
+            print(f"N = {size:5d} seed {seed}: held-out accuracy {results[size][-1]['accuracy']:.3f}, "
+                  f"best-of-{ns[-1]} gold {bon[-1]:+.3f}", flush=True)
+    return results
+
+
+def curve(results: dict, size: int) -> np.ndarray:
+    """The best-of-n gold curve of the RMs trained on `size` comparisons, averaged over seeds."""
+    return np.mean([r["bon"] for r in results[size]], axis=0)
+
+
+def check(results: dict, sizes=SIZES) -> list[str]:
+    """The paper's claims at this scale; an empty list when they hold."""
+    failures = []
+    accuracy = float(np.mean([r["accuracy"] for r in results[sizes[-1]]]))
+    if results["ceiling"] - accuracy > CEILING_GAP:
+        failures.append(f"the N = {sizes[-1]} proxy's held-out accuracy {accuracy:.3f} is more than "
+                        f"{CEILING_GAP} below the Bayes ceiling {results['ceiling']:.3f}")
+    peaks = [fit_peak(results["ns"], curve(results, size))[2] for size in sizes]
+    if any(later < earlier for earlier, later in zip(peaks, peaks[1:])) or not peaks[-1] > peaks[0]:
+        failures.append("the gold reward does not peak later for more data: fitted √KL peaks "
+                        + ", ".join(f"N = {s} {p:.2f}" for s, p in zip(sizes, peaks)))
+    return failures
+
+
+def results_table(results: dict, sizes=SIZES) -> str:
+    ns = results["ns"]
+    header = ("comparisons N", "held-out accuracy", f"gold, best-of-{ns[-1]}", "peak n (grid)",
+              "fitted α", "fitted β", "fitted √KL peak d*", "s / RM")
+    lines = [f"Bayes ceiling of the held-out comparisons: {results['ceiling']:.3f}. Gold reward of the "
+             f"policy (best-of-1): {results['oracle'][0]:+.3f}; of best-of-{ns[-1]} by the gold reward itself: "
+             f"{results['oracle'][-1]:+.3f}.\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for size in sizes:
+        gold = curve(results, size)
+        alpha, beta, peak = fit_peak(ns, gold)
+        lines.append("| " + " | ".join([
+            f"{size:,}", report.mean_se([r["accuracy"] for r in results[size]]),
+            report.mean_se([r["bon"][-1] for r in results[size]]), str(ns[int(np.argmax(gold))]),
+            f"{alpha:.3f}", f"{beta:.3f}", "never" if np.isinf(peak) else f"{peak:.2f}",
+            f"{np.mean([r['seconds'] for r in results[size]]):.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path, sizes=SIZES):
+    ns = results["ns"]
+    d = np.sqrt(bon_kl(ns))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(d, results["oracle"], "k--", label="oracle (best-of-n by the gold reward)")
+    for i, size in enumerate(sizes):
+        gold = curve(results, size)
+        alpha, beta, _ = fit_peak(ns, gold)
+        ax.plot(d, gold, "o", color=f"C{i}", label=f"proxy RM, N = {size:,}")
+        ax.plot(d, gold[0] + d * (alpha - beta * d), "-", color=f"C{i}", alpha=0.6)
+    ax.set(title="best-of-n against proxy reward models", xlabel="√KL(best-of-n ‖ policy)  (nats^½)",
+           ylabel="gold reward")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = report.argument_parser(__doc__, "rm_overoptimization", seeds=2,
+                                    smoke="N ∈ {64, 128}, 4 RM steps, 1 seed, 4 prompts × 16 samples")
+    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--rm-steps", type=int, default=512, help="of 32 comparisons, for every N")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.smoke:
+        sizes, seeds, sft_steps, rm_steps = (64, 128), 1, 20, 4
+        kwargs = dict(rm_batch=8, prompts=4, num_samples=16, held_out_pairs=64)
+    else:
+        sizes, seeds, sft_steps, rm_steps, kwargs = SIZES, args.seeds, args.sft_steps, args.rm_steps, {}
+    start = time.perf_counter()
+    results = run_study(args.runs, seeds=seeds, sft_steps=sft_steps, rm_steps=rm_steps, sizes=sizes,
+                        smoke=args.smoke, **kwargs)
+    paragraphs = __doc__.split("\n\n")
+    rm_batch = kwargs.get("rm_batch", 32)
+    setup = (f"{sft_steps} SFT steps; {rm_steps} RM steps of {rm_batch} comparisons for every N "
+             f"({rm_steps * rm_batch / sizes[-1]:g} epochs of the largest set); {seeds} seeds; "
+             "mean ± standard error over seeds.")
+    status = report.write(
+        args.out, "rm_overoptimization", title="Reward-model over-optimisation (Gao et al. 2022) on the synthetic "
+        "sentiment grammar", body="\n\n".join([*paragraphs[1:3], setup]), table=results_table(results, sizes),
+        failures=check(results, sizes), claim="the largest proxy is near the Bayes ceiling, and the gold reward "
+        "peaks later for proxies trained on more comparisons.", seconds=time.perf_counter() - start)
+    plot(results, args.out / "rm_overoptimization.png", sizes)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""experiments/kto_imbalanced.py: the imbalanced set and its λ_D, the check, and the smoke run."""
+
+import json
+
+import numpy as np
+
+from align_jax.data import synthetic
+from experiments import kto_imbalanced as exp
+
+
+def test_imbalanced_set_keeps_a_tenth_of_the_desirable_rows_and_rescales_lambda_d(tmp_path):
+    pairs = synthetic.sentiment_pairs(200, seed=1, beta=None)
+    data = exp.datasets_for(pairs, tmp_path, seed=0)
+    rows = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, (path, _) in data.items()}
+    assert len(rows["DPO"]) == len(pairs) and len(rows["KTO"]) == 2 * len(pairs)
+    imbalanced = rows[exp.RUNS[2]]
+    n_d = sum(r["label"] for r in imbalanced)
+    assert n_d == int(0.1 * len(pairs)) and len(imbalanced) - n_d == len(pairs)
+    assert {r["completion"] for r in imbalanced if not r["label"]} == set(pairs["rejected"])
+    assert data[exp.RUNS[2]][1] == []
+    weight = float(data[exp.RUNS[3]][1][0].split("=")[1])
+    np.testing.assert_allclose(weight * n_d / (len(imbalanced) - n_d), 1.0)
+
+
+def _fake(dpo=1.0, kto=0.9, flat=0.5, rescaled=0.85):
+    results = {"SFT": [{"reward": 0.1}]}
+    for name, gain in zip(exp.RUNS, (dpo, kto, flat, rescaled)):
+        results[name] = [{"reward": 0.1 + gain + e, "seconds": 1.0} for e in (-0.01, 0.01)]
+    return results
+
+
+def test_check_flags_each_claim():
+    assert exp.check(_fake()) == []
+    np.testing.assert_allclose(exp.recovered(_fake())[exp.RUNS[3]], 0.85)
+    assert "KTO recovers 0.50" in exp.check(_fake(kto=0.5))[0]
+    failures = exp.check(_fake(flat=0.9, rescaled=0.85))
+    assert len(failures) == 1 and "not more than λ_D = 1 (0.90)" in failures[0]
+    assert "less than 0.8" in exp.check(_fake(flat=0.5, rescaled=0.6))[0]
+    assert "no gain to recover" in exp.check(_fake(dpo=-0.1))[0]
+
+
+def test_smoke_run_writes_results(tmp_path):
+    exp.main(["--smoke", "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
+    report = (tmp_path / "results" / "kto_imbalanced.md").read_text()
+    assert all(f"| {name} |" in report for name in ["SFT", *exp.RUNS]) and "**Check.**" in report
+    assert (tmp_path / "results" / "kto_imbalanced.png").stat().st_size > 10_000
