@@ -155,16 +155,13 @@ def plot(results: dict, path: Path):
     ax_entropy.set(title="policy entropy per token (mean over seeds)", xlabel="rollout")
     ax_zero.set(title="fraction of zero-advantage groups in the update", xlabel="rollout")
     ax_entropy.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = report.argument_parser(__doc__, "dapo_ladder", seeds=2,
+    parser = report.argument_parser(__doc__, "dapo_ladder", seeds=2, sft_steps=300,
                                     smoke="2 rollouts of 4 prompts × 4 samples, 1 seed, 16 test problems")
     parser.add_argument("--rollouts", type=int, default=24)
-    parser.add_argument("--sft-steps", type=int, default=300)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     extra = ("train.batch_size=4", "rl.num_generations=4") if args.smoke else ()

@@ -136,16 +136,13 @@ def plot(results: dict, path: Path):
     ax.set_xticks(range(len(names)), names)
     ax.set(ylabel="mean length (tokens)", title="completion length by correctness, T = 1")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = report.argument_parser(__doc__, "dr_grpo_length", seeds=2,
+    parser = report.argument_parser(__doc__, "dr_grpo_length", seeds=2, sft_steps=300,
                                     smoke="2 rollouts of 4 prompts × 4 samples, 1 seed, 16 test problems")
     parser.add_argument("--rollouts", type=int, default=40)
-    parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--filler", type=int, default=12)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -140,15 +140,12 @@ def plot(results: dict, path: Path):
            yerr=[g[n].std(ddof=1) / np.sqrt(len(g[n])) if len(g[n]) > 1 else 0 for n in RUNS])
     ax.set_xticks(range(len(RUNS)), [n.replace(", ", ",\n") for n in RUNS], fontsize=8)
     ax.set(title="true-reward gain over the SFT model", ylabel="Δ mean sentiment")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = report.argument_parser(__doc__, "kto_imbalanced", seeds=2,
+    parser = report.argument_parser(__doc__, "kto_imbalanced", seeds=2, sft_steps=300,
                                     smoke="4 steps of 4 rows, 1 seed, 200 pairs, 16 held-out prompts")
-    parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--pairs", type=int, default=4000)
     args = parser.parse_args(argv)

@@ -18,11 +18,14 @@ ROOT = Path(__file__).parents[1]
 SMOKE_MODEL = ("model.init.num_hidden_layers=1",)
 
 
-def argument_parser(doc: str, name: str, *, seeds: int, smoke: str | None = None) -> argparse.ArgumentParser:
+def argument_parser(doc: str, name: str, *, seeds: int, smoke: str | None = None,
+                    sft_steps: int | None = None) -> argparse.ArgumentParser:
     """--seeds, --out (results, default experiments/results), --runs (default runs/<name>) and,
-    when `smoke` describes it, --smoke; the experiment adds its own."""
+    when given, --smoke (`smoke` describes it) and --sft-steps; the experiment adds its own."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=seeds)
+    if sft_steps is not None:
+        parser.add_argument("--sft-steps", type=int, default=sft_steps, help="of the reference policy's SFT")
     parser.add_argument("--out", type=Path, default=Path("experiments/results"))
     parser.add_argument("--runs", type=Path, default=Path("runs") / name)
     if smoke:
@@ -36,6 +39,15 @@ def sft(config: str, out_dir: Path, steps: int, *overrides: str, smoke: bool = F
     train(load_config(ROOT / "configs" / config, [f"train.steps={steps}", "train.eval_every=0", f"out_dir={out_dir}",
                                                   *overrides, *(SMOKE_MODEL if smoke else ())]), progress=False)
     return out_dir / "model"
+
+
+def save_figure(fig, path: Path):
+    """Lay out, write as PNG, and release the figure."""
+    import matplotlib.pyplot as plt  # after the experiment has chosen the backend
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def mean_se(values) -> str:

@@ -191,15 +191,12 @@ def plot(results: dict, path: Path, sizes=SIZES):
     ax.set(title="best-of-n against proxy reward models", xlabel="√KL(best-of-n ‖ policy)  (nats^½)",
            ylabel="gold reward")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = report.argument_parser(__doc__, "rm_overoptimization", seeds=2,
+    parser = report.argument_parser(__doc__, "rm_overoptimization", seeds=2, sft_steps=300,
                                     smoke="N ∈ {64, 128}, 4 RM steps, 1 seed, 4 prompts × 16 samples")
-    parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--rm-steps", type=int, default=512, help="of 32 comparisons, for every N")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

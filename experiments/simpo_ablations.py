@@ -134,15 +134,12 @@ def plot(results: dict, path: Path):
     ax_length.bar(range(len(names)), [_mean(results, n, "length") for n in names], color=["C7", "C0", "C3", "C2"])
     ax_length.set_xticks(range(len(names)), names, fontsize=8)
     ax_length.set(title="generation length at T = 1", ylabel="mean tokens")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = report.argument_parser(__doc__, "simpo_ablations", seeds=2,
+    parser = report.argument_parser(__doc__, "simpo_ablations", seeds=2, sft_steps=300,
                                     smoke="4 steps of 4 pairs, 1 seed, 16 held-out prompts and pairs")
-    parser.add_argument("--sft-steps", type=int, default=300)
     parser.add_argument("--steps", type=int, default=150)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
