@@ -30,7 +30,7 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest -n 2 tests
 
-# Every paper reproduction in full mode (about an hour on 2 CPU cores); each writes
+# Every paper reproduction in full mode (about two hours on 2 CPU cores); each writes
 # experiments/results/<name>.md and .png with its check, PASS or FAIL, and its runtime.
 EXPERIMENTS := ipo_bandit dapo_ladder dr_grpo_length simpo_ablations kto_imbalanced rm_overoptimization
 reproduce: install
