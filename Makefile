@@ -28,7 +28,7 @@ demo: install
 	$(BIN)/python experiments/demo.py --out runs/demo
 
 test: install-test
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
 
 # Every paper reproduction in full mode (about two hours on 2 CPU cores); each writes
 # experiments/results/<name>.md and .png with its check, PASS or FAIL, and its runtime.

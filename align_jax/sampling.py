@@ -164,6 +164,29 @@ def generate(model: Decoder, prompt_ids_BxP: Array, prompt_mask_BxP: Array, rng:
                      config=config)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "temperature"))
+def _sequence_kl(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, out: Completions, *, num_samples: int,
+                 temperature: float):
+    reference = nnx.merge(graphdef, state)
+    prompt_ids = jnp.repeat(prompt_ids_BxP, num_samples, axis=0)
+    ids = jnp.concatenate([prompt_ids, out.ids_BxN], axis=1)
+    mask = jnp.concatenate([jnp.repeat(prompt_mask_BxP, num_samples, axis=0), out.mask_BxN], axis=1)
+    P = prompt_ids.shape[1]
+    logits = reference(ids, mask)[:, P - 1:-1].astype(jnp.float32) / temperature
+    ref_logps = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), out.ids_BxN[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(out.mask_BxN, out.logps_BxN - ref_logps, 0.0), axis=1)
+
+
+def sequence_kl(reference: Decoder, prompt_ids_BxP: Array, prompt_mask_BxP: Array, out: Completions, *,
+                num_samples: int, temperature: float = 1.0) -> Array:
+    """k1 = Σ_t log π(y_t) − log π_ref(y_t) for each completion y ~ π in `out` [B·G]: its mean is
+    the sequence-level KL(π ‖ π_ref). π's log-probs are the sampler's (at `temperature`), π_ref's
+    a teacher-forced pass of `reference` over the same left-padded prompts and completions."""
+    graphdef, state = nnx.split(reference)
+    return _sequence_kl(graphdef, state, jnp.asarray(prompt_ids_BxP), jnp.asarray(prompt_mask_BxP), out,
+                        num_samples=num_samples, temperature=temperature)
+
+
 PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
 
 

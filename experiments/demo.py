@@ -36,13 +36,13 @@ import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
-from align_jax import ops, rewards
+from align_jax import rewards
 from align_jax.config import load_config
 from align_jax.data import collate, encode
 from align_jax.data import synthetic as syn
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.models import load_pretrained
-from align_jax.sampling import SamplingConfig, generate
+from align_jax.sampling import SamplingConfig, generate, sequence_kl
 from align_jax.train import train
 
 matplotlib.use("Agg")
@@ -65,18 +65,6 @@ def sample(model, tokenizer, prompts, *, num_samples: int, greedy: bool, seed: i
     return texts, out, batch
 
 
-def kl_to(model, reference, out, batch, num_samples: int) -> float:
-    """Mean over sampled completions of Σ_t log π(y_t) − log π_ref(y_t) (the k1 estimate of the
-    sequence-level KL(π ‖ π_ref)); π's log-probs are the sampler's, π_ref's a teacher-forced pass."""
-    prompt_ids = jnp.repeat(batch.ids_BxP, num_samples, axis=0)
-    prompt_mask = jnp.repeat(batch.mask_BxP, num_samples, axis=0)
-    ids = jnp.concatenate([prompt_ids, out.ids_BxN], axis=1)
-    mask = jnp.concatenate([prompt_mask, out.mask_BxN], axis=1)
-    P = prompt_ids.shape[1]
-    ref_logps = ops.token_logps(reference(ids, mask)[:, P - 1:-1], out.ids_BxN)
-    return float(jnp.mean(ops.masked_sum(out.logps_BxN - ref_logps, out.mask_BxN, axis=1)))
-
-
 def evaluate(model, sft_model, tokenizer, problems, stage: str, seconds: float, samples: int) -> dict:
     greedy, _, _ = sample(model, tokenizer, problems, num_samples=1, greedy=True, seed=0)
     sampled, out, batch = sample(model, tokenizer, problems, num_samples=4, greedy=False, seed=1)
@@ -86,7 +74,7 @@ def evaluate(model, sft_model, tokenizer, problems, stage: str, seconds: float, 
         "accuracy (greedy)": np.mean(rewards.accuracy(greedy, problems["answer"])),
         "accuracy (T=1)": np.mean(rewards.accuracy(sampled, answers)),
         "format (T=1)": np.mean(rewards.think_format(sampled)),
-        "KL to SFT (T=1)": kl_to(model, sft_model, out, batch, 4),
+        "KL to SFT (T=1)": float(np.mean(sequence_kl(sft_model, batch.ids_BxP, batch.mask_BxP, out, num_samples=4))),
         "mean length": float(jnp.mean(out.lengths_B)),
         "samples drawn": samples,
         "wall time (s)": seconds,

@@ -1,5 +1,7 @@
 """The sampler against transformers.generate, the trainer's log-probs, and the softmax it samples."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ from align_jax.models import load_pretrained
 from align_jax.data import bucket
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.sampling import (SamplingConfig, encode_prompts, filter_logits, generate, generate_from_text,
-                                generate_text, sample_categorical)
+                                generate_text, sample_categorical, sequence_kl)
 from tests.models.test_hf_parity import left_padded_batch, tiny_hf_model
 
 
@@ -65,6 +67,32 @@ def test_logps_equal_teacher_forced_forward(llama, temperature):
     m = np.asarray(out.mask_BxN)
     np.testing.assert_allclose(np.asarray(out.logps_BxN)[m], np.asarray(teacher)[m], atol=1e-5)
     assert np.all(np.asarray(out.logps_BxN)[~m] == 0)
+
+
+def test_sequence_kl_is_the_summed_log_ratio_against_a_pytorch_reference(llama):
+    """k1 per completion = Σ_t log π(y_t) − log π_ref(y_t), π_ref's log-probs from `transformers` on
+    perturbed weights (positions counted from the first real token); 0 against the policy itself."""
+    hf, model = llama
+    reference_hf = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p in reference_hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids, mask = left_padded_batch(4, T=12)
+    config = SamplingConfig(max_new_tokens=8, num_samples=2, temperature=0.8, stop_token_ids=(5, 7))
+    out = generate(model, ids, mask, jax.random.key(1), config)
+    kl = sequence_kl(load_pretrained(reference_hf), ids, mask, out, num_samples=2, temperature=0.8)
+    full_ids = np.concatenate([np.repeat(ids, 2, 0), np.asarray(out.ids_BxN)], 1)
+    full_mask = np.concatenate([np.repeat(mask, 2, 0), np.asarray(out.mask_BxN)], 1)
+    with torch.no_grad():
+        logits = reference_hf(input_ids=torch.tensor(full_ids), attention_mask=torch.tensor(full_mask),
+                              position_ids=torch.tensor(np.maximum(np.cumsum(full_mask, 1) - 1, 0))).logits
+    ref = torch.log_softmax(logits[:, 11:-1].double() / 0.8, -1).numpy()
+    ref = np.take_along_axis(ref, full_ids[:, 12:, None], -1)[..., 0]
+    m = np.asarray(out.mask_BxN)
+    expected = np.sum(np.where(m, np.asarray(out.logps_BxN) - ref, 0.0), axis=1)
+    np.testing.assert_allclose(np.asarray(kl), expected, atol=1e-4)
+    assert np.all(np.abs(expected) > 1e-3)  # the perturbation is visible
+    np.testing.assert_allclose(sequence_kl(model, ids, mask, out, num_samples=2, temperature=0.8), 0, atol=1e-4)
 
 
 def np_filtered_probs(logits, top_k, top_p, min_p):

@@ -2,8 +2,8 @@
 data; every computation on arrays is a jitted pure function.
 
 One rollout: `train.batch_size` prompts → the sampler (G samples each, KV cache, the policy's
-log-probs) → reward functions on the decoded texts (GRPO family) or the reward model's score
-(PPO) → advantages → `rl.num_iterations` passes of `rl.mini_batches` sharded train steps
+log-probs) → reward functions on the decoded texts (GRPO family; PPO without a reward model, the
+DPO paper's "PPO-GT") or the reward model's score (PPO) → advantages → `rl.num_iterations` passes of `rl.mini_batches` sharded train steps
 (`online.grpo` / `online.ppo`) → metrics. With `rl.dynamic_sampling` (DAPO), groups whose rewards
 are all equal are dropped and more prompts are drawn, up to `rl.max_sampling_rounds` rollouts,
 until the batch is full. Checkpoints hold the train state, the prompt iterator's position and the
@@ -113,8 +113,8 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
                           f"into rl.mini_batches={rl.mini_batches} × train.micro_batches={t.micro_batches}")
     if not is_ppo and G < 2:
         raise ConfigError("rl.num_generations must be >= 2 for group-relative advantages")
-    if is_ppo and rl.reward_model is None:
-        raise ConfigError("PPO needs rl.reward_model (a reward model's HF directory)")
+    if is_ppo and rl.reward_model is None and not rl.reward_funcs:
+        raise ConfigError("PPO needs rl.reward_model (a reward model's HF directory) or rl.reward_funcs to score")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
@@ -129,7 +129,8 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     make_policy, pretrained = build_model(cfg)
     reward_model = load_pretrained(rl.reward_model) if rl.reward_model else None
     make_model = make_policy
-    if is_ppo:  # the critic starts from the reward model (or rl.critic), as Huang et al. 2024 do
+    if is_ppo:  # the critic starts from the reward model (or rl.critic), as Huang et al. 2024 do; with
+        # neither, from the policy's starting weights with a new scalar head
         make_value, value_state = build_model(cfg, with_scalar_head=True, path=rl.critic or rl.reward_model)
         make_model = lambda rngs: online.ActorCritic(make_policy(rngs), make_value(rngs))  # noqa: E731
         pretrained = nnx.State({"value": value_state, **({"policy": pretrained} if pretrained is not None else {})})
@@ -154,10 +155,11 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         rm_score = jax.jit(lambda p, ids, mask: nnx.merge(rm_graphdef, p).score(ids, mask))
         score_fn = lambda ids, mask: rm_score(rm_params, ids, mask)  # noqa: E731
     # GRPO trains on the reward functions; PPO trains on the reward model and, when given reward
-    # functions, logs them as a measure of the true reward.
+    # functions, logs them as a measure of the true reward; PPO without a reward model trains on them.
     funcs, weights = _reward_functions(cfg, tokenizer, score_fn)
     if not funcs and not is_ppo:
         raise ConfigError("GRPO needs at least one reward function in rl.reward_funcs")
+    trains_on_funcs = score_fn is None or not is_ppo
     if is_ppo:
         values_fn = jax.jit(lambda p, r: online.critic_values(nnx.merge(graphdef, p).value, r))
         targets_fn = jax.jit(lambda *args: online.ppo_targets(*args, rl))
@@ -241,11 +243,11 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         for j, name in enumerate(funcs):
             metrics[f"rewards/{name}/mean"] = _nan_mean(data["per_function"][:, j])
             metrics[f"rewards/{name}/std"] = _nan_std(data["per_function"][:, j])
+        valid = ~np.isnan(data["rewards"]) if trains_on_funcs else np.ones(len(lengths), bool)
+        loss_mask &= valid[:, None]  # a completion no reward function applies to (all None) is not trained on
         if is_ppo:
             advantages = np.zeros(loss_mask.shape, np.float32)
         else:
-            valid = ~np.isnan(data["rewards"])
-            loss_mask &= valid[:, None]
             r = np.nan_to_num(data["rewards"])
             if rl.advantage == "rloo":
                 advantages = losses.rloo_advantages(jnp.asarray(r), G, valid_B=jnp.asarray(valid))
@@ -266,7 +268,8 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
             values = to_host(values_fn(state.params, placed))
             ids = np.concatenate([rollout.prompt_ids_BxP, rollout.completion_ids_BxT], 1)
             mask = np.concatenate([rollout.prompt_mask_BxP, rollout.completion_mask_BxT], 1)
-            scores = to_host(score_fn(*place((ids, mask))))
+            scores = (to_host(score_fn(*place((ids, mask)))) if score_fn is not None
+                      else np.nan_to_num(data["rewards"]).astype(np.float32))
             rollout, ppo_metrics = targets_fn(rollout, rollout.ref_logps_BxT, values, scores, data["truncated"],
                                               jnp.float32(kl_coef))
             rollout = to_host(rollout._replace(ref_logps_BxT=None))

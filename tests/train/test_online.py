@@ -17,7 +17,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from align_jax import rewards
-from align_jax.config import RLConfig, load_config
+from align_jax.config import ConfigError, RLConfig, load_config
 from align_jax.data import synthetic as syn
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.models import load_pretrained
@@ -263,6 +263,24 @@ def test_rlhf_reward_model_then_ppo_raises_the_true_reward(sft_model, tmp_path):
     assert last["kl_coef"] != 0.05  # the adaptive controller moved
     critic = load_file(str(tmp_path / "ppo" / "value_model" / "model.safetensors"))
     assert "score.weight" in critic
+
+
+def test_ppo_without_a_reward_model_is_scored_by_the_reward_functions(sft_model, tmp_path):
+    """PPO-GT (the DPO paper's PPO on the ground-truth reward): the score at EOS is the weighted sum
+    of the reward functions, and the critic starts from the policy's weights with a new scalar head."""
+    overrides = [f"model.path={sft_model}", "rl.reward_model=null", "train.steps=2", "train.batch_size=16",
+                 "train.log_every=1", "rl.reward_funcs=[format]", "rl.reward_weights=[0.5]",
+                 "rl.missing_eos_penalty=null", "rl.num_iterations=1"]
+    with pytest.raises(ConfigError, match="rl.reward_model .* or rl.reward_funcs"):
+        train(load_config(ROOT / "configs/ppo_arithmetic.yaml", [*overrides, "rl.reward_funcs=[]",
+                                                                 f"out_dir={tmp_path / 'none'}"]), progress=False)
+    last = train(load_config(ROOT / "configs/ppo_arithmetic.yaml", [*overrides, f"out_dir={tmp_path}"]), progress=False)
+    assert last["objective/scores"] == pytest.approx(0.5 * last["rewards/format/mean"], abs=1e-6)
+    critic = load_file(str(tmp_path / "value_model" / "model.safetensors"))
+    policy = load_file(str(Path(sft_model) / "model.safetensors"))
+    assert "score.weight" in critic
+    # four updates at lr 2e-5 from the policy's embeddings move them by about 1e-4; a fresh init is O(0.1) away
+    np.testing.assert_allclose(critic["model.embed_tokens.weight"], policy["model.embed_tokens.weight"], atol=2e-3)
 
 
 def test_online_run_resumes_bitwise(sft_model, tmp_path):

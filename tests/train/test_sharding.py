@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).parents[2]
+pytestmark = pytest.mark.xdist_group("sharding")  # one worker computes the report (`-n 2 --dist loadgroup`)
 
 
 @pytest.fixture(scope="module")
