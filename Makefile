@@ -30,9 +30,9 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
 
-# Every paper reproduction in full mode (about two hours on 2 CPU cores); each writes
+# Every paper reproduction in full mode (about two and a half hours on 2 CPU cores); each writes
 # experiments/results/<name>.md and .png with its check, PASS or FAIL, and its runtime.
-EXPERIMENTS := ipo_bandit dapo_ladder dr_grpo_length simpo_ablations kto_imbalanced rm_overoptimization
+EXPERIMENTS := ipo_bandit dpo_frontier dapo_ladder dr_grpo_length simpo_ablations kto_imbalanced rm_overoptimization
 reproduce: install
 	status=0; for e in $(EXPERIMENTS); do $(BIN)/python -m experiments.$$e --out experiments/results || status=1; done; exit $$status
 

@@ -24,7 +24,8 @@ Checks (printed and written with the results):
     standard errors (bootstrap over the openings, the policy's samples and the oracle's together);
   - DPO's KL rises as β falls.
 
-Run: python -m experiments.dpo_frontier [--betas 0.05 0.1 0.3 1] [--kl-targets 2 6 12] [--out experiments/results] [--smoke]
+Run: python -m experiments.dpo_frontier [--betas 0.03 0.1 0.3 1] [--kl-targets 1 2 4]
+     [--out experiments/results] [--smoke]
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ def run_study(out: Path, *, betas, kl_targets, sft_steps: int, dpo_steps: int, d
              for target in kl_targets]
     for seed in range(seeds):
         for method, value, config, overrides in runs:
-            name = f"{method} {'β' if method == 'DPO' else 'KL target'} {value:g}" + (f" seed {seed}" if seeds > 1 else "")
+            name = f"{method} {'β' if method == 'DPO' else 'KL target'} {value:g}"
+            name += f" seed {seed}" if seeds > 1 else ""
             run_dir, clock = out / name.replace(" ", "_"), time.perf_counter()
             train(load_config(report.ROOT / config, [f"model.path={sft_model}", f"train.seed={seed}",
                                                      f"out_dir={run_dir}", *overrides]), progress=False)
@@ -191,8 +193,9 @@ def run_study(out: Path, *, betas, kl_targets, sft_steps: int, dpo_steps: int, d
 
 
 def results_table(points: dict, gap: dict, oracle_rewards_mean: float) -> str:
-    lines = ["| policy | KL(π ‖ π_ref) | true reward | oracle at that KL | reward − oracle (± SE) | inside trusted range "
-             "| s / run |", "|---|---|---|---|---|---|---|",
+    header = ("| policy | KL(π ‖ π_ref) | true reward | oracle at that KL | reward − oracle (± SE) "
+              "| inside trusted range | s / run |")
+    lines = [header, "|---|---|---|---|---|---|---|",
              f"| π_ref (SFT) | 0 | {oracle_rewards_mean:.3f} | | | | |"]
     for name, p in points.items():
         g = gap[name]
@@ -215,7 +218,8 @@ def plot(points: dict, per_prompt: dict, M: int, path: Path):
             label = f"β={p['beta']:g}" if method == "DPO" else f"target {p['target']:g}"
             ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set(xlabel="KL(π ‖ π_ref), nats per sequence", ylabel="true reward (sentiment)",
-           title="reward–KL frontier on the sentiment grammar", xlim=(0, max(p["kl"] for p in points.values()) * 1.15))
+           title="reward–KL frontier on the sentiment grammar",
+           xlim=(0, max(p["kl"] for p in points.values()) * 1.15))
     ax.legend(fontsize=8, loc="lower right")
     report.save_figure(fig, path)
 
@@ -223,9 +227,9 @@ def plot(points: dict, per_prompt: dict, M: int, path: Path):
 def main(argv=None) -> int:
     parser = report.argument_parser(__doc__, "dpo_frontier", seeds=1, sft_steps=300,
                                     smoke="a one-layer model, 4 DPO steps and 2 PPO rollouts, 8 openings")
-    parser.add_argument("--betas", type=float, nargs="+", default=[0.05, 0.1, 0.3, 1.0])
-    parser.add_argument("--kl-targets", type=float, nargs="+", default=[2.0, 6.0, 12.0])
-    parser.add_argument("--dpo-steps", type=int, default=200)
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0])
+    parser.add_argument("--kl-targets", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--dpo-steps", type=int, default=300)
     parser.add_argument("--ppo-rollouts", type=int, default=40)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -243,9 +247,11 @@ def main(argv=None) -> int:
     _, _, kl_max = oracle_curve(per_prompt, M)
     paragraphs = __doc__.split("\n\n")
     setup = (f"{study['sft_steps']} SFT steps; DPO {study['dpo_steps']} steps of {study['dpo_batch']} pairs, PPO "
-             f"{study['ppo_rollouts']} rollouts of {study['ppo_batch']} completions; {study['prompts']} held-out openings × {study['samples']} samples per "
+             f"{study['ppo_rollouts']} rollouts of {study['ppo_batch']} completions; {study['prompts']} held-out "
+             f"openings × {study['samples']} samples per "
              f"policy, × {M} for the oracle, whose trusted range ends at KL {kl_max:.2f}. The SFT took "
-             f"{timings['SFT']:.0f} s, the pairs {timings['pairs']:.0f} s, the oracle's samples {timings['oracle']:.0f} s.")
+             f"{timings['SFT']:.0f} s, the pairs {timings['pairs']:.0f} s, the oracle's samples "
+             f"{timings['oracle']:.0f} s.")
     status = report.write(
         args.out, "dpo_frontier", title="The reward–KL frontier (Rafailov et al. 2023, Fig. 2) on the synthetic "
         "sentiment grammar", body="\n\n".join([*paragraphs[1:4], setup]),

@@ -61,7 +61,8 @@ def test_check_flags_points_above_the_oracle_and_a_non_monotone_dpo_sweep():
     gap = exp.gaps(points, per_prompt, 512)
     assert exp.check(points, gap) == []
     assert all(g["trusted"] and 0 < g["se"] < 0.1 for g in gap.values())
-    np.testing.assert_allclose(gap["PPO"]["gap"], points["PPO"]["reward_PxS"].mean() - at(points["PPO"]["kl_PxS"].mean()))
+    ppo = points["PPO"]
+    np.testing.assert_allclose(gap["PPO"]["gap"], ppo["reward_PxS"].mean() - at(ppo["kl_PxS"].mean()))
 
     points["PPO"] = _point("PPO", 4.0, 1.0, at(1.0) + 0.5)
     gap = exp.gaps(points, per_prompt, 512)
