@@ -137,6 +137,16 @@ class RLConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """Offline methods: train one member per value of a float in `loss` side by side, as lanes of
+    one vmapped program (`train/sweep.py`). Members share the data order, the starting weights and
+    the reference; each writes `<out_dir>/<field>=<value>/` (metrics and the exported model)."""
+
+    field: Optional[str] = None  # one of train.sweep.SWEEPABLE, e.g. beta; None: no sweep
+    values: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
     data: int = -1  # -1: every device not used by the other axes
     fsdp: int = 1
@@ -152,6 +162,7 @@ class RunConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     rl: RLConfig = dataclasses.field(default_factory=RLConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    sweep: SweepConfig = dataclasses.field(default_factory=SweepConfig)
     out_dir: str = "runs/run"
     reference: Optional[str] = None  # the frozen reference policy; default: the initial policy
 

@@ -6,7 +6,8 @@ A tiny model is fine-tuned on random review continuations (`configs/sft_sentimen
 reference π_ref. It draws 4 continuations of each of 2,000 training openings at T = 1, and every two
 of them with different true rewards make a preference pair, the higher one chosen (up to 6 per
 opening, as in the paper). From π_ref:
-  - DPO on those pairs (`configs/dpo_sentiment_sft.yaml`) for a sweep of β;
+  - DPO on those pairs (`configs/dpo_sentiment_sft.yaml`) for a sweep of β, all of it one vmapped
+    program (`sweep.field=beta`);
   - PPO on the true reward itself (the paper's PPO-GT, `configs/ppo_sentiment.yaml`: no reward
     model) for a sweep of the adaptive KL controller's target.
 Each policy continues 64 held-out openings 16 times at T = 1, which gives its point: the sequence-
@@ -170,31 +171,38 @@ def run_study(out: Path, *, betas, kl_targets, sft_steps: int, dpo_steps: int, d
     timings["oracle"] = time.perf_counter() - clock
 
     points = {}
-    runs = [("DPO", beta, "configs/dpo_sentiment_sft.yaml",
-             [f"data.train={out / 'pairs.jsonl'}", f"loss.beta={beta}", f"train.steps={dpo_steps}",
-              f"train.batch_size={dpo_batch}"])
-            for beta in betas]
-    runs += [("PPO", target, "configs/ppo_sentiment.yaml",
-              [f"rl.kl_target={target}", f"train.steps={ppo_rollouts}", f"train.batch_size={ppo_batch}"])
-             for target in kl_targets]
+
+    def evaluate(name: str, model_dir: Path, seconds: float, **what):
+        reward_PxS, kl_PxS, _ = sample(model_dir, held_out, samples, seed=3, reference=sft_model)
+        points[name] = dict(what, reward=float(reward_PxS.mean()), kl=float(kl_PxS.mean()), reward_PxS=reward_PxS,
+                            kl_PxS=kl_PxS, seconds=seconds)
+        print(f"{name:28s} KL {kl_PxS.mean():6.2f}  true reward {reward_PxS.mean():+.3f}", flush=True)
+
     for seed in range(seeds):
-        for method, value, config, overrides in runs:
-            name = f"{method} {'β' if method == 'DPO' else 'KL target'} {value:g}"
-            name += f" seed {seed}" if seeds > 1 else ""
-            run_dir, clock = out / name.replace(" ", "_"), time.perf_counter()
-            train(load_config(report.ROOT / config, [f"model.path={sft_model}", f"train.seed={seed}",
-                                                     f"out_dir={run_dir}", *overrides]), progress=False)
-            reward_PxS, kl_PxS, _ = sample(run_dir / "model", held_out, samples, seed=3, reference=sft_model)
-            points[name] = {"method": method, "beta" if method == "DPO" else "target": value,
-                            "reward": float(reward_PxS.mean()), "kl": float(kl_PxS.mean()),
-                            "reward_PxS": reward_PxS, "kl_PxS": kl_PxS, "seconds": time.perf_counter() - clock}
-            print(f"{name:28s} KL {kl_PxS.mean():6.2f}  true reward {reward_PxS.mean():+.3f}", flush=True)
+        suffix = f" seed {seed}" if seeds > 1 else ""
+        # Every β in one vmapped program (`sweep.*`): the members share the data order and the reference.
+        clock, sweep_dir = time.perf_counter(), out / f"DPO_seed{seed}"
+        train(load_config(report.ROOT / "configs/dpo_sentiment_sft.yaml", [
+            f"model.path={sft_model}", f"data.train={out / 'pairs.jsonl'}", f"train.seed={seed}",
+            f"train.steps={dpo_steps}", f"train.batch_size={dpo_batch}", f"out_dir={sweep_dir}", "sweep.field=beta",
+            f"sweep.values=[{','.join(map(str, betas))}]"]), progress=False)
+        seconds = (time.perf_counter() - clock) / len(betas)
+        for beta in betas:
+            evaluate(f"DPO β {beta:g}{suffix}", sweep_dir / f"beta={beta:g}" / "model", seconds, method="DPO",
+                     beta=beta)
+        for target in kl_targets:
+            clock, run_dir = time.perf_counter(), out / f"PPO_target{target:g}_seed{seed}"
+            train(load_config(report.ROOT / "configs/ppo_sentiment.yaml", [
+                f"model.path={sft_model}", f"train.seed={seed}", f"rl.kl_target={target}",
+                f"train.steps={ppo_rollouts}", f"train.batch_size={ppo_batch}", f"out_dir={run_dir}"]), progress=False)
+            evaluate(f"PPO KL target {target:g}{suffix}", run_dir / "model", time.perf_counter() - clock,
+                     method="PPO", target=target)
     return points, oracle(oracle_rewards), timings
 
 
 def results_table(points: dict, gap: dict, oracle_rewards_mean: float) -> str:
     header = ("| policy | KL(π ‖ π_ref) | true reward | oracle at that KL | reward − oracle (± SE) "
-              "| inside trusted range | s / run |")
+              "| inside trusted range | s / run (DPO: the sweep's / K) |")
     lines = [header, "|---|---|---|---|---|---|---|",
              f"| π_ref (SFT) | 0 | {oracle_rewards_mean:.3f} | | | | |"]
     for name, p in points.items():

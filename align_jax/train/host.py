@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 import transformers
 from flax import nnx
@@ -145,7 +146,7 @@ class Checkpoints:
 
 def check_finite(metrics, step: int, batch: str):
     """Raise NonFiniteError when a step refused a non-finite update."""
-    if float(to_host(metrics["nonfinite"])):
+    if np.any(to_host(metrics["nonfinite"])):  # one flag per member of a sweep
         raise NonFiniteError(f"step {step}: non-finite loss or gradient on the batch at {batch} (loss "
-                             f"{float(to_host(metrics['loss']))}); params were not updated and the last "
-                             "checkpoint is intact")
+                             f"{np.asarray(to_host(metrics['loss'])).tolist()}); params were not updated "
+                             "and the last checkpoint is intact")

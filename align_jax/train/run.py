@@ -5,7 +5,9 @@ Outputs under `out_dir`: `config.yaml`, `metrics.jsonl` (one JSON object per log
 `split` train or eval), TensorBoard event files in `tb/`, Orbax checkpoints in `checkpoints/`
 (train state with its rng, and the data iterator position; the last `keep_checkpoints` kept),
 and the final model as a Hugging Face directory in `model/` (a reward model as
-`…ForSequenceClassification`).
+`…ForSequenceClassification`). A sweep (`sweep.field`, `sweep.values`) trains its members in one
+vmapped program (`sweep.py`) and writes each one's metrics, TensorBoard events and model under
+`<field>=<value>/`; the checkpoints hold the stacked state.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from align_jax.config import RunConfig, to_yaml
+from align_jax.config import ConfigError, RunConfig, to_yaml
 from align_jax.data import DataError, LoaderState, batches, bucket_width, collate, default_buckets, encode, truncate
 from align_jax.models import load_pretrained, save_pretrained
-from align_jax.train import methods
+from align_jax.train import methods, sweep
 from align_jax.train.host import (Checkpoints, MetricLog, StopSignal, build_model, check_finite, data_source,
                                   load_tokenizer, to_host)
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
@@ -65,18 +67,23 @@ def _attach_reference_logps(data, ref_fn, width: int, pad_id, buckets, mesh, ref
 
 
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_updates: int | None = None) -> dict:
-    """Run `cfg` to `train.steps` updates (rollouts for online methods); return the last metrics.
+    """Run `cfg` to `train.steps` updates (rollouts for online methods); return the last metrics
+    (for a sweep, {member name: its last metrics}).
 
     SIGTERM or Ctrl-C, or `max_updates` updates made by this call (a time-boxed slice of a long
     run), end it early with a checkpoint that `resume=True` continues exactly.
     """
     t = cfg.train
     if t.method in ONLINE_METHODS:
+        if cfg.sweep.field is not None:
+            raise ConfigError(f"sweep.field: sweeps are for the offline methods {sorted(methods.METHODS)}, "
+                              f"not {t.method}")
         from align_jax.train.rl import train_online
         return train_online(cfg, resume=resume, progress=progress, max_updates=max_updates)
     if t.method not in methods.METHODS:
         raise ValueError(f"train.method must be one of {sorted(methods.METHODS) + list(ONLINE_METHODS)}, "
                          f"got {t.method!r}")
+    names = sweep.members(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
@@ -110,10 +117,18 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
             _attach_reference_logps(data, ref_fn, t.batch_size, pad_id, buckets, mesh, ref_params)
         ref_params = ref_shardings = None  # no reference model from here on
 
-    train_step = jit_train_step(make_train_step(loss_fn, graphdef, tx, cfg.loss, t.micro_batches, schedule),
-                                shardings, ref_shardings, mesh)
-    eval_step = jit_eval_step(make_eval_step(loss_fn, graphdef, cfg.loss, t.micro_batches),
-                              shardings.params, ref_shardings, mesh)
+    make_step = lambda loss_cfg: make_train_step(loss_fn, graphdef, tx, loss_cfg, t.micro_batches, schedule)  # noqa: E731
+    make_eval = lambda loss_cfg: make_eval_step(loss_fn, graphdef, loss_cfg, t.micro_batches)  # noqa: E731
+    if names is None:
+        train_fn, eval_fn = make_step(cfg.loss), make_eval(cfg.loss)
+    else:  # the members' states stacked on a leading axis, one lane of a vmapped step each
+        shardings = sweep.stacked_shardings(shardings)
+        state = sweep.stack(state, len(names), shardings)
+        train_fn = sweep.vmap_step(make_step, cfg.loss, cfg.sweep.field, cfg.sweep.values)
+        eval_fn = sweep.vmap_step(make_eval, cfg.loss, cfg.sweep.field, cfg.sweep.values)
+    train_step = jit_train_step(train_fn, shardings, ref_shardings, mesh)
+    eval_step = jit_eval_step(eval_fn, shardings.params, ref_shardings, mesh)
+    member_dirs = [out] if names is None else [out / name for name in names]
 
     checkpoints = Checkpoints(out, t.keep_checkpoints, resume)
     loader = LoaderState()
@@ -125,18 +140,27 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     def evaluate(step: int) -> dict:
         stream = batches(eval_data, batch_size=t.batch_size, seed=0, pad_id=pad_id, buckets=buckets, epochs=1,
                          process_index=jax.process_index(), process_count=jax.process_count())
-        results = [eval_step(state.params, ref_params, shard_batch(b, mesh))
+        results = [to_host(eval_step(state.params, ref_params, shard_batch(b, mesh)))
                    for _, (_, b) in zip(range(t.eval_batches), stream)]
-        mean = {k: float(np.mean([to_host(r[k]) for r in results])) for k in results[0]}
-        metric_log.write("eval", step, mean)
-        return mean
+        means = by_member({k: np.mean([r[k] for r in results], axis=0) for k in results[0]})
+        for log_, mean in zip(metric_logs, means):
+            log_.write("eval", step, mean)
+        return means
+
+    def by_member(metrics: dict) -> list[dict[str, float]]:
+        """Host metrics → one dict of floats per member (one, without a sweep)."""
+        if names is None:
+            return [{k: float(v) for k, v in metrics.items()}]
+        return [{k: float(v[i]) for k, v in metrics.items()} for i in range(len(names))]
 
     stream = batches(train_data, batch_size=t.batch_size, seed=t.seed, pad_id=pad_id, buckets=buckets,
                      state=loader, process_index=jax.process_index(), process_count=jax.process_count())
-    step, last, start = int(state.step), {}, time.perf_counter()
-    first = step
+    step, start = int(sweep.member(state.step, 0) if names else state.step), time.perf_counter()
+    first, last = step, [{} for _ in member_dirs]
     primary = jax.process_index() == 0
-    metric_log = MetricLog(out)
+    for d in member_dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    metric_logs = [MetricLog(d) for d in member_dirs]
     with StopSignal().installed() as stop, \
             tqdm(total=t.steps, initial=step, disable=not (progress and primary), desc=t.method, unit="step") as bar:
         stop_at = t.steps if max_updates is None else min(t.steps, step + max_updates)
@@ -147,23 +171,28 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
             step += 1
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
-                last = {k: float(v) for k, v in to_host(metrics).items()}
-                last["steps_per_second"] = (step - first) / (time.perf_counter() - start)
-                metric_log.write("train", step, last)
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
+                last = by_member(to_host(metrics))
+                for log_, member_last in zip(metric_logs, last):
+                    member_last["steps_per_second"] = (step - first) / (time.perf_counter() - start)
+                    log_.write("train", step, member_last)
+                bar.set_postfix(loss=" ".join(f"{m['loss']:.4f}" for m in last))
             if eval_data is not None and t.eval_every and step % t.eval_every == 0:
-                last.update({f"eval_{k}": v for k, v in evaluate(step).items()})
+                for member_last, mean in zip(last, evaluate(step)):
+                    member_last.update({f"eval_{k}": v for k, v in mean.items()})
             if t.checkpoint_every and step % t.checkpoint_every == 0:
                 checkpoints.save(step, state, dataclasses.asdict(loader))
         checkpoints.save(step, state, dataclasses.asdict(loader))
         if step < t.steps:
             log.warning("stopped at step %d of %d: checkpoint written, continue with --resume", step, t.steps)
-            metric_log.close()
-            return last
-        if eval_data is not None and not (t.eval_every and step % t.eval_every == 0):
-            last.update({f"eval_{k}": v for k, v in evaluate(step).items()})
-    metric_log.close()
-    params = to_host(state.params)  # every process takes part in the gather; the first one writes
-    if primary:
-        save_pretrained(nnx.merge(graphdef, params), out / "model", tokenizer=tokenizer)
-    return last
+        elif eval_data is not None and not (t.eval_every and step % t.eval_every == 0):
+            for member_last, mean in zip(last, evaluate(step)):
+                member_last.update({f"eval_{k}": v for k, v in mean.items()})
+    for log_ in metric_logs:
+        log_.close()
+    if step == t.steps:
+        params = to_host(state.params)  # every process takes part in the gather; the first one writes
+        for i, d in enumerate(member_dirs):
+            if primary:
+                save_pretrained(nnx.merge(graphdef, params if names is None else sweep.member(params, i)),
+                                d / "model", tokenizer=tokenizer)
+    return last[0] if names is None else dict(zip(names, last))

@@ -56,6 +56,39 @@ def test_dpo_run_with_precomputed_reference_and_eval_split(tmp_path):
     assert (tmp_path / "tb").is_dir() and (tmp_path / "config.yaml").is_file()
 
 
+def test_sweep_trains_each_member_as_its_own_run(tmp_path):
+    """A β sweep as lanes of one vmapped program gives each member the metrics and the exported
+    weights of its own run."""
+    extra = ["train.steps=3", "data.synthetic_args.n=64", "data.eval_fraction=0.25"]
+    dpo = "configs/dpo_sentiment.yaml"
+    swept = train(config(tmp_path / "sweep", *extra, "sweep.field=beta", "sweep.values=[0.1,0.5]", base=dpo),
+                  progress=False)
+    assert list(swept) == ["beta=0.1", "beta=0.5"]
+    assert swept["beta=0.1"]["loss"] != swept["beta=0.5"]["loss"]
+    for beta in ("0.1", "0.5"):
+        alone = train(config(tmp_path / beta, *extra, f"loss.beta={beta}", base=dpo), progress=False)
+        member = swept[f"beta={beta}"]
+        for key in ("loss", "grad_norm", "rewards/margins", "eval_loss", "eval_rewards/accuracies"):
+            np.testing.assert_allclose(member[key], alone[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        a, b = weights(tmp_path / "sweep" / f"beta={beta}"), weights(tmp_path / beta)
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        logged = (tmp_path / "sweep" / f"beta={beta}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["split"] for line in logged] == ["train"] * 3 + ["eval"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sweep.field=label_smoothing", "sweep.values=[0.1]"], "sweep.field must be one of"),
+    (["sweep.field=beta"], "sweep.values is empty"),
+    (["sweep.values=[0.1]"], "sweep.values is set but sweep.field is not"),
+    (["sweep.field=beta", "sweep.values=[0.1,0.10]"], "repeated values"),
+    (["sweep.field=beta", "sweep.values=[0.1]", "train.method=grpo"], "sweeps are for the offline methods"),
+])
+def test_bad_sweeps_are_named_errors(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train(config(tmp_path, "train.steps=1", *overrides, base="configs/dpo_sentiment.yaml"), progress=False)
+
+
 def test_non_finite_loss_stops_and_leaves_the_last_checkpoint(tmp_path):
     cfg = config(tmp_path, "train.steps=20", "train.lr=1e12", "train.max_grad_norm=null",
                  "train.warmup_steps=0", "train.schedule=constant", "train.checkpoint_every=1")
