@@ -6,8 +6,9 @@ log-probs) → reward functions on the decoded texts (GRPO family; PPO without a
 DPO paper's "PPO-GT") or the reward model's score (PPO) → advantages → `rl.num_iterations`
 passes of `rl.mini_batches` sharded train steps (`online.grpo` / `online.ppo`) → metrics. With
 `rl.dynamic_sampling` (DAPO), groups whose rewards are all equal are dropped and more prompts are
-drawn, up to `rl.max_sampling_rounds` rollouts, until the batch is full. Checkpoints hold the train state, the prompt iterator's position and the
-KL controller; outputs are those of `run.py` (PPO also writes its critic to `value_model/`).
+drawn, up to `rl.max_sampling_rounds` rollouts, until the batch is full. Checkpoints hold the
+train state, the prompt iterator's position and the KL controller; outputs are those of `run.py`
+(PPO also writes its critic to `value_model/`).
 """
 
 from __future__ import annotations

@@ -117,8 +117,12 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
             _attach_reference_logps(data, ref_fn, t.batch_size, pad_id, buckets, mesh, ref_params)
         ref_params = ref_shardings = None  # no reference model from here on
 
-    make_step = lambda loss_cfg: make_train_step(loss_fn, graphdef, tx, loss_cfg, t.micro_batches, schedule)  # noqa: E731
-    make_eval = lambda loss_cfg: make_eval_step(loss_fn, graphdef, loss_cfg, t.micro_batches)  # noqa: E731
+    def make_step(loss_cfg):
+        return make_train_step(loss_fn, graphdef, tx, loss_cfg, t.micro_batches, schedule)
+
+    def make_eval(loss_cfg):
+        return make_eval_step(loss_fn, graphdef, loss_cfg, t.micro_batches)
+
     if names is None:
         train_fn, eval_fn = make_step(cfg.loss), make_eval(cfg.loss)
     else:  # the members' states stacked on a leading axis, one lane of a vmapped step each
@@ -133,11 +137,13 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     checkpoints = Checkpoints(out, t.keep_checkpoints, resume)
     loader = LoaderState()
     restored = checkpoints.restore(state, shardings)
+    step = 0
     if restored is not None:
         state, loader = restored[0], LoaderState(**restored[1])
-        log.info("resumed from step %d (%s)", int(state.step), loader)
+        step = int(np.ravel(to_host(state.step))[0])  # a sweep's members all take the same steps
+        log.info("resumed from step %d (%s)", step, loader)
 
-    def evaluate(step: int) -> dict:
+    def evaluate(step: int) -> list[dict[str, float]]:
         stream = batches(eval_data, batch_size=t.batch_size, seed=0, pad_id=pad_id, buckets=buckets, epochs=1,
                          process_index=jax.process_index(), process_count=jax.process_count())
         results = [to_host(eval_step(state.params, ref_params, shard_batch(b, mesh)))
@@ -155,8 +161,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
 
     stream = batches(train_data, batch_size=t.batch_size, seed=t.seed, pad_id=pad_id, buckets=buckets,
                      state=loader, process_index=jax.process_index(), process_count=jax.process_count())
-    step, start = int(sweep.member(state.step, 0) if names else state.step), time.perf_counter()
-    first, last = step, [{} for _ in member_dirs]
+    first, last, start = step, [{} for _ in member_dirs], time.perf_counter()
     primary = jax.process_index() == 0
     for d in member_dirs:
         d.mkdir(parents=True, exist_ok=True)

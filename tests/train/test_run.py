@@ -57,12 +57,14 @@ def test_dpo_run_with_precomputed_reference_and_eval_split(tmp_path):
 
 
 def test_sweep_trains_each_member_as_its_own_run(tmp_path):
-    """A β sweep as lanes of one vmapped program gives each member the metrics and the exported
-    weights of its own run."""
+    """A β sweep as lanes of one vmapped program, interrupted after 2 of 3 steps and resumed, gives
+    each member the metrics and the exported weights of its own uninterrupted run."""
     extra = ["train.steps=3", "data.synthetic_args.n=64", "data.eval_fraction=0.25"]
     dpo = "configs/dpo_sentiment.yaml"
-    swept = train(config(tmp_path / "sweep", *extra, "sweep.field=beta", "sweep.values=[0.1,0.5]", base=dpo),
-                  progress=False)
+    swept_cfg = config(tmp_path / "sweep", *extra, "sweep.field=beta", "sweep.values=[0.1,0.5]", base=dpo)
+    train(swept_cfg, progress=False, max_updates=2)
+    assert not (tmp_path / "sweep" / "beta=0.1" / "model").exists()  # stopped early: no export yet
+    swept = train(swept_cfg, progress=False, resume=True)
     assert list(swept) == ["beta=0.1", "beta=0.5"]
     assert swept["beta=0.1"]["loss"] != swept["beta=0.5"]["loss"]
     for beta in ("0.1", "0.5"):
