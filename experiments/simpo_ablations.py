@@ -5,7 +5,8 @@ A tiny model is first fine-tuned on random review continuations (`configs/sft_se
 then trained on preference pairs labelled by the true sentiment and kept only when the better
 continuation is also the longer one (`synthetic.sentiment_pairs(longer_chosen=True)`), so length
 is a shortcut to the preferences. From the same SFT model (`configs/simpo_sentiment.yaml`):
-  - SimPO, reward β/|y| · log π(y), β = 2, for each target margin γ ∈ {0, 0.5, 1, 2};
+  - SimPO, reward β/|y| · log π(y), β = 2, for each target margin γ ∈ {0, 0.5, 1, 2}, the four
+    trained as one vmapped program (`sweep.field=simpo_gamma`);
   - SimPO w/o LN (length normalisation), reward β · log π(y), γ = 1;
   - DPO, reward β · log π(y)/π_SFT(y), β = 0.1.
 Each run's own implicit reward ranks 1,024 held-out pairs (reward accuracy); then the model
@@ -46,9 +47,9 @@ from experiments import report
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-GAMMAS = (0.0, 0.5, 1.0, 2.0)
+GAMMAS = (0.0, 0.5, 1.0, 2.0)  # one vmapped program per seed (`sweep.field=simpo_gamma`)
+SWEPT = {f"SimPO (γ = {g:g})": f"simpo_gamma={g:g}" for g in GAMMAS}  # name: the sweep member's name
 RUNS = {  # name: overrides of configs/simpo_sentiment.yaml (SimPO, β = 2, γ = 1)
-    **{f"SimPO (γ = {g:g})": [f"loss.simpo_gamma={g}"] for g in GAMMAS},
     "SimPO w/o LN (γ = 1)": ["loss.simpo_length_normalize=false"],
     "DPO (β = 0.1)": ["loss.loss_type=sigmoid", "loss.beta=0.1"],
 }
@@ -74,19 +75,31 @@ def run_study(out: Path, *, seeds: int, sft_steps: int, steps: int, prompts: int
     shutil.rmtree(out, ignore_errors=True)
     sft_model = report.sft("sft_sentiment.yaml", out / "sft", sft_steps, smoke=smoke)
     held_out = list(synthetic.sentiment(prompts, seed=12345)["prompt"])
-    results = {"SFT": [generations(load_pretrained(sft_model), held_out)]}
-    for i, (name, overrides) in enumerate(RUNS.items()):
-        results[name] = []
-        for seed in range(seeds):
+    results = {"SFT": [generations(load_pretrained(sft_model), held_out)], **{name: [] for name in [*SWEPT, *RUNS]}}
+
+    def run(seed: int, run_dir: Path, *overrides: str) -> dict:
+        return train(load_config(report.ROOT / "configs/simpo_sentiment.yaml", [
+            f"model.path={sft_model}", f"train.steps={steps}", f"train.eval_every={steps}", f"train.seed={seed}",
+            f"out_dir={run_dir}", *overrides, *extra]), progress=False)
+
+    def record(name: str, seed: int, model_dir: Path, last: dict, seconds: float):
+        result = generations(load_pretrained(model_dir), held_out)
+        result.update({"reward accuracy": last["eval_rewards/accuracies"], "seconds": seconds})
+        results[name].append(result)
+        print(f"{name:22s} seed {seed}: reward accuracy {result['reward accuracy']:.3f}, "
+              f"length {result['length']:.1f}, ρ {result['rho']:+.2f}", flush=True)
+
+    for seed in range(seeds):
+        start, sweep_dir = time.perf_counter(), out / f"gamma_sweep_seed{seed}"
+        members = run(seed, sweep_dir, "sweep.field=simpo_gamma",
+                      f"sweep.values=[{','.join(map(str, GAMMAS))}]")
+        seconds = (time.perf_counter() - start) / len(GAMMAS)
+        for name, member in SWEPT.items():
+            record(name, seed, sweep_dir / member / "model", members[member], seconds)
+        for i, (name, overrides) in enumerate(RUNS.items()):
             start = time.perf_counter()
-            last = train(load_config(report.ROOT / "configs/simpo_sentiment.yaml", [
-                f"model.path={sft_model}", f"train.steps={steps}", f"train.eval_every={steps}",
-                f"train.seed={seed}", f"out_dir={out / f'{i}_seed{seed}'}", *overrides, *extra]), progress=False)
-            result = generations(load_pretrained(out / f"{i}_seed{seed}" / "model"), held_out)
-            result.update({"reward accuracy": last["eval_rewards/accuracies"], "seconds": time.perf_counter() - start})
-            results[name].append(result)
-            print(f"{name:22s} seed {seed}: reward accuracy {result['reward accuracy']:.3f}, "
-                  f"length {result['length']:.1f}, ρ {result['rho']:+.2f}", flush=True)
+            last = run(seed, out / f"{i}_seed{seed}", *overrides)
+            record(name, seed, out / f"{i}_seed{seed}" / "model", last, time.perf_counter() - start)
     return results
 
 
@@ -116,7 +129,7 @@ def check(results: dict, eval_pairs: int = EVAL_PAIRS) -> list[str]:
 
 def results_table(results: dict) -> str:
     header = ("model", "held-out reward accuracy", "length (tokens)", "hit the length limit", "true sentiment",
-              "ρ(length, avg log π)", "s / run")
+              "ρ(length, avg log π)", "s / run (γ sweep: its time / 4)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, rs in results.items():
         cells = [report.mean_se([r[k] for r in rs]) if k in rs[0] else "" for k in

@@ -30,5 +30,5 @@ def test_check_flags_each_claim():
 def test_smoke_run_writes_results(tmp_path):
     exp.main(["--smoke", "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
     report = (tmp_path / "results" / "simpo_ablations.md").read_text()
-    assert all(f"| {name} |" in report for name in ["SFT", *exp.RUNS]) and "**Check.**" in report
+    assert all(f"| {name} |" in report for name in ["SFT", *exp.SWEPT, *exp.RUNS]) and "**Check.**" in report
     assert (tmp_path / "results" / "simpo_ablations.png").stat().st_size > 10_000
