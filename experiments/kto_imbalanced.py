@@ -8,7 +8,8 @@ of preferences, pairs of continuations whose better one by the true sentiment is
   - KTO on the same pairs unpaired (`data.unpair`: chosen desirable, rejected undesirable), β = 0.1,
     λ_D = λ_U = 1;
   - KTO after dropping 90% of the desirable examples, with λ_D = 1, and with the paper's rescaling
-    λ_D n_D / (λ_U n_U) = 1 (`losses.kto_desirable_weight`, here λ_D ≈ 10).
+    λ_D n_D / (λ_U n_U) = 1 (`losses.kto_desirable_weight`, here λ_D ≈ 10): the two trained as one
+    vmapped program (`sweep.field=desirable_weight`).
 Each model continues 256 held-out review openings, 4 samples each at T = 1; the true-reward gain is
 the mean sentiment of those continuations minus the SFT model's, and each KTO run reports the
 fraction of DPO's gain it recovers.
@@ -49,8 +50,9 @@ RECOVERED = 0.8
 RUNS = ("DPO", "KTO", "KTO, 10% desirable, λ_D = 1", "KTO, 10% desirable, λ_D rescaled")
 
 
-def datasets_for(pairs, out: Path, seed: int) -> dict[str, tuple[Path, list[str]]]:
-    """Write the three training sets; {run: (file, extra overrides)}."""
+def datasets_for(pairs, out: Path, seed: int) -> dict[str, tuple[Path, list[str], dict[str, str]]]:
+    """Write the three training sets; {job: (file, extra overrides, {run: its directory in the job's})}.
+    The two λ_D runs on the imbalanced set are the members of one sweep job."""
     out.mkdir(parents=True, exist_ok=True)
     unpaired = unpair(pairs)
     desirable = [i for i, label in enumerate(unpaired["label"]) if label]
@@ -62,8 +64,11 @@ def datasets_for(pairs, out: Path, seed: int) -> dict[str, tuple[Path, list[str]
     files = {name: out / f"{name}.jsonl" for name in ("pairs", "unpaired", "imbalanced")}
     for name, ds in zip(files, (pairs, unpaired, imbalanced)):
         ds.to_json(str(files[name]), lines=True)
-    return {"DPO": (files["pairs"], ["train.method=dpo", "loss.loss_type=sigmoid"]), "KTO": (files["unpaired"], []),
-            RUNS[2]: (files["imbalanced"], []), RUNS[3]: (files["imbalanced"], [f"loss.desirable_weight={weight}"])}
+    sweep = ["sweep.field=desirable_weight", f"sweep.values=[1.0,{weight}]"]
+    return {"DPO": (files["pairs"], ["train.method=dpo", "loss.loss_type=sigmoid"], {"DPO": ""}),
+            "KTO": (files["unpaired"], [], {"KTO": ""}),
+            "λ_D sweep": (files["imbalanced"], sweep, {RUNS[2]: "desirable_weight=1",
+                                                      RUNS[3]: f"desirable_weight={weight:g}"})}
 
 
 def true_reward(model_dir: Path, prompts: list[str]) -> float:
@@ -82,14 +87,16 @@ def run_study(out: Path, *, seeds: int, sft_steps: int, steps: int, pairs: int, 
     results = {"SFT": [{"reward": true_reward(sft_model, held_out)}]}
     for seed in range(seeds):
         data = datasets_for(synthetic.sentiment_pairs(pairs, seed=seed + 1, beta=None), out / f"data_seed{seed}", seed)
-        for i, (name, (path, overrides)) in enumerate(data.items()):
-            start, run_dir = time.perf_counter(), out / f"{i}_seed{seed}"
+        for i, (path, overrides, runs) in enumerate(data.values()):
+            start, job_dir = time.perf_counter(), out / f"{i}_seed{seed}"
             train(load_config(report.ROOT / "configs/kto_sentiment_sft.yaml", [
                 f"model.path={sft_model}", f"data.train={path}", f"train.steps={steps}",
-                f"train.seed={seed}", f"out_dir={run_dir}", *overrides, *extra]), progress=False)
-            reward = true_reward(run_dir / "model", held_out)
-            results.setdefault(name, []).append({"reward": reward, "seconds": time.perf_counter() - start})
-            print(f"{name:34s} seed {seed}: true reward {reward:+.3f}", flush=True)
+                f"train.seed={seed}", f"out_dir={job_dir}", *overrides, *extra]), progress=False)
+            seconds = (time.perf_counter() - start) / len(runs)  # a sweep's time, shared by its members
+            for name, member in runs.items():
+                reward = true_reward(job_dir / member / "model", held_out)
+                results.setdefault(name, []).append({"reward": reward, "seconds": seconds})
+                print(f"{name:34s} seed {seed}: true reward {reward:+.3f}", flush=True)
     return results
 
 
@@ -124,7 +131,8 @@ def check(results: dict) -> list[str]:
 
 def results_table(results: dict) -> str:
     g, fraction = gains(results), recovered(results)
-    lines = ["| model | true reward | gain over SFT | fraction of DPO's gain | s / run |", "|---|---|---|---|---|",
+    lines = ["| model | true reward | gain over SFT | fraction of DPO's gain | s / run (a sweep: its time / 2) |",
+             "|---|---|---|---|---|",
              f"| SFT | {results['SFT'][0]['reward']:.3f} | | | |"]
     for name in RUNS:
         lines.append(f"| {name} | {report.mean_se([r['reward'] for r in results[name]])} | "

@@ -11,14 +11,16 @@ from experiments import kto_imbalanced as exp
 def test_imbalanced_set_keeps_a_tenth_of_the_desirable_rows_and_rescales_lambda_d(tmp_path):
     pairs = synthetic.sentiment_pairs(200, seed=1, beta=None)
     data = exp.datasets_for(pairs, tmp_path, seed=0)
-    rows = {name: [json.loads(line) for line in path.read_text().splitlines()] for name, (path, _) in data.items()}
+    rows = {job: [json.loads(line) for line in path.read_text().splitlines()] for job, (path, _, _) in data.items()}
     assert len(rows["DPO"]) == len(pairs) and len(rows["KTO"]) == 2 * len(pairs)
-    imbalanced = rows[exp.RUNS[2]]
+    imbalanced = rows["λ_D sweep"]
     n_d = sum(r["label"] for r in imbalanced)
     assert n_d == int(0.1 * len(pairs)) and len(imbalanced) - n_d == len(pairs)
     assert {r["completion"] for r in imbalanced if not r["label"]} == set(pairs["rejected"])
-    assert data[exp.RUNS[2]][1] == []
-    weight = float(data[exp.RUNS[3]][1][0].split("=")[1])
+    _, overrides, runs = data["λ_D sweep"]  # λ_D = 1 and the rescaled λ_D, members of one sweep
+    assert overrides[0] == "sweep.field=desirable_weight" and list(runs) == list(exp.RUNS[2:])
+    one, weight = (float(v) for v in overrides[1].split("=")[1].strip("[]").split(","))
+    assert one == 1.0 and runs[exp.RUNS[3]] == f"desirable_weight={weight:g}"
     np.testing.assert_allclose(weight * n_d / (len(imbalanced) - n_d), 1.0)
 
 
