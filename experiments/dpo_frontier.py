@@ -119,13 +119,12 @@ def gaps(points: dict[str, dict], per_prompt: dict[str, np.ndarray], M: int, see
     P = per_prompt["kl"].shape[0]
     draws = rng.integers(0, P, size=(BOOTSTRAP, P))
     kl_grid, reward_grid, kl_max = oracle_curve(per_prompt, M)
+    curves = [(rows, *oracle_curve(per_prompt, M, rows)[:2]) for rows in draws]  # shared by every point
     out = {}
     for name, point in points.items():
         kl, reward = point["kl_PxS"].mean(1), point["reward_PxS"].mean(1)
-        boot = []
-        for rows in draws:
-            grid_kl, grid_reward, _ = oracle_curve(per_prompt, M, rows)
-            boot.append(reward[rows].mean() - np.interp(kl[rows].mean(), grid_kl, grid_reward))
+        boot = [reward[rows].mean() - np.interp(kl[rows].mean(), grid_kl, grid_reward)
+                for rows, grid_kl, grid_reward in curves]
         out[name] = {"gap": reward.mean() - np.interp(kl.mean(), kl_grid, reward_grid), "se": float(np.std(boot)),
                      "trusted": bool(kl.mean() <= kl_max)}
     return out
