@@ -54,6 +54,7 @@ class DataConfig:
     max_length: int = 256
     max_prompt_length: Optional[int] = None
     buckets: Optional[list[int]] = None  # padded lengths; default powers of two up to max_length
+    share_prompt: bool = True  # dpo: pack prompt | chosen | rejected in one row, so the prompt runs once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,7 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 0  # 0: only at the end and on interruption
     keep_checkpoints: int = 3
+    wandb_project: Optional[str] = None  # also log to Weights & Biases (the `wandb` extra; WANDB_MODE=offline works)
 
 
 @dataclasses.dataclass(frozen=True)

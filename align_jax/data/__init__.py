@@ -2,6 +2,7 @@
 
 from align_jax.data.batching import (
     LoaderState,
+    PackedPairs,
     PreferenceBatch,
     PromptBatch,
     SequenceBatch,
@@ -20,6 +21,7 @@ __all__ = [
     "DataError",
     "Encoded",
     "LoaderState",
+    "PackedPairs",
     "PreferenceBatch",
     "PromptBatch",
     "SequenceBatch",

@@ -36,6 +36,27 @@ class PreferenceBatch(NamedTuple):
     ref_rejected_logps_B: np.ndarray | None = None
 
 
+class PackedPairs(NamedTuple):
+    """Preference pairs packed one per row as prompt | chosen | rejected | pad, so the prompt is run
+    through the model once per pair instead of twice (`Decoder.hidden_states`' segment ids).
+
+    Completion token k of chosen (c = 0) or rejected (c = 1) is predicted by the logits at slot
+    `logit_index_Bx2xK[:, c, k]`, the slot of the token before it in its own sequence; only those
+    2K slots per row go through the LM head. A completion's first token has no predictor when the
+    prompt is empty, as in the unpacked layout, and is masked out.
+    """
+
+    ids_BxT: np.ndarray  # int32, pad_id after the row
+    attention_mask_BxT: np.ndarray  # bool, False on pads
+    segment_ids_BxT: np.ndarray  # int32: 0 prompt, 1 chosen, 2 rejected (and pads)
+    logit_index_Bx2xK: np.ndarray  # int32 slots whose logits predict each completion token
+    labels_Bx2xK: np.ndarray  # int32 completion tokens, chosen then rejected, left-aligned
+    label_mask_Bx2xK: np.ndarray  # bool, True on real completion tokens
+    margin_B: np.ndarray | None = None
+    ref_chosen_logps_B: np.ndarray | None = None
+    ref_rejected_logps_B: np.ndarray | None = None
+
+
 class UnpairedBatch(NamedTuple):
     sequences: SequenceBatch
     label_B: np.ndarray  # bool, True for desirable completions
@@ -113,17 +134,46 @@ def _sequences(prompts: list[list[int]], completions: list[list[int]], width: in
     return SequenceBatch(ids, attention, completion)
 
 
-def bucket_width(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int]) -> int:
-    """The smallest bucket that fits every row: its prompt plus its (longest) completion."""
-    return bucket(max(len(e["prompt_ids"]) + max((len(e[k]) for k in _completion_keys(kind)), default=0)
-                      for e in examples), buckets)
+def _packed_pairs(prompts, chosen, rejected, width: int, completion_width: int, pad_id: int) -> PackedPairs:
+    B, K = len(prompts), completion_width
+    ids, mask, segments = (np.full((B, width), pad_id, np.int32), np.zeros((B, width), bool),
+                           np.zeros((B, width), np.int32))
+    index, labels, label_mask = np.zeros((B, 2, K), np.int32), np.zeros((B, 2, K), np.int32), np.zeros((B, 2, K), bool)
+    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        row = p + c + r
+        ids[i, : len(row)], mask[i, : len(row)] = row, True
+        segments[i, len(p): len(p) + len(c)], segments[i, len(p) + len(c): len(row)] = 1, 2
+        for side, (start, completion) in enumerate(((len(p), c), (len(p) + len(c), r))):
+            predictors = np.array([len(p) - 1, *range(start, start + len(completion) - 1)][: len(completion)])
+            real = predictors >= 0
+            index[i, side, : len(completion)] = np.maximum(predictors, 0)
+            labels[i, side, : len(completion)], label_mask[i, side, : len(completion)] = completion, real
+    return PackedPairs(ids, mask, segments, index, labels, label_mask)
+
+
+def bucket_width(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int],
+                 share_prompt: bool = False) -> int | tuple[int, int]:
+    """The smallest bucket that fits every row: its prompt plus its (longest) completion.
+
+    With `share_prompt` (preference pairs packed as `PackedPairs`): (T, K), where K is the smallest
+    bucket that fits every completion and T = width + K fits prompt + chosen + rejected.
+    """
+    keys = _completion_keys(kind)
+    width = bucket(max(len(e["prompt_ids"]) + max((len(e[k]) for k in keys), default=0) for e in examples), buckets)
+    if not share_prompt:
+        return width
+    completion_width = bucket(max(len(e[k]) for e in examples for k in keys), buckets)
+    return width + completion_width, completion_width
 
 
 def collate(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int], pad_id: int,
-            width: int | None = None):
+            width: int | tuple[int, int] | None = None, share_prompt: bool = False):
     """One batch of the kind's type, padded to `width`, by default the smallest bucket that fits its
-    longest row (with several processes, the global batch's longest row, so all shapes agree)."""
-    width = width or bucket_width(examples, kind, buckets)
+    longest row (with several processes, the global batch's longest row, so all shapes agree).
+    `share_prompt` packs preference pairs as `PackedPairs` (`width` is then bucket_width's (T, K))."""
+    if share_prompt and kind != "preference":
+        raise ValueError(f"share_prompt packs preference pairs, not {kind} rows")
+    width = width or bucket_width(examples, kind, buckets, share_prompt)
     prompts = [e["prompt_ids"] for e in examples]
     if kind == "prompt_only":
         ids, mask = np.full((len(prompts), width), pad_id, np.int32), np.zeros((len(prompts), width), bool)
@@ -136,8 +186,12 @@ def collate(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int], p
         chosen, rejected = [e["chosen_ids"] for e in examples], [e["rejected_ids"] for e in examples]
         column = {k: np.array([e[k] for e in examples], np.float32) if k in examples[0] else None
                   for k in ("margin", "ref_chosen_logps", "ref_rejected_logps")}
+        columns = column["margin"], column["ref_chosen_logps"], column["ref_rejected_logps"]
+        if share_prompt:
+            return _packed_pairs(prompts, chosen, rejected, *width, pad_id)._replace(
+                **dict(zip(("margin_B", "ref_chosen_logps_B", "ref_rejected_logps_B"), columns)))
         return PreferenceBatch(_sequences(prompts, chosen, width, pad_id), _sequences(prompts, rejected, width, pad_id),
-                               column["margin"], column["ref_chosen_logps"], column["ref_rejected_logps"])
+                               *columns)
     completions = [e["completion_ids"] for e in examples]
     if kind == "unpaired_preference":
         shifted = completions[1:] + completions[:1]
@@ -163,7 +217,7 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
 
 def batches(encoded: Encoded, *, batch_size: int, seed: int, pad_id: int, buckets: Sequence[int],
             state: LoaderState = LoaderState(), epochs: int | None = None, process_index: int = 0,
-            process_count: int = 1) -> Iterator[tuple[LoaderState, Any]]:
+            process_count: int = 1, share_prompt: bool = False) -> Iterator[tuple[LoaderState, Any]]:
     """Yield (state after this batch, host-local batch) forever, or for `epochs` epochs.
 
     Each epoch visits the rows in `epoch_order`, in global batches of `batch_size` rows (the last,
@@ -183,8 +237,8 @@ def batches(encoded: Encoded, *, batch_size: int, seed: int, pad_id: int, bucket
         order = epoch_order(n, seed, epoch)
         while step < per_epoch:
             global_rows = [encoded.examples[i] for i in order[step * batch_size:(step + 1) * batch_size]]
-            width = bucket_width(global_rows, encoded.kind, buckets)
+            width = bucket_width(global_rows, encoded.kind, buckets, share_prompt)
             step += 1
             mine = global_rows[process_index * local:(process_index + 1) * local]
-            yield LoaderState(epoch, step), collate(mine, encoded.kind, buckets, pad_id, width)
+            yield LoaderState(epoch, step), collate(mine, encoded.kind, buckets, pad_id, width, share_prompt)
         epoch, step = epoch + 1, 0

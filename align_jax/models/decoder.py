@@ -122,12 +122,13 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype, axis_name="head_dim")
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype, axis_name="head_dim")
 
-    def __call__(self, x_BxTxD, cos_sin, mask_BxTxS, kv_cache):
+    def __call__(self, x_NxD, cos_sin, mask_BxTxS, kv_cache):
+        """x_NxD holds the N = B·T tokens of the batch as rows (see `Decoder.hidden_states`)."""
         c = self.config
-        B, T, _ = x_BxTxD.shape
-        q = self.q_proj(x_BxTxD).reshape(B, T, c.num_heads, c.head_dim)
-        k = self.k_proj(x_BxTxD).reshape(B, T, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x_BxTxD).reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
+        B, T = mask_BxTxS.shape[:2]
+        q = self.q_proj(x_NxD).reshape(B, T, c.num_heads, c.head_dim)
+        k = self.k_proj(x_NxD).reshape(B, T, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x_NxD).reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos_sin)
@@ -137,7 +138,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, index, 0))
             v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, index, 0))
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
-        return self.o_proj(out.reshape(B, T, c.num_heads * c.head_dim)), (k, v)
+        return self.o_proj(out.reshape(B * T, c.num_heads * c.head_dim)), (k, v)
 
 
 class MLP(nnx.Module):
@@ -194,29 +195,47 @@ class Decoder(nnx.Module):
                                      dtype=dtype, param_dtype=param_dtype)
 
     def hidden_states(self, input_ids_BxT: Array, attention_mask_BxT: Array | None = None,
-                      cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+                      cache: KVCache | None = None, segment_ids_BxT: Array | None = None
+                      ) -> tuple[Array, KVCache | None]:
         """Final-norm hidden states [B, T, D], and the updated cache when one is given.
 
         Position ids count the non-pad tokens before each one (so left padding is handled), as
         transformers' `generate` does. Without a cache, T tokens attend causally among
         themselves; with one, they are written at `cache.index` and attend to every filled slot.
+
+        `segment_ids_BxT` packs several sequences that share a prefix into one row (DPO's prompt,
+        chosen and rejected): a token of segment s > 0 attends to segment 0 and to earlier tokens
+        of s only, and its position is the number of tokens it attends to, minus one — so each
+        segment sees exactly what it would see as prefix + segment in a row of its own.
         """
         B, T = input_ids_BxT.shape
         new_mask = jnp.ones((B, T), bool) if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
         if cache is None:
             key_mask, index, offset = new_mask, jnp.zeros((), jnp.int32), jnp.zeros((B,), jnp.int32)
         else:
+            if segment_ids_BxT is not None:
+                raise ValueError("segment_ids_BxT packs training rows; it cannot be combined with a KV cache")
             key_mask = jax.lax.dynamic_update_slice(cache.key_mask_BxS, new_mask, (0, cache.index))
             index, offset = cache.index, jnp.sum(cache.key_mask_BxS, axis=1, dtype=jnp.int32)
-        positions = jnp.maximum(offset[:, None] + jnp.cumsum(new_mask, axis=1, dtype=jnp.int32) - 1, 0)
         query_slots = index + jnp.arange(T)
         key_slots = jnp.arange(key_mask.shape[1])
         allowed = key_slots[None, :] <= query_slots[:, None]
-        if self.config.sliding_window is not None:
-            allowed &= query_slots[:, None] - key_slots[None, :] < self.config.sliding_window
         mask_BxTxS = allowed[None] & key_mask[:, None, :]
+        window = self.config.sliding_window
+        if segment_ids_BxT is None:
+            positions = jnp.maximum(offset[:, None] + jnp.cumsum(new_mask, axis=1, dtype=jnp.int32) - 1, 0)
+            if window is not None:  # slots are consecutive positions here
+                mask_BxTxS &= (query_slots[:, None] - key_slots[None, :] < window)[None]
+        else:
+            seg_q, seg_k = segment_ids_BxT[:, :, None], segment_ids_BxT[:, None, :]
+            mask_BxTxS &= (seg_k == 0) | (seg_k == seg_q)
+            positions = jnp.maximum(jnp.sum(mask_BxTxS, axis=2, dtype=jnp.int32) - 1, 0)
+            if window is not None:
+                mask_BxTxS &= positions[:, :, None] - positions[:, None, :] < window
 
-        x = self.embed_tokens(input_ids_BxT)
+        # Tokens go through the blocks as the rows of one [B·T, D] matrix: XLA's CPU backward of a
+        # dense layer on [B, T, D] inputs transposes its activations (≈ 30% slower per layer).
+        x = self.embed_tokens(input_ids_BxT.reshape(B * T))
         cos_sin = rope_angles(positions, rope_inv_freq(self.config), x.dtype)
         call = nnx.remat(lambda blk, *a: blk(*a)) if self.remat else (lambda blk, *a: blk(*a))
         keys, values = [], []
@@ -225,7 +244,7 @@ class Decoder(nnx.Module):
             x, (k, v) = call(layer, x, cos_sin, mask_BxTxS, kv)
             keys.append(k)
             values.append(v)
-        x = self.norm(x)
+        x = self.norm(x).reshape(B, T, -1)
         if cache is None:
             return x, None
         return x, KVCache(tuple(keys), tuple(values), key_mask, index + T)
@@ -235,9 +254,9 @@ class Decoder(nnx.Module):
             return self.embed_tokens.attend(hidden_BxTxD)
         return self.lm_head(hidden_BxTxD)
 
-    def __call__(self, input_ids_BxT, attention_mask_BxT=None, cache=None):
+    def __call__(self, input_ids_BxT, attention_mask_BxT=None, cache=None, segment_ids_BxT=None):
         """Logits [B, T, V] (in the compute dtype; `ops.token_logps` normalises in float32)."""
-        hidden, cache = self.hidden_states(input_ids_BxT, attention_mask_BxT, cache)
+        hidden, cache = self.hidden_states(input_ids_BxT, attention_mask_BxT, cache, segment_ids_BxT)
         return (self.logits(hidden), cache) if cache is not None else self.logits(hidden)
 
     def token_values(self, input_ids_BxT, attention_mask_BxT=None) -> Array:

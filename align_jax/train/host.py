@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import orbax.checkpoint as ocp
 import transformers
 from flax import nnx
 from jax.experimental import multihost_utils
+from omegaconf import OmegaConf
 
 from align_jax.config import ConfigError, RunConfig
 from align_jax.data import DataError, synthetic
@@ -89,16 +91,31 @@ class StopSignal:
                 signal.signal(s, h)
 
 
-class MetricLog:
-    """`metrics.jsonl` (one object per logged step, with its `split`) and TensorBoard events in
-    `tb/`, written by the first process only."""
+def wandb_run(out: Path, cfg: RunConfig):
+    """The Weights & Biases run of `out` (named after it), continued when `out` has logged to one
+    before: its id is kept in `out/wandb_run_id`, so `--resume` logs on to the same run."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("train.wandb_project needs the wandb package: pip install 'align_jax[wandb]'") from None
+    id_file = out / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id)
+    return wandb.init(project=cfg.train.wandb_project, id=run_id, name=out.name, dir=str(out), resume="allow",
+                      config=OmegaConf.to_container(OmegaConf.structured(cfg)))
 
-    def __init__(self, out: Path):
+
+class MetricLog:
+    """`metrics.jsonl` (one object per logged step, with its `split`), TensorBoard events in `tb/`
+    and, with `train.wandb_project`, a W&B run, written by the first process only."""
+
+    def __init__(self, out: Path, cfg: RunConfig):
         from tensorboardX import SummaryWriter
 
         self.primary = jax.process_index() == 0
         self.writer = SummaryWriter(str(out / "tb")) if self.primary else None
         self.jsonl = open(out / "metrics.jsonl", "a") if self.primary else None
+        self.wandb = wandb_run(out, cfg) if self.primary and cfg.train.wandb_project else None
 
     def write(self, split: str, step: int, metrics: dict[str, float]):
         if not self.primary:
@@ -108,11 +125,15 @@ class MetricLog:
         self.jsonl.flush()
         for k, v in metrics.items():
             self.writer.add_scalar(f"{split}/{k}", float(v), step)
+        if self.wandb is not None:
+            self.wandb.log({f"{split}/{k}": float(v) for k, v in metrics.items()}, step=step)
 
     def close(self):
         if self.primary:
             self.writer.close()
             self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 class Checkpoints:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from align_jax import losses, ops
 from align_jax.config import LossConfig
-from align_jax.data import PreferenceBatch, SequenceBatch, UnpairedBatch
+from align_jax.data import PackedPairs, PreferenceBatch, SequenceBatch, UnpairedBatch
 
 
 def completion_logps(model, seq: SequenceBatch) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -31,9 +31,26 @@ def _concat(a: SequenceBatch, b: SequenceBatch) -> SequenceBatch:
     return SequenceBatch(*(jnp.concatenate([x, y]) for x, y in zip(a, b)))
 
 
-def pair_logps(model, batch: PreferenceBatch):
-    """Summed completion log-probs of chosen and rejected [B] each (one forward over 2B rows),
-    their lengths, and the chosen rows' per-token NLL terms for RPO/ORPO."""
+def packed_pair_logps(model, batch: PackedPairs) -> tuple[jax.Array, jax.Array]:
+    """Per-token log-probs [B, 2, K] of the chosen (c = 0) and rejected (c = 1) completions of
+    pairs packed one per row: one forward over prompt | chosen | rejected, and the LM head on the
+    2K predicting slots only (never on prompt positions)."""
+    hidden_BxTxD, _ = model.hidden_states(batch.ids_BxT, batch.attention_mask_BxT,
+                                          segment_ids_BxT=batch.segment_ids_BxT)
+    B, _, K = batch.logit_index_Bx2xK.shape
+    index_Bx2K = batch.logit_index_Bx2xK.reshape(B, 2 * K)
+    hidden_Bx2KxD = jnp.take_along_axis(hidden_BxTxD, index_Bx2K[..., None], axis=1)
+    logps = ops.token_logps(model.logits(hidden_Bx2KxD), batch.labels_Bx2xK.reshape(B, 2 * K))
+    return logps.reshape(B, 2, K), batch.label_mask_Bx2xK
+
+
+def pair_logps(model, batch: PreferenceBatch | PackedPairs):
+    """Summed completion log-probs of chosen and rejected [B] each (one forward over 2B rows, or
+    over B packed rows), their lengths, and the chosen rows' per-token NLL terms for RPO/ORPO."""
+    if isinstance(batch, PackedPairs):
+        logps_Bx2xK, mask = packed_pair_logps(model, batch)
+        sums, lengths = ops.masked_sum(logps_Bx2xK, mask, axis=2), jnp.sum(mask, axis=2)
+        return sums[:, 0], sums[:, 1], lengths[:, 0], lengths[:, 1], (logps_Bx2xK[:, 0], mask[:, 0])
     logps, mask, _ = completion_logps(model, _concat(batch.chosen, batch.rejected))
     sums, lengths = ops.masked_sum(logps, mask, axis=1), jnp.sum(mask, axis=1)
     B = batch.chosen.ids_BxL.shape[0]
@@ -64,7 +81,7 @@ def reward(model, ref_model, batch: PreferenceBatch, cfg: LossConfig):
     return jnp.sum(per_pair), jnp.float32(B), metrics
 
 
-def dpo(model, ref_model, batch: PreferenceBatch, cfg: LossConfig):
+def dpo(model, ref_model, batch: PreferenceBatch | PackedPairs, cfg: LossConfig):
     """The DPO family (`loss_type` ∈ losses.DPO_LOSSES), SimPO (`simpo`) and ORPO (`orpo`, with
     its NLL term); `rpo_alpha` adds α · NLL of the chosen completions (RPO, Pang et al. 2024)."""
     chosen, rejected, chosen_len, rejected_len, (chosen_tok, chosen_mask) = pair_logps(model, batch)

@@ -298,7 +298,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
 
     rollout_index = int(to_host(state.step)) // updates_per_rollout
     first, last, start = rollout_index, {}, time.perf_counter()
-    metric_log = MetricLog(out)
+    metric_log = MetricLog(out, cfg)
     primary = p_index == 0
     with StopSignal().installed() as stop, \
             tqdm(total=t.steps, initial=rollout_index, disable=not (progress and primary), desc=t.method,

@@ -52,7 +52,7 @@ def load_data(cfg: RunConfig, tokenizer, kind: str):
     return train, None
 
 
-def _attach_reference_logps(data, ref_fn, width: int, pad_id, buckets, mesh, ref_params):
+def _attach_reference_logps(data, ref_fn, width: int, pad_id, buckets, share_prompt, mesh, ref_params):
     """Precompute: reference log-probs of every pair, once, in batches of `width`, stored on the examples."""
     rows = data.examples
     padded = rows + rows[: (-len(rows)) % width]
@@ -60,7 +60,8 @@ def _attach_reference_logps(data, ref_fn, width: int, pad_id, buckets, mesh, ref
     for start in range(0, len(rows), width):
         chunk = padded[start:start + width]
         mine = chunk[jax.process_index() * local:(jax.process_index() + 1) * local]
-        batch = collate(mine, "preference", buckets, pad_id, bucket_width(chunk, "preference", buckets))
+        batch = collate(mine, "preference", buckets, pad_id, bucket_width(chunk, "preference", buckets, share_prompt),
+                        share_prompt)
         chosen, rejected = to_host(ref_fn(ref_params, shard_batch(batch, mesh)))
         for i, example in enumerate(chunk[: len(rows) - start]):
             example["ref_chosen_logps"], example["ref_rejected_logps"] = float(chosen[i]), float(rejected[i])
@@ -91,6 +92,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     tokenizer = load_tokenizer(cfg.tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     buckets = tuple(cfg.data.buckets or default_buckets(cfg.data.max_length))
+    share_prompt = cfg.data.share_prompt and t.method == "dpo"
     train_data, eval_data = load_data(cfg, tokenizer, methods.METHODS[t.method][1])
     log.info("data: %s", train_data.counts)
     for name, data in (("train", train_data), ("eval", eval_data)):
@@ -114,7 +116,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
             raise ValueError("loss.precompute_ref_logps applies to train.method=dpo")
         ref_fn = jax.jit(lambda p, b: methods.pair_logps(nnx.merge(graphdef, p), b)[:2])
         for data in filter(None, (train_data, eval_data)):
-            _attach_reference_logps(data, ref_fn, t.batch_size, pad_id, buckets, mesh, ref_params)
+            _attach_reference_logps(data, ref_fn, t.batch_size, pad_id, buckets, share_prompt, mesh, ref_params)
         ref_params = ref_shardings = None  # no reference model from here on
 
     def make_step(loss_cfg):
@@ -145,7 +147,8 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
 
     def evaluate(step: int) -> list[dict[str, float]]:
         stream = batches(eval_data, batch_size=t.batch_size, seed=0, pad_id=pad_id, buckets=buckets, epochs=1,
-                         process_index=jax.process_index(), process_count=jax.process_count())
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         share_prompt=share_prompt)
         results = [to_host(eval_step(state.params, ref_params, shard_batch(b, mesh)))
                    for _, (_, b) in zip(range(t.eval_batches), stream)]
         means = by_member({k: np.mean([r[k] for r in results], axis=0) for k in results[0]})
@@ -160,12 +163,13 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
         return [{k: float(v[i]) for k, v in metrics.items()} for i in range(len(names))]
 
     stream = batches(train_data, batch_size=t.batch_size, seed=t.seed, pad_id=pad_id, buckets=buckets,
-                     state=loader, process_index=jax.process_index(), process_count=jax.process_count())
+                     state=loader, process_index=jax.process_index(), process_count=jax.process_count(),
+                     share_prompt=share_prompt)
     first, last, start = step, [{} for _ in member_dirs], time.perf_counter()
     primary = jax.process_index() == 0
     for d in member_dirs:
         d.mkdir(parents=True, exist_ok=True)
-    metric_logs = [MetricLog(d) for d in member_dirs]
+    metric_logs = [MetricLog(d, cfg) for d in member_dirs]
     with StopSignal().installed() as stop, \
             tqdm(total=t.steps, initial=step, disable=not (progress and primary), desc=t.method, unit="step") as bar:
         stop_at = t.steps if max_updates is None else min(t.steps, step + max_updates)

@@ -36,14 +36,20 @@ def _accumulate(loss_fn: Callable, graphdef, params, ref_model, batch, cfg: Loss
         num, den, metrics = loss_fn(nnx.merge(graphdef, p), ref_model, micro, cfg)
         return num, (den, metrics)
 
-    def body(carry, micro):
-        grads, num, den = carry
+    def micro_step(micro):
         if with_grad:
             (n, (d, metrics)), g = jax.value_and_grad(objective, has_aux=True)(params, micro)
-            grads = jax.tree.map(jnp.add, grads, g)
-        else:
-            n, (d, metrics) = objective(params, micro)
-        return (grads, num + n, den + d), metrics
+            return g, n, d, metrics
+        n, (d, metrics) = objective(params, micro)
+        return None, n, d, metrics
+
+    if micro_batches == 1:  # no scan, and no zero-initialised gradient accumulator to add into
+        grads, num, den, metrics = micro_step(batch)
+        return grads, num / den, den, metrics
+
+    def body(carry, micro):
+        g, n, d, metrics = micro_step(micro)
+        return jax.tree.map(jnp.add, carry, (g, n, d)), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, params) if with_grad else None
     (grads, num, den), metrics = jax.lax.scan(body, (zeros, 0.0, 0.0), _split_micro(batch, micro_batches))
@@ -60,11 +66,12 @@ def make_train_step(loss_fn: Callable, graphdef, tx: optax.GradientTransformatio
         grads = jax.tree.map(lambda g: g / den, grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        new_state = TrainState(state.step + finite.astype(jnp.int32), keep(params, state.params),
-                               keep(opt_state, state.opt_state), state.rng)
+        def update(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        params, opt_state = jax.lax.cond(finite, update, lambda *old: old, state.params, state.opt_state)
+        new_state = TrainState(state.step + finite.astype(jnp.int32), params, opt_state, state.rng)
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
                        nonfinite=(~finite).astype(jnp.float32))
         return new_state, metrics

@@ -27,7 +27,7 @@ import transformers
 from flax import nnx
 
 from align_jax.config import LossConfig, TrainConfig
-from align_jax.data import PreferenceBatch, SequenceBatch
+from align_jax.data import collate, default_buckets
 from align_jax.models import load_pretrained
 from align_jax.train import methods
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
@@ -62,16 +62,13 @@ def token_rows(tokenizer, rng):
     return rows
 
 
-def ours(hf, tokenizer, rows, steps: int) -> float:
-    def seq(key):
-        ids = [tokenizer(r["prompt"] + r[key], add_special_tokens=False)["input_ids"] for r in rows]
-        ids = np.asarray(ids, np.int32)
-        mask = np.ones_like(ids, bool)
-        completion = np.zeros_like(mask)
-        completion[:, PROMPT:] = True
-        return SequenceBatch(ids, mask, completion)
+def ours(hf, tokenizer, rows, steps: int, share_prompt: bool) -> float:
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    batch = PreferenceBatch(seq("chosen"), seq("rejected"))
+    examples = [{"prompt_ids": ids(r["prompt"]), "chosen_ids": ids(r["chosen"]), "rejected_ids": ids(r["rejected"])}
+                for r in rows]
+    batch = collate(examples, "preference", default_buckets(PROMPT + COMPLETION), pad_id=0, share_prompt=share_prompt)
     mesh = make_mesh()
     loaded = load_pretrained(hf)
     pretrained = nnx.split(loaded)[1]
@@ -130,18 +127,26 @@ def main(argv=None):
     tokenizer = smollm2_tokenizer()
     rows = token_rows(tokenizer, np.random.default_rng(0))
     params = sum(p.numel() for p in hf.parameters())
+    head = config.vocab_size * config.hidden_size  # the (tied) LM head; the rest runs on every token
     peak = matmul_peak_gflops()
-    tokens = 2 * PAIRS * (PROMPT + COMPLETION)
-    flops = 8 * params * tokens  # policy forward + backward (6·N) and reference forward (2·N) per token
-    a = ours(hf, tokenizer, rows, args.steps)
+
+    def work(tokens, head_rows):  # policy forward + backward (6 FLOPs per weight) and reference forward (2)
+        return 8 * ((params - head) * tokens + head * head_rows)
+
+    pairs_work = work(2 * PAIRS * (PROMPT + COMPLETION), 2 * PAIRS * (PROMPT + COMPLETION))
+    packed_work = work(PAIRS * (PROMPT + 2 * COMPLETION), 2 * PAIRS * COMPLETION)
+    shared = ours(hf, tokenizer, rows, args.steps, share_prompt=True)
+    separate = ours(hf, tokenizer, rows, args.steps, share_prompt=False)
     t = trl(hf, ref, tokenizer, rows, args.steps)
     print(f"SmolLM2-135M architecture, {params / 1e6:.0f}M params, {PAIRS} pairs × {PROMPT + COMPLETION} tokens; "
           f"torch threads {torch.get_num_threads()}; measured fp32 matmul peak {peak:.0f} GFLOP/s")
-    print("\n| | s / step | vs TRL | fraction of matmul peak |")
-    print("|---|---|---|---|")
-    print(f"| align_jax | {a:.2f} | {a / t:.2f}× | {100 * flops / a / 1e9 / peak:.0f}% |")
-    print(f"| TRL DPOTrainer {__import__('trl').__version__} | {t:.2f} | 1.00× | {100 * flops / t / 1e9 / peak:.0f}% |")
-
+    print("\n| | s / step | vs TRL | GFLOP / step | fraction of matmul peak |")
+    print("|---|---|---|---|---|")
+    for name, seconds, flops in (("align_jax, prompt shared (default)", shared, packed_work),
+                                 ("align_jax, chosen and rejected as separate rows", separate, pairs_work),
+                                 (f"TRL DPOTrainer {__import__('trl').__version__}", t, pairs_work)):
+        print(f"| {name} | {seconds:.2f} | {seconds / t:.2f}× | {flops / 1e9:.0f} | "
+              f"{100 * flops / seconds / 1e9 / peak:.0f}% |")
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ import datasets
 import numpy as np
 import pytest
 
-from align_jax.data import DataError, LoaderState, batches, bucket, default_buckets, encode
+from align_jax.data import DataError, LoaderState, batches, bucket, collate, default_buckets, encode
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,27 @@ def test_processes_split_each_global_batch(encoded):
 def test_too_few_rows_for_a_batch(encoded):
     with pytest.raises(DataError, match="23 rows cannot fill one batch of 24"):
         next(batches(encoded, batch_size=24, seed=0, pad_id=0, buckets=(64,)))
+
+
+def test_shared_prompt_packs_each_pair_into_one_row():
+    examples = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10, 11, 12, 13]},
+                {"prompt_ids": [], "chosen_ids": [20], "rejected_ids": [21, 22]}]
+    packed = collate(examples, "preference", (4, 8), pad_id=0, share_prompt=True)
+    # widths: prompt + longest completion fits 8, every completion fits 4, so T = 8 + 4
+    assert packed.ids_BxT.shape == (2, 12) and packed.labels_Bx2xK.shape == (2, 2, 4)
+    np.testing.assert_array_equal(packed.ids_BxT[0], [5, 6, 7, 8, 9, 10, 11, 12, 13, 0, 0, 0])
+    np.testing.assert_array_equal(packed.segment_ids_BxT[0], [0, 0, 0, 1, 1, 2, 2, 2, 2, 0, 0, 0])
+    np.testing.assert_array_equal(packed.attention_mask_BxT[0], [1] * 9 + [0] * 3)
+    # chosen 8, 9 follow slots 2 (the prompt's last token) and 3; rejected 10..13 follow 2, 5, 6, 7
+    np.testing.assert_array_equal(packed.logit_index_Bx2xK[0], [[2, 3, 0, 0], [2, 5, 6, 7]])
+    np.testing.assert_array_equal(packed.labels_Bx2xK[0], [[8, 9, 0, 0], [10, 11, 12, 13]])
+    np.testing.assert_array_equal(packed.label_mask_Bx2xK[0], [[1, 1, 0, 0], [1, 1, 1, 1]])
+    # an empty prompt leaves each completion's first token without a predictor, as unpacked rows do
+    np.testing.assert_array_equal(packed.ids_BxT[1, :3], [20, 21, 22])
+    np.testing.assert_array_equal(packed.logit_index_Bx2xK[1], [[0, 0, 0, 0], [0, 1, 0, 0]])
+    np.testing.assert_array_equal(packed.label_mask_Bx2xK[1], [[0, 0, 0, 0], [0, 1, 0, 0]])
+    unpacked = collate(examples, "preference", (4, 8), pad_id=0)
+    for side, seq in enumerate(unpacked[:2]):  # the same number of scored tokens as the unpacked rows
+        np.testing.assert_array_equal(packed.label_mask_Bx2xK[:, side].sum(1), seq.completion_mask_BxL[:, 1:].sum(1))
+    with pytest.raises(ValueError, match="share_prompt packs preference pairs, not prompt_completion rows"):
+        collate([{"prompt_ids": [1], "completion_ids": [2]}], "prompt_completion", (8,), 0, share_prompt=True)

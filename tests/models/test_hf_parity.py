@@ -64,6 +64,26 @@ def test_logits_match_transformers_on_left_padded_batch(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral_sliding_window", "qwen3_qk_norm"])
+def test_packed_prompt_chosen_rejected_rows_match_separate_rows(name):
+    """Segment ids pack prompt | chosen | rejected | pad into one row; each completion's logits equal
+    transformers' on prompt + that completion as a row of its own (the window of 5 < 12 prompt
+    tokens checks that the sliding window counts positions, not slots)."""
+    hf = tiny_hf_model(name)
+    model = load_pretrained(hf)
+    rng = np.random.default_rng(3)
+    prompt, chosen, rejected = (rng.integers(1, 101, n) for n in (12, 6, 9))
+    ids = np.concatenate([prompt, chosen, rejected, [0, 0]])[None]
+    segments = np.array([[0] * 12 + [1] * 6 + [2] * 9 + [0, 0]])
+    mask = np.arange(ids.shape[1])[None] < 27
+    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), segment_ids_BxT=jnp.asarray(segments)))
+    for completion, slots in ((chosen, np.arange(12, 18)), (rejected, np.arange(18, 27))):
+        row = np.concatenate([prompt, completion])[None]
+        expected = hf_logits(hf, row, np.ones_like(row))
+        np.testing.assert_allclose(got[0, :12], expected[0, :12], atol=1e-4)
+        np.testing.assert_allclose(got[0, slots], expected[0, 12:], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral_sliding_window", "qwen3_qk_norm"])
 def test_kv_cache_decoding_matches_full_forward_step_by_step(name):
     hf = tiny_hf_model(name)
     model = load_pretrained(hf)

@@ -1,4 +1,4 @@
-"""Run by test_sharding.py in a fresh process with 8 host devices: SFT, DPO and GRPO updates on
+"""Run by test_sharding.py in a fresh process with 8 host devices: SFT, DPO (on packed pairs) and GRPO updates on
 several meshes, and sampling from the updated sharded parameters, compared with one device.
 Prints a JSON report."""
 
@@ -15,7 +15,7 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from align_jax.config import LossConfig, RLConfig  # noqa: E402
-from align_jax.data import PreferenceBatch, SequenceBatch  # noqa: E402
+from align_jax.data import SequenceBatch, collate  # noqa: E402
 from align_jax.models import Decoder, DecoderConfig  # noqa: E402
 from align_jax.sampling import SamplingConfig, generate  # noqa: E402
 from align_jax.train import methods, online  # noqa: E402
@@ -36,6 +36,15 @@ def sequences(seed, B=8, L=16, vocab=128):
     return SequenceBatch(np.where(attention, ids, 0), attention, completion)
 
 
+def packed_pairs(seed, B=8, vocab=128):
+    """Preference pairs packed one per row (prompt | chosen | rejected), DPO's default layout."""
+    rng = np.random.default_rng(seed)
+    tokens = lambda n: rng.integers(1, vocab, n).tolist()  # noqa: E731
+    examples = [{"prompt_ids": tokens(rng.integers(0, 6)), "chosen_ids": tokens(rng.integers(1, 9)),
+                 "rejected_ids": tokens(rng.integers(1, 9))} for _ in range(B)]
+    return collate(examples, "preference", (8, 16), pad_id=0, share_prompt=True)
+
+
 def main():
     config = DecoderConfig.from_hf(transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=8,
@@ -46,7 +55,7 @@ def main():
     rollout = sequences(4)
     rng = np.random.default_rng(5)
     old_logps = -rng.uniform(3, 6, size=(8, 10)).astype(np.float32)
-    batches = {"sft": sequences(0), "dpo": PreferenceBatch(sequences(1), sequences(2)),
+    batches = {"sft": sequences(0), "dpo": packed_pairs(1),
                "grpo": online.Rollout(rollout.ids_BxL[:, :6], rollout.attention_mask_BxL[:, :6], rollout.ids_BxL[:, 6:],
                                       rollout.attention_mask_BxL[:, 6:], rollout.attention_mask_BxL[:, 6:], old_logps,
                                       rng.normal(size=8).astype(np.float32), old_logps + 0.1)}

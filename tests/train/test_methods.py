@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 from align_jax.config import LossConfig
-from align_jax.data import PreferenceBatch, SequenceBatch, UnpairedBatch
+from align_jax.data import PreferenceBatch, SequenceBatch, UnpairedBatch, collate
 from align_jax.models import Decoder, load_pretrained
 from align_jax.train import methods
 from align_jax.train.mesh import make_mesh
@@ -42,6 +42,16 @@ def sequences(seed, B=4, L=14, vocab=101):
     return SequenceBatch(ids, attention, completion)
 
 
+def pairs(seed, B=4, vocab=101, share_prompt=False):
+    """Preference pairs with a shared prompt of 0–5 tokens and completions of 1–7 (a prompt-less
+    pair has nothing to predict its completions' first tokens), unpacked or packed one per row."""
+    rng = np.random.default_rng(seed)
+    tokens = lambda n: rng.integers(1, vocab, n).tolist()  # noqa: E731
+    examples = [{"prompt_ids": tokens(p), "chosen_ids": tokens(rng.integers(1, 8)),
+                 "rejected_ids": tokens(rng.integers(1, 8))} for p in [0, *rng.integers(1, 6, B - 1)]]
+    return collate(examples, "preference", (8, 16), pad_id=0, share_prompt=share_prompt)
+
+
 def np_completion_logps(hf, seq):
     """Σ over completion tokens of log softmax(logits)[next token], from transformers (float64)."""
     logps = log_softmax(hf_logits(hf, seq.ids_BxL, seq.attention_mask_BxL.astype(np.int64)))
@@ -69,11 +79,14 @@ def test_sft_is_the_mean_token_nll_on_completions(policy_and_reference):
     assert float(metrics["num_tokens"]) == mask.sum()
 
 
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["pairs", "packed"])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo", "simpo w/o LN", "orpo"])
-def test_dpo_family_on_transformers_logits(loss_type, policy_and_reference):
+def test_dpo_family_on_transformers_logits(loss_type, share_prompt, policy_and_reference):
+    """Against transformers on prompt + chosen and prompt + rejected as rows of their own, in both
+    layouts: pairs as 2B rows, and packed as B rows of prompt | chosen | rejected."""
     hf, ref_hf = policy_and_reference
-    chosen, rejected = sequences(1), sequences(2)
-    batch = PreferenceBatch(chosen, rejected)
+    chosen, rejected = pairs(1)[:2]
+    batch = pairs(1, share_prompt=share_prompt)
     beta = 0.3
     cw, lw, tok_w, mask_w = np_completion_logps(hf, chosen)
     cl, ll, _, _ = np_completion_logps(hf, rejected)
@@ -136,7 +149,7 @@ def test_kto_uses_mismatched_pairs_for_its_reference_point(policy_and_reference)
     np.testing.assert_allclose(float(metrics["kl"]), z0, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "dpo packed"])
 def test_micro_batches_give_the_full_batch_update(method, policy_and_reference):
     hf, _ = policy_and_reference
     model = load_pretrained(hf)
@@ -144,8 +157,9 @@ def test_micro_batches_give_the_full_batch_update(method, policy_and_reference):
     # Plain SGD, so the parameters move by exactly the accumulated gradient (Adam's first step,
     # lr·g/|g|, would magnify float32 summation-order noise in near-zero gradients).
     tx, mesh = optax.sgd(0.5), make_mesh()
-    batch = sequences(7, B=8) if method == "sft" else PreferenceBatch(sequences(7, B=8), sequences(8, B=8))
+    batch = sequences(7, B=8) if method == "sft" else pairs(7, B=8, share_prompt=method == "dpo packed")
     batch = jax.tree.map(jnp.asarray, batch)
+    method = method.split()[0]
     loss_fn, cfg = methods.METHODS[method][0], LossConfig()
     results = []
     for micro in (1, 4):

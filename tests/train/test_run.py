@@ -46,14 +46,28 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path):
     assert [r["step"] for r in logged if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
-def test_dpo_run_with_precomputed_reference_and_eval_split(tmp_path):
+def test_dpo_run_with_precomputed_reference_and_eval_split(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # a real W&B run, written locally
+    monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = config(tmp_path, "train.steps=3", "data.synthetic_args.n=64", "data.eval_fraction=0.25",
-                 "loss.precompute_ref_logps=true", base="configs/dpo_sentiment.yaml")
+                 "loss.precompute_ref_logps=true", "train.wandb_project=align-jax-tests", "train.log_every=1",
+                 base="configs/dpo_sentiment.yaml")
     metrics = train(cfg, progress=False)
     assert {"rewards/accuracies", "rewards/margins", "logps/chosen", "eval_loss"} <= metrics.keys()
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # a real HF export
     assert model.config.num_hidden_layers == 2
     assert (tmp_path / "tb").is_dir() and (tmp_path / "config.yaml").is_file()
+    run_id = (tmp_path / "wandb_run_id").read_text()
+    [run_file] = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    logged = run_file.read_bytes()  # W&B's protobuf records hold keys and names as plain bytes
+    assert all(key in logged for key in (b"train/loss", b"train/rewards/margins", b"eval/loss", b"align-jax-tests"))
+
+
+def test_wandb_project_without_wandb_installed_is_a_named_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` meets when it is not installed
+    cfg = config(tmp_path, "train.wandb_project=p", base="configs/dpo_sentiment.yaml")
+    with pytest.raises(ConfigError, match=r"train.wandb_project needs the wandb package: pip install 'align_jax\[wandb\]'"):
+        train(cfg, progress=False)
 
 
 def test_sweep_trains_each_member_as_its_own_run(tmp_path):
