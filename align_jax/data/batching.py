@@ -134,7 +134,8 @@ def _sequences(prompts: list[list[int]], completions: list[list[int]], width: in
     return SequenceBatch(ids, attention, completion)
 
 
-def _packed_pairs(prompts, chosen, rejected, width: int, completion_width: int, pad_id: int) -> PackedPairs:
+def _packed_pairs(prompts, chosen, rejected, width: int, completion_width: int, pad_id: int) -> tuple[np.ndarray, ...]:
+    """The six arrays of `PackedPairs`, up to its optional columns."""
     B, K = len(prompts), completion_width
     ids, mask, segments = (np.full((B, width), pad_id, np.int32), np.zeros((B, width), bool),
                            np.zeros((B, width), np.int32))
@@ -148,7 +149,7 @@ def _packed_pairs(prompts, chosen, rejected, width: int, completion_width: int, 
             real = predictors >= 0
             index[i, side, : len(completion)] = np.maximum(predictors, 0)
             labels[i, side, : len(completion)], label_mask[i, side, : len(completion)] = completion, real
-    return PackedPairs(ids, mask, segments, index, labels, label_mask)
+    return ids, mask, segments, index, labels, label_mask
 
 
 def bucket_width(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int],
@@ -188,8 +189,7 @@ def collate(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int], p
                   for k in ("margin", "ref_chosen_logps", "ref_rejected_logps")}
         columns = column["margin"], column["ref_chosen_logps"], column["ref_rejected_logps"]
         if share_prompt:
-            return _packed_pairs(prompts, chosen, rejected, *width, pad_id)._replace(
-                **dict(zip(("margin_B", "ref_chosen_logps_B", "ref_rejected_logps_B"), columns)))
+            return PackedPairs(*_packed_pairs(prompts, chosen, rejected, *width, pad_id), *columns)
         return PreferenceBatch(_sequences(prompts, chosen, width, pad_id), _sequences(prompts, rejected, width, pad_id),
                                *columns)
     completions = [e["completion_ids"] for e in examples]

@@ -4,6 +4,7 @@ data sources, models, gathers, signals, metric logs and Orbax checkpoints."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import uuid
@@ -17,7 +18,6 @@ import orbax.checkpoint as ocp
 import transformers
 from flax import nnx
 from jax.experimental import multihost_utils
-from omegaconf import OmegaConf
 
 from align_jax.config import ConfigError, RunConfig
 from align_jax.data import DataError, synthetic
@@ -102,7 +102,7 @@ def wandb_run(out: Path, cfg: RunConfig):
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
     return wandb.init(project=cfg.train.wandb_project, id=run_id, name=out.name, dir=str(out), resume="allow",
-                      config=OmegaConf.to_container(OmegaConf.structured(cfg)))
+                      config=dataclasses.asdict(cfg))
 
 
 class MetricLog:

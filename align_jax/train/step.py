@@ -1,6 +1,7 @@
 """The pure train and eval steps: `(state, ref_params, batch) -> (state, metrics)`.
 
-A batch of B examples is split into M micro-batches scanned with `lax.scan`, carrying
+A batch of B examples is split into M micro-batches scanned with `lax.scan` (M = 1 runs the one
+batch without a scan or a zero accumulator), carrying
 (Σ ∇numerator, Σ numerator, Σ denominator); the update uses ∇(Σ num)/Σ den, which is exactly the
 gradient of the full-batch loss Σ num / Σ den (denominators — token or pair counts — do not depend
 on the parameters). A non-finite loss or gradient leaves params and optimizer state untouched and
