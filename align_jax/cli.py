@@ -14,6 +14,7 @@ import sys
 
 from align_jax.config import ConfigError, load_config, to_yaml
 from align_jax.data import DataError
+from align_jax.hostmem import retain_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                           "SLURM and Open MPI; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
                           "JAX_PROCESS_ID); run the same command on every host")
     args = parser.parse_args(argv)
+    retain_freed_memory()  # before JAX starts its threads: reuse each step's host memory (align_jax.hostmem)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)

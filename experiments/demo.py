@@ -41,6 +41,7 @@ from align_jax.config import load_config
 from align_jax.data import collate, encode
 from align_jax.data import synthetic as syn
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
+from align_jax.hostmem import retain_freed_memory
 from align_jax.models import load_pretrained
 from align_jax.sampling import SamplingConfig, generate, sequence_kl
 from align_jax.train import train
@@ -141,6 +142,7 @@ def main(argv=None):
     parser.add_argument("--grpo-rollouts", type=int, default=30)
     parser.add_argument("--pair-prompts", type=int, default=1024)
     args = parser.parse_args(argv)
+    retain_freed_memory()
     logging.basicConfig(level=logging.WARNING)
     out = Path(args.out)
     for stage in STAGES:  # the demo owns these runs: start them afresh

