@@ -12,9 +12,11 @@ side that ran first in a shared process would leave the next one its thread pool
 measured 11.4 s/step alone and 15.3 s after align_jax in one process), and a shared machine's
 speed drifts by ±20% within minutes, which alternating spreads over both sides. Every process
 first calls `align_jax.hostmem.retain_freed_memory()`, so both sides run with the same malloc
-settings. The table gives each side's median over rounds and its range.
+settings (they do not slow TRL: 11.6 and 12.3 s/step with them, 12.3 and 14.8 s without, in
+alternation). The table gives each side's median over rounds, and the median of its ratio to the
+TRL run of the same round, with their ranges.
 
-Run: python -m experiments.benchmarks.dpo_step [--steps 4] [--rounds 2]   (needs `pip install -e ".[bench]"`)
+Run: python -m experiments.benchmarks.dpo_step [--steps 4] [--rounds 3]   (needs `pip install -e ".[bench]"`)
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ def run_side(side: str, steps: int) -> float:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--side", choices=[*SIDES, "peak"], help=argparse.SUPPRESS)  # one measurement, as JSON
     args = parser.parse_args(argv)
     retain_freed_memory()
@@ -177,16 +179,16 @@ def main(argv=None):
              "separate": work(2 * PAIRS * (PROMPT + COMPLETION), 2 * PAIRS * (PROMPT + COMPLETION))}
     flops["trl"] = flops["separate"]
     median = {side: float(np.median(t)) for side, t in seconds.items()}
+    ratios = {side: [t / trl for t, trl in zip(seconds[side], seconds["trl"])] for side in SIDES}
     print(f"\nSmolLM2-135M architecture, {params / 1e6:.0f}M params, {PAIRS} pairs × {PROMPT + COMPLETION} tokens; "
           f"{torch.get_num_threads()} threads; measured fp32 matmul peak {peak:.0f} GFLOP/s; "
           f"{args.rounds} rounds of {args.steps} steps, each side in its own process")
-    print("\n| | s / step (median of rounds) | range | vs TRL | GFLOP / step | fraction of matmul peak |")
-    print("|---|---|---|---|---|---|")
+    print("\n| | s / step | range over rounds | vs TRL, same round | range | GFLOP / step | fraction of matmul peak |")
+    print("|---|---|---|---|---|---|---|")
     for side, name in SIDES.items():
-        t = median[side]
-        print(f"| {name} | {t:.2f} | {min(seconds[side]):.2f}–{max(seconds[side]):.2f} | "
-              f"{t / median['trl']:.2f}× | {flops[side] / 1e9:.0f} | {100 * flops[side] / t / 1e9 / peak:.0f}% |")
-
+        t, r = median[side], ratios[side]
+        print(f"| {name} | {t:.2f} | {min(seconds[side]):.2f}–{max(seconds[side]):.2f} | {np.median(r):.2f}× | "
+              f"{min(r):.2f}–{max(r):.2f} | {flops[side] / 1e9:.0f} | {100 * flops[side] / t / 1e9 / peak:.0f}% |")
 
 if __name__ == "__main__":
     main()
