@@ -6,15 +6,18 @@ naming the file, key, row or column, with exit status 2.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
-import sys
-
-from align_jax.config import ConfigError, load_config, to_yaml
-from align_jax.data import DataError
 from align_jax.hostmem import retain_freed_memory
+
+retain_freed_memory()  # before the imports below start threads: each step reuses its host memory (hostmem)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from align_jax.config import ConfigError, load_config, to_yaml  # noqa: E402
+from align_jax.data import DataError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
                           "SLURM and Open MPI; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
                           "JAX_PROCESS_ID); run the same command on every host")
     args = parser.parse_args(argv)
-    retain_freed_memory()  # before JAX starts its threads: reuse each step's host memory (align_jax.hostmem)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)

@@ -3,8 +3,11 @@ pages on every call. Each case runs in a fresh process: the malloc settings must
 threads."""
 
 import json
+import os
 import subprocess
 import sys
+
+from align_jax.hostmem import with_retained_memory
 
 PROBE = """
 import json, resource, sys
@@ -23,14 +26,24 @@ print(json.dumps({"faults_per_call": (resource.getrusage(resource.RUSAGE_SELF).r
 """
 
 
-def _probe(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, text=True).stdout
+def _probe(mode: str, env=None) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, text=True,
+                         env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def test_retained_memory_is_reused_across_calls():
     default, retained = _probe("default"), _probe("retain")
+    from_start = _probe("default", with_retained_memory(dict(os.environ)))
     assert retained["accepted"] is True
     pages = 64 * 2**20 / 4096
     assert default["faults_per_call"] > pages / 2, default  # a fresh 64 MB block faulted in per call
     assert retained["faults_per_call"] < pages / 50, retained  # the same block reused
+    assert from_start["faults_per_call"] < pages / 50, from_start
+
+
+def test_tunables_are_appended_to_the_environment():
+    assert with_retained_memory({})["GLIBC_TUNABLES"].startswith("glibc.malloc.arena_max=1:")
+    env = with_retained_memory({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0", "PATH": "/bin"})
+    assert env["GLIBC_TUNABLES"].startswith("glibc.malloc.tcache_count=0:glibc.malloc.arena_max=1")
+    assert env["PATH"] == "/bin"

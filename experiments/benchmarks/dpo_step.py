@@ -11,8 +11,8 @@ Each side runs in a fresh process of its own, and the sides take turns for `--ro
 side that ran first in a shared process would leave the next one its thread pools and heap (TRL
 measured 11.4 s/step alone and 15.3 s after align_jax in one process), and a shared machine's
 speed drifts by ±20% within minutes, which alternating spreads over both sides. Every process
-first calls `align_jax.hostmem.retain_freed_memory()`, so both sides run with the same malloc
-settings (they do not slow TRL: 11.6 and 12.3 s/step with them, 12.3 and 14.8 s without, in
+starts with the malloc settings of `align_jax.hostmem` (as glibc tunables), so both sides run with
+the same allocator (they do not slow TRL: 11.6 and 12.3 s/step with them, 12.3 and 14.8 s without, in
 alternation). The table gives each side's median over rounds, and the median of its ratio to the
 TRL run of the same round, with their ranges.
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,7 @@ from flax import nnx
 
 from align_jax.config import LossConfig, TrainConfig
 from align_jax.data import collate, default_buckets
-from align_jax.hostmem import retain_freed_memory
+from align_jax.hostmem import with_retained_memory
 from align_jax.models import load_pretrained
 from align_jax.train import methods
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
@@ -152,14 +153,14 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--side", choices=[*SIDES, "peak"], help=argparse.SUPPRESS)  # one measurement, as JSON
     args = parser.parse_args(argv)
-    retain_freed_memory()
     if args.side is not None:
         print(json.dumps(matmul_peak_gflops() if args.side == "peak" else run_side(args.side, args.steps)))
         return
 
     def measure(side):
         cmd = [sys.executable, "-m", "experiments.benchmarks.dpo_step", "--side", side, "--steps", str(args.steps)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                             env=with_retained_memory(dict(os.environ))).stdout
         return json.loads(out.strip().splitlines()[-1])
 
     peak = measure("peak")
