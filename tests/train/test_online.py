@@ -207,9 +207,14 @@ def sft_model(tmp_path_factory):
     return root / "sft" / "model"
 
 
+# 24 steps: at 12, DAPO's gain ranged from -0.04 to +0.10 over three training seeds (the other
+# variants' from +0.10 to +0.11); at 24 it is +0.10 to +0.13 for each seed.
+GRPO_STEPS = 24
+
+
 def grpo_config(out, sft, *extra):
     return load_config(ROOT / "configs/grpo_arithmetic.yaml", [
-        f"out_dir={out}", f"model.path={sft}", "train.steps=12", "train.batch_size=16", "train.lr=5e-4",
+        f"out_dir={out}", f"model.path={sft}", f"train.steps={GRPO_STEPS}", "train.batch_size=16", "train.lr=5e-4",
         "train.log_every=1", *extra])
 
 
@@ -230,7 +235,7 @@ def test_grpo_variants_raise_the_true_reward(variant, sft_model, tmp_path):
     after = true_reward(tmp_path / "model")
     assert after > before + 0.05, (variant, before, after)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and {"reward", "reward_std", "rewards/accuracy/mean", "rewards/format/mean",
+    assert len(rows) == GRPO_STEPS and {"reward", "reward_std", "rewards/accuracy/mean", "rewards/format/mean",
                                 "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
                                 "entropy", "clip_ratio/region_mean", "sampling/sampler_trainer_logp_diff"} <= set(last)
     assert all(r["sampling/sampler_trainer_logp_diff"] < 1e-4 for r in rows)  # the sampler's log-probs are the trainer's
