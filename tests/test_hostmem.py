@@ -18,11 +18,12 @@ x, w = jnp.ones((4096, 64)), jnp.full((64, 4096), 0.01)
 step = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2)))  # keeps a 64 MB activation for the backward
 for _ in range(20):  # the heap settles in a few calls
     step(w, x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+faults = []
+for _ in range(9):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step(w, x).block_until_ready()
-print(json.dumps({"faults_per_call": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5,
-                  "accepted": accepted}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"faults_per_call": sorted(faults)[len(faults) // 2], "accepted": accepted}))
 """
 
 
@@ -33,6 +34,8 @@ def _probe(mode: str, env=None) -> dict:
 
 
 def test_retained_memory_is_reused_across_calls():
+    """The median call's page faults: the heap may still grow once after the warm-up calls (one
+    call in five faulted in a whole block in one run); by default every call does."""
     default, retained = _probe("default"), _probe("retain")
     from_start = _probe("default", with_retained_memory(dict(os.environ)))
     assert retained["accepted"] is True

@@ -152,7 +152,7 @@ def main(argv=None):
     print("\n| | generation s | scoring s | update s | s / step (range) | vs TRL, same round (range) |")
     print("|---|---|---|---|---|---|")
     print(f"| align_jax | {generation:.2f} | {np.median(phases['scoring']):.3f} | {update:.2f} | "
-          f"{spread(seconds['ours'])} | {spread(ratios)}× |")
+          f"{spread(seconds['ours'])} | {spread(ratios, '×')} |")
     print(f"| TRL GRPOTrainer {__import__('trl').__version__} | | | | {spread(seconds['trl'])} | 1.00× |")
     print(f"\nupdate at {100 * update_flops / update / 1e9 / peak:.0f}% of the matmul peak; generation "
           f"{PROMPTS * G * NEW / generation:.0f} new tokens/s")

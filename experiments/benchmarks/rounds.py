@@ -37,8 +37,14 @@ def alternate(module: str, sides, rounds: int, *args: str) -> dict[str, list]:
     for r in range(rounds):
         for side in sides:
             results[side].append(measure(module, side, *args))
-            print(f"round {r + 1}: {side} {results[side][-1]}", flush=True)
+            print(f"round {r + 1}: {side} {_rounded(results[side][-1])} s/step", flush=True)
     return results
+
+
+def _rounded(result):
+    if isinstance(result, dict):
+        return {k: round(v, 3) for k, v in result.items()}
+    return round(result, 2)
 
 
 def same_round_ratios(seconds: dict[str, list[float]], reference: str) -> dict[str, list[float]]:
@@ -46,6 +52,6 @@ def same_round_ratios(seconds: dict[str, list[float]], reference: str) -> dict[s
     return {side: [t / ref for t, ref in zip(times, seconds[reference])] for side, times in seconds.items()}
 
 
-def spread(values) -> str:
-    """'median (min–max)' of a list of figures."""
-    return f"{np.median(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+def spread(values, unit: str = "") -> str:
+    """'median (min–max)' of a list of figures, the median followed by `unit`."""
+    return f"{np.median(values):.2f}{unit} ({min(values):.2f}–{max(values):.2f})"
