@@ -1,12 +1,17 @@
 """Generation throughput: align_jax's sampler vs transformers.generate on the SmolLM2-135M
-architecture (random weights), same process, same thread count, plus the machine's matmul roofline.
+architecture (random weights), same thread count, plus the machine's matmul roofline.
 
-Run: python experiments/benchmarks/generation.py [--batches 8 32] [--new-tokens 64] [--prompt 64]
+Each library runs every case in a fresh process of its own, and the two take turns for `--rounds`
+rounds (`experiments.benchmarks.rounds`); the table gives median throughputs over rounds and the
+median of the same-round speed-ups, with their range.
+
+Run: python -m experiments.benchmarks.generation [--batches 8 32] [--new-tokens 64] [--prompt 64] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import jax
@@ -17,6 +22,7 @@ import transformers
 
 from align_jax.models import load_pretrained
 from align_jax.sampling import SamplingConfig, generate
+from experiments.benchmarks.rounds import alternate, measure
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
@@ -60,32 +66,22 @@ def time_best(fn, repeats=2):
     return best
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--group", type=int, nargs=2, default=[4, 8], metavar=("PROMPTS", "SAMPLES"),
-                        help="the GRPO-shaped case: PROMPTS prompts × SAMPLES sampled completions")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--prompt", type=int, default=64)
-    args = parser.parse_args(argv)
+def cases(args) -> list[tuple[str, int, int, bool]]:
+    """(label, prompts, samples per prompt, greedy) of each measured case."""
+    prompts, samples = args.group
+    return ([(f"{b} prompts, greedy", b, 1, True) for b in args.batches]
+            + [(f"{prompts} prompts × {samples} samples, T=1", prompts, samples, False)])
 
+
+def run_side(side: str, args) -> dict:
+    """Per case, one library's best seconds for the whole generation (ours: and for the prefill
+    alone, as a one-token generation), in this (fresh) process."""
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SMOLLM2_135M)).eval()
-    model = load_pretrained(hf)
-    params = sum(p.numel() for p in hf.parameters())
-    embedding = SMOLLM2_135M["vocab_size"] * SMOLLM2_135M["hidden_size"]
-    peak, bandwidth = matmul_peak_gflops(), weight_bandwidth_gbs()
-    print(f"SmolLM2-135M architecture, {params / 1e6:.0f}M params; torch threads {torch.get_num_threads()}, "
-          f"JAX devices {jax.devices()}; measured fp32 matmul peak {peak:.0f} GFLOP/s, "
-          f"weight streaming {bandwidth:.1f} GB/s")
-    N = args.new_tokens
-    cases = [(f"{b} prompts, greedy", b, 1, True) for b in args.batches]
-    prompts, samples = args.group
-    cases.append((f"{prompts} prompts × {samples} samples, T=1", prompts, samples, False))
-    rows = []
-    for label, batch, samples, greedy in cases:
-        rng = np.random.default_rng(batch)
-        ids = rng.integers(0, SMOLLM2_135M["vocab_size"], size=(batch, args.prompt))
+    model = load_pretrained(hf) if side == "ours" else None
+    N, times = args.new_tokens, {}
+    for label, batch, samples, greedy in cases(args):
+        ids = np.random.default_rng(batch).integers(0, SMOLLM2_135M["vocab_size"], size=(batch, args.prompt))
         mask = np.ones_like(ids)
 
         def ours(new_tokens=N):
@@ -98,23 +94,61 @@ def main(argv=None):
                             num_return_sequences=samples, max_new_tokens=N, min_new_tokens=N,
                             pad_token_id=0, top_k=None, top_p=None)
 
-        ours(), ours(1)  # compile both programs
-        total, prefill = time_best(ours), time_best(lambda: ours(1))
-        step_ms = (total - prefill) / (N - 1) * 1e3
+        if side == "ours":
+            ours(), ours(1)  # compile both programs
+            times[label] = {"total": time_best(ours), "prefill": time_best(lambda: ours(1))}
+        else:
+            times[label] = {"total": time_best(theirs)}
+    return times
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--group", type=int, nargs=2, default=[4, 8], metavar=("PROMPTS", "SAMPLES"),
+                        help="the GRPO-shaped case: PROMPTS prompts × SAMPLES sampled completions")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--side", choices=["ours", "hf", "machine"], help=argparse.SUPPRESS)  # one measurement, as JSON
+    args = parser.parse_args(argv)
+    if args.side == "machine":
+        print(json.dumps({"peak": matmul_peak_gflops(), "bandwidth": weight_bandwidth_gbs()}))
+        return
+    if args.side is not None:
+        print(json.dumps(run_side(args.side, args)))
+        return
+
+    module = "experiments.benchmarks.generation"
+    shape = ["--batches", *map(str, args.batches), "--group", *map(str, args.group),
+             "--new-tokens", str(args.new_tokens), "--prompt", str(args.prompt)]
+    machine = measure(module, "machine")
+    peak, bandwidth = machine["peak"], machine["bandwidth"]
+    results = alternate(module, ["ours", "hf"], args.rounds, *shape)
+    params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(
+        transformers.LlamaConfig(**SMOLLM2_135M)).parameters())
+    embedding = SMOLLM2_135M["vocab_size"] * SMOLLM2_135M["hidden_size"]
+    print(f"\nSmolLM2-135M architecture, {params / 1e6:.0f}M params; {torch.get_num_threads()} threads; measured fp32 "
+          f"matmul peak {peak:.0f} GFLOP/s, weight streaming {bandwidth:.1f} GB/s; {args.rounds} rounds, each "
+          "library in its own process")
+    print("\n| case | align_jax tokens/s | transformers tokens/s | speed-up, same round (range) | roofline tokens/s "
+          "| align_jax prefill s | align_jax decode step ms |")
+    print("|---|---|---|---|---|---|---|")
+    N = args.new_tokens
+    for label, batch, samples, _ in cases(args):
+        ours = [r[label] for r in results["ours"]]
+        hf = [r[label]["total"] for r in results["hf"]]
+        speedups = [h / o["total"] for h, o in zip(hf, ours)]
+        total, prefill = np.median([o["total"] for o in ours]), np.median([o["prefill"] for o in ours])
         new_tokens = batch * samples * N
-        hf_total = time_best(theirs)
         # Roofline (matmuls only): prefill each prompt once at the matmul peak, then each decode
         # step at the slower of the matmul peak and streaming every weight once from memory.
         prefill_flops = 2 * (params - embedding) * batch * args.prompt + 2 * embedding * batch
         step_s = max(2 * params * batch * samples / (peak * 1e9), 4 * params / (bandwidth * 1e9))
         roofline = prefill_flops / (peak * 1e9) + (N - 1) * step_s
-        rows.append((label, new_tokens / total, new_tokens / hf_total, hf_total / total,
-                     new_tokens / roofline, prefill, step_ms))
-    print("\n| case | align_jax tokens/s | transformers tokens/s | speed-up | roofline tokens/s "
-          "| align_jax prefill s | align_jax decode step ms |")
-    print("|---|---|---|---|---|---|---|")
-    for label, a, t, s, roof, pre, step in rows:
-        print(f"| {label} | {a:.0f} | {t:.0f} | {s:.1f}× | {roof:.0f} | {pre:.2f} | {step:.0f} |")
+        print(f"| {label} | {new_tokens / total:.0f} | {new_tokens / np.median(hf):.0f} | {np.median(speedups):.1f}× "
+              f"({min(speedups):.1f}–{max(speedups):.1f}) | {new_tokens / roofline:.0f} | {prefill:.2f} | "
+              f"{(total - prefill) / (N - 1) * 1e3:.0f} |")
 
 
 if __name__ == "__main__":

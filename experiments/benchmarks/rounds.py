@@ -37,14 +37,14 @@ def alternate(module: str, sides, rounds: int, *args: str) -> dict[str, list]:
     for r in range(rounds):
         for side in sides:
             results[side].append(measure(module, side, *args))
-            print(f"round {r + 1}: {side} {_rounded(results[side][-1])} s/step", flush=True)
+            print(f"round {r + 1}: {side} {_rounded(results[side][-1])} s", flush=True)
     return results
 
 
 def _rounded(result):
     if isinstance(result, dict):
-        return {k: round(v, 3) for k, v in result.items()}
-    return round(result, 2)
+        return {k: _rounded(v) for k, v in result.items()}
+    return round(result, 3)
 
 
 def same_round_ratios(seconds: dict[str, list[float]], reference: str) -> dict[str, list[float]]:
