@@ -23,7 +23,7 @@ for _ in range(9):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step(w, x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"faults_per_call": sorted(faults)[len(faults) // 2], "accepted": accepted}))
+print(json.dumps({"faults": faults, "accepted": accepted}))
 """
 
 
@@ -34,15 +34,15 @@ def _probe(mode: str, env=None) -> dict:
 
 
 def test_retained_memory_is_reused_across_calls():
-    """The median call's page faults: the heap may still grow once after the warm-up calls (one
-    call in five faulted in a whole block in one run); by default every call does."""
+    """By default a call faults in a fresh 64 MB block; with the settings the median call reuses
+    it (the heap may still grow once or twice after the warm-up: seen in one run in three)."""
     default, retained = _probe("default"), _probe("retain")
     from_start = _probe("default", with_retained_memory(dict(os.environ)))
     assert retained["accepted"] is True
     pages = 64 * 2**20 / 4096
-    assert default["faults_per_call"] > pages / 2, default  # a fresh 64 MB block faulted in per call
-    assert retained["faults_per_call"] < pages / 50, retained  # the same block reused
-    assert from_start["faults_per_call"] < pages / 50, from_start
+    assert max(default["faults"]) > pages / 2, default  # the probe does allocate a fresh block
+    for probe in (retained, from_start):  # via mallopt, and via glibc tunables from the process start
+        assert sorted(probe["faults"])[len(probe["faults"]) // 2] < pages / 50, probe
 
 
 def test_tunables_are_appended_to_the_environment():
