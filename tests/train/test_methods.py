@@ -154,6 +154,7 @@ def test_micro_batches_give_the_full_batch_update(method, policy_and_reference):
     hf, _ = policy_and_reference
     model = load_pretrained(hf)
     pretrained = nnx.split(model)[1]
+    initial = [np.array(p) for p in jax.tree.leaves(pretrained)]
     # Plain SGD, so the parameters move by exactly the accumulated gradient (Adam's first step,
     # lr·g/|g|, would magnify float32 summation-order noise in near-zero gradients).
     tx, mesh = optax.sgd(0.5), make_mesh()
@@ -172,5 +173,10 @@ def test_micro_batches_give_the_full_batch_update(method, policy_and_reference):
     (full, m_full), (micro, m_micro) = results
     np.testing.assert_allclose(float(m_full["loss"]), float(m_micro["loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(m_full["grad_norm"]), float(m_micro["grad_norm"]), rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(micro.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    # Two float32 roundings separate the runs: the gradient summed over a different split of the
+    # batch's tokens, relative to the leaf's largest update (measured ≤ 3e-6 of it; a wrong
+    # micro-batch denominator is off by percents), and p + Δ itself, an ulp of p.
+    for p0, a, b in zip(initial, jax.tree.leaves(full.params), jax.tree.leaves(micro.params)):
+        a, b = np.asarray(a), np.asarray(b)
+        bound = 1e-5 * np.abs(a - p0).max() + 2 * np.spacing(np.abs(a))
+        assert (np.abs(a - b) <= bound).all(), f"{a.shape}: {np.abs(a - b).max():.2e} > {bound.max():.2e}"
