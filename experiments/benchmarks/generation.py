@@ -18,29 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
 
 from align_jax.models import load_pretrained
 from align_jax.sampling import SamplingConfig, generate
 from experiments.benchmarks.rounds import alternate, measure
-
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
-                    max_position_embeddings=8192, tie_word_embeddings=True)
-
-
-def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
-    """Measured float32 matmul throughput of this machine through JAX (the roofline): the best of
-    `repeats` timed products, so a moment of contention on a shared machine does not lower it."""
-    a = jax.random.normal(jax.random.key(0), (n, n))
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+from experiments.benchmarks.smollm2 import SMOLLM2_135M, matmul_peak_gflops, smollm2_hf, smollm2_parameter_count
 
 
 def weight_bandwidth_gbs(rows: int = 8192, cols: int = 16384, repeats: int = 5) -> float:
@@ -77,7 +59,7 @@ def run_side(side: str, args) -> dict:
     """Per case, one library's best seconds for the whole generation (ours: and for the prefill
     alone, as a one-token generation), in this (fresh) process."""
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SMOLLM2_135M)).eval()
+    hf = smollm2_hf().eval()
     model = load_pretrained(hf) if side == "ours" else None
     N, times = args.new_tokens, {}
     for label, batch, samples, greedy in cases(args):
@@ -125,8 +107,7 @@ def main(argv=None):
     machine = measure(module, "machine")
     peak, bandwidth = machine["peak"], machine["bandwidth"]
     results = alternate(module, ["ours", "hf"], args.rounds, *shape)
-    params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(
-        transformers.LlamaConfig(**SMOLLM2_135M)).parameters())
+    params = smollm2_parameter_count()
     embedding = SMOLLM2_135M["vocab_size"] * SMOLLM2_135M["hidden_size"]
     print(f"\nSmolLM2-135M architecture, {params / 1e6:.0f}M params; {torch.get_num_threads()} threads; measured fp32 "
           f"matmul peak {peak:.0f} GFLOP/s, weight streaming {bandwidth:.1f} GB/s; {args.rounds} rounds, each "

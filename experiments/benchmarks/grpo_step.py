@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
-import transformers
 from flax import nnx
 
 from align_jax import losses, rewards
@@ -38,9 +37,9 @@ from align_jax.train import online
 from align_jax.train.mesh import make_mesh, shard_batch
 from align_jax.train.state import init_train_state, make_optimizer
 from align_jax.train.step import jit_train_step, make_train_step
-from experiments.benchmarks.dpo_step import smollm2_tokenizer
-from experiments.benchmarks.generation import SMOLLM2_135M, matmul_peak_gflops
 from experiments.benchmarks.rounds import alternate, measure, same_round_ratios, spread
+from experiments.benchmarks.smollm2 import (matmul_peak_gflops, smollm2_hf, smollm2_parameter_count, smollm2_tokenizer,
+                                            trl_seconds_per_step)
 
 PROMPTS, G, PROMPT, NEW = 4, 8, 64, 64
 
@@ -92,35 +91,23 @@ def ours(hf, tokenizer, texts, steps: int) -> dict[str, float]:
     return {k: float(np.median(v[1:])) for k, v in phases.items()}
 
 
-class _Clock(transformers.TrainerCallback):
-    def __init__(self):
-        self.stamps = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.stamps.append(time.perf_counter())
-
-
 def trl(hf, tokenizer, texts, steps: int) -> float:
     from trl import GRPOConfig, GRPOTrainer
 
-    clock = _Clock()
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(output_dir=out, per_device_train_batch_size=PROMPTS * G, num_generations=G,
                           max_completion_length=NEW, max_steps=steps + 1, learning_rate=1e-6, beta=0.0,
                           report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
                           dataloader_num_workers=0, bf16=False, gradient_checkpointing=False)
         trainer = GRPOTrainer(model=hf, reward_funcs=length_reward, args=args, processing_class=tokenizer,
-                              train_dataset=datasets.Dataset.from_list([{"prompt": t} for t in texts] * (steps + 1)),
-                              callbacks=[clock])
-        start = time.perf_counter()
-        trainer.train()
-    return float(np.median(np.diff([start] + clock.stamps)[1:]))
+                              train_dataset=datasets.Dataset.from_list([{"prompt": t} for t in texts] * (steps + 1)))
+        return trl_seconds_per_step(trainer)
 
 
 def run_side(side: str, steps: int):
     """One side's per-step seconds (ours: by phase), in this (fresh) process."""
     torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**SMOLLM2_135M)).train()
+    hf = smollm2_hf().train()
     tokenizer = smollm2_tokenizer()
     texts = prompt_texts(tokenizer, np.random.default_rng(0))
     return ours(hf, tokenizer, texts, steps) if side == "ours" else trl(hf, tokenizer, texts, steps)
@@ -142,8 +129,7 @@ def main(argv=None):
     phases = {k: [r[k] for r in results["ours"]] for k in ("generation", "scoring", "update")}
     seconds = {"ours": [sum(r.values()) for r in results["ours"]], "trl": results["trl"]}
     ratios = same_round_ratios(seconds, "trl")["ours"]
-    params = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(
-        transformers.LlamaConfig(**SMOLLM2_135M)).parameters())
+    params = smollm2_parameter_count()
     update_flops = 6 * params * PROMPTS * G * (PROMPT + NEW)
     update, generation = np.median(phases["update"]), np.median(phases["generation"])
     print(f"\nSmolLM2-135M architecture, {params / 1e6:.0f}M params, {PROMPTS} prompts × {G} samples × {NEW} new "
