@@ -18,6 +18,7 @@ Run: python -m experiments.benchmarks.dpo_step [--steps 4] [--rounds 3]   (needs
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -111,8 +112,7 @@ def run_side(side: str, steps: int) -> float:
     tokenizer = smollm2_tokenizer()
     rows = token_rows(tokenizer, np.random.default_rng(0))
     if side == "trl":
-        ref = smollm2_hf().eval()
-        ref.load_state_dict(hf.state_dict())
+        ref = copy.deepcopy(hf).eval()
         return trl(hf, ref, tokenizer, rows, steps)
     return ours(hf, tokenizer, rows, steps, share_prompt=side == "shared")
 

