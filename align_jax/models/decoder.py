@@ -172,6 +172,20 @@ class Block(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), new_kv
 
 
+def _plain(block: Block, *args):
+    return block(*args)
+
+
+def _rematerialised(block: Block, *args):
+    """The block under `jax.checkpoint`: its activations are recomputed in the backward pass.
+
+    The block crosses the checkpoint as (graphdef, state) and is rebuilt inside, so the transform
+    is a pure function of its parameters and never writes back to the module it came from (which
+    may belong to another trace, e.g. a frozen reference merged outside `value_and_grad`)."""
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a))(state, *args)
+
+
 class Decoder(nnx.Module):
     """The causal LM. `with_scalar_head` adds a linear D→1 head for reward and value models."""
 
@@ -241,11 +255,10 @@ class Decoder(nnx.Module):
         # dense layer on [B, T, D] inputs transposes its activations (≈ 30% slower per layer).
         x = self.embed_tokens(input_ids_BxT.reshape(B * T))
         cos_sin = rope_angles(positions, rope_inv_freq(self.config), x.dtype)
-        call = nnx.remat(lambda blk, *a: blk(*a)) if self.remat else (lambda blk, *a: blk(*a))
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i], index)
-            x, (k, v) = call(layer, x, cos_sin, mask_BxTxS, kv)
+            x, (k, v) = (_rematerialised if self.remat else _plain)(layer, x, cos_sin, mask_BxTxS, kv)
             keys.append(k)
             values.append(v)
         x = self.norm(x).reshape(B, T, -1)

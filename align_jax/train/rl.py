@@ -134,7 +134,8 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         # neither, from the policy's starting weights with a new scalar head
         make_value, value_state = build_model(cfg, with_scalar_head=True, path=rl.critic or rl.reward_model)
         make_model = lambda rngs: online.ActorCritic(make_policy(rngs), make_value(rngs))  # noqa: E731
-        pretrained = nnx.State({"value": value_state, **({"policy": pretrained} if pretrained is not None else {})})
+        parts = {"policy": pretrained, "value": value_state}
+        pretrained = nnx.State({k: v for k, v in parts.items() if v is not None}) or None
     updates_per_rollout = rl.num_iterations * rl.mini_batches
     schedule_cfg = dataclasses.replace(t, steps=t.steps * updates_per_rollout,
                                        warmup_steps=t.warmup_steps * updates_per_rollout)
