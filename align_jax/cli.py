@@ -32,12 +32,24 @@ def main(argv: list[str] | None = None) -> int:
                      help="join a multi-host run with jax.distributed.initialize() (auto-detected on TPU pods, "
                           "SLURM and Open MPI; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
                           "JAX_PROCESS_ID); run the same command on every host")
-    args = parser.parse_args(argv)
+    plan = commands.add_parser("plan", help="compile a run ahead of time for a TPU topology: memory, FLOPs, "
+                                             "roofline step time (exit 0 fits, 3 does not fit, 2 config error)")
+    plan.add_argument("config", help="a YAML file; model.path may be a directory holding only config.json")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. mesh.fsdp=4 model.remat=true")
+    plan.add_argument("--topology", required=True, help="a TPU topology libtpu accepts: v5e:2x2, v5p:2x2x2, v6e:2x4, …")
+    plan.add_argument("--json", metavar="FILE", help="also write the plan as one JSON object")
+    args, rest = parser.parse_known_args(argv)  # overrides may also follow the options
+    unknown = [r for r in rest if r.startswith("-") or "=" not in r]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides += rest
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.command == "plan":
+            return run_plan(cfg, args.topology, args.json)
         if args.print_config:
             print(to_yaml(cfg))
             return 0
@@ -56,6 +68,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(metrics, indent=1))
     return 0
+
+
+def run_plan(cfg, topology: str, json_path: str | None) -> int:
+    """Print the plan (and write it as JSON); 0 when every program fits, else 3 with what to change."""
+    from align_jax import plan
+
+    result = plan.plan(cfg, topology)
+    print(plan.format_plan(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result.to_json(), f, indent=1)
+    if result.fits:
+        return 0
+    print("does not fit; try, in this order:", *(f"  {tip}" for tip in plan.advice(cfg, result)), sep="\n")
+    return 3
 
 
 if __name__ == "__main__":

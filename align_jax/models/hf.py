@@ -140,12 +140,31 @@ _GGUF_BLOCK_NAMES = {
 }
 
 
+def read_config(source) -> DecoderConfig:
+    """The DecoderConfig of an HF directory (its `config.json` alone; no weights are read) or of a
+    `.gguf` file (its metadata)."""
+    path = Path(source)
+    if path.suffix == ".gguf":
+        from transformers import AutoConfig
+
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such GGUF file")
+        return DecoderConfig.from_hf(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name),
+                                     source=str(path))
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: invalid JSON ({e})") from None
+    return DecoderConfig.from_hf(hf_config, source=str(config_file))
+
+
 def _load_gguf(path: Path) -> tuple[DecoderConfig, dict[str, np.ndarray]]:
     import gguf
-    from transformers import AutoConfig
 
-    hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    config = DecoderConfig.from_hf(hf_config, source=str(path))
+    config = read_config(path)
     reader = gguf.GGUFReader(str(path))
     tensors = {}
     for t in reader.tensors:
@@ -178,19 +197,9 @@ def load_pretrained(source, *, dtype=jnp.float32) -> Decoder:
         return from_tensors(config, tensors, dtype=dtype, source=type(source).__name__)
     path = Path(source)
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such GGUF file")
         config, tensors = _load_gguf(path)
         return from_tensors(config, tensors, dtype=dtype, source=str(path))
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
-    try:
-        hf_config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: invalid JSON ({e})") from None
-    config = DecoderConfig.from_hf(hf_config, source=str(config_file))
-    return from_tensors(config, _load_safetensors_dir(path), dtype=dtype, source=str(path))
+    return from_tensors(read_config(path), _load_safetensors_dir(path), dtype=dtype, source=str(path))
 
 
 def save_pretrained(model: Decoder, path, *, tokenizer=None) -> Path:

@@ -1,0 +1,430 @@
+"""Will a run fit, and how fast can it go? Ahead-of-time compilation for a TPU topology.
+
+`plan(cfg, "v5e:2x2")` builds the run's jitted programs from its config alone — shapes from
+`model.path`'s `config.json` (no weights), `train.batch_size`, `data.max_length`,
+`rl.max_new_tokens`, `rl.num_generations`, micro-batches and the mesh; no data is read — and
+compiles each one with XLA's TPU compiler (libtpu, the `tpu` extra) for compile-only devices of
+the topology, on any host. Per program and device it reports the compiler's memory (arguments,
+outputs, temporaries, peak against the chip's HBM), the named inputs counted by hand from their
+shardings (parameters, optimizer state, reference weights, batch), FLOPs and bytes accessed, and
+the roofline time max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) with the MFU it implies.
+
+Shapes are the largest the run can meet: sequences padded to the largest bucket, DPO's packed
+pairs to T = L + K with K = L, rollouts to `data.max_length` prompt and `rl.max_new_tokens`
+completion tokens. XLA's cost analysis counts a loop body once, so the sampler's FLOPs are those
+of its prefill and one decode step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from flax import nnx
+from jax.sharding import Mesh
+
+from align_jax import sampling
+from align_jax.config import ConfigError, RunConfig
+from align_jax.data import PackedPairs, PreferenceBatch, SequenceBatch, UnpairedBatch, default_buckets
+from align_jax.models import Decoder, DecoderConfig, read_config
+from align_jax.train import methods, online, sweep
+from align_jax.train.mesh import batch_sharding, make_mesh, param_shardings, replicated
+from align_jax.train.state import TrainState, learning_rate, make_optimizer, state_shardings
+from align_jax.train.step import make_train_step
+
+GiB = 2**30
+
+
+class Chip(NamedTuple):
+    """Published per-chip figures: HBM, dense bf16 FLOP/s, HBM bandwidth (cloud.google.com/tpu/docs)."""
+
+    name: str
+    hbm_bytes: int
+    peak_flops: float
+    hbm_bandwidth: float
+
+
+CHIPS = {  # jax device_kind -> chip
+    "TPU v4": Chip("v4", 32 * GiB, 275e12, 1.2e12),
+    "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12, 8.19e11),
+    "TPU v5": Chip("v5p", 95 * GiB, 459e12, 2.765e12),
+    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12, 1.64e12),
+}
+
+
+@dataclasses.dataclass
+class Program:
+    """One compiled program; every byte and FLOP figure is per device."""
+
+    name: str
+    inputs: dict[str, int]  # bytes of each named input group, counted from its shapes and shardings
+    compile_seconds: float
+    fits: bool
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0  # outputs written into donated inputs
+    temp_bytes: int = 0
+    code_bytes: int = 0
+    peak_bytes: int = 0  # arguments + outputs − aliased + temporaries + code
+    flops: float = 0.0
+    bytes_accessed: float = 0.0
+    roofline_seconds: float = 0.0
+    mfu_at_roofline: float = 0.0
+    error: str | None = None  # the compiler's message when the program does not fit
+    largest: list[str] = dataclasses.field(default_factory=list)  # its largest buffers, when it does not fit
+
+
+@dataclasses.dataclass
+class Plan:
+    topology: str
+    device_kind: str
+    num_devices: int
+    mesh: dict[str, int]
+    hbm_bytes_per_device: int
+    peak_flops_per_device: float
+    hbm_bandwidth_per_device: float
+    programs: list[Program]
+
+    @property
+    def fits(self) -> bool:
+        return all(p.fits for p in self.programs)
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as one JSON object (`align-jax plan --json`)."""
+        train = self.programs[0]
+        return dict(dataclasses.asdict(self), fits=self.fits, compile_seconds=sum(p.compile_seconds for p in
+                                                                                 self.programs),
+                    peak_bytes_per_device=max(p.peak_bytes for p in self.programs),
+                    flops_per_device=train.flops, roofline_step_seconds=train.roofline_seconds)
+
+
+class Spec(NamedTuple):
+    """A program to compile: its jitted function, abstract arguments, and named input groups."""
+
+    name: str
+    fn: Callable
+    args: tuple
+    inputs: dict[str, Any]
+
+
+def topology_devices(name: str) -> list:
+    """Compile-only devices of a TPU topology such as `v5e:2x2` or `v5p:2x2x2`."""
+    from jax.experimental import topologies
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: share libtpu with other processes
+    try:
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    except Exception as e:  # libtpu missing, or a name it does not know
+        raise ConfigError(f"--topology {name!r}: {str(e).splitlines()[0]} (needs the tpu extra: "
+                          "pip install 'align_jax[tpu]')") from None
+
+
+def _chip_share(name: str, devices: list) -> tuple[str, Chip, float]:
+    """(device kind, chip, the share of a chip each device has: ½ where a chip shows two cores)."""
+    kind = devices[0].device_kind
+    if kind not in CHIPS:
+        raise ConfigError(f"--topology {name!r}: no HBM and FLOP/s figures for {kind!r}; known: {sorted(CHIPS)}")
+    chips = math.prod(int(d) for d in name.split(":")[-1].split("x"))
+    return kind, CHIPS[kind], chips / len(devices)
+
+
+def device_bytes(tree) -> int:
+    """Bytes on one device of abstract arrays carrying shardings (the largest shard of each)."""
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, "sharding")]
+    return int(sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves))
+
+
+def _placed(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _arrays(mesh: Mesh, **shapes) -> dict[str, jax.ShapeDtypeStruct]:
+    """Batch arrays split over the batch axes: name=(shape, dtype)."""
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh)) for k, (s, d) in shapes.items()}
+
+
+def _decoder_config(cfg: RunConfig, path: str | None) -> DecoderConfig:
+    path = path or cfg.model.path
+    try:
+        if path is not None:
+            return read_config(path)
+        return DecoderConfig.from_hf(transformers.LlamaConfig(**cfg.model.init))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def _maker(cfg: RunConfig, config: DecoderConfig, scalar_head: bool = False):
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
+    return lambda rngs: Decoder(config, rngs=rngs, dtype=dtype, remat=cfg.model.remat,
+                                with_scalar_head=scalar_head)
+
+
+def _abstract_params(make_model, mesh: Mesh):
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))))
+    return graphdef, _placed(params, param_shardings(params, mesh))
+
+
+def _abstract_state(params, tx, mesh: Mesh) -> TrainState:
+    def init(p):
+        return TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.key_data(jax.random.key(0)))
+    return _placed(jax.eval_shape(init, params), state_shardings(params, tx, mesh))
+
+
+def _sequences(mesh, B, L) -> SequenceBatch:
+    a = _arrays(mesh, ids=((B, L), jnp.int32), attention=((B, L), jnp.bool_), completion=((B, L), jnp.bool_))
+    return SequenceBatch(a["ids"], a["attention"], a["completion"])
+
+
+def offline_batch(cfg: RunConfig, mesh: Mesh):
+    """The largest batch of the method's type the run can meet."""
+    B, L = cfg.train.batch_size, max(cfg.data.buckets or default_buckets(cfg.data.max_length))
+    method, loss = cfg.train.method, cfg.loss
+    per_pair = _arrays(mesh, margin=((B,), jnp.float32), ref_chosen=((B,), jnp.float32),
+                       ref_rejected=((B,), jnp.float32))
+    margin = per_pair["margin"] if loss.margin_column else None
+    refs = (per_pair["ref_chosen"], per_pair["ref_rejected"]) if loss.precompute_ref_logps else (None, None)
+    if method == "sft":
+        return _sequences(mesh, B, L)
+    if method == "kto":
+        return UnpairedBatch(_sequences(mesh, B, L), _arrays(mesh, y=((B,), jnp.bool_))["y"], _sequences(mesh, B, L))
+    if method == "dpo" and cfg.data.share_prompt:
+        T, K = 2 * L, L
+        a = _arrays(mesh, ids=((B, T), jnp.int32), mask=((B, T), jnp.bool_), seg=((B, T), jnp.int32),
+                    index=((B, 2, K), jnp.int32), labels=((B, 2, K), jnp.int32), lmask=((B, 2, K), jnp.bool_))
+        return PackedPairs(*a.values(), margin, *refs)
+    return PreferenceBatch(_sequences(mesh, B, L), _sequences(mesh, B, L), margin, *refs)
+
+
+def offline_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
+    """The train step of sft, reward, the DPO family or KTO (a sweep's vmapped step), and DPO's
+    reference pass when its log-probs are precomputed."""
+    t = cfg.train
+    make_model = _maker(cfg, _decoder_config(cfg, None), scalar_head=t.method == "reward")
+    graphdef, params = _abstract_params(make_model, mesh)
+    tx = make_optimizer(t)
+    state = _abstract_state(params, tx, mesh)
+    loss_fn = methods.METHODS[t.method][0]
+    ref = params if methods.needs_reference(t.method, cfg.loss) else None
+    names = sweep.members(cfg)
+    if names is None:
+        step = make_train_step(loss_fn, graphdef, tx, cfg.loss, t.micro_batches, learning_rate(t))
+    else:
+        stacked = sweep.stacked_shardings(state_shardings(params, tx, mesh))
+        state = _placed(jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(names), *x.shape), x.dtype), state),
+                        stacked)
+        step = sweep.vmap_step(lambda c: make_train_step(loss_fn, graphdef, tx, c, t.micro_batches,
+                                                         learning_rate(t)), cfg.loss, cfg.sweep.field,
+                               cfg.sweep.values)
+    batch = offline_batch(cfg, mesh)
+    specs = [Spec("train_step", jax.jit(step, donate_argnums=0), (state, ref, batch),
+                  dict(params=state.params, optimizer=state.opt_state, reference=ref, batch=batch))]
+    if cfg.loss.precompute_ref_logps:
+        ref_fn = jax.jit(lambda p, b: methods.pair_logps(nnx.merge(graphdef, p), b)[:2])
+        specs.append(Spec("reference_logps", ref_fn, (params, batch._replace(ref_chosen_logps_B=None,
+                                                                             ref_rejected_logps_B=None)),
+                          dict(reference=params, batch=batch)))
+    return specs
+
+
+def _rollout(cfg: RunConfig, mesh: Mesh, rows: int, is_ppo: bool) -> online.Rollout:
+    P, T = cfg.data.max_length, cfg.rl.max_new_tokens
+    a = _arrays(mesh, prompt=((rows, P), jnp.int32), prompt_mask=((rows, P), jnp.bool_),
+                ids=((rows, T), jnp.int32), mask=((rows, T), jnp.bool_), loss_mask=((rows, T), jnp.bool_),
+                logps=((rows, T), jnp.float32), per_token=((rows, T), jnp.float32), per_row=((rows,), jnp.float32))
+    with_ref = not is_ppo and cfg.rl.beta != 0.0
+    return online.Rollout(a["prompt"], a["prompt_mask"], a["ids"], a["mask"], a["loss_mask"], a["logps"],
+                          a["per_token"] if is_ppo else a["per_row"], a["logps"] if with_ref else None,
+                          a["per_token"] if is_ppo else None, a["per_token"] if is_ppo else None)
+
+
+def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
+    """GRPO/PPO: the update step on one mini-batch, the sampler over a rollout's prompts, and the
+    reference, critic and reward-model passes over the whole rollout."""
+    t, rl = cfg.train, cfg.rl
+    is_ppo = t.method == "ppo"
+    policy_config = _decoder_config(cfg, None)
+    make_model = _maker(cfg, policy_config)
+    if is_ppo:
+        make_value = _maker(cfg, _decoder_config(cfg, rl.critic or rl.reward_model), scalar_head=True)
+        make_model = lambda rngs: online.ActorCritic(_maker(cfg, policy_config)(rngs), make_value(rngs))  # noqa: E731
+    graphdef, params = _abstract_params(make_model, mesh)
+    updates = rl.num_iterations * rl.mini_batches
+    tx = make_optimizer(dataclasses.replace(t, steps=t.steps * updates, warmup_steps=t.warmup_steps * updates))
+    state = _abstract_state(params, tx, mesh)
+    rows = t.batch_size * rl.num_generations
+    if rows % rl.mini_batches:
+        raise ConfigError(f"rl.mini_batches={rl.mini_batches} does not divide the rollout's {rows} rows")
+    mini = _rollout(cfg, mesh, rows // rl.mini_batches, is_ppo)
+    step = make_train_step(online.ppo if is_ppo else online.grpo, graphdef, tx, rl, t.micro_batches,
+                           learning_rate(t))
+    specs = [Spec("update_step", jax.jit(step, donate_argnums=0), (state, None, mini),
+                  dict(params=state.params, optimizer=state.opt_state, batch=mini))]
+
+    policy_graphdef, policy_params = _abstract_params(_maker(cfg, policy_config), mesh)
+    prompts = _arrays(mesh, ids=((t.batch_size, cfg.data.max_length), jnp.int32),
+                      mask=((t.batch_size, cfg.data.max_length), jnp.bool_))
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
+    config = sampling.SamplingConfig(max_new_tokens=rl.max_new_tokens, num_samples=rl.num_generations,
+                                     temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p, stop_token_ids=(2,))
+    generate = jax.jit(lambda p, ids, mask, k: sampling._generate(policy_graphdef, p, ids, mask, k, config=config))
+    specs.append(Spec("generate", generate, (policy_params, prompts["ids"], prompts["mask"], key),
+                      dict(params=policy_params, batch=prompts)))
+
+    full = _rollout(cfg, mesh, rows, is_ppo)
+    if is_ppo or rl.beta != 0.0:
+        ref_fn = jax.jit(lambda p, r: online.policy_outputs(nnx.merge(policy_graphdef, p), r, rl.temperature)[0])
+        specs.append(Spec("reference_logps", ref_fn, (policy_params, full), dict(reference=policy_params,
+                                                                                  batch=full)))
+    if is_ppo:
+        values = jax.jit(lambda p, r: online.critic_values(nnx.merge(graphdef, p).value, r))
+        specs.append(Spec("critic_values", values, (state.params, full), dict(params=state.params, batch=full)))
+    if rl.reward_model:
+        rm_graphdef, rm_params = _abstract_params(_maker(cfg, read_config(rl.reward_model), scalar_head=True), mesh)
+        seq = _arrays(mesh, ids=((rows, cfg.data.max_length + rl.max_new_tokens), jnp.int32),
+                      mask=((rows, cfg.data.max_length + rl.max_new_tokens), jnp.bool_))
+        score = jax.jit(lambda p, ids, mask: nnx.merge(rm_graphdef, p).score(ids, mask))
+        specs.append(Spec("reward_model_score", score, (rm_params, seq["ids"], seq["mask"]),
+                          dict(reward_model=rm_params, batch=seq)))
+    return specs
+
+
+def _subjaxprs(eqn) -> list:
+    found = []
+    for value in eqn.params.values():
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(v, jax.extend.core.ClosedJaxpr):
+                found.append(v.jaxpr)
+            elif isinstance(v, jax.extend.core.Jaxpr):
+                found.append(v)
+    return found
+
+
+def _where(eqn) -> str:
+    """The innermost align_jax line that made an equation."""
+    frames = eqn.source_info.traceback.frames if eqn.source_info.traceback else []
+    for frame in frames:
+        if "/align_jax/" in frame.file_name:
+            return f"{frame.file_name.rsplit('/align_jax/', 1)[1]}:{frame.line_num} ({frame.function_name})"
+    return "?"
+
+
+def largest_arrays(spec: Spec, n: int = 5) -> list[str]:
+    """The n largest arrays the program computes (global shapes, before sharding), with the
+    operation and the line of align_jax that makes each: what to shrink when it does not fit."""
+    sizes: dict[str, int] = {}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            for v in eqn.outvars:
+                if hasattr(v.aval, "shape") and hasattr(v.aval, "dtype"):
+                    key = f"{v.aval.str_short()} from {eqn.primitive.name} at {_where(eqn)}"
+                    sizes[key] = math.prod(v.aval.shape) * v.aval.dtype.itemsize
+            for sub in _subjaxprs(eqn):
+                walk(sub)
+
+    walk(jax.make_jaxpr(spec.fn)(*spec.args).jaxpr)
+    top = sorted(sizes.items(), key=lambda kv: -kv[1])[:n]
+    return [f"{_gib(size)} GiB {key}" for key, size in top]
+
+
+def compile_spec(spec: Spec, chip: Chip, share: float) -> Program:
+    """Lower and compile one program; out-of-memory is a result, not an error."""
+    inputs = {k: device_bytes(v) for k, v in spec.inputs.items() if v is not None}
+    start = time.perf_counter()
+    try:
+        compiled = spec.fn.lower(*spec.args).compile()
+    except Exception as e:  # XLA reports a program over HBM as RESOURCE_EXHAUSTED at compile time
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return Program(spec.name, inputs, time.perf_counter() - start, fits=False,
+                       error=str(e).split("\n")[0][:500], largest=largest_arrays(spec))
+    seconds = time.perf_counter() - start
+    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    peak_flops, bandwidth = chip.peak_flops * share, chip.hbm_bandwidth * share
+    roofline = max(flops / peak_flops, accessed / bandwidth)
+    return Program(spec.name, inputs, seconds, fits=peak <= chip.hbm_bytes * share,
+                   argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+                   alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
+                   code_bytes=memory.generated_code_size_in_bytes, peak_bytes=peak, flops=flops,
+                   bytes_accessed=accessed, roofline_seconds=roofline,
+                   mfu_at_roofline=flops / (roofline * peak_flops) if roofline else 0.0)
+
+
+def plan(cfg: RunConfig, topology: str) -> Plan:
+    """Compile every program of the run `cfg` for `topology`; see the module docstring."""
+    devices = topology_devices(topology)
+    kind, chip, share = _chip_share(topology, devices)
+    try:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.train.batch_size % shards:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over the mesh's {shards} "
+                          "batch shards (data × fsdp)")
+    if cfg.train.method in methods.METHODS:
+        specs = offline_specs(cfg, mesh)
+    elif cfg.train.method in ("grpo", "ppo"):
+        specs = online_specs(cfg, mesh)
+    else:
+        raise ConfigError(f"train.method: {cfg.train.method!r} is not one of "
+                          f"{sorted(methods.METHODS) + ['grpo', 'ppo']}")
+    programs = [compile_spec(spec, chip, share) for spec in specs]
+    return Plan(topology, kind, len(devices), dict(mesh.shape), int(chip.hbm_bytes * share),
+                chip.peak_flops * share, chip.hbm_bandwidth * share, programs)
+
+
+def advice(cfg: RunConfig, result: Plan) -> list[str]:
+    """What to change when a program does not fit, in the order to try it."""
+    tips = []
+    if not cfg.model.remat:
+        tips.append("model.remat=true (recompute each layer's activations in the backward pass)")
+    if cfg.mesh.fsdp < result.num_devices:
+        tips.append(f"mesh.fsdp={result.num_devices} mesh.data=1 (shard parameters and optimizer state "
+                    "over every device)")
+    if cfg.train.micro_batches < cfg.train.batch_size // max(result.mesh["data"] * result.mesh["fsdp"], 1):
+        tips.append(f"train.micro_batches={2 * cfg.train.micro_batches} (accumulate gradients over smaller "
+                    "micro-batches)")
+    tips.append("a larger topology, or a shorter data.max_length / rl.max_new_tokens")
+    return tips
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def format_plan(result: Plan) -> str:
+    """A table of the programs, one row each."""
+    head = (f"{result.topology}: {result.num_devices} × {result.device_kind}, "
+            f"{_gib(result.hbm_bytes_per_device)} GiB HBM, {result.peak_flops_per_device / 1e12:.0f} bf16 TFLOP/s, "
+            f"{result.hbm_bandwidth_per_device / 1e9:.0f} GB/s per device; mesh "
+            + " ".join(f"{k}={v}" for k, v in result.mesh.items()))
+    groups = ("params", "optimizer", "reference", "batch")
+    columns = ["program", *groups, "temporaries", "peak", "fits", "TFLOP", "compile s", "roofline s", "MFU"]
+    rows = []
+    for p in result.programs:
+        named = [_gib(p.inputs[g]) if g in p.inputs else "-" for g in groups]
+        compiled = [_gib(p.temp_bytes), _gib(p.peak_bytes)] if p.error is None else ["-", "-"]
+        cost = ([f"{p.flops / 1e12:.3f}", f"{p.compile_seconds:.1f}", f"{p.roofline_seconds:.4f}",
+                 f"{p.mfu_at_roofline:.0%}"] if p.error is None else ["-", f"{p.compile_seconds:.1f}", "-", "-"])
+        rows.append([p.name, *named, *compiled, "yes" if p.fits else "NO", *cost])
+    widths = [max(len(str(r[i])) for r in [columns, *rows]) for i in range(len(columns))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    out = [head, "per device, GiB:", line(columns), *map(line, rows)]
+    for p in result.programs:
+        if not p.fits:
+            out.append(f"{p.name} does not fit: {p.error or f'peak {_gib(p.peak_bytes)} GiB'}")
+            out.extend(f"  {b}" for b in p.largest)
+    return "\n".join(out)

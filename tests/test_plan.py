@@ -1,0 +1,113 @@
+"""`align-jax plan`: compile-only TPU programs for every method, a hand count of the sharded
+parameter and optimizer bytes, out-of-memory as exit 3 naming the largest arrays, config errors as
+exit 2."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from align_jax import cli
+from align_jax.config import load_config
+from align_jax.plan import plan
+
+ROOT = Path(__file__).parents[1]
+TINY_MODEL = ["model.path=null", "model.init.vocab_size=384", "model.init.hidden_size=32",
+              "model.init.intermediate_size=64", "model.init.num_hidden_layers=2",
+              "model.init.num_attention_heads=4", "model.init.num_key_value_heads=2",
+              "model.init.tie_word_embeddings=true"]
+METHODS = {  # name -> (config, overrides)
+    "sft": ("sft_arithmetic", []),
+    "dpo_packed": ("dpo_sentiment", ["data.share_prompt=true"]),
+    "kto": ("kto_sentiment", []),
+    "grpo": ("grpo_arithmetic", ["rl.beta=0.04", "rl.num_generations=4", "rl.max_new_tokens=16"]),
+    "ppo": ("ppo_arithmetic", ["rl.reward_model=null", "rl.max_new_tokens=16"]),
+}
+EXPECTED = {"sft": ["train_step"], "dpo_packed": ["train_step"], "kto": ["train_step"],
+            "grpo": ["update_step", "generate", "reference_logps"],
+            "ppo": ["update_step", "generate", "reference_logps", "critic_values"]}
+
+
+def tiny(config, *extra):
+    return load_config(ROOT / "configs" / f"{config}.yaml", [*TINY_MODEL, "train.batch_size=8", "data.max_length=32",
+                                                             "mesh.data=1", "mesh.fsdp=4", *extra])
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_compiles_and_fits_a_v5e_slice(method):
+    config, extra = METHODS[method]
+    result = plan(tiny(config, *extra), "v5e:2x2")
+    assert result.fits and result.device_kind == "TPU v5 lite" and result.num_devices == 4
+    assert [p.name for p in result.programs] == EXPECTED[method]
+    for p in result.programs:
+        weights = p.inputs.get("params", p.inputs.get("reference"))
+        assert p.peak_bytes > weights > 0 and p.flops > 0 and p.roofline_seconds > 0, p
+        assert 0 < p.mfu_at_roofline <= 1
+    step = result.programs[0]
+    assert step.alias_bytes > 0  # the old state is donated to the new one
+
+
+def test_parameter_and_optimizer_bytes_equal_a_hand_count():
+    V, D, F, L, Q, K, H = 384, 32, 64, 2, 4, 2, 8
+    layer = D * Q * H + 2 * D * K * H + Q * H * D + 3 * D * F + 2 * D  # q, k, v, o, gate/up/down, 2 norms
+    count = V * D + L * layer + D  # tied embedding, blocks, final norm
+    result = plan(tiny("sft_arithmetic"), "v5e:2x2")
+    step = result.programs[0]
+    # fsdp=4 splits every parameter's `embed` axis (32 = 4 × 8) over the 4 devices
+    assert step.inputs["params"] == count * 4 // 4
+    # AdamW's two moments, and two int32 step counts (Adam's and the schedule's), replicated
+    assert step.inputs["optimizer"] == 2 * step.inputs["params"] + 2 * 4
+    assert result.hbm_bytes_per_device == 16 * 2**30
+
+
+def test_a_run_that_does_not_fit_exits_3_naming_its_largest_arrays(tmp_path, capsys):
+    report = tmp_path / "plan.json"
+    # 8 sequences per device × 4096 tokens × a 128256-token vocabulary: 16.8 GB of float32 logits
+    status = cli.main(["plan", str(ROOT / "configs/sft_arithmetic.yaml"), "--topology", "v5e:2x2",
+                       "--json", str(report), *TINY_MODEL, "model.init.vocab_size=128256",
+                       "model.init.num_hidden_layers=1", "model.init.max_position_embeddings=4096",
+                       "train.batch_size=32", "data.max_length=4096", "mesh.data=4"])
+    out = capsys.readouterr().out
+    assert status == 3
+    assert "train_step does not fit: RESOURCE_EXHAUSTED" in out
+    largest = out.split("does not fit:", 1)[1]
+    assert "float32[32,4095,128256]" in largest and "(token_logps)" in largest  # the logits, and where
+    assert "model.remat=true" in out
+    saved = json.loads(report.read_text())
+    assert saved["fits"] is False and saved["topology"] == "v5e:2x2" and saved["device_kind"] == "TPU v5 lite"
+    assert {"peak_bytes_per_device", "hbm_bytes_per_device", "flops_per_device", "compile_seconds",
+            "programs"} <= saved.keys()
+    assert saved["programs"][0]["largest"]
+
+
+def test_a_fitting_plan_exits_0_and_writes_json(tmp_path, capsys):
+    report = tmp_path / "plan.json"
+    status = cli.main(["plan", str(ROOT / "configs/dpo_sentiment.yaml"), "--topology", "v5e:2x2",
+                       "--json", str(report), *TINY_MODEL, "train.batch_size=8", "mesh.data=2", "mesh.fsdp=2"])
+    assert status == 0
+    saved = json.loads(report.read_text())
+    assert saved["fits"] and saved["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert 0 < saved["peak_bytes_per_device"] < saved["hbm_bytes_per_device"]
+    assert math.isclose(saved["flops_per_device"], saved["programs"][0]["flops"])
+    assert "train_step" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--topology", "v9x:2x2"], "--topology 'v9x:2x2'"),
+    (["--topology", "v5e:2x2", "train.batch_size=6", "mesh.data=4"], "train.batch_size=6 does not split"),
+    (["--topology", "v5e:2x2", "model.path=configs"], "no config.json"),
+    (["--topology", "v5e:2x2", "mesh.fsdp=3"], "mesh:"),
+])
+def test_config_errors_exit_2(extra, message, capsys):
+    assert cli.main(["plan", str(ROOT / "configs/sft_arithmetic.yaml"), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_model_path_needs_only_config_json(tmp_path):
+    hf = json.loads((ROOT / "configs/models/llama-3.2-1b/config.json").read_text())
+    hf.update(hidden_size=64, intermediate_size=128, num_hidden_layers=1, vocab_size=512)
+    (tmp_path / "config.json").write_text(json.dumps(hf))  # no weights beside it
+    result = plan(load_config(ROOT / "configs/sft_arithmetic.yaml", [
+        f"model.path={tmp_path}", "train.batch_size=4", "data.max_length=32"]), "v5e:2x2")
+    assert result.fits and result.programs[0].inputs["params"] > 0
