@@ -11,11 +11,14 @@
 
 A message is `{"role": "system" | "user" | "assistant" | "tool", "content": str}`. Every problem
 raises `DataError` naming the source, the row (0-based), the column and what is wrong, before
-anything is tokenized or trained.
+anything is tokenized or trained. JSON, JSONL and CSV files must be UTF-8: the first byte that is
+not is named by its offset and line; a Parquet file that cannot be read (truncated, corrupt, not
+Parquet) is named with the reader's reason.
 """
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import os
 from typing import Any
@@ -36,6 +39,26 @@ _READERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "c
 
 class DataError(ValueError):
     """A dataset problem, with where it is: source, row and column."""
+
+
+def check_utf8(path: str, chunk_bytes: int = 1 << 20) -> None:
+    """Raise DataError at the first byte of the file `path` that is not UTF-8, naming its offset
+    (0-based) and line (1-based). Reads the file once, in chunks of `chunk_bytes`."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1  # of the chunk about to be read
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_bytes)
+            pending = len(decoder.getstate()[0])  # a character's first bytes, held from the last chunk
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:  # e.object is the held bytes followed by this chunk
+                at, line = offset - pending + e.start, line + e.object.count(b"\n", 0, e.start)
+                raise DataError(f"{path}: not UTF-8 text: byte offset {at} (line {line}) is 0x{e.object[e.start]:02x}, "
+                                f"{e.reason}; save the file as UTF-8") from None
+            if not chunk:
+                return
+            offset, line = offset + len(chunk), line + chunk.count(b"\n")
 
 
 def where(source: str, row: int | None = None, column: str | None = None) -> str:
@@ -65,11 +88,16 @@ def load_rows(source: str | os.PathLike | datasets.Dataset) -> tuple[datasets.Da
         raise DataError(f"{path}: unknown file type; expected one of {sorted(_READERS)} or a saved directory")
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty (no rows)")
+    if reader != "parquet":
+        check_utf8(path)
     try:
         ds = datasets.load_dataset(reader, data_files=path, split="train")
     except Exception as e:
         cause = e.__cause__ or e
-        raise DataError(f"{path}: cannot be read as {reader} ({type(cause).__name__}: {cause})") from e
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())  # one line: Arrow's messages span several
+        if reader == "parquet":
+            raise DataError(f"{path}: not a readable Parquet file (truncated, corrupt or not Parquet: {reason})") from e
+        raise DataError(f"{path}: cannot be read as {reader} ({reason})") from e
     if reader == "csv":  # CSV has no types: a completion "4" is text, not the number pandas infers
         for column in set(ds.column_names) & {"prompt", "chosen", "rejected", "completion", "text"}:
             if ds.features[column].dtype != "string":

@@ -1,12 +1,20 @@
-"""A corpus of malformed dataset files: each error names the file, row, column and the problem."""
+"""A corpus of malformed dataset files: each error names the file, row, column and the problem (for a
+file that is not UTF-8, the byte offset; for a corrupt Parquet file, the reader's reason)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import transformers
 
 from align_jax.data import DataError, encode
+from align_jax.data.formats import check_utf8
 
 U = [{"role": "user", "content": "hi"}]
 A = [{"role": "assistant", "content": "yo"}]
@@ -90,3 +98,76 @@ def test_empty_in_memory_dataset_and_unknown_kind(tok):
         encode(datasets.Dataset.from_list([{"prompt": "a"}]), tok, kind="dpo")
     with pytest.raises(DataError, match=r"missing column 'completion'"):
         encode(datasets.Dataset.from_list([{"prompt": "a"}]), tok, kind="prompt_completion")
+
+
+NOT_UTF8 = {  # a Latin-1 "café" on the second row of each text format
+    "latin1.jsonl": b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n',
+    "latin1.json": b'[{"prompt": "a", "completion": "b"},\n {"prompt": "caf\xe9", "completion": "b"}]\n',
+    "latin1.csv": b"prompt,completion\na,b\ncaf\xe9,b\n",
+}
+
+
+@pytest.mark.parametrize("name", NOT_UTF8)
+def test_file_that_is_not_utf8_names_the_byte_offset(name, tok, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(NOT_UTF8[name])
+    at = NOT_UTF8[name].index(b"\xe9")
+    line = NOT_UTF8[name].count(b"\n", 0, at) + 1
+    with pytest.raises(DataError, match=rf"not UTF-8 text: byte offset {at} \(line {line}\) is 0xe9") as info:
+        encode(path, tok)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_utf8_check_finds_the_offset_across_chunks(tmp_path):
+    """Multi-byte characters split between reads are fine; the bad byte's offset and line are exact
+    whichever chunk it falls in, and a file cut inside a character is caught at that character."""
+    good = "é\n€x".encode() * 50  # 2- and 3-byte characters, 7 bytes a repeat
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(good)
+    for chunk in (1, 2, 3, 5, 64):
+        check_utf8(str(path), chunk_bytes=chunk)
+    path.write_bytes(good[:196] + b"\xff" + good[196:])  # between two repeats
+    line = good[:196].count(b"\n") + 1
+    for chunk in (1, 3, 7, 64, 1 << 20):
+        with pytest.raises(DataError, match=rf"byte offset 196 \(line {line}\) is 0xff"):
+            check_utf8(str(path), chunk_bytes=chunk)
+    path.write_bytes(good + "€".encode()[:2])
+    with pytest.raises(DataError, match=rf"byte offset {len(good)} .* unexpected end of data"):
+        check_utf8(str(path), chunk_bytes=4)
+
+
+def _parquet_bytes():
+    table = pa.table({"prompt": [f"prompt {i} " * 4 for i in range(500)], "completion": [f"c{i}" for i in range(500)]})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="NONE")
+    return sink.getvalue().to_pybytes()
+
+
+PARQUET = {  # name -> the good file's bytes -> corrupt bytes
+    "not_parquet": lambda b: b"prompt,completion\na,b\n" * 10,
+    "truncated": lambda b: b[: len(b) // 2],
+    "overwritten_pages": lambda b: b[:4] + b"\x7f" * 200 + b[204:],
+    "overwritten_values": lambda b: b[: len(b) // 3] + b"\xff" * 2000 + b[len(b) // 3 + 2000:],
+}
+
+
+@pytest.mark.parametrize("corrupt", PARQUET)
+def test_corrupt_parquet_file_is_a_one_line_error(corrupt, tok, tmp_path):
+    path = tmp_path / f"{corrupt}.parquet"
+    path.write_bytes(PARQUET[corrupt](_parquet_bytes()))
+    with pytest.raises(DataError, match=r"not a readable Parquet file \(truncated, corrupt or not Parquet: ") as info:
+        encode(path, tok)
+    assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
+
+
+def test_cli_reports_a_file_that_is_not_utf8_in_one_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(NOT_UTF8["latin1.jsonl"])
+    root = Path(__file__).parents[2]
+    run = subprocess.run([sys.executable, "-m", "align_jax", "train", "configs/sft_arithmetic.yaml",
+                          f"data.train={path}", f"out_dir={tmp_path / 'run'}"], cwd=root,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1] == f"align-jax: error: {path}: not UTF-8 text: byte offset 50 (line 2) is " \
+                                          "0xe9, invalid continuation byte; save the file as UTF-8"
