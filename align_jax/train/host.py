@@ -1,11 +1,20 @@
 """What the host loops of offline (`run.py`) and online (`rl.py`) training share: tokenizers,
-data sources, models, gathers, signals, metric logs and Orbax checkpoints."""
+data sources, models, gathers, signals, the run's config record, metric logs and Orbax checkpoints.
+
+Resuming (`--resume`) is guarded three ways: the config must match the one the checkpoints were
+trained with outside `RESUMABLE` (`record_config`); an unreadable latest checkpoint gives way to
+the newest readable one (`Checkpoints.restore`); and `metrics.jsonl` is cut back to the restored
+step, so a step killed after its last checkpoint is logged once (`MetricLog`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
+import logging
+import os
+import re
 import signal
 import uuid
 from pathlib import Path
@@ -18,15 +27,33 @@ import orbax.checkpoint as ocp
 import transformers
 from flax import nnx
 from jax.experimental import multihost_utils
+from omegaconf import OmegaConf
 
-from align_jax.config import ConfigError, RunConfig
+from align_jax.config import ConfigError, RunConfig, to_yaml
 from align_jax.data import DataError, synthetic
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.models import Decoder, DecoderConfig, load_pretrained
 
+log = logging.getLogger(__name__)
+
+# Config keys `--resume` may change, each logged as old → new: the length and learning-rate
+# schedule of the run, what it logs, evaluates and keeps, where it lives, and how the same update
+# is placed on devices (mesh, gradient accumulation, rematerialisation). Any other difference (the
+# method, the model, the data, the batch, the loss, the optimizer's form, the seed) is refused.
+RESUMABLE = ("train.steps", "train.lr", "train.schedule", "train.warmup_steps", "train.log_every",
+             "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+             "train.wandb_project", "train.micro_batches", "model.remat", "mesh.data", "mesh.fsdp", "mesh.tensor",
+             "out_dir")
+_ABSENT = "(absent)"
+
 
 class NonFiniteError(RuntimeError):
-    """The loss or gradient became NaN/inf; the last good checkpoint is left as it was."""
+    """The loss or gradient became NaN/inf and the step refused the update; the checkpoints written
+    before it are left as they were."""
+
+
+class CheckpointError(ConfigError):
+    """No checkpoint of the run can be restored (a ConfigError, so the CLI reports it in one line)."""
 
 
 def load_tokenizer(spec: str):
@@ -91,6 +118,78 @@ class StopSignal:
                 signal.signal(s, h)
 
 
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {dotted key: value}; an empty dict is a value."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved_yaml: str, cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (saved value, new value)} for every key where `cfg` differs from the config
+    saved as `saved_yaml`; a key missing from the saved file counts as its current default."""
+    saved = OmegaConf.merge(OmegaConf.create(to_yaml(RunConfig())), OmegaConf.create(saved_yaml))
+    old, new = _flat(OmegaConf.to_container(saved)), _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
+    return {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(old.keys() | new.keys())
+            if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
+
+
+def has_checkpoints(out: Path) -> bool:
+    return (out / "checkpoints").is_dir() and any(p.name.isdigit() for p in (out / "checkpoints").iterdir())
+
+
+def record_config(out: Path, cfg: RunConfig, resume: bool) -> None:
+    """Write `out/config.yaml`. When resuming over checkpoints, first compare `cfg` with the
+    config.yaml they were trained with: keys in `RESUMABLE` may change (a warning names each
+    old → new); any other difference raises ConfigError naming every differing key, and the saved
+    file is left as it was."""
+    path = out / "config.yaml"
+    if resume and has_checkpoints(out):
+        if not path.exists():
+            log.warning("%s: no config.yaml to check the resumed config against", out)
+        else:
+            changes = config_changes(path.read_text(), cfg)
+            show = lambda k: f"{k}: {changes[k][0]!r:.60} → {changes[k][1]!r:.60}"  # noqa: E731
+            refused = [k for k in changes if k not in RESUMABLE]
+            if refused:
+                raise ConfigError(f"{path}: --resume with a config that differs from the one the checkpoints were "
+                                  f"trained with, in {'; '.join(map(show, refused))}; only {', '.join(RESUMABLE)} "
+                                  "may change on resume (for a different run, choose another out_dir)")
+            if changes:
+                log.warning("resuming with a changed config: %s", "; ".join(map(show, changes)))
+    path.write_text(to_yaml(cfg))
+
+
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Drop the records of the JSONL log `path` after step `last_step` (and a last line cut short),
+    rewriting it atomically: a temporary file, then os.replace."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    log.info("%s: dropped %d records after step %d, the step this run starts from", path, len(lines) - len(kept),
+             last_step)
+
+
 def wandb_run(out: Path, cfg: RunConfig):
     """The Weights & Biases run of `out` (named after it), continued when `out` has logged to one
     before: its id is kept in `out/wandb_run_id`, so `--resume` logs on to the same run."""
@@ -107,13 +206,20 @@ def wandb_run(out: Path, cfg: RunConfig):
 
 class MetricLog:
     """`metrics.jsonl` (one object per logged step, with its `split`), TensorBoard events in `tb/`
-    and, with `train.wandb_project`, a W&B run, written by the first process only."""
+    and, with `train.wandb_project`, a W&B run, written by the first process only.
 
-    def __init__(self, out: Path, cfg: RunConfig):
+    `start` is the step the run starts from (a restored checkpoint's, else 0): records of later
+    steps, logged by a run killed after that checkpoint, are dropped from `metrics.jsonl` and hidden
+    in TensorBoard (its purge_step), so each step is logged once.
+    """
+
+    def __init__(self, out: Path, cfg: RunConfig, start: int = 0):
         from tensorboardX import SummaryWriter
 
         self.primary = jax.process_index() == 0
-        self.writer = SummaryWriter(str(out / "tb")) if self.primary else None
+        if self.primary:
+            trim_metrics(out / "metrics.jsonl", start)
+        self.writer = SummaryWriter(str(out / "tb"), purge_step=start + 1) if self.primary else None
         self.jsonl = open(out / "metrics.jsonl", "a") if self.primary else None
         self.wandb = wandb_run(out, cfg) if self.primary and cfg.train.wandb_project else None
 
@@ -136,12 +242,42 @@ class MetricLog:
             self.wandb.finish()
 
 
+def _unreadable(e: BaseException) -> str | None:
+    """Why a checkpoint could not be restored, in one line, when `e` is a failure to read its files:
+    Orbax raises a bare Exception around TensorStore's ValueError for a missing, truncated or corrupt
+    array file, ValueError for unparsable metadata or a tree that does not match, OSError for a
+    missing file and KeyError for a missing item. None for anything else."""
+    reasons = []
+    while e is not None:
+        if isinstance(e, (OSError, ValueError, KeyError)):
+            reasons.append(f"{type(e).__name__}: {' '.join(str(e).split())}")
+        e = e.__cause__ or e.__context__
+    if not reasons:
+        return None
+    reason = re.split(r" \[(?:source locations|tensorstore_spec)", reasons[-1])[0]  # without TensorStore's dumps
+    return reason if len(reason) <= 300 else reason[:300] + "…"
+
+
+def _all_processes(ok: bool) -> bool:
+    """`ok` on every process (a checkpoint one process cannot read is skipped by all)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
 class Checkpoints:
     """Orbax checkpoints of the train state (with its rng) and a JSON side record (data position,
     controller state), the last `keep` kept. Starting over existing checkpoints without `resume`
-    is refused, so a run is never silently overwritten."""
+    is refused, so a run is never silently overwritten.
+
+    Resuming restores the newest checkpoint that can be read. One whose files are missing,
+    truncated or corrupt is named in a warning with the one used instead, and moved out of the way
+    to `out/unreadable_checkpoints/<step>` (kept for inspection; the run saves that step anew).
+    With none readable, CheckpointError names each step and why, and nothing is moved.
+    """
 
     def __init__(self, out: Path, keep: int, resume: bool):
+        self.out = out
         self.manager = ocp.CheckpointManager((out / "checkpoints").absolute(),
                                              options=ocp.CheckpointManagerOptions(max_to_keep=keep))
         latest = self.manager.latest_step()
@@ -149,17 +285,56 @@ class Checkpoints:
             raise ConfigError(f"{out}: holds checkpoints up to step {latest}; continue them with "
                               "--resume (resume=True) or choose another out_dir")
         self.resume = resume and latest is not None
+        self.step = None  # the step restored from
 
     def restore(self, state, shardings) -> tuple[Any, dict] | None:
-        """(state, side record) of the latest checkpoint when resuming, else None."""
+        """(state, side record) of the newest readable checkpoint when resuming, else None."""
         if not self.resume:
             return None
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-        restored = self.manager.restore(self.manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
-        return restored.state, dict(restored.loader)
+        unreadable = []  # (step, why), newest first
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            restored, why = None, None
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), loader=ocp.args.JsonRestore()))
+            except Exception as e:  # Orbax wraps an unreadable array file in a bare Exception
+                why = _unreadable(e)
+                if why is None:
+                    raise
+            if not _all_processes(why is None):
+                unreadable.append((step, why or "unreadable on another process"))
+                continue
+            if unreadable:
+                self._set_aside(unreadable, step)
+            self.step = step
+            return restored.state, dict(restored.loader)
+        raise CheckpointError(f"{self.manager.directory}: no checkpoint can be restored: "
+                              + "; ".join(f"step {s}: {why}" for s, why in unreadable)
+                              + " (to start over, choose another out_dir)")
+
+    def _set_aside(self, unreadable: list[tuple[int, str]], used: int):
+        """Move unreadable checkpoints to `out/unreadable_checkpoints/` (first process), and warn."""
+        directory = Path(self.manager.directory)
+        for step, why in unreadable:
+            moved = self.out / "unreadable_checkpoints" / str(step)
+            n = 1
+            while moved.exists():
+                moved, n = self.out / "unreadable_checkpoints" / f"{step}-{n}", n + 1
+            log.warning("checkpoint %s cannot be read (%s); resuming from %s instead (the unreadable one is moved "
+                        "to %s)", directory / str(step), why, directory / str(used), moved)
+            if jax.process_index() == 0:
+                moved.parent.mkdir(exist_ok=True)
+                os.replace(directory / str(step), moved)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("align_jax.Checkpoints.set_aside")
+        self.manager.reload()
 
     def save(self, step: int, state, record: dict):
+        """Save `state` and `record` as checkpoint `step`; a step already saved holds the same state
+        (the final save after a periodic one) and is kept as it is."""
+        if step in self.manager.all_steps():
+            return
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         loader=ocp.args.JsonSave(record)), force=True)
         self.manager.wait_until_finished()

@@ -25,13 +25,13 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from align_jax import losses, rewards
-from align_jax.config import ConfigError, RunConfig, to_yaml
+from align_jax.config import ConfigError, RunConfig
 from align_jax.data import LoaderState, batches, bucket, default_buckets, synthetic
 from align_jax.models import load_pretrained, save_pretrained
 from align_jax.sampling import SamplingConfig, generate
 from align_jax.train import online
 from align_jax.train.host import (Checkpoints, MetricLog, StopSignal, build_model, check_finite, load_tokenizer,
-                                  to_host)
+                                  record_config, to_host)
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
 from align_jax.train.run import load_data
 from align_jax.train.state import init_train_state, learning_rate, make_optimizer
@@ -103,7 +103,8 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     """Run a GRPO-family or PPO config for `train.steps` rollouts; return the last metrics.
 
     SIGTERM / Ctrl-C, or `max_updates` rollouts made by this call, end it early with a checkpoint
-    that `resume=True` continues exactly.
+    that `resume=True` continues exactly. A non-finite update raises NonFiniteError and keeps the
+    last checkpoint as it was (the rollout's earlier mini-batch updates are not a state to save).
     """
     t, rl = cfg.train, cfg.rl
     is_ppo = t.method == "ppo"
@@ -118,7 +119,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         raise ConfigError("PPO needs rl.reward_model (a reward model's HF directory) or rl.reward_funcs to score")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    record_config(out, cfg, resume)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tokenizer = load_tokenizer(cfg.tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -299,7 +300,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
 
     rollout_index = int(to_host(state.step)) // updates_per_rollout
     first, last, start = rollout_index, {}, time.perf_counter()
-    metric_log = MetricLog(out, cfg)
+    metric_log = MetricLog(out, cfg, rollout_index)
     primary = p_index == 0
     with StopSignal().installed() as stop, \
             tqdm(total=t.steps, initial=rollout_index, disable=not (progress and primary), desc=t.method,

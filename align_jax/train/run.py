@@ -23,12 +23,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from align_jax.config import ConfigError, RunConfig, to_yaml
+from align_jax.config import ConfigError, RunConfig
 from align_jax.data import DataError, LoaderState, batches, bucket_width, collate, default_buckets, encode, truncate
 from align_jax.models import load_pretrained, save_pretrained
 from align_jax.train import methods, sweep
-from align_jax.train.host import (Checkpoints, MetricLog, StopSignal, build_model, check_finite, data_source,
-                                  load_tokenizer, to_host)
+from align_jax.train.host import (Checkpoints, MetricLog, NonFiniteError, StopSignal, build_model, check_finite,
+                                  data_source, load_tokenizer, record_config, to_host)
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
 from align_jax.train.state import init_train_state, learning_rate, make_optimizer
 from align_jax.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
@@ -73,6 +73,12 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
 
     SIGTERM or Ctrl-C, or `max_updates` updates made by this call (a time-boxed slice of a long
     run), end it early with a checkpoint that `resume=True` continues exactly.
+
+    A step whose loss or gradient is not finite raises NonFiniteError naming the step. The step
+    refused the update, so the state is still that of the step before: it is checkpointed there,
+    with the data position before the bad batch (a sweep, whose other members took the step, keeps
+    its last periodic checkpoint instead). `resume=True` retries that batch, e.g. with a lower
+    `train.lr`, one of the `host.RESUMABLE` keys that may change on resume.
     """
     t = cfg.train
     if t.method in ONLINE_METHODS:
@@ -87,7 +93,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     names = sweep.members(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    record_config(out, cfg, resume)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tokenizer = load_tokenizer(cfg.tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -169,14 +175,19 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     primary = jax.process_index() == 0
     for d in member_dirs:
         d.mkdir(parents=True, exist_ok=True)
-    metric_logs = [MetricLog(d, cfg) for d in member_dirs]
+    metric_logs = [MetricLog(d, cfg, step) for d in member_dirs]
     with StopSignal().installed() as stop, \
             tqdm(total=t.steps, initial=step, disable=not (progress and primary), desc=t.method, unit="step") as bar:
         stop_at = t.steps if max_updates is None else min(t.steps, step + max_updates)
         while step < stop_at and not stop.requested:
-            loader, host_batch = next(stream)
+            before, (loader, host_batch) = loader, next(stream)
             state, metrics = train_step(state, ref_params, shard_batch(host_batch, mesh))
-            check_finite(metrics, step + 1, str(loader))
+            try:
+                check_finite(metrics, step + 1, str(loader))
+            except NonFiniteError:
+                if names is None:
+                    checkpoints.save(step, state, dataclasses.asdict(before))
+                raise
             step += 1
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
