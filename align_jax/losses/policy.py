@@ -2,7 +2,8 @@
 
 `policy_loss` returns a per-token loss [B, L]; `aggregate_loss` reduces it to (numerator,
 denominator), which is where GRPO, DAPO, Dr. GRPO and BNPO differ. Summing numerators and
-denominators over micro-batches before dividing gives the same loss as one large batch.
+denominators over micro-batches before dividing gives the same loss as one large batch (for every
+mode but BNPO's).
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def aggregate_loss(
       over micro-batches it is the token mean of the whole batch.
     token_sum_over_max_len (Dr. GRPO, Liu et al. 2025; TRL "dr_grpo"): Σ_bt ℓ_bt / L_max, over B,
       with L_max = max_length (default: the padded length L), a constant that adds no length bias.
-    batch_token_mean (BNPO; TRL "bnpo"): the token mean within this (micro-)batch, over 1.
+    batch_token_mean (BNPO; TRL "bnpo"): the token mean within this batch, over 1; micro-batches
+      would each divide by their own token count (`train.methods.check_micro_batches` refuses it).
     """
     chex.assert_rank([per_token_loss_BxL, mask_BxL], 2)
     chex.assert_equal_shape([per_token_loss_BxL, mask_BxL])

@@ -2,20 +2,21 @@
 
 Every function has the signature `(model, ref_model, batch, cfg) -> (numerator, denominator,
 metrics)`: the loss of the whole batch is Σ numerator / Σ denominator over its micro-batches
-(tokens for SFT, pairs or examples otherwise), so gradient accumulation is exact. `ref_model` is
+(tokens for SFT, pairs or examples otherwise), so gradient accumulation is exact for every loss
+whose examples do not depend on each other; `check_micro_batches` refuses the others. `ref_model` is
 the frozen reference (None when a method or config needs none); its outputs carry no gradient.
 Metric names follow TRL.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from align_jax import losses, ops
-from align_jax.config import LossConfig
+from align_jax.config import ConfigError, LossConfig, RLConfig
 from align_jax.data import PackedPairs, PreferenceBatch, SequenceBatch, UnpairedBatch
 
 
@@ -44,17 +45,28 @@ def packed_pair_logps(model, batch: PackedPairs) -> tuple[jax.Array, jax.Array]:
     return logps.reshape(B, 2, K), batch.label_mask_Bx2xK
 
 
-def pair_logps(model, batch: PreferenceBatch | PackedPairs):
-    """Summed completion log-probs of chosen and rejected [B] each (one forward over 2B rows, or
-    over B packed rows), their lengths, and the chosen rows' per-token NLL terms for RPO/ORPO."""
+class PairLogps(NamedTuple):
+    """What `pair_logps` computes for B preference pairs."""
+
+    chosen_B: jax.Array  # Σ log π over the chosen completion's tokens
+    rejected_B: jax.Array
+    chosen_lengths_B: jax.Array  # completion token counts
+    rejected_lengths_B: jax.Array
+    chosen_token_logps: jax.Array  # [B, T-1] (pairs as rows) or [B, C] (packed): per-token log π of chosen
+    chosen_token_mask: jax.Array  # the same shape, True on the chosen completion's tokens
+
+
+def pair_logps(model, batch: PreferenceBatch | PackedPairs) -> PairLogps:
+    """Summed completion log-probs of chosen and rejected (one forward over 2B rows, or over B
+    packed rows), their lengths, and the chosen completions' per-token log-probs for RPO/ORPO's NLL."""
     if isinstance(batch, PackedPairs):
         logps_Bx2xK, mask = packed_pair_logps(model, batch)
         sums, lengths = ops.masked_sum(logps_Bx2xK, mask, axis=2), jnp.sum(mask, axis=2)
-        return sums[:, 0], sums[:, 1], lengths[:, 0], lengths[:, 1], (logps_Bx2xK[:, 0], mask[:, 0])
+        return PairLogps(sums[:, 0], sums[:, 1], lengths[:, 0], lengths[:, 1], logps_Bx2xK[:, 0], mask[:, 0])
     logps, mask, _ = completion_logps(model, _concat(batch.chosen, batch.rejected))
     sums, lengths = ops.masked_sum(logps, mask, axis=1), jnp.sum(mask, axis=1)
     B = batch.chosen.ids_BxL.shape[0]
-    return sums[:B], sums[B:], lengths[:B], lengths[B:], (logps[:B], mask[:B])
+    return PairLogps(sums[:B], sums[B:], lengths[:B], lengths[B:], logps[:B], mask[:B])
 
 
 def sft(model, ref_model, batch: SequenceBatch, cfg: LossConfig):
@@ -84,9 +96,9 @@ def reward(model, ref_model, batch: PreferenceBatch, cfg: LossConfig):
 def dpo(model, ref_model, batch: PreferenceBatch | PackedPairs, cfg: LossConfig):
     """The DPO family (`loss_type` ∈ losses.DPO_LOSSES), SimPO (`simpo`) and ORPO (`orpo`, with
     its NLL term); `rpo_alpha` adds α · NLL of the chosen completions (RPO, Pang et al. 2024)."""
-    chosen, rejected, chosen_len, rejected_len, (chosen_tok, chosen_mask) = pair_logps(model, batch)
+    chosen, rejected, chosen_len, rejected_len, chosen_tok, chosen_mask = pair_logps(model, batch)
     B = chosen.shape[0]
-    nll = -ops.masked_sum(chosen_tok, chosen_mask) / jnp.maximum(jnp.sum(chosen_mask), 1)
+    nll = -ops.masked_sum(chosen_tok, chosen_mask) / jnp.maximum(jnp.sum(chosen_mask), 1)  # over the batch's tokens
     if cfg.loss_type == "simpo":
         per_pair, metrics = losses.simpo_loss(chosen, rejected, chosen_len, rejected_len, beta=cfg.beta,
                                               gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing,
@@ -100,7 +112,8 @@ def dpo(model, ref_model, batch: PreferenceBatch | PackedPairs, cfg: LossConfig)
         elif cfg.reference_free:
             ref_chosen = ref_rejected = jnp.zeros_like(chosen)
         else:
-            ref_chosen, ref_rejected, *_ = jax.lax.stop_gradient(pair_logps(ref_model, batch))
+            ref = jax.lax.stop_gradient(pair_logps(ref_model, batch))
+            ref_chosen, ref_rejected = ref.chosen_B, ref.rejected_B
         per_pair, metrics = losses.dpo_loss(
             chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta, loss_type=cfg.loss_type,
             label_smoothing=cfg.label_smoothing, chosen_lengths=chosen_len, rejected_lengths=rejected_len,
@@ -126,15 +139,50 @@ def kto(model, ref_model, batch: UnpairedBatch, cfg: LossConfig):
     return jnp.sum(per_example), jnp.float32(logps.shape[0]), metrics
 
 
-METHODS: dict[str, tuple[Callable, str, bool]] = {  # method -> (loss, data kind, needs a reference model)
-    "sft": (sft, "prompt_completion", False),
-    "reward": (reward, "preference", False),
-    "dpo": (dpo, "preference", True),
-    "kto": (kto, "unpaired_preference", True),
+class Method(NamedTuple):
+    """An offline method: its loss, the dataset kind it trains on, and whether it needs a frozen
+    reference model (before `needs_reference`'s config-dependent exceptions)."""
+
+    loss: Callable
+    data_kind: str
+    needs_reference: bool
+
+
+METHODS: dict[str, Method] = {
+    "sft": Method(sft, "prompt_completion", needs_reference=False),
+    "reward": Method(reward, "preference", needs_reference=False),
+    "dpo": Method(dpo, "preference", needs_reference=True),
+    "kto": Method(kto, "unpaired_preference", needs_reference=True),
 }
 
 
 def needs_reference(method: str, cfg: LossConfig) -> bool:
     if method == "dpo":
         return cfg.loss_type not in ("simpo", "orpo") and not cfg.reference_free and not cfg.precompute_ref_logps
-    return METHODS[method][2]
+    return METHODS[method].needs_reference
+
+
+def _batch_coupling(method: str, cfg: LossConfig | RLConfig) -> str | None:
+    """The config key and why its loss of one example depends on other examples of the batch (so a
+    micro-batch's loss is not its share of the batch's), or None when every example's loss is its own."""
+    loss_type = getattr(cfg, "loss_type", None)
+    if method == "dpo" and loss_type in ("aot", "aot_unpaired"):
+        return f"loss.loss_type={loss_type} sorts the whole batch's log-ratios"
+    if method == "dpo" and loss_type == "orpo":
+        return "loss.loss_type=orpo adds the NLL averaged over all the batch's chosen tokens"
+    if method == "dpo" and cfg.rpo_alpha is not None:
+        return f"loss.rpo_alpha={cfg.rpo_alpha} adds the NLL averaged over all the batch's chosen tokens"
+    if method == "kto" and loss_type == "kto":
+        return "loss.loss_type=kto takes its reference point z0 from the whole batch's mismatched pairs"
+    if method == "grpo" and getattr(cfg, "aggregation", None) == "batch_token_mean":
+        return "rl.aggregation=batch_token_mean divides by the token count of the whole batch"
+    return None
+
+
+def check_micro_batches(method: str, cfg: LossConfig | RLConfig, micro_batches: int) -> None:
+    """Raise ConfigError when `micro_batches` > 1 would change the loss: the step's accumulation
+    Σ numerator / Σ denominator is the full batch's loss only when each example's loss is its own."""
+    coupling = _batch_coupling(method, cfg)
+    if micro_batches > 1 and coupling is not None:
+        raise ConfigError(f"train.micro_batches={micro_batches}: {coupling}, which micro-batches would split; "
+                          "use train.micro_batches=1")

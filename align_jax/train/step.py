@@ -3,10 +3,12 @@
 A batch of B examples is split into M micro-batches scanned with `lax.scan`, carrying
 (Σ ∇numerator, Σ numerator, Σ denominator); the update uses ∇(Σ num)/Σ den, which is exactly the
 gradient of the full-batch loss Σ num / Σ den (denominators — token or pair counts — do not depend
-on the parameters). M = 1 differentiates num / den directly: no scan, no zero accumulator and no
-extra pass over the gradients to divide them. A non-finite loss or gradient leaves params and
-optimizer state untouched and sets `metrics["nonfinite"]`, so the host loop can stop with the last
-good state intact.
+on the parameters), for every loss that scores each example on its own; the few that compare or
+average examples across the batch are refused with M > 1 by `methods.check_micro_batches`.
+M = 1 differentiates num / den directly: no scan, no zero accumulator and no extra pass over the
+gradients to divide them. A non-finite loss or gradient leaves params and optimizer state
+untouched and sets `metrics["nonfinite"]`, so the host loop can stop with the last good state
+intact.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ import pytest
 import torch
 from flax import nnx
 
-from align_jax.config import LossConfig
+from align_jax import losses
+from align_jax.config import ConfigError, LossConfig, RLConfig
 from align_jax.data import PreferenceBatch, SequenceBatch, UnpairedBatch, collate
 from align_jax.models import Decoder, load_pretrained
 from align_jax.train import methods
@@ -161,7 +162,7 @@ def test_micro_batches_give_the_full_batch_update(method, policy_and_reference):
     batch = sequences(7, B=8) if method == "sft" else pairs(7, B=8, share_prompt=method == "dpo packed")
     batch = jax.tree.map(jnp.asarray, batch)
     method = method.split()[0]
-    loss_fn, cfg = methods.METHODS[method][0], LossConfig()
+    loss_fn, cfg = methods.METHODS[method].loss, LossConfig()
     results = []
     for micro in (1, 4):
         graphdef, state, _ = init_train_state(lambda r: type(model)(model.config, rngs=r), tx, mesh, 0, pretrained)
@@ -180,3 +181,74 @@ def test_micro_batches_give_the_full_batch_update(method, policy_and_reference):
         a, b = np.asarray(a), np.asarray(b)
         bound = 1e-5 * np.abs(a - p0).max() + 2 * np.spacing(np.abs(a))
         assert (np.abs(a - b) <= bound).all(), f"{a.shape}: {np.abs(a - b).max():.2e} > {bound.max():.2e}"
+
+
+def _split_in_two(loss, *arrays):
+    """The loss of each example, computed on the whole batch and on its two halves."""
+    half = arrays[0].shape[0] // 2
+    parts = [loss(*(a[s] for a in arrays)) for s in (slice(0, half), slice(half, None))]
+    return np.asarray(loss(*arrays)), np.concatenate([np.asarray(p) for p in parts])
+
+
+@pytest.mark.parametrize("loss_type", list(losses.DPO_LOSSES))
+def test_micro_batches_are_refused_exactly_for_the_dpo_losses_that_couple_pairs(loss_type):
+    """A loss type passes `check_micro_batches` if and only if each pair's loss is the same in
+    the whole batch and in its half: then Σ numerator / Σ denominator is the full batch's loss."""
+    rng = np.random.default_rng(8)
+    logps = [jnp.asarray(rng.normal(-20.0, 5.0, 8), jnp.float32) for _ in range(4)]
+    lengths = [jnp.asarray(rng.integers(1, 9, 8), jnp.float32) for _ in range(2)]
+    smoothing = 0.1 if loss_type in ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired") else 0.0
+
+    def per_pair(cw, rw, cl, rl, lw, ll):
+        return losses.dpo_loss(cw, rw, cl, rl, beta=0.1, loss_type=loss_type, label_smoothing=smoothing,
+                               chosen_lengths=lw, rejected_lengths=ll)[0]
+
+    full, halves = _split_in_two(per_pair, *logps, *lengths)
+    independent = np.allclose(full, halves, rtol=1e-6)
+    cfg = LossConfig(loss_type=loss_type, label_smoothing=smoothing)
+    methods.check_micro_batches("dpo", cfg, 1)
+    if independent:
+        methods.check_micro_batches("dpo", cfg, 2)
+    else:
+        with pytest.raises(ConfigError, match=f"train.micro_batches=2: loss.loss_type={loss_type} "):
+            methods.check_micro_batches("dpo", cfg, 2)
+
+
+@pytest.mark.parametrize("loss_type", list(losses.KTO_LOSSES))
+def test_micro_batches_are_refused_exactly_for_the_kto_losses_that_couple_examples(loss_type):
+    rng = np.random.default_rng(9)
+    logps = [jnp.asarray(rng.normal(-20.0, 5.0, 8), jnp.float32) for _ in range(4)]
+    desirable = jnp.asarray(rng.random(8) < 0.5)
+
+    def per_example(lp, ref, kl, kl_ref, label):
+        return losses.kto_loss(lp, ref, label, beta=0.1, kl_logps=kl, kl_ref_logps=kl_ref, loss_type=loss_type)[0]
+
+    full, halves = _split_in_two(per_example, *logps, desirable)
+    cfg = LossConfig(loss_type=loss_type)
+    if np.allclose(full, halves, rtol=1e-6):
+        methods.check_micro_batches("kto", cfg, 4)
+    else:
+        with pytest.raises(ConfigError, match="loss.loss_type=kto .*use train.micro_batches=1"):
+            methods.check_micro_batches("kto", cfg, 4)
+
+
+@pytest.mark.parametrize("method,cfg,key", [
+    ("dpo", LossConfig(loss_type="orpo"), "loss.loss_type=orpo"),
+    ("dpo", LossConfig(rpo_alpha=1.0), "loss.rpo_alpha=1.0"),
+    ("dpo", LossConfig(loss_type="simpo", rpo_alpha=0.5), "loss.rpo_alpha=0.5"),
+    ("grpo", RLConfig(aggregation="batch_token_mean"), "rl.aggregation=batch_token_mean"),
+])
+def test_micro_batches_are_refused_for_batch_wide_token_means(method, cfg, key):
+    """ORPO's and RPO's NLL and BNPO's aggregation divide by the whole batch's token count."""
+    methods.check_micro_batches(method, cfg, 1)
+    with pytest.raises(ConfigError, match=f"train.micro_batches=2: {key} "):
+        methods.check_micro_batches(method, cfg, 2)
+
+
+@pytest.mark.parametrize("method,cfg", [
+    ("sft", LossConfig()), ("reward", LossConfig(center_coef=0.01)), ("dpo", LossConfig(loss_type="simpo")),
+    ("dpo", LossConfig(loss_type="sigmoid")), ("grpo", RLConfig()), ("grpo", RLConfig(aggregation="token_mean")),
+    ("ppo", RLConfig()),
+])
+def test_micro_batches_are_allowed_for_losses_of_independent_examples(method, cfg):
+    methods.check_micro_batches(method, cfg, 4)
