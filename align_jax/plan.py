@@ -1,10 +1,10 @@
-"""Will a run fit, and how fast can it go? Ahead-of-time compilation for a TPU topology.
+"""Will a run fit, and how fast can it go? Ahead-of-time compilation for a TPU slice or GPU node.
 
-`plan(cfg, "v5e:2x2")` builds the run's jitted programs from its config alone — shapes from
+`plan(cfg, "v5e:2x2")` (or `"h100:8"`) builds the run's jitted programs from its config alone — shapes from
 `model.path`'s `config.json` (no weights), `train.batch_size`, `data.max_length`,
 `rl.max_new_tokens`, `rl.num_generations`, micro-batches and the mesh; no data is read — and
-compiles each one with XLA's TPU compiler (libtpu, the `tpu` extra) for compile-only devices of
-the topology, on any host. Per program and device it reports the compiler's memory (arguments,
+compiles each one with XLA for compile-only devices of the topology (`align_jax.topology`), on any
+host. Per program and device it reports the compiler's memory (arguments,
 outputs, temporaries, peak against the chip's HBM), the named inputs counted by hand from their
 shardings (parameters, optimizer state, reference weights, batch), FLOPs and bytes accessed, and
 the roofline time max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) with the MFU it implies.
@@ -12,21 +12,20 @@ the roofline time max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) with the MFU i
 Shapes are the largest the run can meet: sequences padded to the largest bucket, DPO's packed
 pairs to T = L + K with K = L, rollouts to `data.max_length` prompt and `rl.max_new_tokens`
 completion tokens. XLA's cost analysis counts a loop body once, so the sampler's FLOPs are those
-of its prefill and one decode step.
+of its prefill and one decode step. XLA's GPU compiler has no cost analysis: on GPUs, FLOPs and
+bytes are the unpartitioned program's, divided over the devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.extend
 import jax.numpy as jnp
-import numpy as np
 import transformers
 from flax import nnx
 from jax.sharding import Mesh
@@ -37,28 +36,9 @@ from align_jax.data import PackedPairs, PreferenceBatch, SequenceBatch, Unpaired
 from align_jax.models import Decoder, DecoderConfig, read_config
 from align_jax.train import methods, online, sweep
 from align_jax.train.mesh import batch_sharding, make_mesh, param_shardings, replicated
+from align_jax.topology import GiB, Target, target
 from align_jax.train.state import TrainState, learning_rate, make_optimizer, state_shardings
 from align_jax.train.step import make_train_step
-
-GiB = 2**30
-
-
-class Chip(NamedTuple):
-    """Published per-chip figures: HBM, dense bf16 FLOP/s, HBM bandwidth (cloud.google.com/tpu/docs)."""
-
-    name: str
-    hbm_bytes: int
-    peak_flops: float
-    hbm_bandwidth: float
-
-
-CHIPS = {  # jax device_kind -> chip
-    "TPU v4": Chip("v4", 32 * GiB, 275e12, 1.2e12),
-    "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12, 8.19e11),
-    "TPU v5": Chip("v5p", 95 * GiB, 459e12, 2.765e12),
-    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12, 1.64e12),
-}
-
 
 @dataclasses.dataclass
 class Program:
@@ -113,27 +93,6 @@ class Spec(NamedTuple):
     fn: Callable
     args: tuple
     inputs: dict[str, Any]
-
-
-def topology_devices(name: str) -> list:
-    """Compile-only devices of a TPU topology such as `v5e:2x2` or `v5p:2x2x2`."""
-    from jax.experimental import topologies
-
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: share libtpu with other processes
-    try:
-        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
-    except Exception as e:  # libtpu missing, or a name it does not know
-        raise ConfigError(f"--topology {name!r}: {str(e).splitlines()[0]} (needs the tpu extra: "
-                          "pip install 'align_jax[tpu]')") from None
-
-
-def _chip_share(name: str, devices: list) -> tuple[str, Chip, float]:
-    """(device kind, chip, the share of a chip each device has: ½ where a chip shows two cores)."""
-    kind = devices[0].device_kind
-    if kind not in CHIPS:
-        raise ConfigError(f"--topology {name!r}: no HBM and FLOP/s figures for {kind!r}; known: {sorted(CHIPS)}")
-    chips = math.prod(int(d) for d in name.split(":")[-1].split("x"))
-    return kind, CHIPS[kind], chips / len(devices)
 
 
 def device_bytes(tree) -> int:
@@ -335,7 +294,15 @@ def largest_arrays(spec: Spec, n: int = 5) -> list[str]:
     return [f"{_gib(size)} GiB {key}" for key, size in top]
 
 
-def compile_spec(spec: Spec, chip: Chip, share: float) -> Program:
+def _unpartitioned_cost(spec: Spec, devices: int) -> dict:
+    """FLOPs and bytes per device from the program before partitioning, lowered for the host (XLA's
+    GPU compiler has no cost analysis): its totals over the devices."""
+    bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), spec.args)
+    cost = spec.fn.lower(*bare).cost_analysis()
+    return {k: float(cost.get(k, 0.0)) / devices for k in ("flops", "bytes accessed")}
+
+
+def compile_spec(spec: Spec, where: Target) -> Program:
     """Lower and compile one program; out-of-memory is a result, not an error."""
     inputs = {k: device_bytes(v) for k, v in spec.inputs.items() if v is not None}
     start = time.perf_counter()
@@ -347,27 +314,29 @@ def compile_spec(spec: Spec, chip: Chip, share: float) -> Program:
         return Program(spec.name, inputs, time.perf_counter() - start, fits=False,
                        error=str(e).split("\n")[0][:500], largest=largest_arrays(spec))
     seconds = time.perf_counter() - start
-    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    memory = compiled.memory_analysis()
+    cost = _unpartitioned_cost(spec, len(where.devices)) if where.is_gpu else compiled.cost_analysis()
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
             + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
     flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    chip, share = where.chip, where.share
     peak_flops, bandwidth = chip.peak_flops * share, chip.hbm_bandwidth * share
     roofline = max(flops / peak_flops, accessed / bandwidth)
-    return Program(spec.name, inputs, seconds, fits=peak <= chip.hbm_bytes * share,
+    fits = peak <= chip.hbm_bytes * share
+    return Program(spec.name, inputs, seconds, fits=fits,
                    argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
                    alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
                    code_bytes=memory.generated_code_size_in_bytes, peak_bytes=peak, flops=flops,
                    bytes_accessed=accessed, roofline_seconds=roofline,
-                   mfu_at_roofline=flops / (roofline * peak_flops) if roofline else 0.0)
+                   mfu_at_roofline=flops / (roofline * peak_flops) if roofline else 0.0,
+                   largest=[] if fits else largest_arrays(spec))
 
 
 def plan(cfg: RunConfig, topology: str) -> Plan:
     """Compile every program of the run `cfg` for `topology`; see the module docstring."""
-    devices = topology_devices(topology)
-    kind, chip, share = _chip_share(topology, devices)
+    where = target(topology)
     try:
-        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=where.devices)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -381,8 +350,9 @@ def plan(cfg: RunConfig, topology: str) -> Plan:
     else:
         raise ConfigError(f"train.method: {cfg.train.method!r} is not one of "
                           f"{sorted(methods.METHODS) + ['grpo', 'ppo']}")
-    programs = [compile_spec(spec, chip, share) for spec in specs]
-    return Plan(topology, kind, len(devices), dict(mesh.shape), int(chip.hbm_bytes * share),
+    programs = [compile_spec(spec, where) for spec in specs]
+    chip, share = where.chip, where.share
+    return Plan(topology, where.device_kind, len(where.devices), dict(mesh.shape), int(chip.hbm_bytes * share),
                 chip.peak_flops * share, chip.hbm_bandwidth * share, programs)
 
 
@@ -402,7 +372,7 @@ def advice(cfg: RunConfig, result: Plan) -> list[str]:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GiB:.2f}"
+    return f"{n / GiB:.3g}"
 
 
 def format_plan(result: Plan) -> str:

@@ -4,6 +4,9 @@ exit 2."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +114,28 @@ def test_model_path_needs_only_config_json(tmp_path):
     result = plan(load_config(ROOT / "configs/sft_arithmetic.yaml", [
         f"model.path={tmp_path}", "train.batch_size=4", "data.max_length=32"]), "v5e:2x2")
     assert result.fits and result.programs[0].inputs["params"] > 0
+
+
+def test_a_gpu_node_compiles_without_a_gpu(tmp_path):
+    """`h100:8` through JAX's CUDA plugin, which `make install-test` keeps in .venv/cuda-plan (in the
+    environment it would log in every process), in a process of its own."""
+    plugin = ROOT / ".venv" / "cuda-plan"
+    assert (plugin / "jax_plugins").is_dir(), "make install-test installs JAX's CUDA plugin in .venv/cuda-plan"
+    report = tmp_path / "plan.json"
+    run = subprocess.run([sys.executable, "-m", "align_jax.cli", "plan", "configs/dpo_sentiment.yaml",
+                          "--topology", "h100:8", "--json", str(report), *TINY_MODEL, "train.batch_size=8",
+                          "data.max_length=32", "mesh.data=2", "mesh.fsdp=4"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(plugin)),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = json.loads(report.read_text())
+    assert saved["fits"] and saved["device_kind"] == "NVIDIA H100 80GB HBM3" and saved["num_devices"] == 8
+    step = saved["programs"][0]
+    assert step["alias_bytes"] > 0 and step["peak_bytes"] > step["inputs"]["params"] > 0
+    # FLOPs of the unpartitioned program over 8 devices, against the TPU compiler's per-device count
+    tpu = plan(tiny("dpo_sentiment", "mesh.data=1", "mesh.fsdp=4"), "v5e:2x2").programs[0]
+    assert 0.5 < step["flops"] * 8 / (tpu.flops * 4) < 2
+
+
+def test_a_gpu_topology_without_the_cuda_plugin_is_a_config_error(capsys):
+    assert cli.main(["plan", str(ROOT / "configs/sft_arithmetic.yaml"), "--topology", "h100:8"]) == 2
+    assert "pip install 'align_jax[cuda-plan]'" in capsys.readouterr().err
