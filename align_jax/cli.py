@@ -1,7 +1,10 @@
-"""`align-jax train CONFIG [key.sub=value ...] [--resume]` — the command-line entry point.
+"""`align-jax train CONFIG [key.sub=value ...] [--resume]` and `align-jax plan CONFIG --topology NAME` —
+the command-line entry point.
 
 Also `python -m align_jax …`. Problems with the config or the data are reported in one line
-naming the file, key, row or column, with exit status 2.
+naming the file, key, row or column, with exit status 2; a run stopped by a non-finite loss or
+gradient in one line with exit status 1 (its last checkpoint resumes); `plan` exits with 3 when the
+run does not fit.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from align_jax.data import DataError  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="align-jax", description="Align language models with JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("train", help="run an offline training job (sft, reward, dpo, kto)")
+    run = commands.add_parser("train", help="run a training job (sft, reward, dpo, kto, grpo, ppo)")
     run.add_argument("config", help="a YAML file, e.g. configs/sft_arithmetic.yaml")
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 train.steps=50")
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
@@ -55,14 +58,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         import jax
 
-        from align_jax.train import train  # imports JAX; kept out of --help and --print-config
+        from align_jax.train import NonFiniteError, train  # imports JAX; kept out of --help and --print-config
 
         if args.distributed:
             env = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),
                                                        ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
             jax.distributed.initialize(**env)
-
-        metrics = train(cfg, resume=args.resume)
+        try:
+            metrics = train(cfg, resume=args.resume)
+        except NonFiniteError as e:
+            print(f"align-jax: stopped: {e}", file=sys.stderr)
+            return 1
     except (ConfigError, DataError) as e:
         print(f"align-jax: error: {e}", file=sys.stderr)
         return 2

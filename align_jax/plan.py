@@ -170,7 +170,7 @@ def offline_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     graphdef, params = _abstract_params(make_model, mesh)
     tx = make_optimizer(t)
     state = _abstract_state(params, tx, mesh)
-    loss_fn = methods.METHODS[t.method][0]
+    loss_fn = methods.METHODS[t.method].loss
     ref = params if methods.needs_reference(t.method, cfg.loss) else None
     names = sweep.members(cfg)
     if names is None:
@@ -343,6 +343,8 @@ def plan(cfg: RunConfig, topology: str) -> Plan:
     if cfg.train.batch_size % shards:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over the mesh's {shards} "
                           "batch shards (data × fsdp)")
+    loss_cfg = cfg.rl if cfg.train.method in ("grpo", "ppo") else cfg.loss
+    methods.check_micro_batches(cfg.train.method, loss_cfg, cfg.train.micro_batches)
     if cfg.train.method in methods.METHODS:
         specs = offline_specs(cfg, mesh)
     elif cfg.train.method in ("grpo", "ppo"):

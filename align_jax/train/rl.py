@@ -29,7 +29,7 @@ from align_jax.config import ConfigError, RunConfig
 from align_jax.data import LoaderState, batches, bucket, default_buckets, synthetic
 from align_jax.models import load_pretrained, save_pretrained
 from align_jax.sampling import SamplingConfig, generate
-from align_jax.train import online
+from align_jax.train import methods, online
 from align_jax.train.host import (Checkpoints, MetricLog, StopSignal, build_model, check_finite, load_tokenizer,
                                   record_config, to_host)
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
@@ -113,6 +113,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     if rows_per_rollout % (rl.mini_batches * t.micro_batches):
         raise ConfigError(f"train.batch_size × rl.num_generations = {rows_per_rollout} completions do not split "
                           f"into rl.mini_batches={rl.mini_batches} × train.micro_batches={t.micro_batches}")
+    methods.check_micro_batches(t.method, rl, t.micro_batches)
     if not is_ppo and G < 2:
         raise ConfigError("rl.num_generations must be >= 2 for group-relative advantages")
     if is_ppo and rl.reward_model is None and not rl.reward_funcs:

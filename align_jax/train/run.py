@@ -90,6 +90,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     if t.method not in methods.METHODS:
         raise ValueError(f"train.method must be one of {sorted(methods.METHODS) + list(ONLINE_METHODS)}, "
                          f"got {t.method!r}")
+    methods.check_micro_batches(t.method, cfg.loss, t.micro_batches)
     names = sweep.members(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     buckets = tuple(cfg.data.buckets or default_buckets(cfg.data.max_length))
     share_prompt = cfg.data.share_prompt and t.method == "dpo"
-    train_data, eval_data = load_data(cfg, tokenizer, methods.METHODS[t.method][1])
+    train_data, eval_data = load_data(cfg, tokenizer, methods.METHODS[t.method].data_kind)
     log.info("data: %s", train_data.counts)
     for name, data in (("train", train_data), ("eval", eval_data)):
         if data is not None and len(data.examples) < t.batch_size:
@@ -109,7 +110,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     make_model, pretrained = build_model(cfg, with_scalar_head=t.method == "reward")
     tx, schedule = make_optimizer(t), learning_rate(t)
     graphdef, state, shardings = init_train_state(make_model, tx, mesh, t.seed, pretrained)
-    loss_fn = methods.METHODS[t.method][0]
+    loss_fn = methods.METHODS[t.method].loss
     needs_ref = methods.needs_reference(t.method, cfg.loss)
     ref_params, ref_shardings = None, None
     if needs_ref or cfg.loss.precompute_ref_logps:
