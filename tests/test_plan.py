@@ -23,11 +23,16 @@ TINY_MODEL = ["model.path=null", "model.init.vocab_size=384", "model.init.hidden
 METHODS = {  # name -> (config, overrides)
     "sft": ("sft_arithmetic", []),
     "dpo_packed": ("dpo_sentiment", ["data.share_prompt=true"]),
+    "dpo_sweep": ("dpo_sentiment", ["sweep.field=beta", "sweep.values=[0.1,0.5]"]),
+    "dpo_precomputed_reference": ("dpo_sentiment", ["loss.precompute_ref_logps=true"]),
+    "reward": ("reward_sentiment", []),
     "kto": ("kto_sentiment", []),
     "grpo": ("grpo_arithmetic", ["rl.beta=0.04", "rl.num_generations=4", "rl.max_new_tokens=16"]),
     "ppo": ("ppo_arithmetic", ["rl.reward_model=null", "rl.max_new_tokens=16"]),
 }
-EXPECTED = {"sft": ["train_step"], "dpo_packed": ["train_step"], "kto": ["train_step"],
+EXPECTED = {"sft": ["train_step"], "dpo_packed": ["train_step"], "dpo_sweep": ["train_step"],
+            "dpo_precomputed_reference": ["train_step", "reference_logps"], "reward": ["train_step"],
+            "kto": ["train_step"],
             "grpo": ["update_step", "generate", "reference_logps"],
             "ppo": ["update_step", "generate", "reference_logps", "critic_values"]}
 
@@ -49,6 +54,10 @@ def test_every_method_compiles_and_fits_a_v5e_slice(method):
         assert 0 < p.mfu_at_roofline <= 1
     step = result.programs[0]
     assert step.alias_bytes > 0  # the old state is donated to the new one
+    if method == "dpo_sweep":  # two members' states, one reference
+        single = plan(tiny("dpo_sentiment"), "v5e:2x2").programs[0]
+        assert step.inputs["params"] == 2 * single.inputs["params"]
+        assert step.inputs["reference"] == single.inputs["reference"]
 
 
 def test_parameter_and_optimizer_bytes_equal_a_hand_count():
