@@ -93,8 +93,9 @@ def build_model(cfg: RunConfig, *, with_scalar_head: bool = False, path: str | N
                                  with_scalar_head=with_scalar_head)), pretrained
 
 
-def to_host(tree):
-    """Global arrays (sharded over devices of every process) → full NumPy arrays on each host."""
+def gather_to_host(tree):
+    """Global arrays (sharded over devices of every process) → full NumPy arrays on each host: an
+    all-gather over processes, so every process must call it at the same point."""
     if jax.process_count() > 1:
         return multihost_utils.process_allgather(tree, tiled=True)
     return jax.device_get(tree)
@@ -342,7 +343,7 @@ class Checkpoints:
 
 def check_finite(metrics, step: int, batch: str):
     """Raise NonFiniteError when a step refused a non-finite update."""
-    if np.any(to_host(metrics["nonfinite"])):  # one flag per member of a sweep
+    if np.any(gather_to_host(metrics["nonfinite"])):  # one flag per member of a sweep
         raise NonFiniteError(f"step {step}: non-finite loss or gradient on the batch at {batch} (loss "
-                             f"{np.asarray(to_host(metrics['loss'])).tolist()}); params were not updated "
+                             f"{np.asarray(gather_to_host(metrics['loss'])).tolist()}); params were not updated "
                              "and the last checkpoint is intact")

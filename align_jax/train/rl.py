@@ -31,7 +31,7 @@ from align_jax.models import load_pretrained, save_pretrained
 from align_jax.sampling import SamplingConfig, generate
 from align_jax.train import methods, online
 from align_jax.train.host import (Checkpoints, MetricLog, StopSignal, build_model, check_finite, load_tokenizer,
-                                  record_config, to_host)
+                                  record_config, gather_to_host)
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
 from align_jax.train.run import load_data
 from align_jax.train.state import init_train_state, learning_rate, make_optimizer
@@ -199,7 +199,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         loader, batch = next(stream)
         key = jax.random.fold_in(jax.random.key(t.seed), rollout * rl.max_sampling_rounds + round_)
         policy = policy_of(nnx.merge(graphdef, state.params))
-        done = to_host(generate(policy, *place((batch.ids_BxP, batch.mask_BxP)), key, sampling))
+        done = gather_to_host(generate(policy, *place((batch.ids_BxP, batch.mask_BxP)), key, sampling))
         T = bucket(max(int(done.lengths_B.max()), 1), completion_buckets)
         ids, mask = np.asarray(done.ids_BxN)[:, :T], np.asarray(done.mask_BxN)[:, :T]
         columns = {k: [v for v in vs for _ in range(G)] for k, vs in batch.columns.items()}
@@ -267,16 +267,16 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
                                  loss_mask, data["logps"].astype(np.float32), np.asarray(advantages, np.float32))
         placed = place(rollout)
         if ref_logps_fn is not None:
-            rollout = rollout._replace(ref_logps_BxT=to_host(ref_logps_fn(ref_params, placed)))
+            rollout = rollout._replace(ref_logps_BxT=gather_to_host(ref_logps_fn(ref_params, placed)))
         if is_ppo:
-            values = to_host(values_fn(state.params, placed))
+            values = gather_to_host(values_fn(state.params, placed))
             ids = np.concatenate([rollout.prompt_ids_BxP, rollout.completion_ids_BxT], 1)
             mask = np.concatenate([rollout.prompt_mask_BxP, rollout.completion_mask_BxT], 1)
-            scores = (to_host(score_fn(*place((ids, mask)))) if score_fn is not None
+            scores = (gather_to_host(score_fn(*place((ids, mask)))) if score_fn is not None
                       else np.nan_to_num(data["rewards"]).astype(np.float32))
             rollout, ppo_metrics = targets_fn(rollout, rollout.ref_logps_BxT, values, scores, data["truncated"],
                                               jnp.float32(kl_coef))
-            rollout = to_host(rollout._replace(ref_logps_BxT=None))
+            rollout = gather_to_host(rollout._replace(ref_logps_BxT=None))
             metrics.update({k: float(v) for k, v in ppo_metrics.items()})
             metrics.update(reward=metrics["objective/scores"], kl_coef=kl_coef)
         return rollout, metrics
@@ -292,14 +292,14 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
             order = rng.permutation(B)
             for rows in np.split(order, rl.mini_batches):
                 state, metrics = train_step(state, None, place(jax.tree.map(lambda x: x[np.sort(rows)], rollout)))
-                check_finite(metrics, int(to_host(state.step)) + 1, f"rollout {index + 1}")
-                all_metrics.append(to_host(metrics))
+                check_finite(metrics, int(gather_to_host(state.step)) + 1, f"rollout {index + 1}")
+                all_metrics.append(gather_to_host(metrics))
         mean = {k: float(np.mean([m[k] for m in all_metrics])) for k in all_metrics[0]}
         mean["sampling/sampler_trainer_logp_diff"] = float(all_metrics[0]["logp_diff"])
         del mean["logp_diff"], mean["nonfinite"]
         return mean
 
-    rollout_index = int(to_host(state.step)) // updates_per_rollout
+    rollout_index = int(gather_to_host(state.step)) // updates_per_rollout
     first, last, start = rollout_index, {}, time.perf_counter()
     metric_log = MetricLog(out, cfg, rollout_index)
     primary = p_index == 0
@@ -334,7 +334,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     if rollout_index < t.steps:
         log.warning("stopped at rollout %d of %d: checkpoint written, continue with --resume", rollout_index, t.steps)
         return last
-    model = nnx.merge(graphdef, to_host(state.params))  # every process gathers; the first one writes
+    model = nnx.merge(graphdef, gather_to_host(state.params))  # every process gathers; the first one writes
     if primary:
         save_pretrained(policy_of(model), out / "model", tokenizer=tokenizer)
         if is_ppo:

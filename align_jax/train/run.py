@@ -28,7 +28,7 @@ from align_jax.data import DataError, LoaderState, batches, bucket_width, collat
 from align_jax.models import load_pretrained, save_pretrained
 from align_jax.train import methods, sweep
 from align_jax.train.host import (Checkpoints, MetricLog, NonFiniteError, StopSignal, build_model, check_finite,
-                                  data_source, load_tokenizer, record_config, to_host)
+                                  data_source, load_tokenizer, record_config, gather_to_host)
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
 from align_jax.train.state import init_train_state, learning_rate, make_optimizer
 from align_jax.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
@@ -62,7 +62,7 @@ def _attach_reference_logps(data, ref_fn, width: int, pad_id, buckets, share_pro
         mine = chunk[jax.process_index() * local:(jax.process_index() + 1) * local]
         batch = collate(mine, "preference", buckets, pad_id, bucket_width(chunk, "preference", buckets, share_prompt),
                         share_prompt)
-        chosen, rejected = to_host(ref_fn(ref_params, shard_batch(batch, mesh)))
+        chosen, rejected = gather_to_host(ref_fn(ref_params, shard_batch(batch, mesh)))
         for i, example in enumerate(chunk[: len(rows) - start]):
             example["ref_chosen_logps"], example["ref_rejected_logps"] = float(chosen[i]), float(rejected[i])
 
@@ -149,14 +149,14 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     step = 0
     if restored is not None:
         state, loader = restored[0], LoaderState(**restored[1])
-        step = int(np.ravel(to_host(state.step))[0])  # a sweep's members all take the same steps
+        step = int(np.ravel(gather_to_host(state.step))[0])  # a sweep's members all take the same steps
         log.info("resumed from step %d (%s)", step, loader)
 
     def evaluate(step: int) -> list[dict[str, float]]:
         stream = batches(eval_data, batch_size=t.batch_size, seed=0, pad_id=pad_id, buckets=buckets, epochs=1,
                          process_index=jax.process_index(), process_count=jax.process_count(),
                          share_prompt=share_prompt)
-        results = [to_host(eval_step(state.params, ref_params, shard_batch(b, mesh)))
+        results = [gather_to_host(eval_step(state.params, ref_params, shard_batch(b, mesh)))
                    for _, (_, b) in zip(range(t.eval_batches), stream)]
         means = by_member({k: np.mean([r[k] for r in results], axis=0) for k in results[0]})
         for log_, mean in zip(metric_logs, means):
@@ -192,7 +192,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
             step += 1
             bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
-                last = by_member(to_host(metrics))
+                last = by_member(gather_to_host(metrics))
                 for log_, member_last in zip(metric_logs, last):
                     member_last["steps_per_second"] = (step - first) / (time.perf_counter() - start)
                     log_.write("train", step, member_last)
@@ -211,7 +211,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     for log_ in metric_logs:
         log_.close()
     if step == t.steps:
-        params = to_host(state.params)  # every process takes part in the gather; the first one writes
+        params = gather_to_host(state.params)  # every process takes part in the gather; the first one writes
         for i, d in enumerate(member_dirs):
             if primary:
                 save_pretrained(nnx.merge(graphdef, params if names is None else sweep.member(params, i)),
