@@ -1,7 +1,25 @@
 """Array primitives shared by every loss: token log-probs, masked reductions, entropy, KL.
 
-Shape letters used in names across align_jax: B batch (sequences or pairs), L sequence length,
-V vocabulary, G group size (samples per prompt), N number of groups (prompts), D model width.
+Shape letters, one meaning each, used in array names across align_jax (`logits_BxTxV` is
+[B, T, V]; a new meaning gets a new letter):
+
+  B  batch rows: sequences, pairs or examples (B = N·G for sampled completions)
+  N  prompts, each with a group of G samples
+  G  samples per prompt
+  T  tokens of a row (the sequence length)
+  P  prompt tokens (the width of left-padded prompts)
+  C  completion tokens (the width of sampled completions, or of packed chosen / rejected)
+  S  key slots (the keys a query attends to; a KV cache's length)
+  R  token rows, R = B·T (a batch's tokens as the rows of one matrix)
+  V  vocabulary
+  D  model width
+  F  MLP width
+  H  head width
+  Q  query heads;  K  key/value heads;  J = Q/K query heads per key/value head
+  L  layers
+  E  experts
+  M  micro-batches
+
 All functions are pure, jittable and vmappable; masks are 0/1 (or bool) arrays broadcastable to
 the value they mask, and a masked-out entry never influences a result or its gradient.
 """
@@ -15,31 +33,31 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def token_logps(logits_BxLxV: Array, labels_BxL: Array) -> Array:
+def token_logps(logits_BxTxV: Array, labels_BxT: Array) -> Array:
     """log softmax(logits)[label] per position, computed in float32.
 
-    log p(y_t) = z_{t, y_t} - logsumexp_v z_{t, v}. Only the log-normaliser (B×L) and the gathered
-    logit (B×L) are formed, never a second B×L×V log-softmax array; bf16 logits are upcast inside
+    log p(y_t) = z_{t, y_t} - logsumexp_v z_{t, v}. Only the log-normaliser (B×T) and the gathered
+    logit (B×T) are formed, never a second B×T×V log-softmax array; bf16 logits are upcast inside
     the fused reduction, so the result is float32 whatever the logits' dtype.
 
     Args:
-      logits_BxLxV: logits whose position t predicts labels_BxL[:, t] (shift beforehand).
-      labels_BxL: integer token ids in [0, V).
+      logits_BxTxV: logits whose position t predicts labels_BxT[:, t] (shift beforehand).
+      labels_BxT: integer token ids in [0, V).
     Returns:
-      float32 [B, L] log-probabilities of the labels.
+      float32 [B, T] log-probabilities of the labels.
     """
-    chex.assert_rank(logits_BxLxV, labels_BxL.ndim + 1)
-    chex.assert_equal_shape_prefix((logits_BxLxV, labels_BxL), labels_BxL.ndim)
-    chex.assert_type(labels_BxL, int)
-    logits_f32 = logits_BxLxV.astype(jnp.float32)
-    log_norm_BxL = jax.nn.logsumexp(logits_f32, axis=-1)
-    label_logit_BxL = jnp.take_along_axis(logits_f32, labels_BxL[..., None], axis=-1)[..., 0]
-    return label_logit_BxL - log_norm_BxL
+    chex.assert_rank(logits_BxTxV, labels_BxT.ndim + 1)
+    chex.assert_equal_shape_prefix((logits_BxTxV, labels_BxT), labels_BxT.ndim)
+    chex.assert_type(labels_BxT, int)
+    logits_f32 = logits_BxTxV.astype(jnp.float32)
+    log_norm_BxT = jax.nn.logsumexp(logits_f32, axis=-1)
+    label_logit_BxT = jnp.take_along_axis(logits_f32, labels_BxT[..., None], axis=-1)[..., 0]
+    return label_logit_BxT - log_norm_BxT
 
 
-def entropy_from_logits(logits_BxLxV: Array) -> Array:
-    """Per-position entropy H = logsumexp(z) - Σ_v softmax(z)_v z_v, in float32. Returns [B, L]."""
-    logits_f32 = logits_BxLxV.astype(jnp.float32)
+def entropy_from_logits(logits_BxTxV: Array) -> Array:
+    """Per-position entropy H = logsumexp(z) - Σ_v softmax(z)_v z_v, in float32. Returns [B, T]."""
+    logits_f32 = logits_BxTxV.astype(jnp.float32)
     log_norm = jax.nn.logsumexp(logits_f32, axis=-1)
     probs = jax.nn.softmax(logits_f32, axis=-1)
     return log_norm - jnp.sum(probs * logits_f32, axis=-1)

@@ -47,7 +47,7 @@ class SamplingConfig:
 
 
 class Completions(NamedTuple):
-    """Generated tokens for B·G rows (the G samples of a prompt are contiguous)."""
+    """Generated tokens for B = N·G rows, N prompts × G samples (a prompt's samples are contiguous)."""
 
     ids_BxN: Array  # pad_token_id after the stop token
     mask_BxN: Array  # True on generated tokens up to and including the stop token
@@ -108,16 +108,16 @@ def _next_token(logits_BxV, key, config: SamplingConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _generate(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, *, config: SamplingConfig):
+def _generate(graphdef, state, prompt_ids_NxP, prompt_mask_NxP, rng, *, config: SamplingConfig):
     model = nnx.merge(graphdef, state)
-    G, N = config.num_samples, config.max_new_tokens
-    prompts, P = prompt_ids_BxP.shape
-    B = prompts * G
+    G, C = config.num_samples, config.max_new_tokens
+    N, P = prompt_ids_NxP.shape
+    B = N * G
     # Prefill each prompt once, with logits at its last position only, then give each of its
     # G samples a copy of the cache.
     cache_dtype = model.embed_tokens.embedding.get_value().dtype
-    cache = init_cache(model.config, prompts, P + N, cache_dtype)
-    hidden, cache = model.hidden_states(prompt_ids_BxP, prompt_mask_BxP, cache)
+    cache = init_cache(model.config, N, P + C, cache_dtype)
+    hidden, cache = model.hidden_states(prompt_ids_NxP, prompt_mask_NxP, cache)
     logits = model.logits(hidden[:, -1])
     if G > 1:
         logits = jnp.repeat(logits, G, axis=0)
@@ -127,7 +127,7 @@ def _generate(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, *, config: 
 
     def cond(carry):
         step, _, _, _, _, done, _ = carry
-        return (step < N) & ~jnp.all(done)
+        return (step < C) & ~jnp.all(done)
 
     def body(carry):
         step, cache, last_logits, ids, logps, done, key = carry
@@ -141,13 +141,13 @@ def _generate(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, rng, *, config: 
         return step + 1, cache, logits[:, -1], ids, logps, done, key
 
     init = (jnp.zeros((), jnp.int32), cache, logits,
-            jnp.full((B, N), config.pad_token_id, jnp.int32), jnp.zeros((B, N), jnp.float32),
+            jnp.full((B, C), config.pad_token_id, jnp.int32), jnp.zeros((B, C), jnp.float32),
             jnp.zeros((B,), bool), rng)
     steps, _, _, ids, logps, done, _ = jax.lax.while_loop(cond, body, init)
     # A row's tokens run up to and including its first stop token.
-    is_stop = jnp.isin(ids, stop_ids) & (jnp.arange(N)[None, :] < steps)
+    is_stop = jnp.isin(ids, stop_ids) & (jnp.arange(C)[None, :] < steps)
     stops_before = jnp.cumsum(is_stop, axis=1) - is_stop
-    mask = (jnp.arange(N)[None, :] < steps) & (stops_before == 0)
+    mask = (jnp.arange(C)[None, :] < steps) & (stops_before == 0)
     return Completions(jnp.where(mask, ids, config.pad_token_id), mask, jnp.where(mask, logps, 0.0),
                        jnp.sum(mask, axis=1), ~done)
 

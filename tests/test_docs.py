@@ -138,7 +138,7 @@ def check_readme(scope: dict, tmp_path: Path):
 
 
 def check_data(scope: dict, tmp_path: Path):
-    assert scope["batch"].chosen.ids_BxL.shape == (8, 64) and scope["state"].step == 1
+    assert scope["batch"].chosen.ids_BxT.shape == (8, 64) and scope["state"].step == 1
 
 
 EXPECTED = {"README.md": check_readme, "docs/data.md": check_data}  # beyond running without error

@@ -97,32 +97,32 @@ def test_k3_penalty_and_entropy_bonus():
     ent = np.abs(rand(rng, B, L))
     base, _ = policy_loss(jnp.asarray(new), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask))
     full, m = policy_loss(jnp.asarray(new), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
-                          ref_logps_BxL=jnp.asarray(ref), beta=0.04, entropy_BxL=jnp.asarray(ent), entropy_coef=0.01)
+                          ref_logps_BxT=jnp.asarray(ref), beta=0.04, entropy_BxT=jnp.asarray(ent), entropy_coef=0.01)
     k3 = np.exp(np.float64(ref) - new) - (np.float64(ref) - new) - 1
     np.testing.assert_allclose(full - base, np.where(mask, 0.04 * k3 - 0.01 * ent, 0.0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(m["kl"], k3[mask].mean(), rtol=1e-5)
     np.testing.assert_allclose(m["entropy"], ent[mask].mean(), rtol=1e-5)
     _, m0 = policy_loss(jnp.asarray(new), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
-                        ref_logps_BxL=jnp.asarray(ref), beta=0.0)
+                        ref_logps_BxT=jnp.asarray(ref), beta=0.0)
     assert "kl" not in m0  # β = 0 skips the reference entirely
 
 
 def test_per_token_advantages_and_padding_garbage():
     new, old, _, mask = batch(5)
     rng = np.random.default_rng(5)
-    adv_BxL = rand(rng, B, L)
+    adv_BxT = rand(rng, B, L)
     new[~mask] = 500.0  # would overflow exp(ratio) if padding were not masked before exp
     old[~mask] = -500.0
     lp = jnp.asarray(new)
 
     def total(x):
-        return jnp.sum(policy_loss(x, jnp.asarray(old), jnp.asarray(adv_BxL), jnp.asarray(mask))[0])
+        return jnp.sum(policy_loss(x, jnp.asarray(old), jnp.asarray(adv_BxT), jnp.asarray(mask))[0])
 
     grad = jax.grad(total)(lp)
     assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[~mask] == 0)
-    loss, _ = policy_loss(lp, jnp.asarray(old), jnp.asarray(adv_BxL), jnp.asarray(mask))
+    loss, _ = policy_loss(lp, jnp.asarray(old), jnp.asarray(adv_BxT), jnp.asarray(mask))
     ratio = np.exp(np.where(mask, np.float64(new) - old, 0.0))
-    expected = -np.minimum(ratio * adv_BxL, np.clip(ratio, 0.8, 1.2) * adv_BxL)
+    expected = -np.minimum(ratio * adv_BxT, np.clip(ratio, 0.8, 1.2) * adv_BxT)
     np.testing.assert_allclose(np.asarray(loss)[mask], expected[mask], rtol=1e-5, atol=1e-6)
 
 

@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 class SequenceBatch(NamedTuple):
     """Right-padded prompt+completion sequences."""
 
-    ids_BxL: np.ndarray  # int32, pad_id after the sequence
-    attention_mask_BxL: np.ndarray  # bool, True on prompt and completion tokens
-    completion_mask_BxL: np.ndarray  # bool, True on completion tokens only (where the loss goes)
+    ids_BxT: np.ndarray  # int32, pad_id after the sequence
+    attention_mask_BxT: np.ndarray  # bool, True on prompt and completion tokens
+    completion_mask_BxT: np.ndarray  # bool, True on completion tokens only (where the loss goes)
 
 
 class PreferenceBatch(NamedTuple):
@@ -41,17 +41,17 @@ class PackedPairs(NamedTuple):
     through the model once per pair instead of twice (`Decoder.hidden_states`' segment ids).
 
     Completion token k of chosen (c = 0) or rejected (c = 1) is predicted by the logits at slot
-    `logit_index_Bx2xK[:, c, k]`, the slot of the token before it in its own sequence; only those
-    2K slots per row go through the LM head. A completion's first token has no predictor when the
+    `logit_index_Bx2xC[:, c, k]`, the slot of the token before it in its own sequence; only those
+    2C slots per row go through the LM head. A completion's first token has no predictor when the
     prompt is empty, as in the unpacked layout, and is masked out.
     """
 
     ids_BxT: np.ndarray  # int32, pad_id after the row
     attention_mask_BxT: np.ndarray  # bool, False on pads
     segment_ids_BxT: np.ndarray  # int32: 0 prompt, 1 chosen, 2 rejected (and pads)
-    logit_index_Bx2xK: np.ndarray  # int32 slots whose logits predict each completion token
-    labels_Bx2xK: np.ndarray  # int32 completion tokens, chosen then rejected, left-aligned
-    label_mask_Bx2xK: np.ndarray  # bool, True on real completion tokens
+    logit_index_Bx2xC: np.ndarray  # int32 slots whose logits predict each completion token
+    labels_Bx2xC: np.ndarray  # int32 completion tokens, chosen then rejected, left-aligned
+    label_mask_Bx2xC: np.ndarray  # bool, True on real completion tokens
     margin_B: np.ndarray | None = None
     ref_chosen_logps_B: np.ndarray | None = None
     ref_rejected_logps_B: np.ndarray | None = None
@@ -136,10 +136,10 @@ def _sequences(prompts: list[list[int]], completions: list[list[int]], width: in
 
 def _packed_pairs(prompts, chosen, rejected, width: int, completion_width: int, pad_id: int) -> tuple[np.ndarray, ...]:
     """The six arrays of `PackedPairs`, up to its optional columns."""
-    B, K = len(prompts), completion_width
+    B, C = len(prompts), completion_width
     ids, mask, segments = (np.full((B, width), pad_id, np.int32), np.zeros((B, width), bool),
                            np.zeros((B, width), np.int32))
-    index, labels, label_mask = np.zeros((B, 2, K), np.int32), np.zeros((B, 2, K), np.int32), np.zeros((B, 2, K), bool)
+    index, labels, label_mask = np.zeros((B, 2, C), np.int32), np.zeros((B, 2, C), np.int32), np.zeros((B, 2, C), bool)
     for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
         row = p + c + r
         ids[i, : len(row)], mask[i, : len(row)] = row, True
@@ -156,8 +156,8 @@ def bucket_width(examples: list[dict[str, Any]], kind: str, buckets: Sequence[in
                  share_prompt: bool = False) -> int | tuple[int, int]:
     """The smallest bucket that fits every row: its prompt plus its (longest) completion.
 
-    With `share_prompt` (preference pairs packed as `PackedPairs`): (T, K), where K is the smallest
-    bucket that fits every completion and T = width + K fits prompt + chosen + rejected.
+    With `share_prompt` (preference pairs packed as `PackedPairs`): (T, C), where C is the smallest
+    bucket that fits every completion and T = width + C fits prompt + chosen + rejected.
     """
     keys = _completion_keys(kind)
     width = bucket(max(len(e["prompt_ids"]) + max((len(e[k]) for k in keys), default=0) for e in examples), buckets)
@@ -171,7 +171,7 @@ def collate(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int], p
             width: int | tuple[int, int] | None = None, share_prompt: bool = False):
     """One batch of the kind's type, padded to `width`, by default the smallest bucket that fits its
     longest row (with several processes, the global batch's longest row, so all shapes agree).
-    `share_prompt` packs preference pairs as `PackedPairs` (`width` is then bucket_width's (T, K))."""
+    `share_prompt` packs preference pairs as `PackedPairs` (`width` is then bucket_width's (T, C))."""
     if share_prompt and kind != "preference":
         raise ValueError(f"share_prompt packs preference pairs, not {kind} rows")
     width = width or bucket_width(examples, kind, buckets, share_prompt)
@@ -221,9 +221,9 @@ def batches(encoded: Encoded, *, batch_size: int, seed: int, pad_id: int, bucket
     """Yield (state after this batch, host-local batch) forever, or for `epochs` epochs.
 
     Each epoch visits the rows in `epoch_order`, in global batches of `batch_size` rows (the last,
-    incomplete one is left out so shapes stay static); process p of P takes rows
-    [p·batch_size/P, (p+1)·batch_size/P) of each global batch. Starting from a saved state yields
-    exactly the batches that would have followed it.
+    incomplete one is left out so shapes stay static); process i of n (`process_index`,
+    `process_count`) takes rows [i·batch_size/n, (i+1)·batch_size/n) of each global batch.
+    Starting from a saved state yields exactly the batches that would have followed it.
     """
     if batch_size % process_count:
         raise DataError(f"batch_size {batch_size} is not divisible by the {process_count} processes")

@@ -1,7 +1,7 @@
 """Advantage estimators: group-relative (GRPO, Dr. GRPO), leave-one-out (RLOO), and GAE (PPO).
 
-Group layouts follow TRL: the G samples of one prompt are contiguous, so rewards of shape [N·G]
-reshape to [N, G].
+Group layouts follow TRL: the G samples of each of N prompts are contiguous, so rewards of shape
+[B] = [N·G] reshape to [N, G].
 """
 
 from __future__ import annotations
@@ -80,38 +80,38 @@ def rloo_advantages(rewards_B: Array, group_size: int, *, valid_B: Array | None 
     return jnp.where(valid_NxG & (others_N > 0), rewards_NxG - others_mean_NxG, 0.0).reshape(-1)
 
 
-def _gae_one(rewards_L, values_L, mask_L, gamma, lam):
+def _gae_one(rewards_T, values_T, mask_T, gamma, lam):
     """GAE for one trajectory, scanning backwards over time."""
-    next_values_L = jnp.append(values_L[1:] * mask_L[1:], 0.0)
-    next_mask_L = jnp.append(mask_L[1:], 0.0)
-    deltas_L = rewards_L + gamma * next_values_L - values_L
+    next_values_T = jnp.append(values_T[1:] * mask_T[1:], 0.0)
+    next_mask_T = jnp.append(mask_T[1:], 0.0)
+    deltas_T = rewards_T + gamma * next_values_T - values_T
 
     def step(next_advantage, inputs):
         delta, next_valid = inputs
         advantage = delta + gamma * lam * next_valid * next_advantage
         return advantage, advantage
 
-    _, advantages_L = jax.lax.scan(step, 0.0, (deltas_L, next_mask_L), reverse=True)
-    return advantages_L * mask_L
+    _, advantages_T = jax.lax.scan(step, 0.0, (deltas_T, next_mask_T), reverse=True)
+    return advantages_T * mask_T
 
 
 def gae(
-    rewards_BxL: Array, values_BxL: Array, mask_BxL: Array, *, gamma: float = 1.0, lam: float = 0.95
+    rewards_BxT: Array, values_BxT: Array, mask_BxT: Array, *, gamma: float = 1.0, lam: float = 0.95
 ) -> tuple[Array, Array]:
     """Generalized advantage estimation (Schulman et al. 2016, eq. 16) per token.
 
     δ_t = r_t + γ V_{t+1} - V_t with V = 0 after the last valid token, Â_t = Σ_k (γλ)^k δ_{t+k}.
-    Completions are right-padded: mask_BxL is 1 on generated tokens, 0 on padding.
+    Completions are right-padded: mask_BxT is 1 on generated tokens, 0 on padding.
 
     Returns:
-      advantages [B, L] and returns = advantages + values [B, L], both 0 on padding.
+      advantages [B, T] and returns = advantages + values [B, T], both 0 on padding.
     """
-    chex.assert_rank([rewards_BxL, values_BxL, mask_BxL], 2)
-    chex.assert_equal_shape([rewards_BxL, values_BxL, mask_BxL])
-    mask_BxL = mask_BxL.astype(jnp.float32)
-    rewards_BxL = rewards_BxL.astype(jnp.float32) * mask_BxL
-    values_BxL = values_BxL.astype(jnp.float32) * mask_BxL
-    advantages_BxL = jax.vmap(_gae_one, in_axes=(0, 0, 0, None, None))(
-        rewards_BxL, values_BxL, mask_BxL, gamma, lam
+    chex.assert_rank([rewards_BxT, values_BxT, mask_BxT], 2)
+    chex.assert_equal_shape([rewards_BxT, values_BxT, mask_BxT])
+    mask_BxT = mask_BxT.astype(jnp.float32)
+    rewards_BxT = rewards_BxT.astype(jnp.float32) * mask_BxT
+    values_BxT = values_BxT.astype(jnp.float32) * mask_BxT
+    advantages_BxT = jax.vmap(_gae_one, in_axes=(0, 0, 0, None, None))(
+        rewards_BxT, values_BxT, mask_BxT, gamma, lam
     )
-    return advantages_BxL, (advantages_BxL + values_BxL) * mask_BxL
+    return advantages_BxT, (advantages_BxT + values_BxT) * mask_BxT

@@ -85,30 +85,31 @@ def rope_angles(positions_BxT: Array, inv_freq: Array, dtype) -> tuple[Array, Ar
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
 
-def apply_rope(x_BxTxNxH: Array, cos_sin: tuple[Array, Array]) -> Array:
-    """x·cos + rotate_half(x)·sin, where rotate_half(x) = [-x₂, x₁] (transformers' layout)."""
+def apply_rope(x: Array, cos_sin: tuple[Array, Array]) -> Array:
+    """x·cos + rotate_half(x)·sin, where rotate_half(x) = [-x₂, x₁] (transformers' layout), on
+    queries [B, T, Q, H] or keys [B, T, K, H]."""
     cos, sin = cos_sin
-    x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
-    return x_BxTxNxH * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def attention(q_BxTxNxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: Array) -> Array:
-    """softmax(q·kᵀ/√H + mask)·v with N query heads sharing K key/value heads (N = K·G).
+def attention(q_BxTxQxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: Array) -> Array:
+    """softmax(q·kᵀ/√H + mask)·v with Q query heads sharing K key/value heads (Q = K·J).
 
-    Queries are laid out heads-major, [B, K, G, T, H], so both products contract the trailing axis
+    Queries are laid out heads-major, [B, K, J, T, H], so both products contract the trailing axis
     of contiguous [T, H] and [S, H] blocks and keys and values are never repeated (about 17% less
-    time for attention's forward and backward on XLA:CPU than a [B, T, K, G, H] layout, whose
+    time for attention's forward and backward on XLA:CPU than a [B, T, K, J, H] layout, whose
     products transpose their operands). Scores and softmax are float32. A fully masked row (a pad
     query) attends uniformly, never NaN.
     """
-    B, T, N, H = q_BxTxNxH.shape
+    B, T, Q, H = q_BxTxQxH.shape
     K = k_BxKxSxH.shape[1]
-    q_BxKxGxTxH = q_BxTxNxH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_BxKxSxH, preferred_element_type=jnp.float32) * H**-0.5
+    q_BxKxJxTxH = q_BxTxQxH.reshape(B, T, K, Q // K, H).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkjth,bksh->bkjts", q_BxKxJxTxH, k_BxKxSxH, preferred_element_type=jnp.float32) * H**-0.5
     scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
-    out_BxKxGxTxH = jnp.einsum("bkgts,bksh->bkgth", probs, v_BxKxSxH)
-    return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+    out_BxKxJxTxH = jnp.einsum("bkjts,bksh->bkjth", probs, v_BxKxSxH)
+    return out_BxKxJxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, Q, H)
 
 
 class Attention(nnx.Module):
@@ -126,13 +127,13 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype, axis_name="head_dim")
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype, axis_name="head_dim")
 
-    def __call__(self, x_NxD, cos_sin, mask_BxTxS, kv_cache):
-        """x_NxD holds the N = B·T tokens of the batch as rows (see `Decoder.hidden_states`)."""
+    def __call__(self, x_RxD, cos_sin, mask_BxTxS, kv_cache):
+        """x_RxD holds the R = B·T tokens of the batch as rows (see `Decoder.hidden_states`)."""
         c = self.config
         B, T = mask_BxTxS.shape[:2]
-        q = self.q_proj(x_NxD).reshape(B, T, c.num_heads, c.head_dim)
-        k = self.k_proj(x_NxD).reshape(B, T, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x_NxD).reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
+        q = self.q_proj(x_RxD).reshape(B, T, c.num_heads, c.head_dim)
+        k = self.k_proj(x_RxD).reshape(B, T, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x_RxD).reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos_sin)

@@ -21,11 +21,11 @@ from align_jax.data import PackedPairs, PreferenceBatch, SequenceBatch, Unpaired
 
 
 def completion_logps(model, seq: SequenceBatch) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-token log-probs of each next token [B, L-1], the completion mask over them, and the
+    """Per-token log-probs of each next token [B, T-1], the completion mask over them, and the
     logits that produced them."""
-    logits_BxLxV = model(seq.ids_BxL, seq.attention_mask_BxL)
-    logps_BxL = ops.token_logps(logits_BxLxV[:, :-1], seq.ids_BxL[:, 1:])
-    return logps_BxL, seq.completion_mask_BxL[:, 1:], logits_BxLxV
+    logits_BxTxV = model(seq.ids_BxT, seq.attention_mask_BxT)
+    logps_BxT = ops.token_logps(logits_BxTxV[:, :-1], seq.ids_BxT[:, 1:])
+    return logps_BxT, seq.completion_mask_BxT[:, 1:], logits_BxTxV
 
 
 def _concat(a: SequenceBatch, b: SequenceBatch) -> SequenceBatch:
@@ -33,16 +33,16 @@ def _concat(a: SequenceBatch, b: SequenceBatch) -> SequenceBatch:
 
 
 def packed_pair_logps(model, batch: PackedPairs) -> tuple[jax.Array, jax.Array]:
-    """Per-token log-probs [B, 2, K] of the chosen (c = 0) and rejected (c = 1) completions of
+    """Per-token log-probs [B, 2, C] of the chosen (c = 0) and rejected (c = 1) completions of
     pairs packed one per row: one forward over prompt | chosen | rejected, and the LM head on the
-    2K predicting slots only (never on prompt positions)."""
+    2C predicting slots only (never on prompt positions)."""
     hidden_BxTxD, _ = model.hidden_states(batch.ids_BxT, batch.attention_mask_BxT,
                                           segment_ids_BxT=batch.segment_ids_BxT)
-    B, _, K = batch.logit_index_Bx2xK.shape
-    index_Bx2K = batch.logit_index_Bx2xK.reshape(B, 2 * K)
-    hidden_Bx2KxD = jnp.take_along_axis(hidden_BxTxD, index_Bx2K[..., None], axis=1)
-    logps = ops.token_logps(model.logits(hidden_Bx2KxD), batch.labels_Bx2xK.reshape(B, 2 * K))
-    return logps.reshape(B, 2, K), batch.label_mask_Bx2xK
+    B, _, C = batch.logit_index_Bx2xC.shape
+    index_Bx2C = batch.logit_index_Bx2xC.reshape(B, 2 * C)
+    hidden_Bx2CxD = jnp.take_along_axis(hidden_BxTxD, index_Bx2C[..., None], axis=1)
+    logps = ops.token_logps(model.logits(hidden_Bx2CxD), batch.labels_Bx2xC.reshape(B, 2 * C))
+    return logps.reshape(B, 2, C), batch.label_mask_Bx2xC
 
 
 class PairLogps(NamedTuple):
@@ -60,12 +60,12 @@ def pair_logps(model, batch: PreferenceBatch | PackedPairs) -> PairLogps:
     """Summed completion log-probs of chosen and rejected (one forward over 2B rows, or over B
     packed rows), their lengths, and the chosen completions' per-token log-probs for RPO/ORPO's NLL."""
     if isinstance(batch, PackedPairs):
-        logps_Bx2xK, mask = packed_pair_logps(model, batch)
-        sums, lengths = ops.masked_sum(logps_Bx2xK, mask, axis=2), jnp.sum(mask, axis=2)
-        return PairLogps(sums[:, 0], sums[:, 1], lengths[:, 0], lengths[:, 1], logps_Bx2xK[:, 0], mask[:, 0])
+        logps_Bx2xC, mask = packed_pair_logps(model, batch)
+        sums, lengths = ops.masked_sum(logps_Bx2xC, mask, axis=2), jnp.sum(mask, axis=2)
+        return PairLogps(sums[:, 0], sums[:, 1], lengths[:, 0], lengths[:, 1], logps_Bx2xC[:, 0], mask[:, 0])
     logps, mask, _ = completion_logps(model, _concat(batch.chosen, batch.rejected))
     sums, lengths = ops.masked_sum(logps, mask, axis=1), jnp.sum(mask, axis=1)
-    B = batch.chosen.ids_BxL.shape[0]
+    B = batch.chosen.ids_BxT.shape[0]
     return PairLogps(sums[:B], sums[B:], lengths[:B], lengths[B:], logps[:B], mask[:B])
 
 
@@ -74,8 +74,8 @@ def sft(model, ref_model, batch: SequenceBatch, cfg: LossConfig):
     `completion_only`)."""
     logps, mask, logits = completion_logps(model, batch)
     if not cfg.completion_only:
-        mask = batch.attention_mask_BxL[:, 1:] & batch.attention_mask_BxL[:, :-1]
-    correct = jnp.argmax(logits[:, :-1], axis=-1) == batch.ids_BxL[:, 1:]
+        mask = batch.attention_mask_BxT[:, 1:] & batch.attention_mask_BxT[:, :-1]
+    correct = jnp.argmax(logits[:, :-1], axis=-1) == batch.ids_BxT[:, 1:]
     metrics = {"mean_token_accuracy": ops.masked_mean(correct.astype(jnp.float32), mask),
                "num_tokens": jnp.sum(mask).astype(jnp.float32)}
     return -ops.masked_sum(logps, mask), jnp.sum(mask).astype(jnp.float32), metrics
@@ -83,9 +83,9 @@ def sft(model, ref_model, batch: SequenceBatch, cfg: LossConfig):
 
 def reward(model, ref_model, batch: PreferenceBatch, cfg: LossConfig):
     """Bradley-Terry on the scalar head's score at each sequence's last token."""
-    B = batch.chosen.ids_BxL.shape[0]
+    B = batch.chosen.ids_BxT.shape[0]
     both = _concat(batch.chosen, batch.rejected)
-    scores = model.score(both.ids_BxL, both.attention_mask_BxL)
+    scores = model.score(both.ids_BxT, both.attention_mask_BxT)
     per_pair, m = losses.bradley_terry_loss(scores[:B], scores[B:], margin=batch.margin_B,
                                             center_coef=cfg.center_coef)
     metrics = {"accuracy": m["accuracy"], "margin": m["margin"],

@@ -78,7 +78,7 @@ def grpo(model, ref_model, r: Rollout, cfg: RLConfig):
     per_token, metrics = losses.policy_loss(
         logps, r.old_logps_BxT, r.advantages, r.loss_mask_BxT, loss_type=cfg.loss_type,
         epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, ratio_level=cfg.importance_sampling_level,
-        ref_logps_BxL=r.ref_logps_BxT, beta=cfg.beta, entropy_BxL=entropy, entropy_coef=cfg.entropy_coef)
+        ref_logps_BxT=r.ref_logps_BxT, beta=cfg.beta, entropy_BxT=entropy, entropy_coef=cfg.entropy_coef)
     num, den = losses.aggregate_loss(per_token, r.loss_mask_BxT, cfg.aggregation, max_length=cfg.max_new_tokens)
     metrics["logp_diff"] = ops.masked_mean(jnp.abs(jax.lax.stop_gradient(logps) - r.old_logps_BxT),
                                            r.completion_mask_BxT)
@@ -91,7 +91,7 @@ def ppo(model: ActorCritic, ref_model, r: Rollout, cfg: RLConfig):
     logps, entropy = policy_outputs(model.policy, r, cfg.temperature)
     pg_BxT, metrics = losses.policy_loss(
         logps, r.old_logps_BxT, r.advantages, r.loss_mask_BxT, epsilon_low=cfg.epsilon_low,
-        epsilon_high=cfg.epsilon_high, entropy_BxL=entropy, entropy_coef=cfg.entropy_coef)
+        epsilon_high=cfg.epsilon_high, entropy_BxT=entropy, entropy_coef=cfg.entropy_coef)
     vf_BxT, value_metrics = losses.value_loss(critic_values(model.value, r), r.old_values_BxT, r.returns_BxT,
                                               r.loss_mask_BxT, clip_range=cfg.cliprange_value)
     num, den = losses.aggregate_loss(pg_BxT + cfg.vf_coef * vf_BxT, r.loss_mask_BxT, "token_mean")

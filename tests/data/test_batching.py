@@ -20,7 +20,7 @@ def take(iterator, n):
 
 
 def first_tokens(batch):
-    return batch.ids_BxL[:, :8].tolist()
+    return batch.ids_BxT[:, :8].tolist()
 
 
 def test_buckets():
@@ -40,7 +40,7 @@ def test_epochs_visit_every_full_batch_once_in_a_seeded_order(encoded):
     assert len({tuple(r) for r in epoch0}) == 20  # 20 distinct rows, none twice
     assert first_tokens(run[0][1]) != first_tokens(run[4][1])  # a new order each epoch
     again = list(batches(encoded, seed=3, epochs=2, **kw))
-    assert all(np.array_equal(a.ids_BxL, b.ids_BxL) for (_, a), (_, b) in zip(run, again))
+    assert all(np.array_equal(a.ids_BxT, b.ids_BxT) for (_, a), (_, b) in zip(run, again))
     other = next(batches(encoded, seed=4, **kw))[1]
     assert first_tokens(other) != first_tokens(run[0][1])
 
@@ -52,8 +52,8 @@ def test_resume_from_a_saved_state_sees_exactly_the_same_batches(encoded):
     resumed = take(batches(encoded, state=LoaderState(**saved), **kw), 5)
     for (s1, b1), (s2, b2) in zip(uninterrupted[7:], resumed):
         assert s1 == s2
-        np.testing.assert_array_equal(b1.ids_BxL, b2.ids_BxL)
-        np.testing.assert_array_equal(b1.completion_mask_BxL, b2.completion_mask_BxL)
+        np.testing.assert_array_equal(b1.ids_BxT, b2.ids_BxT)
+        np.testing.assert_array_equal(b1.completion_mask_BxT, b2.completion_mask_BxT)
     at_epoch_end = take(batches(encoded, state=uninterrupted[4][0], **kw), 1)[0]
     assert at_epoch_end[0] == LoaderState(1, 1)
 
@@ -63,8 +63,8 @@ def test_processes_split_each_global_batch(encoded):
     whole = take(batches(encoded, **kw), 3)
     parts = [take(batches(encoded, process_index=p, process_count=3, **kw), 3) for p in range(3)]
     for step in range(3):
-        stitched = np.concatenate([parts[p][step][1].ids_BxL for p in range(3)])
-        np.testing.assert_array_equal(stitched, whole[step][1].ids_BxL)
+        stitched = np.concatenate([parts[p][step][1].ids_BxT for p in range(3)])
+        np.testing.assert_array_equal(stitched, whole[step][1].ids_BxT)
     with pytest.raises(DataError, match="batch_size 6 is not divisible by the 4 processes"):
         next(batches(encoded, process_count=4, **kw))
 
@@ -79,20 +79,20 @@ def test_shared_prompt_packs_each_pair_into_one_row():
                 {"prompt_ids": [], "chosen_ids": [20], "rejected_ids": [21, 22]}]
     packed = collate(examples, "preference", (4, 8), pad_id=0, share_prompt=True)
     # widths: prompt + longest completion fits 8, every completion fits 4, so T = 8 + 4
-    assert packed.ids_BxT.shape == (2, 12) and packed.labels_Bx2xK.shape == (2, 2, 4)
+    assert packed.ids_BxT.shape == (2, 12) and packed.labels_Bx2xC.shape == (2, 2, 4)
     np.testing.assert_array_equal(packed.ids_BxT[0], [5, 6, 7, 8, 9, 10, 11, 12, 13, 0, 0, 0])
     np.testing.assert_array_equal(packed.segment_ids_BxT[0], [0, 0, 0, 1, 1, 2, 2, 2, 2, 0, 0, 0])
     np.testing.assert_array_equal(packed.attention_mask_BxT[0], [1] * 9 + [0] * 3)
     # chosen 8, 9 follow slots 2 (the prompt's last token) and 3; rejected 10..13 follow 2, 5, 6, 7
-    np.testing.assert_array_equal(packed.logit_index_Bx2xK[0], [[2, 3, 0, 0], [2, 5, 6, 7]])
-    np.testing.assert_array_equal(packed.labels_Bx2xK[0], [[8, 9, 0, 0], [10, 11, 12, 13]])
-    np.testing.assert_array_equal(packed.label_mask_Bx2xK[0], [[1, 1, 0, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(packed.logit_index_Bx2xC[0], [[2, 3, 0, 0], [2, 5, 6, 7]])
+    np.testing.assert_array_equal(packed.labels_Bx2xC[0], [[8, 9, 0, 0], [10, 11, 12, 13]])
+    np.testing.assert_array_equal(packed.label_mask_Bx2xC[0], [[1, 1, 0, 0], [1, 1, 1, 1]])
     # an empty prompt leaves each completion's first token without a predictor, as unpacked rows do
     np.testing.assert_array_equal(packed.ids_BxT[1, :3], [20, 21, 22])
-    np.testing.assert_array_equal(packed.logit_index_Bx2xK[1], [[0, 0, 0, 0], [0, 1, 0, 0]])
-    np.testing.assert_array_equal(packed.label_mask_Bx2xK[1], [[0, 0, 0, 0], [0, 1, 0, 0]])
+    np.testing.assert_array_equal(packed.logit_index_Bx2xC[1], [[0, 0, 0, 0], [0, 1, 0, 0]])
+    np.testing.assert_array_equal(packed.label_mask_Bx2xC[1], [[0, 0, 0, 0], [0, 1, 0, 0]])
     unpacked = collate(examples, "preference", (4, 8), pad_id=0)
     for side, seq in enumerate(unpacked[:2]):  # the same number of scored tokens as the unpacked rows
-        np.testing.assert_array_equal(packed.label_mask_Bx2xK[:, side].sum(1), seq.completion_mask_BxL[:, 1:].sum(1))
+        np.testing.assert_array_equal(packed.label_mask_Bx2xC[:, side].sum(1), seq.completion_mask_BxT[:, 1:].sum(1))
     with pytest.raises(ValueError, match="share_prompt packs preference pairs, not prompt_completion rows"):
         collate([{"prompt_ids": [1], "completion_ids": [2]}], "prompt_completion", (8,), 0, share_prompt=True)

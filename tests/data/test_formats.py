@@ -72,9 +72,9 @@ def test_every_kind_in_both_forms_round_trips_through_the_masks(kind, conversati
     completions = {"preference": ["4", "5"], "language_modeling": ["the plot was good ." if not conversational
                                                                    else None]}.get(kind, ["4"])
     for seq, completion in zip(sequences, completions):
-        assert isinstance(seq, SequenceBatch) and seq.ids_BxL.shape == (2, 16)
-        text = decode(tok, seq.ids_BxL[0], seq.completion_mask_BxL[0])
-        whole = decode(tok, seq.ids_BxL[0], seq.attention_mask_BxL[0])
+        assert isinstance(seq, SequenceBatch) and seq.ids_BxT.shape == (2, 16)
+        text = decode(tok, seq.ids_BxT[0], seq.completion_mask_BxT[0])
+        whole = decode(tok, seq.ids_BxT[0], seq.attention_mask_BxT[0])
         if conversational and kind == "language_modeling":
             assert text == whole == tok.apply_chat_template(row["messages"], tokenize=False)
         elif conversational:
@@ -83,8 +83,8 @@ def test_every_kind_in_both_forms_round_trips_through_the_masks(kind, conversati
         else:
             assert text == completion + end  # EOS appended, as TRL does
             assert whole == row.get("prompt", "") + completion + end
-        assert not seq.attention_mask_BxL[0, -1]  # right-padded
-        assert np.all(seq.attention_mask_BxL[0] >= seq.completion_mask_BxL[0])
+        assert not seq.attention_mask_BxT[0, -1]  # right-padded
+        assert np.all(seq.attention_mask_BxT[0] >= seq.completion_mask_BxT[0])
     if kind == "unpaired_preference":
         assert isinstance(batch, UnpairedBatch) and batch.label_B.tolist() == [True, True]
     if kind == "preference":
@@ -117,7 +117,7 @@ def test_implicit_prompt_is_the_shared_prefix(conversational, tok):
     encoded = encode(datasets.Dataset.from_list([row]), tok)
     assert encoded.kind == "preference"
     batch = collate(encoded.examples, "preference", default_buckets(64), 0)
-    chosen = decode(tok, batch.chosen.ids_BxL[0], batch.chosen.completion_mask_BxL[0])
+    chosen = decode(tok, batch.chosen.ids_BxT[0], batch.chosen.completion_mask_BxT[0])
     assert chosen.endswith("4" + tok.eos_token) and "2+2" not in chosen
 
 
@@ -135,7 +135,7 @@ def test_truncation_drops_long_prompts_and_cuts_completions_with_counts(tok, cap
     assert all(len(e["prompt_ids"]) + len(e["completion_ids"]) <= 24 for e in encoded.examples)
     assert "1 of 3 rows dropped" in caplog.text and "1 of 3 rows with a truncated completion" in caplog.text
     batch = collate(encoded.examples, "prompt_completion", default_buckets(24), 0)
-    assert batch.ids_BxL.shape == (2, 24)
+    assert batch.ids_BxT.shape == (2, 24)
     with pytest.raises(DataError, match="every one of 3 rows has a prompt longer than 1 tokens"):
         truncate(encode(datasets.Dataset.from_list(rows), tok), max_length=24, max_prompt_length=1)
 

@@ -56,8 +56,8 @@ def main():
     rng = np.random.default_rng(5)
     old_logps = -rng.uniform(3, 6, size=(8, 10)).astype(np.float32)
     batches = {"sft": sequences(0), "dpo": packed_pairs(1),
-               "grpo": online.Rollout(rollout.ids_BxL[:, :6], rollout.attention_mask_BxL[:, :6], rollout.ids_BxL[:, 6:],
-                                      rollout.attention_mask_BxL[:, 6:], rollout.attention_mask_BxL[:, 6:], old_logps,
+               "grpo": online.Rollout(rollout.ids_BxT[:, :6], rollout.attention_mask_BxT[:, :6], rollout.ids_BxT[:, 6:],
+                                      rollout.attention_mask_BxT[:, 6:], rollout.attention_mask_BxT[:, 6:], old_logps,
                                       rng.normal(size=8).astype(np.float32), old_logps + 0.1)}
     losses = {"sft": (methods.sft, LossConfig()), "dpo": (methods.dpo, LossConfig(beta=0.5)),
               "grpo": (online.grpo, RLConfig(beta=0.04, entropy_coef=0.01, max_new_tokens=10))}
@@ -77,7 +77,7 @@ def main():
                 state, metrics = step(state, ref, shard_batch(batch, mesh))
             if method == "sft":  # the sampler on the same sharded parameters
                 prompts = sequences(3)
-                out = generate(nnx.merge(graphdef, state.params), prompts.ids_BxL[:, :6], prompts.attention_mask_BxL[:, :6],
+                out = generate(nnx.merge(graphdef, state.params), prompts.ids_BxT[:, :6], prompts.attention_mask_BxT[:, :6],
                                jax.random.key(0), SamplingConfig(max_new_tokens=5, num_samples=2))
                 report[f"{name}/sample"] = {"ids": np.asarray(out.ids_BxN).tolist(),
                                             "logps": np.asarray(out.logps_BxN).tolist()}

@@ -222,8 +222,8 @@ def poison_step(monkeypatch, k: int):
         def poisoned(state, ref_params, batch):
             calls[0] += 1
             if calls[0] == k:
-                mask = batch.completion_mask_BxL
-                batch = batch._replace(completion_mask_BxL=jax.device_put(np.zeros(mask.shape, mask.dtype),
+                mask = batch.completion_mask_BxT
+                batch = batch._replace(completion_mask_BxT=jax.device_put(np.zeros(mask.shape, mask.dtype),
                                                                           mask.sharding))
             return step_fn(state, ref_params, batch)
         return poisoned
@@ -249,3 +249,14 @@ def test_nan_at_step_k_stops_with_a_resumable_checkpoint(tmp_path, monkeypatch):
     a, b = weights(tmp_path / "straight"), weights(out)
     for name in a:
         np.testing.assert_array_equal(b[name], a[name], err_msg=name)
+
+
+def test_cli_reports_a_non_finite_stop_in_one_line(tmp_path, monkeypatch, capsys):
+    from align_jax import cli
+
+    poison_step(monkeypatch, 2)
+    status = cli.main(["train", str(ROOT / "configs/sft_arithmetic.yaml"), *TINY, f"out_dir={tmp_path}",
+                       "train.steps=3", "train.eval_every=0"])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "align-jax: stopped: step 2: non-finite loss or gradient" in err and "Traceback" not in err

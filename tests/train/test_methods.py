@@ -55,9 +55,9 @@ def pairs(seed, B=4, vocab=101, share_prompt=False):
 
 def np_completion_logps(hf, seq):
     """Σ over completion tokens of log softmax(logits)[next token], from transformers (float64)."""
-    logps = log_softmax(hf_logits(hf, seq.ids_BxL, seq.attention_mask_BxL.astype(np.int64)))
-    token = np.take_along_axis(logps[:, :-1], seq.ids_BxL[:, 1:, None], axis=-1)[..., 0]
-    mask = seq.completion_mask_BxL[:, 1:]
+    logps = log_softmax(hf_logits(hf, seq.ids_BxT, seq.attention_mask_BxT.astype(np.int64)))
+    token = np.take_along_axis(logps[:, :-1], seq.ids_BxT[:, 1:, None], axis=-1)[..., 0]
+    mask = seq.completion_mask_BxT[:, 1:]
     return (token * mask).sum(1), mask.sum(1), token, mask
 
 
@@ -74,7 +74,7 @@ def test_sft_is_the_mean_token_nll_on_completions(policy_and_reference):
     _, _, token, mask = np_completion_logps(hf, seq)
     loss, metrics = ours(methods.sft, hf, None, seq, LossConfig())
     np.testing.assert_allclose(loss, -(token * mask).sum() / mask.sum(), rtol=1e-5)
-    full = seq.attention_mask_BxL[:, 1:] & seq.attention_mask_BxL[:, :-1]
+    full = seq.attention_mask_BxT[:, 1:] & seq.attention_mask_BxT[:, :-1]
     loss_all, _ = ours(methods.sft, hf, None, seq, LossConfig(completion_only=False))
     np.testing.assert_allclose(loss_all, -(token * full).sum() / full.sum(), rtol=1e-5)
     assert float(metrics["num_tokens"]) == mask.sum()
@@ -121,8 +121,8 @@ def test_reward_model_scores_the_last_token_with_bradley_terry(policy_and_refere
     rm = Decoder(model.config, rngs=nnx.Rngs(0), with_scalar_head=True)
     nnx.update(rm, nnx.state(model))
     w = np.asarray(rm.score_head.kernel.get_value())[:, 0]
-    hidden = lambda seq: np.asarray(rm.hidden_states(jnp.asarray(seq.ids_BxL), jnp.asarray(seq.attention_mask_BxL))[0])  # noqa: E731
-    last = lambda seq: seq.attention_mask_BxL.sum(1) - 1  # noqa: E731
+    hidden = lambda seq: np.asarray(rm.hidden_states(jnp.asarray(seq.ids_BxT), jnp.asarray(seq.attention_mask_BxT))[0])  # noqa: E731
+    last = lambda seq: seq.attention_mask_BxT.sum(1) - 1  # noqa: E731
     score = lambda seq: hidden(seq)[np.arange(4), last(seq)] @ w  # noqa: E731
     margin = np.array([0.0, 0.5, 1.0, -0.2], np.float32)
     expected = -log_sigmoid(score(chosen) - score(rejected) - margin) + 0.01 * (score(chosen) + score(rejected)) ** 2
