@@ -1,12 +1,12 @@
 """Hyperparameter sweeps as one compiled program.
 
-K members that differ only in one float of the loss config (DPO's β, SimPO's γ, KTO's λ_D, …)
-are the lanes of `jax.vmap` over the ordinary pure step: step(state_K, ref, batch) =
-vmap_k step_{cfg with field = values[k]}(state_k, ref, batch). Their train states are stacked on a
+n members that differ only in one float of the loss config (DPO's β, SimPO's γ, KTO's λ_D, …)
+are the lanes of `jax.vmap` over the ordinary pure step: step(stacked states, ref, batch) =
+vmap_i step_{cfg with field = values[i]}(state_i, ref, batch). Their train states are stacked on a
 new leading axis that is not sharded (each member is laid out on the mesh as a single state is);
 the batch and the reference parameters are shared, so the data pipeline runs once and the program
-is compiled once. On an accelerator the K small updates fill the device together; on a CPU the
-work is K times one member's, in one program.
+is compiled once. On an accelerator the n small updates fill the device together; on a CPU the
+work is n times one member's, in one program.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def stacked_shardings(shardings):
     return jax.tree.map(lambda s: NamedSharding(s.mesh, PartitionSpec(None, *s.spec)), shardings)
 
 
-def stack(tree, k: int, shardings):
-    """k copies of `tree` on a new leading axis, created directly with `shardings` (stacked ones)."""
-    return jax.jit(lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (k, *x.shape)), t),
+def stack(tree, n: int, shardings):
+    """n copies of `tree` on a new leading axis, created directly with `shardings` (stacked ones)."""
+    return jax.jit(lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), t),
                    out_shardings=shardings)(tree)
 
 
@@ -59,7 +59,7 @@ def member(tree, i: int):
 
 
 def vmap_step(make_step: Callable[[LossConfig], Callable], cfg: LossConfig, field: str, values) -> Callable:
-    """A step over stacked states (or params): member k runs `make_step(cfg with field = values[k])`
+    """A step over stacked states (or params): member i runs `make_step(cfg with field = values[i])`
     on its own lane, with the reference and the batch shared. The values are constants of the
     program; the step's signature is the unswept one's, so it is jitted the same way."""
     values = jnp.asarray(values, jnp.float32)
