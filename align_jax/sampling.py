@@ -49,9 +49,9 @@ class SamplingConfig:
 class Completions(NamedTuple):
     """Generated tokens for B = N·G rows, N prompts × G samples (a prompt's samples are contiguous)."""
 
-    ids_BxN: Array  # pad_token_id after the stop token
-    mask_BxN: Array  # True on generated tokens up to and including the stop token
-    logps_BxN: Array  # log softmax(logits / T) of each generated token; 0 where masked
+    ids_BxC: Array  # pad_token_id after the stop token
+    mask_BxC: Array  # True on generated tokens up to and including the stop token
+    logps_BxC: Array  # log softmax(logits / temperature) of each generated token; 0 where masked
     lengths_B: Array
     truncated_B: Array  # True where no stop token came within max_new_tokens
 
@@ -152,7 +152,7 @@ def _generate(graphdef, state, prompt_ids_NxP, prompt_mask_NxP, rng, *, config: 
                        jnp.sum(mask, axis=1), ~done)
 
 
-def generate(model: Decoder, prompt_ids_BxP: Array, prompt_mask_BxP: Array, rng: Array,
+def generate(model: Decoder, prompt_ids_NxP: Array, prompt_mask_NxP: Array, rng: Array,
              config: SamplingConfig) -> Completions:
     """Sample `config.num_samples` completions for each left-padded prompt.
 
@@ -160,30 +160,30 @@ def generate(model: Decoder, prompt_ids_BxP: Array, prompt_mask_BxP: Array, rng:
     whatever placement the model's state has.
     """
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, jnp.asarray(prompt_ids_BxP), jnp.asarray(prompt_mask_BxP), rng,
+    return _generate(graphdef, state, jnp.asarray(prompt_ids_NxP), jnp.asarray(prompt_mask_NxP), rng,
                      config=config)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "temperature"))
-def _sequence_kl(graphdef, state, prompt_ids_BxP, prompt_mask_BxP, out: Completions, *, num_samples: int,
+def _sequence_kl(graphdef, state, prompt_ids_NxP, prompt_mask_NxP, out: Completions, *, num_samples: int,
                  temperature: float):
     reference = nnx.merge(graphdef, state)
-    prompt_ids = jnp.repeat(prompt_ids_BxP, num_samples, axis=0)
-    ids = jnp.concatenate([prompt_ids, out.ids_BxN], axis=1)
-    mask = jnp.concatenate([jnp.repeat(prompt_mask_BxP, num_samples, axis=0), out.mask_BxN], axis=1)
+    prompt_ids = jnp.repeat(prompt_ids_NxP, num_samples, axis=0)
+    ids = jnp.concatenate([prompt_ids, out.ids_BxC], axis=1)
+    mask = jnp.concatenate([jnp.repeat(prompt_mask_NxP, num_samples, axis=0), out.mask_BxC], axis=1)
     P = prompt_ids.shape[1]
     logits = reference(ids, mask)[:, P - 1:-1].astype(jnp.float32) / temperature
-    ref_logps = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), out.ids_BxN[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(out.mask_BxN, out.logps_BxN - ref_logps, 0.0), axis=1)
+    ref_logps = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), out.ids_BxC[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(out.mask_BxC, out.logps_BxC - ref_logps, 0.0), axis=1)
 
 
-def sequence_kl(reference: Decoder, prompt_ids_BxP: Array, prompt_mask_BxP: Array, out: Completions, *,
+def sequence_kl(reference: Decoder, prompt_ids_NxP: Array, prompt_mask_NxP: Array, out: Completions, *,
                 num_samples: int, temperature: float = 1.0) -> Array:
-    """k1 = Σ_t log π(y_t) − log π_ref(y_t) for each completion y ~ π in `out` [B·G]: its mean is
+    """k1 = Σ_t log π(y_t) − log π_ref(y_t) for each completion y ~ π in `out` [B = N·G]: its mean is
     the sequence-level KL(π ‖ π_ref). π's log-probs are the sampler's (at `temperature`), π_ref's
     a teacher-forced pass of `reference` over the same left-padded prompts and completions."""
     graphdef, state = nnx.split(reference)
-    return _sequence_kl(graphdef, state, jnp.asarray(prompt_ids_BxP), jnp.asarray(prompt_mask_BxP), out,
+    return _sequence_kl(graphdef, state, jnp.asarray(prompt_ids_NxP), jnp.asarray(prompt_mask_NxP), out,
                         num_samples=num_samples, temperature=temperature)
 
 
@@ -215,7 +215,7 @@ def generate_from_text(model: Decoder, tokenizer, prompts: Sequence[str | list[d
         config = dataclasses.replace(config, stop_token_ids=(tokenizer.eos_token_id,))
     out = generate(model, ids, mask, rng, config)
     texts = [tokenizer.decode([int(t) for t, m in zip(row, row_mask) if m], skip_special_tokens=True)
-             for row, row_mask in zip(out.ids_BxN, out.mask_BxN)]
+             for row, row_mask in zip(out.ids_BxC, out.mask_BxC)]
     return texts, out
 
 

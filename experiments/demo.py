@@ -62,7 +62,7 @@ def sample(model, tokenizer, prompts, *, num_samples: int, greedy: bool, seed: i
                             stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
     out = generate(model, batch.ids_BxP, batch.mask_BxP, jax.random.key(seed), config)
     texts = [tokenizer.decode(np.asarray(ids)[np.asarray(mask)], skip_special_tokens=True)
-             for ids, mask in zip(out.ids_BxN, out.mask_BxN)]
+             for ids, mask in zip(out.ids_BxC, out.mask_BxC)]
     return texts, out, batch
 
 

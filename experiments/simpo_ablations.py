@@ -63,7 +63,7 @@ def generations(model, prompts: list[str]) -> dict:
     texts, out = generate_from_text(model, tiny_tokenizer(), prompts, jax.random.key(0),
                                     SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, num_samples=4))
     lengths = np.asarray(out.lengths_B, float)
-    mean_logp = np.asarray(out.logps_BxN.sum(axis=1)) / np.maximum(lengths, 1)
+    mean_logp = np.asarray(out.logps_BxC.sum(axis=1)) / np.maximum(lengths, 1)
     return {"length": float(lengths.mean()), "truncated": float(np.mean(out.truncated_B)),
             "reward": float(np.mean(synthetic.sentiment_reward(texts))),
             "rho": float(scipy.stats.spearmanr(lengths, mean_logp).statistic)}

@@ -33,23 +33,23 @@ def test_greedy_equals_transformers_generate(name):
     with torch.no_grad():
         expected = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
                                max_new_tokens=10, pad_token_id=0, eos_token_id=None)[:, 12:].numpy()
-    np.testing.assert_array_equal(np.asarray(out.ids_BxN), expected)
-    assert np.all(np.asarray(out.mask_BxN)) and np.all(np.asarray(out.truncated_B))
+    np.testing.assert_array_equal(np.asarray(out.ids_BxC), expected)
+    assert np.all(np.asarray(out.mask_BxC)) and np.all(np.asarray(out.truncated_B))
 
 
 def test_stop_tokens_end_rows_and_are_included_in_the_mask(llama):
     hf, model = llama
     ids, mask = left_padded_batch(1, T=12)
     free = generate(model, ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=12, greedy=True))
-    stop = int(free.ids_BxN[0, 3])  # make row 0's fourth token a stop token
+    stop = int(free.ids_BxC[0, 3])  # make row 0's fourth token a stop token
     out = generate(model, ids, mask, jax.random.key(0),
                    SamplingConfig(max_new_tokens=12, greedy=True, stop_token_ids=(stop,), pad_token_id=-1))
-    first_stop = [list(r).index(stop) + 1 if stop in list(r) else 12 for r in np.asarray(free.ids_BxN)]
+    first_stop = [list(r).index(stop) + 1 if stop in list(r) else 12 for r in np.asarray(free.ids_BxC)]
     np.testing.assert_array_equal(out.lengths_B, first_stop)
     for row, n in enumerate(first_stop):
-        np.testing.assert_array_equal(out.ids_BxN[row, :n], free.ids_BxN[row, :n])
-        assert np.all(np.asarray(out.ids_BxN[row, n:]) == -1)
-        assert bool(out.truncated_B[row]) == (n == 12 and stop not in list(np.asarray(free.ids_BxN[row])))
+        np.testing.assert_array_equal(out.ids_BxC[row, :n], free.ids_BxC[row, :n])
+        assert np.all(np.asarray(out.ids_BxC[row, n:]) == -1)
+        assert bool(out.truncated_B[row]) == (n == 12 and stop not in list(np.asarray(free.ids_BxC[row])))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -60,13 +60,13 @@ def test_logps_equal_teacher_forced_forward(llama, temperature):
                             stop_token_ids=(5, 7))
     out = generate(model, ids, mask, jax.random.key(3), config)
     prompt_ids, prompt_mask = np.repeat(ids, 2, 0), np.repeat(mask, 2, 0)
-    full_ids = np.concatenate([prompt_ids, np.asarray(out.ids_BxN)], 1)
-    full_mask = np.concatenate([prompt_mask, np.asarray(out.mask_BxN)], 1)
+    full_ids = np.concatenate([prompt_ids, np.asarray(out.ids_BxC)], 1)
+    full_mask = np.concatenate([prompt_mask, np.asarray(out.mask_BxC)], 1)
     logits = model(jnp.asarray(full_ids), jnp.asarray(full_mask)) / temperature
     teacher = ops.token_logps(logits[:, 11:-1], jnp.asarray(full_ids[:, 12:]))
-    m = np.asarray(out.mask_BxN)
-    np.testing.assert_allclose(np.asarray(out.logps_BxN)[m], np.asarray(teacher)[m], atol=1e-5)
-    assert np.all(np.asarray(out.logps_BxN)[~m] == 0)
+    m = np.asarray(out.mask_BxC)
+    np.testing.assert_allclose(np.asarray(out.logps_BxC)[m], np.asarray(teacher)[m], atol=1e-5)
+    assert np.all(np.asarray(out.logps_BxC)[~m] == 0)
 
 
 def test_sequence_kl_is_the_summed_log_ratio_against_a_pytorch_reference(llama):
@@ -81,15 +81,15 @@ def test_sequence_kl_is_the_summed_log_ratio_against_a_pytorch_reference(llama):
     config = SamplingConfig(max_new_tokens=8, num_samples=2, temperature=0.8, stop_token_ids=(5, 7))
     out = generate(model, ids, mask, jax.random.key(1), config)
     kl = sequence_kl(load_pretrained(reference_hf), ids, mask, out, num_samples=2, temperature=0.8)
-    full_ids = np.concatenate([np.repeat(ids, 2, 0), np.asarray(out.ids_BxN)], 1)
-    full_mask = np.concatenate([np.repeat(mask, 2, 0), np.asarray(out.mask_BxN)], 1)
+    full_ids = np.concatenate([np.repeat(ids, 2, 0), np.asarray(out.ids_BxC)], 1)
+    full_mask = np.concatenate([np.repeat(mask, 2, 0), np.asarray(out.mask_BxC)], 1)
     with torch.no_grad():
         logits = reference_hf(input_ids=torch.tensor(full_ids), attention_mask=torch.tensor(full_mask),
                               position_ids=torch.tensor(np.maximum(np.cumsum(full_mask, 1) - 1, 0))).logits
     ref = torch.log_softmax(logits[:, 11:-1].double() / 0.8, -1).numpy()
     ref = np.take_along_axis(ref, full_ids[:, 12:, None], -1)[..., 0]
-    m = np.asarray(out.mask_BxN)
-    expected = np.sum(np.where(m, np.asarray(out.logps_BxN) - ref, 0.0), axis=1)
+    m = np.asarray(out.mask_BxC)
+    expected = np.sum(np.where(m, np.asarray(out.logps_BxC) - ref, 0.0), axis=1)
     np.testing.assert_allclose(np.asarray(kl), expected, atol=1e-4)
     assert np.all(np.abs(expected) > 1e-3)  # the perturbation is visible
     np.testing.assert_allclose(sequence_kl(model, ids, mask, out, num_samples=2, temperature=0.8), 0, atol=1e-4)
@@ -127,7 +127,7 @@ def test_sampled_frequencies_match_the_filtered_softmax(llama, filters):
     out = generate(model, ids, mask, jax.random.key(7), config)
     logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))[0, -1] / config.temperature
     p = np_filtered_probs(logits, config.top_k, config.top_p, config.min_p)
-    freq = np.bincount(np.asarray(out.ids_BxN[:, 0]), minlength=p.size) / n
+    freq = np.bincount(np.asarray(out.ids_BxC[:, 0]), minlength=p.size) / n
     bound = 5 * np.sqrt(p * (1 - p) / n) + 1e-9  # 5 standard errors per token
     assert np.all(np.abs(freq - p) <= bound), np.abs(freq - p).max()
     assert np.all(freq[p == 0] == 0)
@@ -160,9 +160,9 @@ def test_deterministic_for_a_key_and_different_across_keys(llama):
     a = generate(model, ids, mask, jax.random.key(1), config)
     b = generate(model, ids, mask, jax.random.key(1), config)
     c = generate(model, ids, mask, jax.random.key(2), config)
-    np.testing.assert_array_equal(a.ids_BxN, b.ids_BxN)
-    assert not np.array_equal(np.asarray(a.ids_BxN), np.asarray(c.ids_BxN))
-    assert a.ids_BxN.shape == (9, 8)
+    np.testing.assert_array_equal(a.ids_BxC, b.ids_BxC)
+    assert not np.array_equal(np.asarray(a.ids_BxC), np.asarray(c.ids_BxC))
+    assert a.ids_BxC.shape == (9, 8)
 
 
 def test_bad_settings_and_buckets():
@@ -195,6 +195,6 @@ def test_text_prompts_are_left_padded_to_a_bucket_and_completions_decode_their_t
     config = SamplingConfig(max_new_tokens=8, num_samples=2)
     texts, out = generate_from_text(model, tok, prompts, jax.random.key(0), config)
     assert texts == generate_text(model, tok, prompts, jax.random.key(0), config)
-    assert len(texts) == 6 and out.ids_BxN.shape == (6, 8)
-    for text, row, row_mask in zip(texts, np.asarray(out.ids_BxN), np.asarray(out.mask_BxN)):
+    assert len(texts) == 6 and out.ids_BxC.shape == (6, 8)
+    for text, row, row_mask in zip(texts, np.asarray(out.ids_BxC), np.asarray(out.mask_BxC)):
         assert text == tok.decode(row[row_mask], skip_special_tokens=True)

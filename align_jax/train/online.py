@@ -2,8 +2,8 @@
 shaping and KL controller, and the GRPO and PPO losses on one micro-batch.
 
 A rollout holds B = N·G sampled completions (the G samples of a prompt contiguous): left-padded
-prompts [B, P] followed by right-padded completions [B, T]. The policy's log-probs at the T
-completion slots come from the hidden states at positions P-1 … P+T-2, with logits divided by
+prompts [B, P] followed by right-padded completions [B, C]. The policy's log-probs at the C
+completion slots come from the hidden states at positions P-1 … P+C-2, with logits divided by
 the sampling temperature, exactly as the sampler computed them. The losses have the signature of
 `methods.py`, `(model, ref_model, batch, cfg) -> (numerator, denominator, metrics)`, so the
 same micro-batched, sharded train step runs them.
@@ -27,14 +27,14 @@ Array = jax.Array
 class Rollout(NamedTuple):
     prompt_ids_BxP: Array
     prompt_mask_BxP: Array
-    completion_ids_BxT: Array
-    completion_mask_BxT: Array  # generated tokens up to and including the stop token
-    loss_mask_BxT: Array  # completion_mask less excluded samples (no reward, truncated when masked)
-    old_logps_BxT: Array  # the sampling policy's log-probs of the sampled tokens
-    advantages: Array  # [B] (GRPO family) or [B, T] (PPO)
-    ref_logps_BxT: Array | None = None  # reference log-probs (GRPO with β > 0)
-    old_values_BxT: Array | None = None  # PPO: the critic at sampling time
-    returns_BxT: Array | None = None  # PPO: GAE returns, the critic's targets
+    completion_ids_BxC: Array
+    completion_mask_BxC: Array  # generated tokens up to and including the stop token
+    loss_mask_BxC: Array  # completion_mask less excluded samples (no reward, truncated when masked)
+    old_logps_BxC: Array  # the sampling policy's log-probs of the sampled tokens
+    advantages: Array  # [B] (GRPO family) or [B, C] (PPO)
+    ref_logps_BxC: Array | None = None  # reference log-probs (GRPO with β > 0)
+    old_values_BxC: Array | None = None  # PPO: the critic at sampling time
+    returns_BxC: Array | None = None  # PPO: GAE returns, the critic's targets
 
 
 class ActorCritic(nnx.Module):
@@ -46,13 +46,13 @@ class ActorCritic(nnx.Module):
 
 
 def _sequence(r: Rollout) -> tuple[Array, Array]:
-    ids = jnp.concatenate([r.prompt_ids_BxP, r.completion_ids_BxT], axis=1)
-    mask = jnp.concatenate([r.prompt_mask_BxP, r.completion_mask_BxT], axis=1).astype(bool)
+    ids = jnp.concatenate([r.prompt_ids_BxP, r.completion_ids_BxC], axis=1)
+    mask = jnp.concatenate([r.prompt_mask_BxP, r.completion_mask_BxC], axis=1).astype(bool)
     return ids, mask
 
 
 def completion_hidden(model: Decoder, r: Rollout) -> Array:
-    """Hidden states [B, T, D] at the positions that predict each completion token."""
+    """Hidden states [B, C, D] at the positions that predict each completion token."""
     ids, mask = _sequence(r)
     hidden, _ = model.hidden_states(ids, mask)
     P = r.prompt_ids_BxP.shape[1]
@@ -61,13 +61,13 @@ def completion_hidden(model: Decoder, r: Rollout) -> Array:
 
 def policy_outputs(model: Decoder, r: Rollout, temperature: float) -> tuple[Array, Array]:
     """log π(y_t | …) of log softmax(logits / temperature) and the entropy of that distribution,
-    both [B, T] float32."""
+    both [B, C] float32."""
     logits = model.logits(completion_hidden(model, r)).astype(jnp.float32) / temperature
-    return ops.token_logps(logits, r.completion_ids_BxT), ops.entropy_from_logits(logits)
+    return ops.token_logps(logits, r.completion_ids_BxC), ops.entropy_from_logits(logits)
 
 
 def critic_values(critic: Decoder, r: Rollout) -> Array:
-    """V(s_t) [B, T]: the critic's scalar head on the state before each completion token."""
+    """V(s_t) [B, C]: the critic's scalar head on the state before each completion token."""
     return critic.score_head(completion_hidden(critic, r))[..., 0].astype(jnp.float32)
 
 
@@ -76,12 +76,12 @@ def grpo(model, ref_model, r: Rollout, cfg: RLConfig):
     β, entropy bonus) reduced by `losses.aggregate_loss` (GRPO, DAPO or Dr. GRPO)."""
     logps, entropy = policy_outputs(model, r, cfg.temperature)
     per_token, metrics = losses.policy_loss(
-        logps, r.old_logps_BxT, r.advantages, r.loss_mask_BxT, loss_type=cfg.loss_type,
+        logps, r.old_logps_BxC, r.advantages, r.loss_mask_BxC, loss_type=cfg.loss_type,
         epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, ratio_level=cfg.importance_sampling_level,
-        ref_logps_BxT=r.ref_logps_BxT, beta=cfg.beta, entropy_BxT=entropy, entropy_coef=cfg.entropy_coef)
-    num, den = losses.aggregate_loss(per_token, r.loss_mask_BxT, cfg.aggregation, max_length=cfg.max_new_tokens)
-    metrics["logp_diff"] = ops.masked_mean(jnp.abs(jax.lax.stop_gradient(logps) - r.old_logps_BxT),
-                                           r.completion_mask_BxT)
+        ref_logps_BxT=r.ref_logps_BxC, beta=cfg.beta, entropy_BxT=entropy, entropy_coef=cfg.entropy_coef)
+    num, den = losses.aggregate_loss(per_token, r.loss_mask_BxC, cfg.aggregation, max_length=cfg.max_new_tokens)
+    metrics["logp_diff"] = ops.masked_mean(jnp.abs(jax.lax.stop_gradient(logps) - r.old_logps_BxC),
+                                           r.completion_mask_BxC)
     return num, den, metrics
 
 
@@ -89,21 +89,21 @@ def ppo(model: ActorCritic, ref_model, r: Rollout, cfg: RLConfig):
     """PPO's loss, token means over the batch: clipped surrogate + vf_coef · clipped value loss
     (Schulman et al. 2017; as TRL's PPOTrainer)."""
     logps, entropy = policy_outputs(model.policy, r, cfg.temperature)
-    pg_BxT, metrics = losses.policy_loss(
-        logps, r.old_logps_BxT, r.advantages, r.loss_mask_BxT, epsilon_low=cfg.epsilon_low,
+    pg_BxC, metrics = losses.policy_loss(
+        logps, r.old_logps_BxC, r.advantages, r.loss_mask_BxC, epsilon_low=cfg.epsilon_low,
         epsilon_high=cfg.epsilon_high, entropy_BxT=entropy, entropy_coef=cfg.entropy_coef)
-    vf_BxT, value_metrics = losses.value_loss(critic_values(model.value, r), r.old_values_BxT, r.returns_BxT,
-                                              r.loss_mask_BxT, clip_range=cfg.cliprange_value)
-    num, den = losses.aggregate_loss(pg_BxT + cfg.vf_coef * vf_BxT, r.loss_mask_BxT, "token_mean")
-    mask = r.loss_mask_BxT
-    metrics.update(value_metrics, **{"loss/policy": ops.masked_mean(jax.lax.stop_gradient(pg_BxT), mask),
-                                     "loss/value": ops.masked_mean(jax.lax.stop_gradient(vf_BxT), mask),
+    vf_BxC, value_metrics = losses.value_loss(critic_values(model.value, r), r.old_values_BxC, r.returns_BxC,
+                                              r.loss_mask_BxC, clip_range=cfg.cliprange_value)
+    num, den = losses.aggregate_loss(pg_BxC + cfg.vf_coef * vf_BxC, r.loss_mask_BxC, "token_mean")
+    mask = r.loss_mask_BxC
+    metrics.update(value_metrics, **{"loss/policy": ops.masked_mean(jax.lax.stop_gradient(pg_BxC), mask),
+                                     "loss/value": ops.masked_mean(jax.lax.stop_gradient(vf_BxC), mask),
                                      "logp_diff": ops.masked_mean(jnp.abs(jax.lax.stop_gradient(logps)
-                                                                          - r.old_logps_BxT), mask)})
+                                                                          - r.old_logps_BxC), mask)})
     return num, den, metrics
 
 
-def ppo_targets(r: Rollout, ref_logps_BxT: Array, values_BxT: Array, scores_B: Array, truncated_B: Array,
+def ppo_targets(r: Rollout, ref_logps_BxC: Array, values_BxC: Array, scores_B: Array, truncated_B: Array,
                 kl_coef: Array, cfg: RLConfig) -> tuple[Rollout, dict[str, Array]]:
     """PPO's per-token rewards, GAE advantages and value targets for a rollout.
 
@@ -111,24 +111,24 @@ def ppo_targets(r: Rollout, ref_logps_BxT: Array, values_BxT: Array, scores_B: A
     token (minus `missing_eos_penalty` when the completion has no EOS: the EOS trick), optionally
     whitened without shifting the mean; Â, R = GAE(γ, λ) on the critic's values; Â whitened.
     """
-    mask = r.loss_mask_BxT.astype(bool)
+    mask = r.loss_mask_BxC.astype(bool)
     if cfg.missing_eos_penalty is not None:
         scores_B = scores_B - cfg.missing_eos_penalty * truncated_B.astype(jnp.float32)
-    kl_BxT = jnp.where(mask, r.old_logps_BxT - ref_logps_BxT, 0.0)
-    non_score_BxT = -kl_coef * kl_BxT
-    last = jnp.sum(r.completion_mask_BxT, axis=1) - 1
-    at_last_BxT = jnp.arange(mask.shape[1])[None, :] == last[:, None]
-    rewards_BxT = non_score_BxT + jnp.where(at_last_BxT & mask, scores_B[:, None], 0.0)
+    kl_BxC = jnp.where(mask, r.old_logps_BxC - ref_logps_BxC, 0.0)
+    non_score_BxC = -kl_coef * kl_BxC
+    last = jnp.sum(r.completion_mask_BxC, axis=1) - 1
+    at_last_BxC = jnp.arange(mask.shape[1])[None, :] == last[:, None]
+    rewards_BxC = non_score_BxC + jnp.where(at_last_BxC & mask, scores_B[:, None], 0.0)
     if cfg.whiten_rewards:
-        rewards_BxT = ops.masked_whiten(rewards_BxT, mask, shift_mean=False)
-    advantages_BxT, returns_BxT = losses.gae(rewards_BxT, values_BxT, mask, gamma=cfg.gamma, lam=cfg.lam)
-    advantages_BxT = ops.masked_whiten(advantages_BxT, mask)
-    kl_B = jnp.sum(kl_BxT, axis=1)
+        rewards_BxC = ops.masked_whiten(rewards_BxC, mask, shift_mean=False)
+    advantages_BxC, returns_BxC = losses.gae(rewards_BxC, values_BxC, mask, gamma=cfg.gamma, lam=cfg.lam)
+    advantages_BxC = ops.masked_whiten(advantages_BxC, mask)
+    kl_B = jnp.sum(kl_BxC, axis=1)
     metrics = {"objective/kl": jnp.mean(kl_B), "objective/scores": jnp.mean(scores_B),
-               "objective/non_score_reward": jnp.mean(jnp.sum(non_score_BxT, axis=1)),
+               "objective/non_score_reward": jnp.mean(jnp.sum(non_score_BxC, axis=1)),
                "objective/rlhf_reward": jnp.mean(scores_B - kl_coef * kl_B),
                "val/num_eos_tokens": jnp.sum(~truncated_B).astype(jnp.float32)}
-    return r._replace(advantages=advantages_BxT, old_values_BxT=values_BxT * mask, returns_BxT=returns_BxT), metrics
+    return r._replace(advantages=advantages_BxC, old_values_BxC=values_BxC * mask, returns_BxC=returns_BxC), metrics
 
 
 def adaptive_kl_coef(kl_coef: float, kl: float, *, target: float, horizon: int, n_steps: int) -> float:

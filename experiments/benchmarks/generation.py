@@ -68,7 +68,7 @@ def run_side(side: str, args) -> dict:
 
         def ours(new_tokens=N):
             config = SamplingConfig(max_new_tokens=new_tokens, num_samples=samples, greedy=greedy)
-            generate(model, ids, mask, jax.random.key(0), config).ids_BxN.block_until_ready()
+            generate(model, ids, mask, jax.random.key(0), config).ids_BxC.block_until_ready()
 
         def theirs():
             with torch.no_grad():

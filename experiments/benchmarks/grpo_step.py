@@ -77,14 +77,14 @@ def ours(hf, tokenizer, texts, steps: int) -> dict[str, float]:
                                        jax.random.key(i), sampling))
         phases["generation"].append(time.perf_counter() - clock)
         clock = time.perf_counter()
-        completions = tokenizer.batch_decode([ids[m] for ids, m in zip(done.ids_BxN, done.mask_BxN)])
+        completions = tokenizer.batch_decode([ids[m] for ids, m in zip(done.ids_BxC, done.mask_BxC)])
         r, _ = rewards.score({"length": length_reward}, [1.0], prompts=[t for t in texts for _ in range(G)],
                              completions=completions, completion_ids=[[]] * len(completions), columns={})
         advantages, _ = losses.group_advantages(jnp.asarray(r), G)
         phases["scoring"].append(time.perf_counter() - clock)
         clock = time.perf_counter()
-        rollout = online.Rollout(np.repeat(prompt_ids, G, 0), np.ones((PROMPTS * G, PROMPT), bool), done.ids_BxN,
-                                 done.mask_BxN, done.mask_BxN, done.logps_BxN, np.asarray(advantages))
+        rollout = online.Rollout(np.repeat(prompt_ids, G, 0), np.ones((PROMPTS * G, PROMPT), bool), done.ids_BxC,
+                                 done.mask_BxC, done.mask_BxC, done.logps_BxC, np.asarray(advantages))
         state, metrics = step(state, None, shard_batch(rollout, mesh))
         jax.block_until_ready(metrics)
         phases["update"].append(time.perf_counter() - clock)

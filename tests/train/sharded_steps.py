@@ -79,8 +79,8 @@ def main():
                 prompts = sequences(3)
                 out = generate(nnx.merge(graphdef, state.params), prompts.ids_BxT[:, :6], prompts.attention_mask_BxT[:, :6],
                                jax.random.key(0), SamplingConfig(max_new_tokens=5, num_samples=2))
-                report[f"{name}/sample"] = {"ids": np.asarray(out.ids_BxN).tolist(),
-                                            "logps": np.asarray(out.logps_BxN).tolist()}
+                report[f"{name}/sample"] = {"ids": np.asarray(out.ids_BxC).tolist(),
+                                            "logps": np.asarray(out.logps_BxC).tolist()}
             kernel = state.params["layers"][0]["mlp"]["up_proj"]["kernel"][...]
             report[f"{name}/{method}"] = {
                 "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),

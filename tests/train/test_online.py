@@ -48,14 +48,14 @@ def random_rollout(seed, B=4, P=5, T=7, vocab=101):
 
 
 def torch_completion_logps(hf, r, temperature):
-    ids = np.concatenate([r.prompt_ids_BxP, r.completion_ids_BxT], 1)
-    mask = np.concatenate([r.prompt_mask_BxP, r.completion_mask_BxT], 1)
+    ids = np.concatenate([r.prompt_ids_BxP, r.completion_ids_BxC], 1)
+    mask = np.concatenate([r.prompt_mask_BxP, r.completion_mask_BxC], 1)
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
     logits = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
                 position_ids=torch.tensor(positions, dtype=torch.long)).logits
     P = r.prompt_ids_BxP.shape[1]
     logps = torch.log_softmax(logits[:, P - 1:-1].double() / temperature, -1)
-    return torch.gather(logps, 2, torch.tensor(r.completion_ids_BxT, dtype=torch.long)[..., None])[..., 0]
+    return torch.gather(logps, 2, torch.tensor(r.completion_ids_BxC, dtype=torch.long)[..., None])[..., 0]
 
 
 def test_grpo_gradient_is_reinforce_with_group_baseline_in_pytorch():
@@ -65,7 +65,7 @@ def test_grpo_gradient_is_reinforce_with_group_baseline_in_pytorch():
     cfg = RLConfig(temperature=0.7)
     r = random_rollout(0)
     old = online.policy_outputs(model, jax.tree.map(jnp.asarray, r), cfg.temperature)[0]
-    r = r._replace(old_logps_BxT=np.asarray(old))
+    r = r._replace(old_logps_BxC=np.asarray(old))
     graphdef, params = nnx.split(model)
 
     def loss(p):
@@ -73,9 +73,9 @@ def test_grpo_gradient_is_reinforce_with_group_baseline_in_pytorch():
         return num / den
 
     grads = jax.grad(loss)(params)
-    mask = torch.tensor(r.completion_mask_BxT, dtype=torch.float64)
+    mask = torch.tensor(r.completion_mask_BxC, dtype=torch.float64)
     token_logps = torch_completion_logps(hf, r, cfg.temperature)
-    np.testing.assert_allclose(token_logps.detach().numpy() * r.completion_mask_BxT, old * r.completion_mask_BxT,
+    np.testing.assert_allclose(token_logps.detach().numpy() * r.completion_mask_BxC, old * r.completion_mask_BxC,
                                atol=2e-5)
     advantages = torch.tensor(r.advantages, dtype=torch.float64)
     reinforce = -(advantages * (token_logps * mask).sum(1) / mask.sum(1)).mean()
@@ -99,7 +99,7 @@ def test_second_iteration_ratios_and_clipping_are_as_defined():
     cfg = RLConfig(temperature=1.0, epsilon_low=0.1, epsilon_high=0.15, aggregation="token_mean")
     r = random_rollout(1, B=8)
     model = load_pretrained(hf)
-    r = r._replace(old_logps_BxT=np.asarray(online.policy_outputs(model, jax.tree.map(jnp.asarray, r), 1.0)[0]))
+    r = r._replace(old_logps_BxC=np.asarray(online.policy_outputs(model, jax.tree.map(jnp.asarray, r), 1.0)[0]))
     tx = optax.sgd(3.0)
     graphdef, state, _ = init_train_state(lambda rngs: load_pretrained(hf), tx, make_mesh(), 0)
     step = jax.jit(make_train_step(online.grpo, graphdef, tx, cfg, 1, optax.constant_schedule(3.0)))
@@ -109,8 +109,8 @@ def test_second_iteration_ratios_and_clipping_are_as_defined():
     new_logps = np.asarray(online.policy_outputs(nnx.merge(graphdef, state.params), batch, 1.0)[0], np.float64)
     state, second = step(state, None, batch)
 
-    mask, adv = r.completion_mask_BxT, r.advantages[:, None]
-    ratio = np.exp(new_logps - r.old_logps_BxT)
+    mask, adv = r.completion_mask_BxC, r.advantages[:, None]
+    ratio = np.exp(new_logps - r.old_logps_BxC)
     surrogate = -np.minimum(ratio * adv, np.clip(ratio, 0.9, 1.15) * adv)
     low, high = (ratio < 0.9) & (adv < 0), (ratio > 1.15) & (adv > 0)
     assert (low | high)[mask].any() and not (low | high)[mask].all()  # the test exercises clipping
@@ -151,17 +151,17 @@ def np_ppo_targets(old, ref, values, scores, truncated, mask, kl_coef, cfg):
 def test_ppo_targets_match_trl_loop(whiten_rewards):
     rng = np.random.default_rng(3)
     r = random_rollout(3, B=6, T=9)
-    mask = r.completion_mask_BxT
+    mask = r.completion_mask_BxC
     old, ref, values = (np.where(mask, rng.normal(size=mask.shape), 0.0) for _ in range(3))
     scores, truncated = rng.normal(size=6), ~np.any(mask[:, -1:] == 0, axis=1)
     cfg = RLConfig(missing_eos_penalty=1.0, whiten_rewards=whiten_rewards, gamma=0.99, lam=0.9)
-    r = r._replace(old_logps_BxT=old.astype(np.float32))
+    r = r._replace(old_logps_BxC=old.astype(np.float32))
     out, metrics = online.ppo_targets(jax.tree.map(jnp.asarray, r), jnp.asarray(ref, jnp.float32),
                                       jnp.asarray(values, jnp.float32), jnp.asarray(scores, jnp.float32),
                                       jnp.asarray(truncated), jnp.float32(0.05), cfg)
     advantages, returns, kl = np_ppo_targets(old, ref, values, scores, truncated.astype(float), mask, 0.05, cfg)
     np.testing.assert_allclose(out.advantages, advantages, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(out.returns_BxT, returns, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out.returns_BxC, returns, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(metrics["objective/kl"], kl.mean(), rtol=1e-5)
     assert truncated[0] and not truncated[1:].any()
 
