@@ -118,7 +118,7 @@ def reward_model_reward(score_fn: Callable[[np.ndarray, np.ndarray], np.ndarray]
                         batch_size: int = 32) -> RewardFn:
     """A reward model as a reward function: prompt + completion rendered as the model was trained
     (chat template for messages, else the texts joined with EOS appended), right-padded in
-    batches, and `score_fn(ids_BxL, mask_BxL)` (e.g. a jitted `Decoder.score`) at the last token."""
+    batches, and `score_fn(ids_BxT, mask_BxT)` (e.g. a jitted `Decoder.score`) at the last token."""
     from align_jax.data.tokenize import render_pair
 
     def reward_model(prompts: Sequence, completions: Sequence, **_) -> list[float]:

@@ -86,14 +86,14 @@ def _pad_to(x: np.ndarray, width: int, value, left: bool) -> np.ndarray:
 def _concat_groups(parts: list[dict], pad_id: int) -> dict:
     """Rows from several sampling rounds, padded to common prompt (left) and completion (right) widths."""
     P = max(p["prompt_ids"].shape[1] for p in parts)
-    T = max(p["completion_ids"].shape[1] for p in parts)
+    C = max(p["completion_ids"].shape[1] for p in parts)
     out = {}
     for key in parts[0]:
         values = [p[key] for p in parts]
         if key in ("prompt_ids", "prompt_mask"):
             values = [_pad_to(v, P, pad_id if key == "prompt_ids" else 0, left=True) for v in values]
         elif key in ("completion_ids", "completion_mask", "logps"):
-            values = [_pad_to(v, T, pad_id if key == "completion_ids" else 0, left=False) for v in values]
+            values = [_pad_to(v, C, pad_id if key == "completion_ids" else 0, left=False) for v in values]
         out[key] = np.concatenate(values) if isinstance(values[0], np.ndarray) else sum(values, [])
     return out
 
@@ -186,12 +186,12 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     # arrays are split over processes only when they are placed on the mesh.
     stream = batches(prompts, batch_size=t.batch_size, seed=t.seed, pad_id=pad_id, buckets=prompt_buckets,
                      state=loader)
-    P_count, p_index = jax.process_count(), jax.process_index()
+    process_count, process_index = jax.process_count(), jax.process_index()
 
     def place(tree):
         def mine(x):
-            n = x.shape[0] // P_count
-            return np.asarray(x)[p_index * n:(p_index + 1) * n]
+            n = x.shape[0] // process_count
+            return np.asarray(x)[process_index * n:(process_index + 1) * n]
         return shard_batch(jax.tree.map(mine, tree), mesh)
 
     def sample_round(rollout: int, round_: int) -> dict:
@@ -200,12 +200,12 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         key = jax.random.fold_in(jax.random.key(t.seed), rollout * rl.max_sampling_rounds + round_)
         policy = policy_of(nnx.merge(graphdef, state.params))
         done = gather_to_host(generate(policy, *place((batch.ids_BxP, batch.mask_BxP)), key, sampling))
-        T = bucket(max(int(done.lengths_B.max()), 1), completion_buckets)
-        ids, mask = np.asarray(done.ids_BxN)[:, :T], np.asarray(done.mask_BxN)[:, :T]
+        C = bucket(max(int(done.lengths_B.max()), 1), completion_buckets)
+        ids, mask = np.asarray(done.ids_BxC)[:, :C], np.asarray(done.mask_BxC)[:, :C]
         columns = {k: [v for v in vs for _ in range(G)] for k, vs in batch.columns.items()}
         prompt_texts = columns.pop("prompt")
         return {"prompt_ids": np.repeat(batch.ids_BxP, G, axis=0), "prompt_mask": np.repeat(batch.mask_BxP, G, axis=0),
-                "completion_ids": ids, "completion_mask": mask, "logps": np.asarray(done.logps_BxN)[:, :T],
+                "completion_ids": ids, "completion_mask": mask, "logps": np.asarray(done.logps_BxC)[:, :C],
                 "truncated": np.asarray(done.truncated_B), "prompts": prompt_texts,
                 "texts": tokenizer.batch_decode([row[m] for row, m in zip(ids, mask)], skip_special_tokens=True),
                 "columns": columns}
@@ -267,16 +267,16 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
                                  loss_mask, data["logps"].astype(np.float32), np.asarray(advantages, np.float32))
         placed = place(rollout)
         if ref_logps_fn is not None:
-            rollout = rollout._replace(ref_logps_BxT=gather_to_host(ref_logps_fn(ref_params, placed)))
+            rollout = rollout._replace(ref_logps_BxC=gather_to_host(ref_logps_fn(ref_params, placed)))
         if is_ppo:
             values = gather_to_host(values_fn(state.params, placed))
-            ids = np.concatenate([rollout.prompt_ids_BxP, rollout.completion_ids_BxT], 1)
-            mask = np.concatenate([rollout.prompt_mask_BxP, rollout.completion_mask_BxT], 1)
+            ids = np.concatenate([rollout.prompt_ids_BxP, rollout.completion_ids_BxC], 1)
+            mask = np.concatenate([rollout.prompt_mask_BxP, rollout.completion_mask_BxC], 1)
             scores = (gather_to_host(score_fn(*place((ids, mask)))) if score_fn is not None
                       else np.nan_to_num(data["rewards"]).astype(np.float32))
-            rollout, ppo_metrics = targets_fn(rollout, rollout.ref_logps_BxT, values, scores, data["truncated"],
+            rollout, ppo_metrics = targets_fn(rollout, rollout.ref_logps_BxC, values, scores, data["truncated"],
                                               jnp.float32(kl_coef))
-            rollout = gather_to_host(rollout._replace(ref_logps_BxT=None))
+            rollout = gather_to_host(rollout._replace(ref_logps_BxC=None))
             metrics.update({k: float(v) for k, v in ppo_metrics.items()})
             metrics.update(reward=metrics["objective/scores"], kl_coef=kl_coef)
         return rollout, metrics
@@ -302,7 +302,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     rollout_index = int(gather_to_host(state.step)) // updates_per_rollout
     first, last, start = rollout_index, {}, time.perf_counter()
     metric_log = MetricLog(out, cfg, rollout_index)
-    primary = p_index == 0
+    primary = process_index == 0
     with StopSignal().installed() as stop, \
             tqdm(total=t.steps, initial=rollout_index, disable=not (progress and primary), desc=t.method,
                  unit="rollout") as bar:
