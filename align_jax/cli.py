@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         import jax
 
-        from align_jax.train import NonFiniteError, train  # imports JAX; kept out of --help and --print-config
+        from align_jax.train import (  # imports JAX; kept out of --help and --print-config
+            NonFiniteError,
+            train,
+        )
 
         if args.distributed:
             env = {k: int(os.environ[v]) for k, v in (("num_processes", "JAX_NUM_PROCESSES"),

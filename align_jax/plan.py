@@ -32,13 +32,20 @@ from jax.sharding import Mesh
 
 from align_jax import sampling
 from align_jax.config import ConfigError, RunConfig
-from align_jax.data import PackedPairs, PreferenceBatch, SequenceBatch, UnpairedBatch, default_buckets
+from align_jax.data import (
+    PackedPairs,
+    PreferenceBatch,
+    SequenceBatch,
+    UnpairedBatch,
+    default_buckets,
+)
 from align_jax.models import Decoder, DecoderConfig, read_config
+from align_jax.topology import GiB, Target, target
 from align_jax.train import methods, online, sweep
 from align_jax.train.mesh import batch_sharding, make_mesh, param_shardings, replicated
-from align_jax.topology import GiB, Target, target
 from align_jax.train.state import TrainState, learning_rate, make_optimizer, state_shardings
 from align_jax.train.step import make_train_step
+
 
 @dataclasses.dataclass
 class Program:

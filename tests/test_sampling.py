@@ -10,11 +10,19 @@ import torch
 import transformers
 
 from align_jax import ops
-from align_jax.models import load_pretrained
 from align_jax.data import bucket
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
-from align_jax.sampling import (SamplingConfig, encode_prompts, filter_logits, generate, generate_from_text,
-                                generate_text, sample_categorical, sequence_kl)
+from align_jax.models import load_pretrained
+from align_jax.sampling import (
+    SamplingConfig,
+    encode_prompts,
+    filter_logits,
+    generate,
+    generate_from_text,
+    generate_text,
+    sample_categorical,
+    sequence_kl,
+)
 from tests.models.test_hf_parity import left_padded_batch, tiny_hf_model
 
 

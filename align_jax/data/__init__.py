@@ -14,7 +14,14 @@ from align_jax.data.batching import (
     default_buckets,
     truncate,
 )
-from align_jax.data.formats import DataError, detect_kind, extract_prompt, load_rows, unpair, validate
+from align_jax.data.formats import (
+    DataError,
+    detect_kind,
+    extract_prompt,
+    load_rows,
+    unpair,
+    validate,
+)
 from align_jax.data.tokenize import Encoded, encode
 
 __all__ = [

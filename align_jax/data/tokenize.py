@@ -18,7 +18,15 @@ import dataclasses
 import logging
 from typing import Any
 
-from align_jax.data.formats import DataError, KINDS, extract_prompt, load_rows, text_columns, validate, where
+from align_jax.data.formats import (
+    KINDS,
+    DataError,
+    extract_prompt,
+    load_rows,
+    text_columns,
+    validate,
+    where,
+)
 
 log = logging.getLogger(__name__)
 

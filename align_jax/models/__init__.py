@@ -2,7 +2,13 @@
 
 from align_jax.models.config import SUPPORTED_MODEL_TYPES, DecoderConfig
 from align_jax.models.decoder import Decoder, KVCache, init_cache
-from align_jax.models.hf import from_tensors, load_pretrained, read_config, save_pretrained, to_tensors
+from align_jax.models.hf import (
+    from_tensors,
+    load_pretrained,
+    read_config,
+    save_pretrained,
+    to_tensors,
+)
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",

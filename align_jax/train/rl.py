@@ -30,8 +30,16 @@ from align_jax.data import LoaderState, batches, bucket, default_buckets, synthe
 from align_jax.models import load_pretrained, save_pretrained
 from align_jax.sampling import SamplingConfig, generate
 from align_jax.train import methods, online
-from align_jax.train.host import (Checkpoints, MetricLog, StopSignal, build_model, check_finite, load_tokenizer,
-                                  record_config, gather_to_host)
+from align_jax.train.host import (
+    Checkpoints,
+    MetricLog,
+    StopSignal,
+    build_model,
+    check_finite,
+    gather_to_host,
+    load_tokenizer,
+    record_config,
+)
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
 from align_jax.train.run import load_data
 from align_jax.train.state import init_train_state, learning_rate, make_optimizer

@@ -24,11 +24,30 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from align_jax.config import ConfigError, RunConfig
-from align_jax.data import DataError, LoaderState, batches, bucket_width, collate, default_buckets, encode, truncate
+from align_jax.data import (
+    DataError,
+    LoaderState,
+    batches,
+    bucket_width,
+    collate,
+    default_buckets,
+    encode,
+    truncate,
+)
 from align_jax.models import load_pretrained, save_pretrained
 from align_jax.train import methods, sweep
-from align_jax.train.host import (Checkpoints, MetricLog, NonFiniteError, StopSignal, build_model, check_finite,
-                                  data_source, load_tokenizer, record_config, gather_to_host)
+from align_jax.train.host import (
+    Checkpoints,
+    MetricLog,
+    NonFiniteError,
+    StopSignal,
+    build_model,
+    check_finite,
+    data_source,
+    gather_to_host,
+    load_tokenizer,
+    record_config,
+)
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
 from align_jax.train.state import init_train_state, learning_rate, make_optimizer
 from align_jax.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step

@@ -22,7 +22,12 @@ import torch
 from align_jax.models import load_pretrained
 from align_jax.sampling import SamplingConfig, generate
 from experiments.benchmarks.rounds import alternate, measure
-from experiments.benchmarks.smollm2 import SMOLLM2_135M, matmul_peak_gflops, smollm2_hf, smollm2_parameter_count
+from experiments.benchmarks.smollm2 import (
+    SMOLLM2_135M,
+    matmul_peak_gflops,
+    smollm2_hf,
+    smollm2_parameter_count,
+)
 
 
 def weight_bandwidth_gbs(rows: int = 8192, cols: int = 16384, repeats: int = 5) -> float:

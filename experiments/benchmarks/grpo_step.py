@@ -38,8 +38,13 @@ from align_jax.train.mesh import make_mesh, shard_batch
 from align_jax.train.state import init_train_state, make_optimizer
 from align_jax.train.step import jit_train_step, make_train_step
 from experiments.benchmarks.rounds import alternate, measure, same_round_ratios, spread
-from experiments.benchmarks.smollm2 import (matmul_peak_gflops, smollm2_hf, smollm2_parameter_count, smollm2_tokenizer,
-                                            trl_seconds_per_step)
+from experiments.benchmarks.smollm2 import (
+    matmul_peak_gflops,
+    smollm2_hf,
+    smollm2_parameter_count,
+    smollm2_tokenizer,
+    trl_seconds_per_step,
+)
 
 PROMPTS, G, PROMPT, NEW = 4, 8, 64, 64
 

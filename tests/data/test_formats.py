@@ -7,8 +7,20 @@ import numpy as np
 import pytest
 import transformers
 
-from align_jax.data import (DataError, PreferenceBatch, PromptBatch, SequenceBatch, UnpairedBatch, collate,
-                            default_buckets, detect_kind, encode, extract_prompt, truncate, unpair)
+from align_jax.data import (
+    DataError,
+    PreferenceBatch,
+    PromptBatch,
+    SequenceBatch,
+    UnpairedBatch,
+    collate,
+    default_buckets,
+    detect_kind,
+    encode,
+    extract_prompt,
+    truncate,
+    unpair,
+)
 from tests.models.test_smollm2 import smollm2_gguf
 
 USER = [{"role": "user", "content": "What is 2+2?"}]

@@ -15,7 +15,13 @@ from safetensors.numpy import load_file
 
 from align_jax.config import ConfigError, RunConfig, load_config, to_yaml
 from align_jax.train import NonFiniteError, run, train
-from align_jax.train.host import RESUMABLE, CheckpointError, Checkpoints, config_changes, trim_metrics
+from align_jax.train.host import (
+    RESUMABLE,
+    CheckpointError,
+    Checkpoints,
+    config_changes,
+    trim_metrics,
+)
 
 ROOT = Path(__file__).parents[2]
 TINY = ["model.init.hidden_size=32", "model.init.intermediate_size=64", "model.init.num_hidden_layers=2",
