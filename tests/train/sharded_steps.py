@@ -1,12 +1,13 @@
-"""Run by test_sharding.py in a fresh process with 8 host devices: SFT, DPO (on packed pairs) and GRPO updates on
-several meshes, and sampling from the updated sharded parameters, compared with one device.
-Prints a JSON report."""
+"""Run by test_sharding.py in a fresh process with 8 host devices: SFT, DPO (on packed pairs) and
+GRPO updates on several meshes, and sampling from the updated sharded parameters, compared with one
+device. Prints a JSON report."""
 
 import json
 import os
 import sys
 
-assert "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", ""), "set XLA_FLAGS first"
+assert "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", ""), \
+    "set XLA_FLAGS first"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -47,8 +48,8 @@ def packed_pairs(seed, B=8, vocab=128):
 
 def main():
     config = DecoderConfig.from_hf(transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=8,
-        num_key_value_heads=8, max_position_embeddings=64))
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64))
     make_model = lambda rngs: Decoder(config, rngs=rngs)  # noqa: E731
     pretrained = nnx.split(make_model(nnx.Rngs(1)))[1]
     tx = optax.sgd(0.5, momentum=0.9)
@@ -56,8 +57,9 @@ def main():
     rng = np.random.default_rng(5)
     old_logps = -rng.uniform(3, 6, size=(8, 10)).astype(np.float32)
     batches = {"sft": sequences(0), "dpo": packed_pairs(1),
-               "grpo": online.Rollout(rollout.ids_BxT[:, :6], rollout.attention_mask_BxT[:, :6], rollout.ids_BxT[:, 6:],
-                                      rollout.attention_mask_BxT[:, 6:], rollout.attention_mask_BxT[:, 6:], old_logps,
+               "grpo": online.Rollout(rollout.ids_BxT[:, :6], rollout.attention_mask_BxT[:, :6],
+                                      rollout.ids_BxT[:, 6:], rollout.attention_mask_BxT[:, 6:],
+                                      rollout.attention_mask_BxT[:, 6:], old_logps,
                                       rng.normal(size=8).astype(np.float32), old_logps + 0.1)}
     losses = {"sft": (methods.sft, LossConfig()), "dpo": (methods.dpo, LossConfig(beta=0.5)),
               "grpo": (online.grpo, RLConfig(beta=0.04, entropy_coef=0.01, max_new_tokens=10))}
@@ -71,20 +73,23 @@ def main():
                 ref_shardings = param_shardings(state.params, mesh)
                 ref = jax.device_put(jax.tree.map(lambda x: x * 1.01, pretrained), ref_shardings)
             loss_fn, cfg = losses[method]
-            step = jit_train_step(make_train_step(loss_fn, graphdef, tx, cfg, 2, optax.constant_schedule(0.5)),
+            step = jit_train_step(make_train_step(loss_fn, graphdef, tx, cfg, 2,
+                                                  optax.constant_schedule(0.5)),
                                   shardings, ref_shardings, mesh)
             for _ in range(2):
                 state, metrics = step(state, ref, shard_batch(batch, mesh))
             if method == "sft":  # the sampler on the same sharded parameters
                 prompts = sequences(3)
-                out = generate(nnx.merge(graphdef, state.params), prompts.ids_BxT[:, :6], prompts.attention_mask_BxT[:, :6],
-                               jax.random.key(0), SamplingConfig(max_new_tokens=5, num_samples=2))
+                out = generate(nnx.merge(graphdef, state.params), prompts.ids_BxT[:, :6],
+                               prompts.attention_mask_BxT[:, :6], jax.random.key(0),
+                               SamplingConfig(max_new_tokens=5, num_samples=2))
                 report[f"{name}/sample"] = {"ids": np.asarray(out.ids_BxC).tolist(),
                                             "logps": np.asarray(out.logps_BxC).tolist()}
             kernel = state.params["layers"][0]["mlp"]["up_proj"]["kernel"][...]
             report[f"{name}/{method}"] = {
                 "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
-                "params": [np.asarray(x).ravel()[:64].tolist() for x in jax.tree.leaves(state.params)],
+                "params": [np.asarray(x).ravel()[:64].tolist()
+                           for x in jax.tree.leaves(state.params)],
                 "kernel_shard": list(kernel.sharding.shard_shape(kernel.shape)),
                 "devices": len(kernel.sharding.device_set)}
     json.dump(report, sys.stdout)

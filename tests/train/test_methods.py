@@ -49,7 +49,8 @@ def pairs(seed, B=4, vocab=101, share_prompt=False):
     rng = np.random.default_rng(seed)
     tokens = lambda n: rng.integers(1, vocab, n).tolist()  # noqa: E731
     examples = [{"prompt_ids": tokens(p), "chosen_ids": tokens(rng.integers(1, 8)),
-                 "rejected_ids": tokens(rng.integers(1, 8))} for p in [0, *rng.integers(1, 6, B - 1)]]
+                 "rejected_ids": tokens(rng.integers(1, 8))}
+                for p in [0, *rng.integers(1, 6, B - 1)]]
     return collate(examples, "preference", (8, 16), pad_id=0, share_prompt=share_prompt)
 
 
@@ -105,8 +106,8 @@ def test_dpo_family_on_transformers_logits(loss_type, share_prompt, policy_and_r
     else:  # Hong et al. eq. 7 plus the NLL of the chosen completion
         odds = lambda avg: avg - np.log1p(-np.exp(avg))  # noqa: E731
         expected = -beta * log_sigmoid(odds(cw / lw) - odds(cl / ll)) + nll
-    kind = {"loss_type": "simpo", "simpo_length_normalize": False} if loss_type == "simpo w/o LN" else {
-        "loss_type": loss_type}
+    kind = ({"loss_type": "simpo", "simpo_length_normalize": False} if loss_type == "simpo w/o LN"
+            else {"loss_type": loss_type})
     loss, metrics = ours(methods.dpo, hf, ref_hf, batch, LossConfig(**kind, beta=beta))
     np.testing.assert_allclose(loss, expected.mean(), rtol=2e-5)
     np.testing.assert_allclose(float(metrics["nll_loss"]), nll, rtol=2e-5)
@@ -121,12 +122,15 @@ def test_reward_model_scores_the_last_token_with_bradley_terry(policy_and_refere
     rm = Decoder(model.config, rngs=nnx.Rngs(0), with_scalar_head=True)
     nnx.update(rm, nnx.state(model))
     w = np.asarray(rm.score_head.kernel.get_value())[:, 0]
-    hidden = lambda seq: np.asarray(rm.hidden_states(jnp.asarray(seq.ids_BxT), jnp.asarray(seq.attention_mask_BxT))[0])  # noqa: E731
+    hidden = lambda seq: np.asarray(rm.hidden_states(jnp.asarray(seq.ids_BxT),  # noqa: E731
+                                                     jnp.asarray(seq.attention_mask_BxT))[0])
     last = lambda seq: seq.attention_mask_BxT.sum(1) - 1  # noqa: E731
     score = lambda seq: hidden(seq)[np.arange(4), last(seq)] @ w  # noqa: E731
     margin = np.array([0.0, 0.5, 1.0, -0.2], np.float32)
-    expected = -log_sigmoid(score(chosen) - score(rejected) - margin) + 0.01 * (score(chosen) + score(rejected)) ** 2
-    num, den, _ = methods.reward(rm, None, jax.tree.map(jnp.asarray, PreferenceBatch(chosen, rejected, margin)),
+    expected = (-log_sigmoid(score(chosen) - score(rejected) - margin)
+                + 0.01 * (score(chosen) + score(rejected)) ** 2)
+    num, den, _ = methods.reward(rm, None, jax.tree.map(jnp.asarray,
+                                                        PreferenceBatch(chosen, rejected, margin)),
                                  LossConfig(center_coef=0.01))
     np.testing.assert_allclose(float(num / den), expected.mean(), rtol=1e-4)
 
@@ -144,8 +148,8 @@ def test_kto_uses_mismatched_pairs_for_its_reference_point(policy_and_reference)
     r = logp - ref
     sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
     expected = np.where(label, 1 - sig(beta * (r - z0)), 1 - sig(beta * (z0 - r)))
-    loss, metrics = ours(methods.kto, hf, ref_hf, UnpairedBatch(seq, label, mismatched), LossConfig(beta=beta,
-                                                                                                    loss_type="kto"))
+    loss, metrics = ours(methods.kto, hf, ref_hf, UnpairedBatch(seq, label, mismatched),
+                         LossConfig(beta=beta, loss_type="kto"))
     np.testing.assert_allclose(loss, expected.mean(), rtol=2e-5)
     np.testing.assert_allclose(float(metrics["kl"]), z0, rtol=1e-4, atol=1e-6)
 
@@ -159,15 +163,18 @@ def test_micro_batches_give_the_full_batch_update(method, policy_and_reference):
     # Plain SGD, so the parameters move by exactly the accumulated gradient (Adam's first step,
     # lr·g/|g|, would magnify float32 summation-order noise in near-zero gradients).
     tx, mesh = optax.sgd(0.5), make_mesh()
-    batch = sequences(7, B=8) if method == "sft" else pairs(7, B=8, share_prompt=method == "dpo packed")
+    batch = (sequences(7, B=8) if method == "sft"
+             else pairs(7, B=8, share_prompt=method == "dpo packed"))
     batch = jax.tree.map(jnp.asarray, batch)
     method = method.split()[0]
     loss_fn, cfg = methods.METHODS[method].loss, LossConfig()
     results = []
     for micro in (1, 4):
-        graphdef, state, _ = init_train_state(lambda r: type(model)(model.config, rngs=r), tx, mesh, 0, pretrained)
+        graphdef, state, _ = init_train_state(lambda r: type(model)(model.config, rngs=r), tx,
+                                              mesh, 0, pretrained)
         ref = jax.tree.map(jnp.copy, state.params) if method == "dpo" else None
-        step = jax.jit(make_train_step(loss_fn, graphdef, tx, cfg, micro, optax.constant_schedule(0.0)))
+        step = jax.jit(make_train_step(loss_fn, graphdef, tx, cfg, micro,
+                                       optax.constant_schedule(0.0)))
         for _ in range(2):  # the second step sees a moved policy, so DPO's loss is not ln 2
             state, metrics = step(state, ref, batch)
         results.append((state, metrics))
@@ -180,7 +187,8 @@ def test_micro_batches_give_the_full_batch_update(method, policy_and_reference):
     for p0, a, b in zip(initial, jax.tree.leaves(full.params), jax.tree.leaves(micro.params)):
         a, b = np.asarray(a), np.asarray(b)
         bound = 1e-5 * np.abs(a - p0).max() + 2 * np.spacing(np.abs(a))
-        assert (np.abs(a - b) <= bound).all(), f"{a.shape}: {np.abs(a - b).max():.2e} > {bound.max():.2e}"
+        assert (np.abs(a - b) <= bound).all(), \
+            f"{a.shape}: {np.abs(a - b).max():.2e} > {bound.max():.2e}"
 
 
 def _split_in_two(loss, *arrays):
@@ -197,11 +205,13 @@ def test_micro_batches_are_refused_exactly_for_the_dpo_losses_that_couple_pairs(
     rng = np.random.default_rng(8)
     logps = [jnp.asarray(rng.normal(-20.0, 5.0, 8), jnp.float32) for _ in range(4)]
     lengths = [jnp.asarray(rng.integers(1, 9, 8), jnp.float32) for _ in range(2)]
-    smoothing = 0.1 if loss_type in ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired") else 0.0
+    smoothing = (0.1 if loss_type in ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
+                 else 0.0)
 
     def per_pair(cw, rw, cl, rl, lw, ll):
-        return losses.dpo_loss(cw, rw, cl, rl, beta=0.1, loss_type=loss_type, label_smoothing=smoothing,
-                               chosen_lengths=lw, rejected_lengths=ll)[0]
+        return losses.dpo_loss(cw, rw, cl, rl, beta=0.1, loss_type=loss_type,
+                               label_smoothing=smoothing, chosen_lengths=lw,
+                               rejected_lengths=ll)[0]
 
     full, halves = _split_in_two(per_pair, *logps, *lengths)
     independent = np.allclose(full, halves, rtol=1e-6)
@@ -210,7 +220,8 @@ def test_micro_batches_are_refused_exactly_for_the_dpo_losses_that_couple_pairs(
     if independent:
         methods.check_micro_batches("dpo", cfg, 2)
     else:
-        with pytest.raises(ConfigError, match=f"train.micro_batches=2: loss.loss_type={loss_type} "):
+        with pytest.raises(ConfigError,
+                           match=f"train.micro_batches=2: loss.loss_type={loss_type} "):
             methods.check_micro_batches("dpo", cfg, 2)
 
 
@@ -221,7 +232,8 @@ def test_micro_batches_are_refused_exactly_for_the_kto_losses_that_couple_exampl
     desirable = jnp.asarray(rng.random(8) < 0.5)
 
     def per_example(lp, ref, kl, kl_ref, label):
-        return losses.kto_loss(lp, ref, label, beta=0.1, kl_logps=kl, kl_ref_logps=kl_ref, loss_type=loss_type)[0]
+        return losses.kto_loss(lp, ref, label, beta=0.1, kl_logps=kl, kl_ref_logps=kl_ref,
+                               loss_type=loss_type)[0]
 
     full, halves = _split_in_two(per_example, *logps, desirable)
     cfg = LossConfig(loss_type=loss_type)
@@ -246,9 +258,9 @@ def test_micro_batches_are_refused_for_batch_wide_token_means(method, cfg, key):
 
 
 @pytest.mark.parametrize("method,cfg", [
-    ("sft", LossConfig()), ("reward", LossConfig(center_coef=0.01)), ("dpo", LossConfig(loss_type="simpo")),
-    ("dpo", LossConfig(loss_type="sigmoid")), ("grpo", RLConfig()), ("grpo", RLConfig(aggregation="token_mean")),
-    ("ppo", RLConfig()),
+    ("sft", LossConfig()), ("reward", LossConfig(center_coef=0.01)),
+    ("dpo", LossConfig(loss_type="simpo")), ("dpo", LossConfig(loss_type="sigmoid")),
+    ("grpo", RLConfig()), ("grpo", RLConfig(aggregation="token_mean")), ("ppo", RLConfig()),
 ])
 def test_micro_batches_are_allowed_for_losses_of_independent_examples(method, cfg):
     methods.check_micro_batches(method, cfg, 4)

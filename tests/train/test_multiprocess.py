@@ -22,10 +22,12 @@ def free_port():
 
 
 def test_two_processes_match_one(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
     port, out = str(free_port()), str(tmp_path / "two")
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.train.two_processes", port, str(i), out, *DPO],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.train.two_processes", port, str(i), out,
+                               *DPO], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     errors = [p.communicate(timeout=600)[1] for p in procs]
     for p, err in zip(procs, errors):

@@ -34,7 +34,8 @@ ROOT = Path(__file__).parents[2]
 
 
 def random_rollout(seed, B=4, P=5, T=7, vocab=101):
-    """Left-padded prompts and right-padded completions of random tokens, one row cut at T (no EOS)."""
+    """Left-padded prompts and right-padded completions of random tokens, one row cut at T
+    (no EOS)."""
     rng = np.random.default_rng(seed)
     prompt_mask = np.zeros((B, P), bool)
     completion_mask = np.zeros((B, T), bool)
@@ -43,19 +44,22 @@ def random_rollout(seed, B=4, P=5, T=7, vocab=101):
         completion_mask[b, :T if b == 0 else rng.integers(2, T)] = True
     ids = lambda shape: rng.integers(1, vocab, size=shape).astype(np.int32)  # noqa: E731
     zeros = np.zeros((B, T), np.float32)
-    return online.Rollout(ids((B, P)) * prompt_mask, prompt_mask, ids((B, T)) * completion_mask, completion_mask,
-                          completion_mask, zeros, rng.normal(size=B).astype(np.float32))
+    return online.Rollout(ids((B, P)) * prompt_mask, prompt_mask, ids((B, T)) * completion_mask,
+                          completion_mask, completion_mask, zeros,
+                          rng.normal(size=B).astype(np.float32))
 
 
 def torch_completion_logps(hf, r, temperature):
     ids = np.concatenate([r.prompt_ids_BxP, r.completion_ids_BxC], 1)
     mask = np.concatenate([r.prompt_mask_BxP, r.completion_mask_BxC], 1)
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    logits = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+    logits = hf(input_ids=torch.tensor(ids, dtype=torch.long),
+                attention_mask=torch.tensor(mask, dtype=torch.long),
                 position_ids=torch.tensor(positions, dtype=torch.long)).logits
     P = r.prompt_ids_BxP.shape[1]
     logps = torch.log_softmax(logits[:, P - 1:-1].double() / temperature, -1)
-    return torch.gather(logps, 2, torch.tensor(r.completion_ids_BxC, dtype=torch.long)[..., None])[..., 0]
+    return torch.gather(logps, 2,
+                        torch.tensor(r.completion_ids_BxC, dtype=torch.long)[..., None])[..., 0]
 
 
 def test_grpo_gradient_is_reinforce_with_group_baseline_in_pytorch():
@@ -75,8 +79,8 @@ def test_grpo_gradient_is_reinforce_with_group_baseline_in_pytorch():
     grads = jax.grad(loss)(params)
     mask = torch.tensor(r.completion_mask_BxC, dtype=torch.float64)
     token_logps = torch_completion_logps(hf, r, cfg.temperature)
-    np.testing.assert_allclose(token_logps.detach().numpy() * r.completion_mask_BxC, old * r.completion_mask_BxC,
-                               atol=2e-5)
+    np.testing.assert_allclose(token_logps.detach().numpy() * r.completion_mask_BxC,
+                               old * r.completion_mask_BxC, atol=2e-5)
     advantages = torch.tensor(r.advantages, dtype=torch.float64)
     reinforce = -(advantages * (token_logps * mask).sum(1) / mask.sum(1)).mean()
     hf.zero_grad()
@@ -89,7 +93,8 @@ def test_grpo_gradient_is_reinforce_with_group_baseline_in_pytorch():
             node = node[key] if isinstance(key, int) else getattr(node, key)
         ours = np.asarray(node.get_value())
         theirs = torch_grads[name].grad.numpy()
-        np.testing.assert_allclose(ours, theirs.T if transposed else theirs, rtol=2e-3, atol=2e-6, err_msg=name)
+        np.testing.assert_allclose(ours, theirs.T if transposed else theirs, rtol=2e-3, atol=2e-6,
+                                   err_msg=name)
 
 
 def test_second_iteration_ratios_and_clipping_are_as_defined():
@@ -99,14 +104,16 @@ def test_second_iteration_ratios_and_clipping_are_as_defined():
     cfg = RLConfig(temperature=1.0, epsilon_low=0.1, epsilon_high=0.15, aggregation="token_mean")
     r = random_rollout(1, B=8)
     model = load_pretrained(hf)
-    r = r._replace(old_logps_BxC=np.asarray(online.policy_outputs(model, jax.tree.map(jnp.asarray, r), 1.0)[0]))
+    r = r._replace(old_logps_BxC=np.asarray(
+        online.policy_outputs(model, jax.tree.map(jnp.asarray, r), 1.0)[0]))
     tx = optax.sgd(3.0)
     graphdef, state, _ = init_train_state(lambda rngs: load_pretrained(hf), tx, make_mesh(), 0)
     step = jax.jit(make_train_step(online.grpo, graphdef, tx, cfg, 1, optax.constant_schedule(3.0)))
     batch = jax.tree.map(jnp.asarray, r)
     state, first = step(state, None, batch)
     assert abs(float(first["clip_ratio/region_mean"])) == 0.0  # ρ = 1 before any update
-    new_logps = np.asarray(online.policy_outputs(nnx.merge(graphdef, state.params), batch, 1.0)[0], np.float64)
+    new_logps = np.asarray(online.policy_outputs(nnx.merge(graphdef, state.params), batch, 1.0)[0],
+                           np.float64)
     state, second = step(state, None, batch)
 
     mask, adv = r.completion_mask_BxC, r.advantages[:, None]
@@ -157,9 +164,11 @@ def test_ppo_targets_match_trl_loop(whiten_rewards):
     cfg = RLConfig(missing_eos_penalty=1.0, whiten_rewards=whiten_rewards, gamma=0.99, lam=0.9)
     r = r._replace(old_logps_BxC=old.astype(np.float32))
     out, metrics = online.ppo_targets(jax.tree.map(jnp.asarray, r), jnp.asarray(ref, jnp.float32),
-                                      jnp.asarray(values, jnp.float32), jnp.asarray(scores, jnp.float32),
-                                      jnp.asarray(truncated), jnp.float32(0.05), cfg)
-    advantages, returns, kl = np_ppo_targets(old, ref, values, scores, truncated.astype(float), mask, 0.05, cfg)
+                                      jnp.asarray(values, jnp.float32),
+                                      jnp.asarray(scores, jnp.float32), jnp.asarray(truncated),
+                                      jnp.float32(0.05), cfg)
+    advantages, returns, kl = np_ppo_targets(old, ref, values, scores, truncated.astype(float),
+                                             mask, 0.05, cfg)
     np.testing.assert_allclose(out.advantages, advantages, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out.returns_BxC, returns, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(metrics["objective/kl"], kl.mean(), rtol=1e-5)
@@ -167,9 +176,12 @@ def test_ppo_targets_match_trl_loop(whiten_rewards):
 
 
 def test_adaptive_kl_controller_moves_toward_its_target():
-    assert online.adaptive_kl_coef(0.1, 12.0, target=6.0, horizon=1000, n_steps=100) == pytest.approx(0.1 * 1.02)
-    assert online.adaptive_kl_coef(0.1, 3.0, target=6.0, horizon=1000, n_steps=100) == pytest.approx(0.1 * 0.98)
-    assert online.adaptive_kl_coef(0.1, 6.3, target=6.0, horizon=1000, n_steps=100) == pytest.approx(0.1 * 1.005)
+    assert online.adaptive_kl_coef(0.1, 12.0, target=6.0, horizon=1000, n_steps=100) == \
+        pytest.approx(0.1 * 1.02)
+    assert online.adaptive_kl_coef(0.1, 3.0, target=6.0, horizon=1000, n_steps=100) == \
+        pytest.approx(0.1 * 0.98)
+    assert online.adaptive_kl_coef(0.1, 6.3, target=6.0, horizon=1000, n_steps=100) == \
+        pytest.approx(0.1 * 1.005)
     coef, gaps = 0.01, []  # closed loop: a policy whose KL falls as the penalty grows, KL = 0.3 / β
     for _ in range(400):
         kl = 0.3 / coef
@@ -186,10 +198,12 @@ EVAL_PROMPTS = syn.arithmetic(64, seed=999, digits=1, operators="+-*")
 
 def true_reward(model_dir, seed=0):
     tok = tiny_tokenizer()
-    texts = generate_text(load_pretrained(model_dir), tok, EVAL_PROMPTS["prompt"], jax.random.key(seed),
-                          SamplingConfig(max_new_tokens=32, num_samples=4, pad_token_id=tok.pad_token_id))
+    texts = generate_text(load_pretrained(model_dir), tok, EVAL_PROMPTS["prompt"],
+                          jax.random.key(seed), SamplingConfig(max_new_tokens=32, num_samples=4,
+                                                               pad_token_id=tok.pad_token_id))
     answers = [a for a in EVAL_PROMPTS["answer"] for _ in range(4)]
-    return float(np.mean(rewards.accuracy(texts, answers)) + 0.5 * np.mean(rewards.think_format(texts)))
+    return float(np.mean(rewards.accuracy(texts, answers))
+                 + 0.5 * np.mean(rewards.think_format(texts)))
 
 
 @pytest.fixture(scope="session")
@@ -202,7 +216,8 @@ def sft_model(tmp_path_factory):
     with FileLock(str(root / "sft_arithmetic.lock")):
         if not (root / "sft" / "model" / "model.safetensors").exists():
             train(load_config(ROOT / "configs/sft_arithmetic.yaml", [
-                f"out_dir={root / 'sft'}", "train.steps=60", "train.warmup_steps=10", "train.eval_every=0"]),
+                f"out_dir={root / 'sft'}", "train.steps=60", "train.warmup_steps=10",
+                "train.eval_every=0"]),
                 progress=False)
     return root / "sft" / "model"
 
@@ -214,8 +229,8 @@ GRPO_STEPS = 24
 
 def grpo_config(out, sft, *extra):
     return load_config(ROOT / "configs/grpo_arithmetic.yaml", [
-        f"out_dir={out}", f"model.path={sft}", f"train.steps={GRPO_STEPS}", "train.batch_size=16", "train.lr=5e-4",
-        "train.log_every=1", *extra])
+        f"out_dir={out}", f"model.path={sft}", f"train.steps={GRPO_STEPS}", "train.batch_size=16",
+        "train.lr=5e-4", "train.log_every=1", *extra])
 
 
 VARIANTS = {
@@ -223,7 +238,8 @@ VARIANTS = {
     "dr_grpo": ["rl.scale_rewards=none", "rl.aggregation=token_sum_over_max_len"],
     "dapo": ["rl.aggregation=token_mean", "rl.epsilon_high=0.28", "rl.dynamic_sampling=true",
              "rl.mask_truncated=true", "rl.soft_overlong_cache=8"],
-    "gspo": ["rl.importance_sampling_level=sequence", "rl.epsilon_low=3e-4", "rl.epsilon_high=4e-4"],
+    "gspo": ["rl.importance_sampling_level=sequence", "rl.epsilon_low=3e-4",
+             "rl.epsilon_high=4e-4"],
     "rloo": ["rl.advantage=rloo", "rl.aggregation=token_mean"],
 }
 
@@ -235,18 +251,23 @@ def test_grpo_variants_raise_the_true_reward(variant, sft_model, tmp_path):
     after = true_reward(tmp_path / "model")
     assert after > before + 0.05, (variant, before, after)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == GRPO_STEPS and {"reward", "reward_std", "rewards/accuracy/mean", "rewards/format/mean",
-                                "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
-                                "entropy", "clip_ratio/region_mean", "sampling/sampler_trainer_logp_diff"} <= set(last)
-    assert all(r["sampling/sampler_trainer_logp_diff"] < 1e-4 for r in rows)  # the sampler's log-probs are the trainer's
+    assert len(rows) == GRPO_STEPS and {"reward", "reward_std", "rewards/accuracy/mean",
+                                        "rewards/format/mean", "frac_reward_zero_std",
+                                        "completions/mean_length", "completions/clipped_ratio",
+                                        "entropy", "clip_ratio/region_mean",
+                                        "sampling/sampler_trainer_logp_diff"} <= set(last)
+    # the sampler's log-probs are the trainer's
+    assert all(r["sampling/sampler_trainer_logp_diff"] < 1e-4 for r in rows)
     if variant == "dapo":  # dynamic sampling filled every batch with informative groups
-        assert all(r["frac_reward_zero_std"] == 0 for r in rows if r["sampling/shortfall_groups"] == 0)
+        assert all(r["frac_reward_zero_std"] == 0 for r in rows
+                   if r["sampling/shortfall_groups"] == 0)
         assert "rewards/soft_overlong/mean" in last
 
 
 def test_rlhf_reward_model_then_ppo_raises_the_learned_reward(sft_model, tmp_path):
     """RLHF's stages 2 and 3: a reward model on the SFT model's own samples labelled by the true
-    reward, then PPO against it with the SFT model as reference and the critic from the reward model.
+    reward, then PPO against it with the SFT model as reference and the critic from the reward
+    model.
 
     PPO raises the reward model's score of its rollouts and keeps the true reward on held-out
     prompts. It does not measurably raise the true reward here: the SFT model already writes the
@@ -256,28 +277,34 @@ def test_rlhf_reward_model_then_ppo_raises_the_learned_reward(sft_model, tmp_pat
     tok = tiny_tokenizer()
     prompts = syn.arithmetic(256, seed=7, digits=1, operators="+-*")
     texts = generate_text(load_pretrained(sft_model), tok, prompts["prompt"], jax.random.key(1),
-                          SamplingConfig(max_new_tokens=32, num_samples=4, pad_token_id=tok.pad_token_id))
+                          SamplingConfig(max_new_tokens=32, num_samples=4,
+                                         pad_token_id=tok.pad_token_id))
     by_prompt = {p: texts[4 * i:4 * i + 4] for i, p in enumerate(prompts["prompt"])}
     score = lambda completions, answer, **_: [a + 0.5 * f for a, f in zip(  # noqa: E731
         rewards.accuracy(completions, answer), rewards.think_format(completions))]
-    pairs = syn.label_pairs(prompts, lambda row, rng, n: by_prompt[row["prompt"]], score, seed=0, beta=None)
-    pairs.filter(lambda row: row["chosen"].strip() and row["rejected"].strip()).to_json(str(tmp_path / "pairs.jsonl"))
+    pairs = syn.label_pairs(prompts, lambda row, rng, n: by_prompt[row["prompt"]], score, seed=0,
+                            beta=None)
+    pairs.filter(lambda row: row["chosen"].strip() and row["rejected"].strip()).to_json(
+        str(tmp_path / "pairs.jsonl"))
     rm = train(load_config(ROOT / "configs/reward_arithmetic.yaml", [
-        f"out_dir={tmp_path / 'rm'}", f"model.path={sft_model}", f"data.train={tmp_path / 'pairs.jsonl'}",
-        "train.steps=60", "train.batch_size=16", "train.eval_every=0"]), progress=False)
+        f"out_dir={tmp_path / 'rm'}", f"model.path={sft_model}",
+        f"data.train={tmp_path / 'pairs.jsonl'}", "train.steps=60", "train.batch_size=16",
+        "train.eval_every=0"]), progress=False)
     assert rm["eval_accuracy"] > 0.7
     before = true_reward(sft_model)
     last = train(load_config(ROOT / "configs/ppo_arithmetic.yaml", [
-        f"out_dir={tmp_path / 'ppo'}", f"model.path={sft_model}", f"rl.reward_model={tmp_path / 'rm' / 'model'}",
-        "train.steps=12", "train.lr=2e-4", "train.log_every=1", "rl.kl_target=3.0", "rl.kl_horizon=2000"]),
+        f"out_dir={tmp_path / 'ppo'}", f"model.path={sft_model}",
+        f"rl.reward_model={tmp_path / 'rm' / 'model'}", "train.steps=12", "train.lr=2e-4",
+        "train.log_every=1", "rl.kl_target=3.0", "rl.kl_horizon=2000"]),
         progress=False)
     after = true_reward(tmp_path / "ppo" / "model")
-    logged = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line)
+              for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     scores = [r["objective/scores"] for r in logged if r["split"] == "train"]
     assert np.mean(scores[-3:]) > scores[0] + 0.2, scores
     assert after > before - 0.05, (before, after)  # 3 standard errors of the 256-sample evaluation
-    assert {"objective/kl", "objective/scores", "objective/rlhf_reward", "loss/value", "vf_clipfrac",
-            "kl_coef"} <= set(last)
+    assert {"objective/kl", "objective/scores", "objective/rlhf_reward", "loss/value",
+            "vf_clipfrac", "kl_coef"} <= set(last)
     assert last["kl_coef"] != 0.05  # the adaptive controller moved
     critic = load_file(str(tmp_path / "ppo" / "value_model" / "model.safetensors"))
     assert "score.weight" in critic
@@ -285,30 +312,37 @@ def test_rlhf_reward_model_then_ppo_raises_the_learned_reward(sft_model, tmp_pat
 
 def test_ppo_without_a_reward_model_is_scored_by_the_reward_functions(sft_model, tmp_path):
     """PPO-GT (the DPO paper's PPO on the ground-truth reward): the score at EOS is the weighted sum
-    of the reward functions, and the critic starts from the policy's weights with a new scalar head."""
-    overrides = [f"model.path={sft_model}", "rl.reward_model=null", "train.steps=2", "train.batch_size=16",
-                 "train.log_every=1", "rl.reward_funcs=[format]", "rl.reward_weights=[0.5]",
-                 "rl.missing_eos_penalty=null", "rl.num_iterations=1"]
+    of the reward functions, and the critic starts from the policy's weights with a new scalar
+    head."""
+    overrides = [f"model.path={sft_model}", "rl.reward_model=null", "train.steps=2",
+                 "train.batch_size=16", "train.log_every=1", "rl.reward_funcs=[format]",
+                 "rl.reward_weights=[0.5]", "rl.missing_eos_penalty=null", "rl.num_iterations=1"]
     with pytest.raises(ConfigError, match="rl.reward_model .* or rl.reward_funcs"):
         train(load_config(ROOT / "configs/ppo_arithmetic.yaml", [*overrides, "rl.reward_funcs=[]",
-                                                                 f"out_dir={tmp_path / 'none'}"]), progress=False)
-    last = train(load_config(ROOT / "configs/ppo_arithmetic.yaml", [*overrides, f"out_dir={tmp_path}"]), progress=False)
+                                                                 f"out_dir={tmp_path / 'none'}"]),
+              progress=False)
+    last = train(load_config(ROOT / "configs/ppo_arithmetic.yaml",
+                             [*overrides, f"out_dir={tmp_path}"]), progress=False)
     assert last["objective/scores"] == pytest.approx(0.5 * last["rewards/format/mean"], abs=1e-6)
     critic = load_file(str(tmp_path / "value_model" / "model.safetensors"))
     policy = load_file(str(Path(sft_model) / "model.safetensors"))
     assert "score.weight" in critic
-    # four updates at lr 2e-5 from the policy's embeddings move them by about 1e-4; a fresh init is O(0.1) away
-    np.testing.assert_allclose(critic["model.embed_tokens.weight"], policy["model.embed_tokens.weight"], atol=2e-3)
+    # four updates at lr 2e-5 from the policy's embeddings move them by about 1e-4;
+    # a fresh init is O(0.1) away
+    np.testing.assert_allclose(critic["model.embed_tokens.weight"],
+                               policy["model.embed_tokens.weight"], atol=2e-3)
 
 
 def test_online_run_resumes_bitwise(sft_model, tmp_path):
-    """Interrupted after 2 of 4 rollouts and resumed = 4 rollouts straight: prompt iterator, sampling
-    keys and optimizer state all continue exactly."""
-    small = ["train.steps=4", "train.batch_size=4", "rl.num_generations=4", "rl.dynamic_sampling=true"]
+    """Interrupted after 2 of 4 rollouts and resumed = 4 rollouts straight: prompt iterator,
+    sampling keys and optimizer state all continue exactly."""
+    small = ["train.steps=4", "train.batch_size=4", "rl.num_generations=4",
+             "rl.dynamic_sampling=true"]
     train(grpo_config(tmp_path / "a", sft_model, *small), progress=False)
     train(grpo_config(tmp_path / "b", sft_model, *small), progress=False, max_updates=2)
     train(grpo_config(tmp_path / "b", sft_model, *small), progress=False, resume=True)
     a, b = (load_file(str(tmp_path / run / "model" / "model.safetensors")) for run in "ab")
     assert all(np.array_equal(a[k], b[k]) for k in a)
-    last = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1]) for run in "ab"]
+    last = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])
+            for run in "ab"]
     assert last[0]["step"] == last[1]["step"] == 4 and last[0]["reward"] == last[1]["reward"]

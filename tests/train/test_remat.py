@@ -21,17 +21,20 @@ RUNS = {  # method -> (config, overrides that keep it small)
     "dpo": ("dpo_sentiment", ["data.synthetic_args.n=64"]),
     "dpo_unpacked": ("dpo_sentiment", ["data.synthetic_args.n=64", "data.share_prompt=false"]),
     "kto": ("kto_sentiment", ["data.synthetic_args.n=64"]),
-    "grpo_with_reference": ("grpo_arithmetic", ["rl.beta=0.04", "rl.num_generations=4", "rl.max_new_tokens=8"]),
-    "ppo": ("ppo_arithmetic", ["rl.reward_model=null", "rl.reward_funcs=[format]", "rl.reward_weights=[1.0]",
-                               "rl.max_new_tokens=8", "rl.num_iterations=2"]),
+    "grpo_with_reference": ("grpo_arithmetic", ["rl.beta=0.04", "rl.num_generations=4",
+                                                "rl.max_new_tokens=8"]),
+    "ppo": ("ppo_arithmetic", ["rl.reward_model=null", "rl.reward_funcs=[format]",
+                               "rl.reward_weights=[1.0]", "rl.max_new_tokens=8",
+                               "rl.num_iterations=2"]),
 }
 
 
 def losses(out: Path, method: str, remat: bool) -> list[float]:
     config, extra = RUNS[method]
     cfg = load_config(ROOT / "configs" / f"{config}.yaml", TINY_MODEL + extra + [
-        f"model.remat={str(remat).lower()}", f"out_dir={out}", "train.steps=3", "train.batch_size=8",
-        "train.log_every=1", "train.eval_every=0", "data.eval_fraction=0", "data.max_length=64"])
+        f"model.remat={str(remat).lower()}", f"out_dir={out}", "train.steps=3",
+        "train.batch_size=8", "train.log_every=1", "train.eval_every=0", "data.eval_fraction=0",
+        "data.max_length=64"])
     train(cfg, progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if r["split"] == "train"]

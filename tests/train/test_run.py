@@ -20,8 +20,9 @@ from align_jax.models import load_pretrained
 from align_jax.train import NonFiniteError, train
 
 ROOT = Path(__file__).parents[2]
-TINY = ["model.init.hidden_size=32", "model.init.intermediate_size=64", "model.init.num_hidden_layers=2",
-        "data.synthetic_args.n=200", "train.batch_size=8", "train.log_every=1", "data.max_length=64"]
+TINY = ["model.init.hidden_size=32", "model.init.intermediate_size=64",
+        "model.init.num_hidden_layers=2", "data.synthetic_args.n=200", "train.batch_size=8",
+        "train.log_every=1", "data.max_length=64"]
 
 
 def config(out, *extra, base="configs/sft_arithmetic.yaml"):
@@ -42,7 +43,8 @@ def test_interrupted_and_resumed_run_is_bitwise_identical(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    logged = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line)
+              for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
@@ -50,23 +52,27 @@ def test_dpo_run_with_precomputed_reference_and_eval_split(tmp_path, monkeypatch
     monkeypatch.setenv("WANDB_MODE", "offline")  # a real W&B run, written locally
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = config(tmp_path, "train.steps=3", "data.synthetic_args.n=64", "data.eval_fraction=0.25",
-                 "loss.precompute_ref_logps=true", "train.wandb_project=align-jax-tests", "train.log_every=1",
-                 base="configs/dpo_sentiment.yaml")
+                 "loss.precompute_ref_logps=true", "train.wandb_project=align-jax-tests",
+                 "train.log_every=1", base="configs/dpo_sentiment.yaml")
     metrics = train(cfg, progress=False)
     assert {"rewards/accuracies", "rewards/margins", "logps/chosen", "eval_loss"} <= metrics.keys()
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # a real HF export
+    # a real HF export
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert model.config.num_hidden_layers == 2
     assert (tmp_path / "tb").is_dir() and (tmp_path / "config.yaml").is_file()
     run_id = (tmp_path / "wandb_run_id").read_text()
     [run_file] = (tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
     logged = run_file.read_bytes()  # W&B's protobuf records hold keys and names as plain bytes
-    assert all(key in logged for key in (b"train/loss", b"train/rewards/margins", b"eval/loss", b"align-jax-tests"))
+    assert all(key in logged for key in (b"train/loss", b"train/rewards/margins", b"eval/loss",
+                                         b"align-jax-tests"))
 
 
 def test_wandb_project_without_wandb_installed_is_a_named_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` meets when it is not installed
+    # what `import wandb` meets when it is not installed
+    monkeypatch.setitem(sys.modules, "wandb", None)
     cfg = config(tmp_path, "train.wandb_project=p", base="configs/dpo_sentiment.yaml")
-    with pytest.raises(ConfigError, match=r"train.wandb_project needs the wandb package: pip install 'align_jax\[wandb\]'"):
+    with pytest.raises(ConfigError, match=r"train.wandb_project needs the wandb package: "
+                                          r"pip install 'align_jax\[wandb\]'"):
         train(cfg, progress=False)
 
 
@@ -75,24 +81,27 @@ def test_sweep_trains_each_member_as_its_own_run(tmp_path):
     each member the metrics and the exported weights of its own uninterrupted run."""
     extra = ["train.steps=3", "data.synthetic_args.n=64", "data.eval_fraction=0.25"]
     dpo = "configs/dpo_sentiment.yaml"
-    swept_cfg = config(tmp_path / "sweep", *extra, "sweep.field=beta", "sweep.values=[0.1,0.5]", base=dpo)
+    swept_cfg = config(tmp_path / "sweep", *extra, "sweep.field=beta", "sweep.values=[0.1,0.5]",
+                       base=dpo)
     train(swept_cfg, progress=False, max_updates=2)
     assert not (tmp_path / "sweep" / "beta=0.1" / "model").exists()  # stopped early: no export yet
     swept = train(swept_cfg, progress=False, resume=True)
     assert list(swept) == ["beta=0.1", "beta=0.5"]
     assert swept["beta=0.1"]["loss"] != swept["beta=0.5"]["loss"]
     for beta in ("0.1", "0.5"):
-        alone = train(config(tmp_path / beta, *extra, f"loss.beta={beta}", base=dpo), progress=False)
+        alone = train(config(tmp_path / beta, *extra, f"loss.beta={beta}", base=dpo),
+                      progress=False)
         member = swept[f"beta={beta}"]
         for key in ("loss", "grad_norm", "eval_loss", "eval_rewards/accuracies"):
             np.testing.assert_allclose(member[key], alone[key], rtol=1e-5, atol=1e-6, err_msg=key)
-        # margins = β·((c − c_ref) − (r − r_ref)) cancels four summed log-probs of size |logps| (≈ 90,
-        # margins ≈ 1e-4): each is known to about one float32 ulp, an error absolute, not relative to
-        # the small margin (measured: at most 0.11 of this bound, which is about 7% of the margin).
+        # margins = β·((c − c_ref) − (r − r_ref)) cancels four summed log-probs of size |logps|
+        # (≈ 90, margins ≈ 1e-4): each is known to about one float32 ulp, an error absolute, not
+        # relative to the small margin (measured: at most 0.11 of this bound, which is about 7% of
+        # the margin).
         logps = max(abs(alone["logps/chosen"]), abs(alone["logps/rejected"]))
         ulps = 4 * float(beta) * np.finfo(np.float32).eps * logps
-        np.testing.assert_allclose(member["rewards/margins"], alone["rewards/margins"], rtol=1e-5, atol=ulps,
-                                   err_msg="rewards/margins")
+        np.testing.assert_allclose(member["rewards/margins"], alone["rewards/margins"], rtol=1e-5,
+                                   atol=ulps, err_msg="rewards/margins")
         a, b = weights(tmp_path / "sweep" / f"beta={beta}"), weights(tmp_path / beta)
         for name in a:
             np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
@@ -105,31 +114,38 @@ def test_sweep_trains_each_member_as_its_own_run(tmp_path):
     (["sweep.field=beta"], "sweep.values is empty"),
     (["sweep.values=[0.1]"], "sweep.values is set but sweep.field is not"),
     (["sweep.field=beta", "sweep.values=[0.1,0.10]"], "repeated values"),
-    (["sweep.field=beta", "sweep.values=[0.1]", "train.method=grpo"], "sweeps are for the offline methods"),
+    (["sweep.field=beta", "sweep.values=[0.1]", "train.method=grpo"],
+     "sweeps are for the offline methods"),
 ])
 def test_bad_sweeps_are_named_errors(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        train(config(tmp_path, "train.steps=1", *overrides, base="configs/dpo_sentiment.yaml"), progress=False)
+        train(config(tmp_path, "train.steps=1", *overrides, base="configs/dpo_sentiment.yaml"),
+              progress=False)
 
 
 def test_non_finite_loss_stops_and_leaves_the_last_checkpoint(tmp_path):
     cfg = config(tmp_path, "train.steps=20", "train.lr=1e12", "train.max_grad_norm=null",
                  "train.warmup_steps=0", "train.schedule=constant", "train.checkpoint_every=1")
-    with pytest.raises(NonFiniteError, match=r"step (\d+): non-finite loss or gradient on the batch at LoaderState"):
+    with pytest.raises(NonFiniteError, match=r"step (\d+): non-finite loss or gradient on the "
+                                             r"batch at LoaderState"):
         train(cfg, progress=False)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] < 20  # the checkpoints before the bad step are kept, none after
 
 
 def test_kto_and_reward_model_runs(tmp_path):
-    kto = train(config(tmp_path / "kto", "train.steps=2", base="configs/kto_sentiment.yaml"), progress=False)
+    kto = train(config(tmp_path / "kto", "train.steps=2", base="configs/kto_sentiment.yaml"),
+                progress=False)
     assert {"kl", "rewards/chosen", "loss"} <= kto.keys()
-    rm = train(config(tmp_path / "rm", "train.steps=2", base="configs/reward_sentiment.yaml"), progress=False)
+    rm = train(config(tmp_path / "rm", "train.steps=2", base="configs/reward_sentiment.yaml"),
+               progress=False)
     assert {"accuracy", "margin", "loss"} <= rm.keys()
     # The exported reward model scores right-padded text in transformers as the trainer did.
-    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model").eval()
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "rm" / "model").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "rm" / "model")
-    batch = tokenizer(["the plot was good .", "the acting was not very awful and the music was great ."],
+    batch = tokenizer(["the plot was good .",
+                       "the acting was not very awful and the music was great ."],
                       padding=True, return_tensors="np")
     with torch.no_grad():
         theirs = hf(input_ids=torch.tensor(batch["input_ids"]),
@@ -151,20 +167,22 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_cli_trains_and_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "align_jax", "train", "configs/sft_arithmetic.yaml", *TINY, "train.steps=100000",
-           f"out_dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "align_jax", "train", "configs/sft_arithmetic.yaml", *TINY,
+           "train.steps=100000", f"out_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 240
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+    while (not (metrics.exists() and metrics.read_text().count("\n") >= 2)
+           and time.time() < deadline):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     assert "continue with --resume" in err
     assert any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
-    bad = subprocess.run([sys.executable, "-m", "align_jax", "train", "configs/sft_arithmetic.yaml", "train.lr=x"],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "align_jax", "train", "configs/sft_arithmetic.yaml",
+                          "train.lr=x"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "key 'train.lr'" in bad.stderr
 
 

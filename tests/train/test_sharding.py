@@ -1,6 +1,6 @@
-"""An SFT, DPO or GRPO step on data-parallel, FSDP, tensor-parallel and combined meshes of 8 CPU devices gives the
-one-device loss, gradient norm and updated parameters, and the sampler on those sharded
-parameters the one-device tokens and log-probs (JAX's own SPMD runtime, in a subprocess)."""
+"""An SFT, DPO or GRPO step on data-parallel, FSDP, tensor-parallel and combined meshes of 8 CPU
+devices gives the one-device loss, gradient norm and updated parameters, and the sampler on those
+sharded parameters the one-device tokens and log-probs (JAX's own SPMD runtime, in a subprocess)."""
 
 import json
 import os
@@ -12,19 +12,22 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).parents[2]
-pytestmark = pytest.mark.xdist_group("sharding")  # one worker computes the report (`-n 2 --dist loadgroup`)
+# one worker computes the report (`-n 2 --dist loadgroup`)
+pytestmark = pytest.mark.xdist_group("sharding")
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-m", "tests.train.sharded_steps"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
 
-@pytest.mark.parametrize("mesh", ["data", "fsdp", "tensor", "fsdp_x_tensor", "data_x_fsdp_x_tensor"])
+@pytest.mark.parametrize("mesh", ["data", "fsdp", "tensor", "fsdp_x_tensor",
+                                  "data_x_fsdp_x_tensor"])
 @pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
 def test_sharded_step_equals_one_device(report, mesh, method):
     one, many = report[f"one_device/{method}"], report[f"{mesh}/{method}"]
@@ -38,8 +41,9 @@ def test_parameters_are_really_sharded(report):
     # layers.0.mlp.up_proj.kernel is [64 (embed → fsdp), 128 (mlp → tensor)].
     shards = {mesh: report[f"{mesh}/sft"]["kernel_shard"] for mesh in
               ("one_device", "data", "fsdp", "tensor", "fsdp_x_tensor", "data_x_fsdp_x_tensor")}
-    assert shards == {"one_device": [64, 128], "data": [64, 128], "fsdp": [8, 128], "tensor": [64, 16],
-                      "fsdp_x_tensor": [16, 64], "data_x_fsdp_x_tensor": [32, 64]}
+    assert shards == {"one_device": [64, 128], "data": [64, 128], "fsdp": [8, 128],
+                      "tensor": [64, 16], "fsdp_x_tensor": [16, 64],
+                      "data_x_fsdp_x_tensor": [32, 64]}
     assert report["one_device/sft"]["devices"] == 1 and report["data/sft"]["devices"] == 8
 
 

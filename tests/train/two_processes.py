@@ -1,5 +1,6 @@
-"""Run by test_multiprocess.py: process PROCESS_ID of 2 on localhost, each with 2 CPU devices, joined
-by `jax.distributed.initialize` (gloo collectives), trains a few DPO steps on a 4-device mesh."""
+"""Run by test_multiprocess.py: process PROCESS_ID of 2 on localhost, each with 2 CPU devices,
+joined by `jax.distributed.initialize` (gloo collectives), trains a few DPO steps on a 4-device
+mesh."""
 
 import os
 import sys
