@@ -30,7 +30,8 @@ def test_group_advantages_hand_values_and_zero_std_groups():
     rewards = jnp.array([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
     adv, m = group_advantages(rewards, 4)
     std = np.std([1, 0, 0, 0], ddof=1)  # 0.5
-    np.testing.assert_allclose(adv[:4], np.array([0.75, -0.25, -0.25, -0.25]) / (std + 1e-4), rtol=1e-5)
+    np.testing.assert_allclose(adv[:4], np.array([0.75, -0.25, -0.25, -0.25]) / (std + 1e-4),
+                               rtol=1e-5)
     np.testing.assert_allclose(adv[4:], 0.0)  # all-equal group: no signal
     np.testing.assert_allclose(m["frac_reward_zero_std"], 0.5)
     np.testing.assert_allclose(m["reward_std"], std / 2, rtol=1e-6)
@@ -40,7 +41,8 @@ def test_dr_grpo_advantages_are_shift_invariant_and_scale_equivariant():
     rng = np.random.default_rng(1)
     r = jnp.asarray(rand(rng, 24))
     base, _ = group_advantages(r, 6, scale="none")
-    np.testing.assert_allclose(group_advantages(3.0 * r + 7.0, 6, scale="none")[0], 3.0 * base, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(group_advantages(3.0 * r + 7.0, 6, scale="none")[0], 3.0 * base,
+                               rtol=1e-4, atol=1e-5)
     grpo, _ = group_advantages(r, 6)  # std-scaled: invariant to positive affine maps (up to eps)
     np.testing.assert_allclose(group_advantages(3.0 * r + 7.0, 6)[0], grpo, rtol=1e-3, atol=1e-3)
 
@@ -48,7 +50,8 @@ def test_dr_grpo_advantages_are_shift_invariant_and_scale_equivariant():
 def test_rloo_is_leave_one_out():
     rng = np.random.default_rng(2)
     rewards = np.float64(rand(rng, 3 * 4)).reshape(3, 4)
-    expected = np.array([[r[i] - np.delete(r, i).mean() for i in range(4)] for r in rewards]).reshape(-1)
+    expected = np.array([[r[i] - np.delete(r, i).mean() for i in range(4)]
+                         for r in rewards]).reshape(-1)
     adv = rloo_advantages(jnp.asarray(rewards.reshape(-1), jnp.float32), 4)
     np.testing.assert_allclose(adv, expected, rtol=1e-5, atol=1e-6)
     centred, _ = group_advantages(jnp.asarray(rewards.reshape(-1), jnp.float32), 4, scale="none")

@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[1]
-PAGES = sorted([ROOT / "README.md", ROOT / "experiments" / "README.md", *(ROOT / "docs").glob("*.md")])
+PAGES = sorted([ROOT / "README.md", ROOT / "experiments" / "README.md",
+                *(ROOT / "docs").glob("*.md")])
 
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 INLINE = re.compile(r"`([^`\n]+)`")
@@ -52,7 +53,8 @@ def split(text: str) -> tuple[list[tuple[str, str]], str]:
 
 
 def segments(text: str) -> list[str]:
-    """Where a command may be written: every line of every fenced block and every inline code span."""
+    """Where a command may be written: every line of every fenced block and every inline code
+    span."""
     blocks, prose = split(text)
     return [line for _, code in blocks for line in code.splitlines()] + INLINE.findall(prose)
 
@@ -113,7 +115,8 @@ def command_mentions(text: str) -> list[tuple[str, set[str] | None, list[str]]]:
                 found.append((f"align-jax {command}", align_jax_flags(command), given))
         for match in EXPERIMENT.finditer(segment):
             module = match.group(1) or match.group(2).replace("/", ".")
-            found.append((module, experiment_flags(module), FLAG.findall(command_tail(match.group(3)))))
+            found.append((module, experiment_flags(module),
+                          FLAG.findall(command_tail(match.group(3)))))
     return found
 
 
@@ -149,7 +152,8 @@ def test_pages_exist_and_readme_is_short():
     assert {"losses", "training", "online_rl", "models", "data", "scaling", "benchmarks"} <= {
         p.stem for p in PAGES if p.parent.name == "docs"}
     quickstart = (ROOT / "README.md").read_text().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
-    assert any(info == "python" for info, _ in split(quickstart)[0]), "the Quickstart has no runnable block"
+    assert any(info == "python" for info, _ in split(quickstart)[0]), \
+        "the Quickstart has no runnable block"
 
 
 @pytest.mark.parametrize("name", [rel(p) for p in PAGES if runnable(p)])

@@ -15,7 +15,8 @@ from align_jax.hostmem import retain_freed_memory
 accepted = retain_freed_memory() if sys.argv[1] == "retain" else None
 import jax, jax.numpy as jnp
 x, w = jnp.ones((4096, 64)), jnp.full((64, 4096), 0.01)
-step = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2)))  # keeps a 64 MB activation for the backward
+# keeps a 64 MB activation for the backward
+step = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w) ** 2)))
 for _ in range(20):  # the heap settles in a few calls
     step(w, x).block_until_ready()
 faults = []
@@ -28,8 +29,8 @@ print(json.dumps({"faults": faults, "accepted": accepted}))
 
 
 def _probe(mode: str, env=None) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True, text=True,
-                         env=env).stdout
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], check=True, capture_output=True,
+                         text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -41,7 +42,8 @@ def test_retained_memory_is_reused_across_calls():
     assert retained["accepted"] is True
     pages = 64 * 2**20 / 4096
     assert max(default["faults"]) > pages / 2, default  # the probe does allocate a fresh block
-    for probe in (retained, from_start):  # via mallopt, and via glibc tunables from the process start
+    # via mallopt, and via glibc tunables from the process start
+    for probe in (retained, from_start):
         assert sorted(probe["faults"])[len(probe["faults"]) // 2] < pages / 50, probe
 
 

@@ -31,15 +31,16 @@ METHODS = {  # name -> (config, overrides)
     "ppo": ("ppo_arithmetic", ["rl.reward_model=null", "rl.max_new_tokens=16"]),
 }
 EXPECTED = {"sft": ["train_step"], "dpo_packed": ["train_step"], "dpo_sweep": ["train_step"],
-            "dpo_precomputed_reference": ["train_step", "reference_logps"], "reward": ["train_step"],
-            "kto": ["train_step"],
+            "dpo_precomputed_reference": ["train_step", "reference_logps"],
+            "reward": ["train_step"], "kto": ["train_step"],
             "grpo": ["update_step", "generate", "reference_logps"],
             "ppo": ["update_step", "generate", "reference_logps", "critic_values"]}
 
 
 def tiny(config, *extra):
-    return load_config(ROOT / "configs" / f"{config}.yaml", [*TINY_MODEL, "train.batch_size=8", "data.max_length=32",
-                                                             "mesh.data=1", "mesh.fsdp=4", *extra])
+    return load_config(ROOT / "configs" / f"{config}.yaml",
+                       [*TINY_MODEL, "train.batch_size=8", "data.max_length=32", "mesh.data=1",
+                        "mesh.fsdp=4", *extra])
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -62,7 +63,8 @@ def test_every_method_compiles_and_fits_a_v5e_slice(method):
 
 def test_parameter_and_optimizer_bytes_equal_a_hand_count():
     V, D, F, L, Q, K, H = 384, 32, 64, 2, 4, 2, 8
-    layer = D * Q * H + 2 * D * K * H + Q * H * D + 3 * D * F + 2 * D  # q, k, v, o, gate/up/down, 2 norms
+    # q, k, v, o, gate/up/down, 2 norms
+    layer = D * Q * H + 2 * D * K * H + Q * H * D + 3 * D * F + 2 * D
     count = V * D + L * layer + D  # tied embedding, blocks, final norm
     result = plan(tiny("sft_arithmetic"), "v5e:2x2")
     step = result.programs[0]
@@ -84,10 +86,12 @@ def test_a_run_that_does_not_fit_exits_3_naming_its_largest_arrays(tmp_path, cap
     assert status == 3
     assert "train_step does not fit: RESOURCE_EXHAUSTED" in out
     largest = out.split("does not fit:", 1)[1]
-    assert "float32[32,4095,128256]" in largest and "(token_logps)" in largest  # the logits, and where
+    # the logits, and where
+    assert "float32[32,4095,128256]" in largest and "(token_logps)" in largest
     assert "model.remat=true" in out
     saved = json.loads(report.read_text())
-    assert saved["fits"] is False and saved["topology"] == "v5e:2x2" and saved["device_kind"] == "TPU v5 lite"
+    assert (saved["fits"] is False and saved["topology"] == "v5e:2x2"
+            and saved["device_kind"] == "TPU v5 lite")
     assert {"peak_bytes_per_device", "hbm_bytes_per_device", "flops_per_device", "compile_seconds",
             "programs"} <= saved.keys()
     assert saved["programs"][0]["largest"]
@@ -96,7 +100,8 @@ def test_a_run_that_does_not_fit_exits_3_naming_its_largest_arrays(tmp_path, cap
 def test_a_fitting_plan_exits_0_and_writes_json(tmp_path, capsys):
     report = tmp_path / "plan.json"
     status = cli.main(["plan", str(ROOT / "configs/dpo_sentiment.yaml"), "--topology", "v5e:2x2",
-                       "--json", str(report), *TINY_MODEL, "train.batch_size=8", "mesh.data=2", "mesh.fsdp=2"])
+                       "--json", str(report), *TINY_MODEL, "train.batch_size=8", "mesh.data=2",
+                       "mesh.fsdp=2"])
     assert status == 0
     saved = json.loads(report.read_text())
     assert saved["fits"] and saved["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
@@ -107,7 +112,8 @@ def test_a_fitting_plan_exits_0_and_writes_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--topology", "v9x:2x2"], "--topology 'v9x:2x2'"),
-    (["--topology", "v5e:2x2", "train.batch_size=6", "mesh.data=4"], "train.batch_size=6 does not split"),
+    (["--topology", "v5e:2x2", "train.batch_size=6", "mesh.data=4"],
+     "train.batch_size=6 does not split"),
     (["--topology", "v5e:2x2", "model.path=configs"], "no config.json"),
     (["--topology", "v5e:2x2", "mesh.fsdp=3"], "mesh:"),
 ])
@@ -126,18 +132,22 @@ def test_model_path_needs_only_config_json(tmp_path):
 
 
 def test_a_gpu_node_compiles_without_a_gpu(tmp_path):
-    """`h100:8` through JAX's CUDA plugin, which `make install-test` keeps in .venv/cuda-plan (in the
-    environment it would log in every process), in a process of its own."""
+    """`h100:8` through JAX's CUDA plugin, which `make install-test` keeps in .venv/cuda-plan (in
+    the environment it would log in every process), in a process of its own."""
     plugin = ROOT / ".venv" / "cuda-plan"
-    assert (plugin / "jax_plugins").is_dir(), "make install-test installs JAX's CUDA plugin in .venv/cuda-plan"
+    assert (plugin / "jax_plugins").is_dir(), \
+        "make install-test installs JAX's CUDA plugin in .venv/cuda-plan"
     report = tmp_path / "plan.json"
-    run = subprocess.run([sys.executable, "-m", "align_jax.cli", "plan", "configs/dpo_sentiment.yaml",
-                          "--topology", "h100:8", "--json", str(report), *TINY_MODEL, "train.batch_size=8",
-                          "data.max_length=32", "mesh.data=2", "mesh.fsdp=4"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(plugin)),
+    run = subprocess.run([sys.executable, "-m", "align_jax.cli", "plan",
+                          "configs/dpo_sentiment.yaml", "--topology", "h100:8", "--json",
+                          str(report), *TINY_MODEL, "train.batch_size=8", "data.max_length=32",
+                          "mesh.data=2", "mesh.fsdp=4"],
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(plugin)),
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     saved = json.loads(report.read_text())
-    assert saved["fits"] and saved["device_kind"] == "NVIDIA H100 80GB HBM3" and saved["num_devices"] == 8
+    assert (saved["fits"] and saved["device_kind"] == "NVIDIA H100 80GB HBM3"
+            and saved["num_devices"] == 8)
     step = saved["programs"][0]
     assert step["alias_bytes"] > 0 and step["peak_bytes"] > step["inputs"]["params"] > 0
     # FLOPs of the unpartitioned program over 8 devices, against the TPU compiler's per-device count
@@ -146,5 +156,6 @@ def test_a_gpu_node_compiles_without_a_gpu(tmp_path):
 
 
 def test_a_gpu_topology_without_the_cuda_plugin_is_a_config_error(capsys):
-    assert cli.main(["plan", str(ROOT / "configs/sft_arithmetic.yaml"), "--topology", "h100:8"]) == 2
+    assert cli.main(["plan", str(ROOT / "configs/sft_arithmetic.yaml"),
+                     "--topology", "h100:8"]) == 2
     assert "pip install 'align_jax[cuda-plan]'" in capsys.readouterr().err

@@ -49,12 +49,14 @@ def test_clipped_surrogate_matches_numpy(level, eps):
 
 def test_dual_clip_bounds_negative_advantage_loss():
     new, old, adv, mask = batch(1, ratio_scale=2.0)
-    loss, _ = policy_loss(jnp.asarray(new), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask), dual_clip=3.0)
+    loss, _ = policy_loss(jnp.asarray(new), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
+                          dual_clip=3.0)
     expected, _, A = np_clip(new, old, adv, mask, 0.2, 0.2, dual=3.0)
     np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(loss)[(A < 0) & mask] <= -3.0 * A[(A < 0) & mask] + 1e-5)
     with pytest.raises(ValueError, match="dual_clip must be > 1"):
-        policy_loss(jnp.asarray(new), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask), dual_clip=0.5)
+        policy_loss(jnp.asarray(new), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
+                    dual_clip=0.5)
 
 
 def test_cispo_value_and_gradient():
@@ -66,11 +68,12 @@ def test_cispo_value_and_gradient():
 
     weight = np.minimum(np.exp(np.float64(new) - old), 2.0)
     expected = np.where(mask, -weight * adv[:, None] * new, 0.0)
-    np.testing.assert_allclose(policy_loss(jnp.asarray(new), *args, loss_type="cispo", cispo_max_ratio=2.0)[0],
+    np.testing.assert_allclose(policy_loss(jnp.asarray(new), *args, loss_type="cispo",
+                                           cispo_max_ratio=2.0)[0],
                                expected, rtol=1e-4, atol=1e-5)
     # The weight is detached: ∂/∂log π = -sg(w)·A on every unmasked token, clipped or not.
-    np.testing.assert_allclose(jax.grad(total)(jnp.asarray(new)), np.where(mask, -weight * adv[:, None], 0.0),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jax.grad(total)(jnp.asarray(new)),
+                               np.where(mask, -weight * adv[:, None], 0.0), rtol=1e-4, atol=1e-5)
 
 
 def test_on_policy_gradient_is_reinforce_with_group_baseline():
@@ -79,8 +82,8 @@ def test_on_policy_gradient_is_reinforce_with_group_baseline():
     lengths = mask.sum(1)
 
     def loss_fn(lp, level):
-        per_token, _ = policy_loss(lp, jax.lax.stop_gradient(lp), jnp.asarray(adv), jnp.asarray(mask),
-                                   ratio_level=level)
+        per_token, _ = policy_loss(lp, jax.lax.stop_gradient(lp), jnp.asarray(adv),
+                                   jnp.asarray(mask), ratio_level=level)
         num, den = aggregate_loss(per_token, jnp.asarray(mask), "sequence_mean")
         return num / den
 
@@ -97,9 +100,11 @@ def test_k3_penalty_and_entropy_bonus():
     ent = np.abs(rand(rng, B, L))
     base, _ = policy_loss(jnp.asarray(new), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask))
     full, m = policy_loss(jnp.asarray(new), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
-                          ref_logps_BxT=jnp.asarray(ref), beta=0.04, entropy_BxT=jnp.asarray(ent), entropy_coef=0.01)
+                          ref_logps_BxT=jnp.asarray(ref), beta=0.04, entropy_BxT=jnp.asarray(ent),
+                          entropy_coef=0.01)
     k3 = np.exp(np.float64(ref) - new) - (np.float64(ref) - new) - 1
-    np.testing.assert_allclose(full - base, np.where(mask, 0.04 * k3 - 0.01 * ent, 0.0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(full - base, np.where(mask, 0.04 * k3 - 0.01 * ent, 0.0), rtol=1e-4,
+                               atol=1e-6)
     np.testing.assert_allclose(m["kl"], k3[mask].mean(), rtol=1e-5)
     np.testing.assert_allclose(m["entropy"], ent[mask].mean(), rtol=1e-5)
     _, m0 = policy_loss(jnp.asarray(new), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
@@ -152,8 +157,10 @@ def test_micro_batches_accumulate_to_the_full_batch_loss(mode):
     per_token = jnp.asarray(rand(rng, B, L))
     mask = jnp.asarray(batch(7)[3])
     full = aggregate_loss(per_token, mask, mode)
-    halves = [aggregate_loss(per_token[s], mask[s], mode, max_length=L) for s in (slice(0, 2), slice(2, B))]
-    np.testing.assert_allclose(sum(h[0] for h in halves) / sum(h[1] for h in halves), full[0] / full[1], rtol=1e-5)
+    halves = [aggregate_loss(per_token[s], mask[s], mode, max_length=L)
+              for s in (slice(0, 2), slice(2, B))]
+    np.testing.assert_allclose(sum(h[0] for h in halves) / sum(h[1] for h in halves),
+                               full[0] / full[1], rtol=1e-5)
 
 
 def test_aggregation_unknown_mode():
@@ -185,5 +192,6 @@ def test_value_loss_matches_numpy():
     loss, m = value_loss(*map(jnp.asarray, (values, old, returns, mask)), clip_range=0.2)
     clipped = np.clip(values, old - 0.2, old + 0.2)
     e1, e2 = (np.float64(values) - returns) ** 2, (clipped - np.float64(returns)) ** 2
-    np.testing.assert_allclose(loss, np.where(mask, 0.5 * np.maximum(e1, e2), 0.0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss, np.where(mask, 0.5 * np.maximum(e1, e2), 0.0), rtol=1e-5,
+                               atol=1e-6)
     np.testing.assert_allclose(m["vf_clipfrac"], (e2 > e1)[mask].mean(), atol=1e-6)

@@ -40,7 +40,8 @@ def np_dpo(pc, pr, rc, rr, beta, loss_type, ls=0.0, lc=None, lr=None, tau=0.05):
     if loss_type == "robust":
         return ((1 - ls) * -log_sigmoid(beta * h) - ls * -log_sigmoid(-beta * h)) / (1 - 2 * ls)
     if loss_type == "nca_pair":
-        return -log_sigmoid(beta * cl) - 0.5 * log_sigmoid(-beta * cl) - 0.5 * log_sigmoid(-beta * rl)
+        return (-log_sigmoid(beta * cl) - 0.5 * log_sigmoid(-beta * cl)
+                - 0.5 * log_sigmoid(-beta * rl))
     if loss_type == "bco_pair":
         return -log_sigmoid(beta * cl) - log_sigmoid(-beta * rl)
     if loss_type == "sppo_hard":
@@ -160,7 +161,8 @@ def test_reference_free_equals_zero_reference():
 
 
 def test_ipo_is_invariant_to_padding_length_but_not_to_completion_length():
-    """IPO normalises by the completion token count, so doubling both length and log-ratio is a no-op."""
+    """IPO normalises by the completion token count, so doubling both length and log-ratio is a
+    no-op."""
     pc, pr, rc, rr, lc, lr = make_pairs(seed=6, scale=0.5)
     base, _ = call("ipo", pc, pr, rc, rr, lc, lr)
     doubled, _ = call("ipo", 2 * pc, 2 * pr, 2 * rc, 2 * rr, 2 * lc, 2 * lr)
@@ -172,7 +174,8 @@ def test_f_divergence_scores():
     u = np.exp(np.asarray(lr, np.float64))
     np.testing.assert_allclose(f_divergence_scores(lr, "reverse_kl"), np.log(u), rtol=1e-6)
     np.testing.assert_allclose(f_divergence_scores(lr, "forward_kl"), -1 / u, rtol=1e-5)
-    np.testing.assert_allclose(f_divergence_scores(lr, "js_divergence"), np.log(u / (1 + u)), rtol=1e-5)
+    np.testing.assert_allclose(f_divergence_scores(lr, "js_divergence"), np.log(u / (1 + u)),
+                               rtol=1e-5)
     np.testing.assert_allclose(
         f_divergence_scores(lr, "alpha_divergence", 0.3), u ** (0.3 - 1) / (0.3 - 1), rtol=1e-5
     )
@@ -189,7 +192,8 @@ def test_f_divergence_scores():
 def test_dpo_with_f_divergence_uses_transformed_log_ratios(f_divergence):
     pc, pr, rc, rr, lc, lr = make_pairs(seed=8, scale=0.3)
     rc, rr = pc + 0.2 * rc / 20, pr + 0.2 * rr / 20  # keep the ratios u near 1
-    losses, _ = call("sigmoid", pc, pr, rc, rr, lc, lr, beta=0.5, f_divergence=f_divergence, f_alpha=0.4)
+    losses, _ = call("sigmoid", pc, pr, rc, rr, lc, lr, beta=0.5, f_divergence=f_divergence,
+                     f_alpha=0.4)
     u_w = np.exp(np.float64(pc) - rc)
     u_l = np.exp(np.float64(pr) - rr)
     f_prime = {
@@ -207,9 +211,11 @@ def test_dpo_gradients_match_finite_differences(loss_type):
     with jax.enable_x64(True):
         args = [jnp.asarray(a, jnp.float64) for a in (pc, pr)]
         fixed = dict(
-            ref_chosen_logps=jnp.asarray(rc, jnp.float64), ref_rejected_logps=jnp.asarray(rr, jnp.float64),
+            ref_chosen_logps=jnp.asarray(rc, jnp.float64),
+            ref_rejected_logps=jnp.asarray(rr, jnp.float64),
             beta=0.2, loss_type=loss_type,
-            chosen_lengths=jnp.asarray(lc, jnp.float64), rejected_lengths=jnp.asarray(lr, jnp.float64),
+            chosen_lengths=jnp.asarray(lc, jnp.float64),
+            rejected_lengths=jnp.asarray(lr, jnp.float64),
         )
         check_grads(lambda c, r: jnp.sum(dpo_loss(c, r, **fixed)[0]), args, order=2, modes=("rev",))
 
@@ -221,7 +227,8 @@ def test_jit_and_vmap_agree_with_eager(loss_type):
     lengths = jnp.asarray(rng.integers(1, 9, size=(3, B)).astype(np.float32))
 
     def f(pc, pr, rc, rr, lc, lr):
-        return dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type=loss_type, chosen_lengths=lc, rejected_lengths=lr)[0]
+        return dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type=loss_type, chosen_lengths=lc,
+                        rejected_lengths=lr)[0]
 
     vmapped = jax.jit(jax.vmap(f))(*stacked, lengths, lengths + 1)
     for i in range(3):
@@ -234,14 +241,16 @@ def test_beta_can_be_vmapped():
     betas = jnp.array([0.1, 0.5, 1.0])
     swept = jax.vmap(lambda b: call("ipo", pc, pr, rc, rr, lc, lr, beta=b)[0])(betas)
     for i, b in enumerate([0.1, 0.5, 1.0]):
-        np.testing.assert_allclose(swept[i], np_dpo(pc, pr, rc, rr, b, "ipo", lc=lc, lr=lr), rtol=2e-5)
+        np.testing.assert_allclose(swept[i], np_dpo(pc, pr, rc, rr, b, "ipo", lc=lc, lr=lr),
+                                   rtol=2e-5)
 
 
 def test_bad_arguments_are_clear_errors():
     pc, pr, rc, rr, lc, lr = make_pairs(seed=12)
     with pytest.raises(ValueError, match="Unknown DPO loss_type 'dpo'"):
         call("dpo", pc, pr, rc, rr, lc, lr)
-    with pytest.raises(ValueError, match="label_smoothing=0.1 has no effect with loss_type='hinge'"):
+    with pytest.raises(ValueError,
+                       match="label_smoothing=0.1 has no effect with loss_type='hinge'"):
         call("hinge", pc, pr, rc, rr, lc, lr, label_smoothing=0.1)
     with pytest.raises(ValueError, match="needs chosen_lengths"):
         dpo_loss(*map(jnp.asarray, (pc, pr, rc, rr)), beta=0.1, loss_type="ipo")
@@ -286,7 +295,8 @@ def test_orpo_matches_numpy_reference():
     np.testing.assert_allclose(m["log_odds_chosen"], log_odds.mean(), rtol=1e-4)
     with jax.enable_x64(True):
         check_grads(
-            lambda c, r: jnp.sum(orpo_loss(c, r, jnp.asarray(lc, jnp.float64), jnp.asarray(lr, jnp.float64))[0]),
+            lambda c, r: jnp.sum(orpo_loss(c, r, jnp.asarray(lc, jnp.float64),
+                                           jnp.asarray(lr, jnp.float64))[0]),
             [jnp.asarray(pc, jnp.float64), jnp.asarray(pr, jnp.float64)], order=1, modes=("rev",),
         )
 
@@ -297,7 +307,8 @@ def test_orpo_matches_numpy_reference():
 def np_kto(logps, ref, desirable, kl_logps, kl_ref, beta, wd, wu):
     r = np.float64(logps) - ref
     z0 = max(np.mean(np.float64(kl_logps) - kl_ref), 0.0)
-    return np.where(desirable, wd * (1 - sigmoid(beta * (r - z0))), wu * (1 - sigmoid(beta * (z0 - r)))), z0
+    return np.where(desirable, wd * (1 - sigmoid(beta * (r - z0))),
+                    wu * (1 - sigmoid(beta * (z0 - r)))), z0
 
 
 @pytest.mark.parametrize("kl_shift", [2.0, -2.0])  # z0 positive, and clamped at 0
@@ -323,7 +334,8 @@ def test_kto_reference_point_carries_no_gradient():
     desirable = jnp.arange(B) % 3 == 0
 
     def total(kl_lp):
-        return jnp.sum(kto_loss(logps, ref, desirable, kl_logps=kl_lp, kl_ref_logps=kl_ref - 1.0)[0])
+        return jnp.sum(kto_loss(logps, ref, desirable, kl_logps=kl_lp,
+                                kl_ref_logps=kl_ref - 1.0)[0])
 
     np.testing.assert_array_equal(jax.grad(total)(kl_logps), np.zeros(B))
 

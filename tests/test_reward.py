@@ -10,7 +10,8 @@ from tests.np_ref import log_sigmoid, rand
 def test_bradley_terry_matches_numpy_with_margin_and_centering():
     rng = np.random.default_rng(0)
     rw, rl, margin = rand(rng, 12), rand(rng, 12), np.abs(rand(rng, 12))
-    losses, m = bradley_terry_loss(jnp.asarray(rw), jnp.asarray(rl), margin=jnp.asarray(margin), center_coef=0.01)
+    losses, m = bradley_terry_loss(jnp.asarray(rw), jnp.asarray(rl), margin=jnp.asarray(margin),
+                                   center_coef=0.01)
     expected = -log_sigmoid(np.float64(rw) - rl - margin) + 0.01 * (np.float64(rw) + rl) ** 2
     np.testing.assert_allclose(losses, expected, rtol=1e-5)
     np.testing.assert_allclose(m["accuracy"], np.mean(rw > rl))
@@ -34,4 +35,5 @@ def test_bradley_terry_gradients():
     rng = np.random.default_rng(2)
     with jax.enable_x64(True):
         args = [jnp.asarray(rand(rng, 6), jnp.float64) for _ in range(2)]
-        check_grads(lambda a, b: jnp.sum(bradley_terry_loss(a, b, center_coef=0.1)[0]), args, order=2)
+        check_grads(lambda a, b: jnp.sum(bradley_terry_loss(a, b, center_coef=0.1)[0]), args,
+                    order=2)

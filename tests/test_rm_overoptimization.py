@@ -13,7 +13,8 @@ from experiments import rm_overoptimization as exp
 def test_best_of_n_estimator_equals_enumerating_every_subset(n):
     rng = np.random.default_rng(0)
     proxy, gold = rng.normal(size=(3, 7)), rng.normal(size=(3, 7))
-    brute = np.mean([np.mean([g[list(s)][np.argmax(p[list(s)])] for s in itertools.combinations(range(7), n)])
+    brute = np.mean([np.mean([g[list(s)][np.argmax(p[list(s)])]
+                              for s in itertools.combinations(range(7), n)])
                      for p, g in zip(proxy, gold)])
     np.testing.assert_allclose(exp.best_of_n_gold(proxy, gold, [n])[0], brute, rtol=1e-12)
 
@@ -32,7 +33,8 @@ def test_kl_and_fitted_peak_follow_the_formulas():
     d = np.sqrt(exp.bon_kl(ns))
     alpha, beta, peak = exp.fit_peak(ns, 0.3 + d * (1.5 - 0.5 * d))
     np.testing.assert_allclose([alpha, beta, peak], [1.5, 0.5, 1.5], rtol=1e-9)
-    assert exp.fit_peak(ns, d * (1.0 + 0.1 * d))[2] == float("inf")  # no peak when the curve is convex
+    # no peak when the curve is convex
+    assert exp.fit_peak(ns, d * (1.0 + 0.1 * d))[2] == float("inf")
 
 
 def test_bayes_ceiling():
@@ -46,7 +48,8 @@ def _fake(peaks, accuracy=0.7, ceiling=0.72):
     d = np.sqrt(exp.bon_kl(ns))
     results = {"ns": ns, "oracle": d, "ceiling": ceiling}
     for size, peak in zip(exp.SIZES, peaks):
-        results[size] = [{"accuracy": accuracy, "bon": d * (2 * peak - d), "peak": peak, "seconds": 1.0}]
+        results[size] = [{"accuracy": accuracy, "bon": d * (2 * peak - d), "peak": peak,
+                          "seconds": 1.0}]
     return results
 
 

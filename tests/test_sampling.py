@@ -1,4 +1,5 @@
-"""The sampler against transformers.generate, the trainer's log-probs, and the softmax it samples."""
+"""The sampler against transformers.generate, the trainer's log-probs, and the softmax it
+samples."""
 
 import copy
 
@@ -37,10 +38,12 @@ def test_greedy_equals_transformers_generate(name):
     hf = tiny_hf_model(name)
     model = load_pretrained(hf)
     ids, mask = left_padded_batch(0, T=12)
-    out = generate(model, ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=10, greedy=True))
+    out = generate(model, ids, mask, jax.random.key(0),
+                   SamplingConfig(max_new_tokens=10, greedy=True))
     with torch.no_grad():
-        expected = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                               max_new_tokens=10, pad_token_id=0, eos_token_id=None)[:, 12:].numpy()
+        expected = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                               do_sample=False, max_new_tokens=10, pad_token_id=0,
+                               eos_token_id=None)[:, 12:].numpy()
     np.testing.assert_array_equal(np.asarray(out.ids_BxC), expected)
     assert np.all(np.asarray(out.mask_BxC)) and np.all(np.asarray(out.truncated_B))
 
@@ -48,16 +51,20 @@ def test_greedy_equals_transformers_generate(name):
 def test_stop_tokens_end_rows_and_are_included_in_the_mask(llama):
     hf, model = llama
     ids, mask = left_padded_batch(1, T=12)
-    free = generate(model, ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=12, greedy=True))
+    free = generate(model, ids, mask, jax.random.key(0),
+                    SamplingConfig(max_new_tokens=12, greedy=True))
     stop = int(free.ids_BxC[0, 3])  # make row 0's fourth token a stop token
     out = generate(model, ids, mask, jax.random.key(0),
-                   SamplingConfig(max_new_tokens=12, greedy=True, stop_token_ids=(stop,), pad_token_id=-1))
-    first_stop = [list(r).index(stop) + 1 if stop in list(r) else 12 for r in np.asarray(free.ids_BxC)]
+                   SamplingConfig(max_new_tokens=12, greedy=True, stop_token_ids=(stop,),
+                                  pad_token_id=-1))
+    first_stop = [list(r).index(stop) + 1 if stop in list(r) else 12
+                  for r in np.asarray(free.ids_BxC)]
     np.testing.assert_array_equal(out.lengths_B, first_stop)
     for row, n in enumerate(first_stop):
         np.testing.assert_array_equal(out.ids_BxC[row, :n], free.ids_BxC[row, :n])
         assert np.all(np.asarray(out.ids_BxC[row, n:]) == -1)
-        assert bool(out.truncated_B[row]) == (n == 12 and stop not in list(np.asarray(free.ids_BxC[row])))
+        assert bool(out.truncated_B[row]) == (n == 12
+                                              and stop not in list(np.asarray(free.ids_BxC[row])))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -92,15 +99,17 @@ def test_sequence_kl_is_the_summed_log_ratio_against_a_pytorch_reference(llama):
     full_ids = np.concatenate([np.repeat(ids, 2, 0), np.asarray(out.ids_BxC)], 1)
     full_mask = np.concatenate([np.repeat(mask, 2, 0), np.asarray(out.mask_BxC)], 1)
     with torch.no_grad():
-        logits = reference_hf(input_ids=torch.tensor(full_ids), attention_mask=torch.tensor(full_mask),
-                              position_ids=torch.tensor(np.maximum(np.cumsum(full_mask, 1) - 1, 0))).logits
+        logits = reference_hf(
+            input_ids=torch.tensor(full_ids), attention_mask=torch.tensor(full_mask),
+            position_ids=torch.tensor(np.maximum(np.cumsum(full_mask, 1) - 1, 0))).logits
     ref = torch.log_softmax(logits[:, 11:-1].double() / 0.8, -1).numpy()
     ref = np.take_along_axis(ref, full_ids[:, 12:, None], -1)[..., 0]
     m = np.asarray(out.mask_BxC)
     expected = np.sum(np.where(m, np.asarray(out.logps_BxC) - ref, 0.0), axis=1)
     np.testing.assert_allclose(np.asarray(kl), expected, atol=1e-4)
     assert np.all(np.abs(expected) > 1e-3)  # the perturbation is visible
-    np.testing.assert_allclose(sequence_kl(model, ids, mask, out, num_samples=2, temperature=0.8), 0, atol=1e-4)
+    np.testing.assert_allclose(sequence_kl(model, ids, mask, out, num_samples=2, temperature=0.8),
+                               0, atol=1e-4)
 
 
 def np_filtered_probs(logits, top_k, top_p, min_p):
@@ -187,18 +196,22 @@ def test_text_prompts_are_left_padded_to_a_bucket_and_completions_decode_their_t
     tok = tiny_tokenizer()
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1)).eval()
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1)).eval()
     model = load_pretrained(hf)
-    prompts = ["Review: the plot was dull and", "What is 7*8?", [{"role": "user", "content": "What is 1+2?"}]]
+    prompts = ["Review: the plot was dull and", "What is 7*8?",
+               [{"role": "user", "content": "What is 1+2?"}]]
     ids, mask = encode_prompts(tok, prompts)
-    rendered = [*prompts[:2], tok.apply_chat_template(prompts[2], tokenize=False, add_generation_prompt=True)]
+    rendered = [*prompts[:2],
+                tok.apply_chat_template(prompts[2], tokenize=False, add_generation_prompt=True)]
     for row, text in enumerate(rendered):
         expected = tok(text, add_special_tokens=False)["input_ids"]
         width = ids.shape[1]
-        assert width == bucket(max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in rendered), (32, 64))
+        assert width == bucket(max(len(tok(t, add_special_tokens=False)["input_ids"])
+                                   for t in rendered), (32, 64))
         np.testing.assert_array_equal(ids[row, width - len(expected):], expected)
-        assert not np.any(mask[row, :width - len(expected)]) and np.all(mask[row, width - len(expected):])
+        assert (not np.any(mask[row, :width - len(expected)])
+                and np.all(mask[row, width - len(expected):]))
 
     config = SamplingConfig(max_new_tokens=8, num_samples=2)
     texts, out = generate_from_text(model, tok, prompts, jax.random.key(0), config)

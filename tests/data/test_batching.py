@@ -92,7 +92,11 @@ def test_shared_prompt_packs_each_pair_into_one_row():
     np.testing.assert_array_equal(packed.logit_index_Bx2xC[1], [[0, 0, 0, 0], [0, 1, 0, 0]])
     np.testing.assert_array_equal(packed.label_mask_Bx2xC[1], [[0, 0, 0, 0], [0, 1, 0, 0]])
     unpacked = collate(examples, "preference", (4, 8), pad_id=0)
-    for side, seq in enumerate(unpacked[:2]):  # the same number of scored tokens as the unpacked rows
-        np.testing.assert_array_equal(packed.label_mask_Bx2xC[:, side].sum(1), seq.completion_mask_BxT[:, 1:].sum(1))
-    with pytest.raises(ValueError, match="share_prompt packs preference pairs, not prompt_completion rows"):
-        collate([{"prompt_ids": [1], "completion_ids": [2]}], "prompt_completion", (8,), 0, share_prompt=True)
+    # the same number of scored tokens as the unpacked rows
+    for side, seq in enumerate(unpacked[:2]):
+        np.testing.assert_array_equal(packed.label_mask_Bx2xC[:, side].sum(1),
+                                      seq.completion_mask_BxT[:, 1:].sum(1))
+    with pytest.raises(ValueError,
+                       match="share_prompt packs preference pairs, not prompt_completion rows"):
+        collate([{"prompt_ids": [1], "completion_ids": [2]}], "prompt_completion", (8,), 0,
+                share_prompt=True)

@@ -1,5 +1,5 @@
-"""A corpus of malformed dataset files: each error names the file, row, column and the problem (for a
-file that is not UTF-8, the byte offset; for a corrupt Parquet file, the reader's reason)."""
+"""A corpus of malformed dataset files: each error names the file, row, column and the problem (for
+a file that is not UTF-8, the byte offset; for a corrupt Parquet file, the reader's reason)."""
 
 import json
 import os
@@ -22,8 +22,10 @@ A = [{"role": "assistant", "content": "yo"}]
 CORPUS = [  # (file name, rows or raw text, expected message after the path)
     ("misnamed.jsonl", [{"prompt": "a", "choosen": "b", "rejected": "c"}],
      r"misnamed column 'choosen' \(did you mean 'chosen'\?\)"),
-    ("no_columns_we_know.jsonl", [{"question": "a", "response": "b"}], r"match no TRL dataset type"),
-    ("list_for_text.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": ["b", "c"]}],
+    ("no_columns_we_know.jsonl", [{"question": "a", "response": "b"}],
+     r"match no TRL dataset type"),
+    ("list_for_text.jsonl", [{"prompt": "a", "completion": "b"},
+                             {"prompt": "a", "completion": ["b", "c"]}],
      r"row 1, column 'completion': conversational value in a standard dataset"),
     ("number_for_text.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
                                {"prompt": "a", "chosen": 7, "rejected": "c"}],
@@ -34,7 +36,8 @@ CORPUS = [  # (file name, rows or raw text, expected message after the path)
     ("empty_chosen.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
                             {"prompt": "a", "chosen": " ", "rejected": "c"}],
      r"row 1, column 'chosen': empty text"),
-    ("empty_completion.jsonl", [{"prompt": U, "completion": []}], r"row 0, column 'completion': empty list of messages"),
+    ("empty_completion.jsonl", [{"prompt": U, "completion": []}],
+     r"row 0, column 'completion': empty list of messages"),
     ("no_role.jsonl", [{"prompt": [{"content": "hi"}], "completion": A}],
      r"row 0, column 'prompt': message 0 must be a dict with 'role' and 'content'"),
     ("bad_role.jsonl", [{"messages": U + [{"role": "bot", "content": "yo"}]}],
@@ -61,7 +64,8 @@ def test_malformed_file_gets_a_clear_error(name, rows, message, tok, tmp_path):
 
 
 def test_implicit_prompt_that_swallows_a_completion(tok):
-    ds = datasets.Dataset.from_list([{"chosen": "The answer is 4", "rejected": "The answer is 4 or 5"}])
+    ds = datasets.Dataset.from_list([{"chosen": "The answer is 4",
+                                      "rejected": "The answer is 4 or 5"}])
     with pytest.raises(DataError, match=r"row 0, column 'chosen': empty after removing the prompt"):
         encode(ds, tok)
 
@@ -75,7 +79,8 @@ def test_identical_pairs_are_kept_counted_and_logged(tok, caplog):
 
 
 def test_chat_template_missing_on_the_tokenizer(tok):
-    bare = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<|end|>")
+    bare = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer,
+                                                eos_token="<|end|>")
     ds = datasets.Dataset.from_list([{"prompt": U, "completion": A}])
     with pytest.raises(DataError, match=r"conversational rows need a chat template"):
         encode(ds, bare)
@@ -101,8 +106,10 @@ def test_empty_in_memory_dataset_and_unknown_kind(tok):
 
 
 NOT_UTF8 = {  # a Latin-1 "café" on the second row of each text format
-    "latin1.jsonl": b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n',
-    "latin1.json": b'[{"prompt": "a", "completion": "b"},\n {"prompt": "caf\xe9", "completion": "b"}]\n',
+    "latin1.jsonl": (b'{"prompt": "a", "completion": "b"}\n'
+                     b'{"prompt": "caf\xe9", "completion": "b"}\n'),
+    "latin1.json": (b'[{"prompt": "a", "completion": "b"},\n'
+                    b' {"prompt": "caf\xe9", "completion": "b"}]\n'),
     "latin1.csv": b"prompt,completion\na,b\ncaf\xe9,b\n",
 }
 
@@ -113,7 +120,8 @@ def test_file_that_is_not_utf8_names_the_byte_offset(name, tok, tmp_path):
     path.write_bytes(NOT_UTF8[name])
     at = NOT_UTF8[name].index(b"\xe9")
     line = NOT_UTF8[name].count(b"\n", 0, at) + 1
-    with pytest.raises(DataError, match=rf"not UTF-8 text: byte offset {at} \(line {line}\) is 0xe9") as info:
+    with pytest.raises(DataError,
+                       match=rf"not UTF-8 text: byte offset {at} \(line {line}\) is 0xe9") as info:
         encode(path, tok)
     assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
 
@@ -137,7 +145,8 @@ def test_utf8_check_finds_the_offset_across_chunks(tmp_path):
 
 
 def _parquet_bytes():
-    table = pa.table({"prompt": [f"prompt {i} " * 4 for i in range(500)], "completion": [f"c{i}" for i in range(500)]})
+    table = pa.table({"prompt": [f"prompt {i} " * 4 for i in range(500)],
+                      "completion": [f"c{i}" for i in range(500)]})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="NONE")
     return sink.getvalue().to_pybytes()
@@ -155,7 +164,8 @@ PARQUET = {  # name -> the good file's bytes -> corrupt bytes
 def test_corrupt_parquet_file_is_a_one_line_error(corrupt, tok, tmp_path):
     path = tmp_path / f"{corrupt}.parquet"
     path.write_bytes(PARQUET[corrupt](_parquet_bytes()))
-    with pytest.raises(DataError, match=r"not a readable Parquet file \(truncated, corrupt or not Parquet: ") as info:
+    with pytest.raises(DataError, match=r"not a readable Parquet file "
+                                        r"\(truncated, corrupt or not Parquet: ") as info:
         encode(path, tok)
     assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
 
@@ -166,8 +176,10 @@ def test_cli_reports_a_file_that_is_not_utf8_in_one_line(tmp_path):
     root = Path(__file__).parents[2]
     run = subprocess.run([sys.executable, "-m", "align_jax", "train", "configs/sft_arithmetic.yaml",
                           f"data.train={path}", f"out_dir={tmp_path / 'run'}"], cwd=root,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 2, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
-    assert run.stderr.splitlines()[-1] == f"align-jax: error: {path}: not UTF-8 text: byte offset 50 (line 2) is " \
-                                          "0xe9, invalid continuation byte; save the file as UTF-8"
+    assert run.stderr.splitlines()[-1] == (
+        f"align-jax: error: {path}: not UTF-8 text: byte offset 50 (line 2) is 0xe9, invalid "
+        "continuation byte; save the file as UTF-8")

@@ -65,7 +65,8 @@ def write(path, rows):
 
 @pytest.mark.parametrize("kind", list(ROWS))
 @pytest.mark.parametrize("conversational", [False, True])
-def test_every_kind_in_both_forms_round_trips_through_the_masks(kind, conversational, tok, tmp_path):
+def test_every_kind_in_both_forms_round_trips_through_the_masks(kind, conversational, tok,
+                                                                tmp_path):
     row = ROWS[kind][conversational]
     encoded = encode(write(tmp_path / "data.jsonl", [row, row]), tok)
     assert (encoded.kind, encoded.conversational) == (kind, conversational)
@@ -73,16 +74,18 @@ def test_every_kind_in_both_forms_round_trips_through_the_masks(kind, conversati
     batch = collate(encoded.examples, kind, default_buckets(64), tok.pad_token_id)
     end = tok.eos_token
     if kind == "prompt_only":
-        assert isinstance(batch, PromptBatch) and batch.columns == {"prompt": [row["prompt"]] * 2, "answer": [4, 4]}
+        assert isinstance(batch, PromptBatch) and batch.columns == {"prompt": [row["prompt"]] * 2,
+                                                                    "answer": [4, 4]}
         expected = (tok.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
                     if conversational else row["prompt"])
         assert decode(tok, batch.ids_BxP[0], batch.mask_BxP[0]) == expected
         assert batch.mask_BxP[0, -1] and not batch.mask_BxP[0, 0]  # left-padded
         return
-    sequences = {"preference": lambda b: [b.chosen, b.rejected], "unpaired_preference": lambda b: [b.sequences]}.get(
-        kind, lambda b: [b])(batch)
-    completions = {"preference": ["4", "5"], "language_modeling": ["the plot was good ." if not conversational
-                                                                   else None]}.get(kind, ["4"])
+    sequences = {"preference": lambda b: [b.chosen, b.rejected],
+                 "unpaired_preference": lambda b: [b.sequences]}.get(kind, lambda b: [b])(batch)
+    completions = {"preference": ["4", "5"],
+                   "language_modeling": ["the plot was good ." if not conversational
+                                         else None]}.get(kind, ["4"])
     for seq, completion in zip(sequences, completions):
         assert isinstance(seq, SequenceBatch) and seq.ids_BxT.shape == (2, 16)
         text = decode(tok, seq.ids_BxT[0], seq.completion_mask_BxT[0])
@@ -90,7 +93,8 @@ def test_every_kind_in_both_forms_round_trips_through_the_masks(kind, conversati
         if conversational and kind == "language_modeling":
             assert text == whole == tok.apply_chat_template(row["messages"], tokenize=False)
         elif conversational:
-            assert text == f"{completion}{end}"  # the assistant turn that follows the generation prompt
+            # the assistant turn that follows the generation prompt
+            assert text == f"{completion}{end}"
             assert whole == tok.apply_chat_template(USER + said(completion), tokenize=False)
         else:
             assert text == completion + end  # EOS appended, as TRL does
@@ -105,7 +109,8 @@ def test_every_kind_in_both_forms_round_trips_through_the_masks(kind, conversati
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv", ""])
 def test_every_file_type_loads(suffix, tok, tmp_path):
-    rows = [{"prompt": f"What is {i}+{i}? ", "chosen": str(2 * i), "rejected": str(2 * i + 1)} for i in range(5)]
+    rows = [{"prompt": f"What is {i}+{i}? ", "chosen": str(2 * i), "rejected": str(2 * i + 1)}
+            for i in range(5)]
     encoded = encode(write(tmp_path / f"prefs{suffix}", rows), tok)
     assert encoded.kind == "preference" and len(encoded.examples) == 5
     assert tok.decode(encoded.examples[3]["chosen_ids"]) == "6" + tok.eos_token
@@ -142,10 +147,12 @@ def test_detect_kind_on_columns():
 def test_truncation_drops_long_prompts_and_cuts_completions_with_counts(tok, caplog):
     rows = [{"prompt": "x " * n, "completion": "y " * m} for n, m in [(2, 2), (40, 2), (4, 30)]]
     encoded = truncate(encode(datasets.Dataset.from_list(rows), tok), max_length=24)
-    assert encoded.counts["dropped_long_prompts"] == 1 and encoded.counts["truncated_completions"] == 1
+    assert (encoded.counts["dropped_long_prompts"] == 1
+            and encoded.counts["truncated_completions"] == 1)
     assert [e["truncated"] for e in encoded.examples] == [False, True]
     assert all(len(e["prompt_ids"]) + len(e["completion_ids"]) <= 24 for e in encoded.examples)
-    assert "1 of 3 rows dropped" in caplog.text and "1 of 3 rows with a truncated completion" in caplog.text
+    assert ("1 of 3 rows dropped" in caplog.text
+            and "1 of 3 rows with a truncated completion" in caplog.text)
     batch = collate(encoded.examples, "prompt_completion", default_buckets(24), 0)
     assert batch.ids_BxT.shape == (2, 24)
     with pytest.raises(DataError, match="every one of 3 rows has a prompt longer than 1 tokens"):
@@ -165,10 +172,13 @@ def test_real_chat_template_boundary_on_smollm2_tokenizer():
 
 
 def test_unpair_gives_each_pair_as_a_desirable_and_an_undesirable_row():
-    pairs = datasets.Dataset.from_list([{"prompt": "p0", "chosen": " a", "rejected": " b", "score_chosen": 1.0},
-                                        {"prompt": "p1", "chosen": " c", "rejected": " d", "score_chosen": 2.0}])
+    pairs = datasets.Dataset.from_list([
+        {"prompt": "p0", "chosen": " a", "rejected": " b", "score_chosen": 1.0},
+        {"prompt": "p1", "chosen": " c", "rejected": " d", "score_chosen": 2.0}])
     assert unpair(pairs).to_list() == [
-        {"prompt": "p0", "completion": " a", "label": True}, {"prompt": "p0", "completion": " b", "label": False},
-        {"prompt": "p1", "completion": " c", "label": True}, {"prompt": "p1", "completion": " d", "label": False}]
+        {"prompt": "p0", "completion": " a", "label": True},
+        {"prompt": "p0", "completion": " b", "label": False},
+        {"prompt": "p1", "completion": " c", "label": True},
+        {"prompt": "p1", "completion": " d", "label": False}]
     with pytest.raises(DataError, match="pairs.jsonl: unpair needs an explicit prompt column"):
         unpair(datasets.Dataset.from_list([{"chosen": "x a", "rejected": "x b"}]), "pairs.jsonl")

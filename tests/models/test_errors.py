@@ -1,4 +1,5 @@
-"""Unsupported architectures and broken checkpoints are errors that name the file and the problem."""
+"""Unsupported architectures and broken checkpoints are errors that name the file and the
+problem."""
 
 import json
 
@@ -15,7 +16,8 @@ LLAMA = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "gpt2"}, "model_type='gpt2' is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+     "rope_scaling type 'yarn' is not supported"),
     ({"num_key_value_heads": 3}, "num_heads=2 is not a multiple of num_kv_heads=3"),
     ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window=True"),
     ({"mlp_bias": True}, "mlp_bias=True is not supported"),
@@ -28,14 +30,16 @@ def test_unsupported_configs_name_the_feature(change, message):
 def test_missing_config_key_is_named():
     config = dict(LLAMA)
     del config["intermediate_size"]
-    with pytest.raises(ValueError, match="x/config.json: model_type='llama': missing key 'intermediate_size'"):
+    with pytest.raises(ValueError,
+                       match="x/config.json: model_type='llama': missing key 'intermediate_size'"):
         DecoderConfig.from_hf(config, source="x/config.json")
 
 
 def test_hf_round_trip_of_config():
     for hf in (transformers.LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"}),
-               transformers.Qwen3Config(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, head_dim=4)):
+               transformers.Qwen3Config(vocab_size=10, hidden_size=8, intermediate_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=1, head_dim=4)):
         config = DecoderConfig.from_hf(hf)
         assert DecoderConfig.from_hf(config.to_hf()) == config
 
@@ -59,7 +63,8 @@ def test_checkpoint_that_does_not_match_its_config(tmp_path):
     hf.save_pretrained(tmp_path, safe_serialization=True)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
-    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape \(96, 64\), expected \(128, 64\)"):
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.gate_proj.weight' has shape "
+                                         r"\(96, 64\), expected \(128, 64\)"):
         load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     with pytest.raises(ValueError, match=r"missing tensors \['model.layers.2"):

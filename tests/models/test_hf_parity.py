@@ -65,8 +65,8 @@ def test_logits_match_transformers_on_left_padded_batch(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["llama", "mistral_sliding_window", "qwen3_qk_norm"])
 def test_packed_prompt_chosen_rejected_rows_match_separate_rows(name):
-    """Segment ids pack prompt | chosen | rejected | pad into one row; each completion's logits equal
-    transformers' on prompt + that completion as a row of its own (the window of 5 < 12 prompt
+    """Segment ids pack prompt | chosen | rejected | pad into one row; each completion's logits
+    equal transformers' on prompt + that completion as a row of its own (the window of 5 < 12 prompt
     tokens checks that the sliding window counts positions, not slots)."""
     hf = tiny_hf_model(name)
     model = load_pretrained(hf)
@@ -75,7 +75,8 @@ def test_packed_prompt_chosen_rejected_rows_match_separate_rows(name):
     ids = np.concatenate([prompt, chosen, rejected, [0, 0]])[None]
     segments = np.array([[0] * 12 + [1] * 6 + [2] * 9 + [0, 0]])
     mask = np.arange(ids.shape[1])[None] < 27
-    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), segment_ids_BxT=jnp.asarray(segments)))
+    got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask),
+                           segment_ids_BxT=jnp.asarray(segments)))
     for completion, slots in ((chosen, np.arange(12, 18)), (rejected, np.arange(18, 27))):
         row = np.concatenate([prompt, completion])[None]
         expected = hf_logits(hf, row, np.ones_like(row))
@@ -90,7 +91,8 @@ def test_kv_cache_decoding_matches_full_forward_step_by_step(name):
     ids, mask = left_padded_batch(2, T=14)
     prompt_len, steps = 8, ids.shape[1] - 8
     cache = init_cache(model.config, ids.shape[0], ids.shape[1])
-    logits, cache = model(jnp.asarray(ids[:, :prompt_len]), jnp.asarray(mask[:, :prompt_len]), cache)
+    logits, cache = model(jnp.asarray(ids[:, :prompt_len]), jnp.asarray(mask[:, :prompt_len]),
+                          cache)
     full = hf_logits(hf, ids, mask)
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(logits)[valid[:, :prompt_len]],
@@ -124,7 +126,8 @@ def test_sharded_safetensors_with_index_load(tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     ids, mask = left_padded_batch(4)
     got = np.asarray(load_pretrained(tmp_path)(jnp.asarray(ids), jnp.asarray(mask)))
-    np.testing.assert_allclose(got[mask.astype(bool)], hf_logits(hf, ids, mask)[mask.astype(bool)], atol=1e-4)
+    np.testing.assert_allclose(got[mask.astype(bool)], hf_logits(hf, ids, mask)[mask.astype(bool)],
+                               atol=1e-4)
 
 
 def test_bfloat16_compute_stays_close_and_saves_as_bfloat16(tmp_path):
@@ -133,7 +136,8 @@ def test_bfloat16_compute_stays_close_and_saves_as_bfloat16(tmp_path):
     ids, mask = left_padded_batch(5)
     got = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)).astype(jnp.float32))
     assert model.embed_tokens.embedding.get_value().dtype == jnp.bfloat16
-    np.testing.assert_allclose(got[mask.astype(bool)], hf_logits(hf, ids, mask)[mask.astype(bool)], atol=0.05)
+    np.testing.assert_allclose(got[mask.astype(bool)], hf_logits(hf, ids, mask)[mask.astype(bool)],
+                               atol=0.05)
     save_pretrained(model, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -161,7 +165,8 @@ def test_remat_gives_identical_logits():
     ids, mask = left_padded_batch(7)
     plain = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     model.remat = True
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), plain, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), plain,
+                               atol=1e-6)
 
 
 def test_parameters_carry_logical_axis_names():

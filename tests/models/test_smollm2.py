@@ -17,7 +17,8 @@ from flax import nnx
 
 from align_jax.models import init_cache, load_pretrained
 
-pytestmark = pytest.mark.xdist_group("smollm2")  # one worker loads the model (`-n 2 --dist loadgroup`)
+# one worker loads the model (`-n 2 --dist loadgroup`)
+pytestmark = pytest.mark.xdist_group("smollm2")
 
 
 def smollm2_gguf() -> Path:
@@ -51,9 +52,11 @@ def chat_batch(tokenizer, questions):
 
 def test_logits_match_transformers(models):
     ours, theirs, tokenizer = models
-    ids, mask = chat_batch(tokenizer, ["What is 12 + 30?", "Name a colour of the sky on a clear day."])
+    ids, mask = chat_batch(tokenizer, ["What is 12 + 30?",
+                                       "Name a colour of the sky on a clear day."])
     with torch.no_grad():
-        expected = theirs(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+        expected = theirs(input_ids=torch.tensor(ids),
+                          attention_mask=torch.tensor(mask)).logits.numpy()
     got = np.asarray(nnx.jit(lambda m, i, a: m(i, a))(ours, jnp.asarray(ids), jnp.asarray(mask)))
     diff = np.abs(got - expected)[mask.astype(bool)].max()
     print(f"SmolLM2-135M max |Δlogit| = {diff:.2e}")
@@ -65,7 +68,8 @@ def test_greedy_decoding_matches_transformers_generate(models):
     ids, mask = chat_batch(tokenizer, ["What is the capital of France?"])
     new_tokens = 24
     with torch.no_grad():
-        reference = theirs.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+        reference = theirs.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                    do_sample=False,
                                     max_new_tokens=new_tokens)[0, ids.shape[1]:].tolist()
 
     @nnx.jit
