@@ -6,7 +6,8 @@ from experiments import dr_grpo_length as exp
 
 
 def _sample(right, wrong):
-    return {"right": np.asarray(right, float), "wrong": np.asarray(wrong, float), "accuracy": 0.5, "seconds": 1.0}
+    return {"right": np.asarray(right, float), "wrong": np.asarray(wrong, float), "accuracy": 0.5,
+            "seconds": 1.0}
 
 
 def test_gap_and_its_standard_error_follow_the_formula():

@@ -11,7 +11,8 @@ from experiments import kto_imbalanced as exp
 def test_imbalanced_set_keeps_a_tenth_of_the_desirable_rows_and_rescales_lambda_d(tmp_path):
     pairs = synthetic.sentiment_pairs(200, seed=1, beta=None)
     data = exp.datasets_for(pairs, tmp_path, seed=0)
-    rows = {job: [json.loads(line) for line in path.read_text().splitlines()] for job, (path, _, _) in data.items()}
+    rows = {job: [json.loads(line) for line in path.read_text().splitlines()]
+            for job, (path, _, _) in data.items()}
     assert len(rows["DPO"]) == len(pairs) and len(rows["KTO"]) == 2 * len(pairs)
     imbalanced = rows["λ_D sweep"]
     n_d = sum(r["label"] for r in imbalanced)

@@ -56,7 +56,8 @@ def test_masked_reductions_equal_sliced_numpy():
     mask = np.arange(6)[None, :] < lengths[:, None]
     rows = [x[i, : lengths[i]] for i in range(4)]
     np.testing.assert_allclose(ops.masked_sum(x, mask, axis=1), [r.sum() for r in rows], atol=1e-5)
-    np.testing.assert_allclose(ops.masked_mean(x, mask, axis=1), [r.mean() for r in rows], atol=1e-6)
+    np.testing.assert_allclose(ops.masked_mean(x, mask, axis=1), [r.mean() for r in rows],
+                               atol=1e-6)
     flat = x[mask]
     np.testing.assert_allclose(ops.masked_mean(x, mask), flat.mean(), atol=1e-6)
     np.testing.assert_allclose(ops.masked_var(x, mask), flat.var(ddof=1), rtol=1e-5)
