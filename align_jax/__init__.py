@@ -29,7 +29,8 @@ def _quiet_absent_accelerators() -> None:
             if f.read().strip() == "0x1ae0":
                 return
     os.environ["JAX_PLATFORMS"] = "cpu"
-    if "jax" in sys.modules:  # imported before align_jax: its config has read the environment already
+    # imported before align_jax: its config has read the environment already
+    if "jax" in sys.modules:
         sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 

@@ -23,8 +23,10 @@ import ctypes.util
 
 # mallopt parameters from glibc's <malloc.h>
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
-# the same settings as glibc tunables for a new process (the largest trim threshold turns trimming off)
-TUNABLES = f"glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={2**63 - 1}"
+# the same settings as glibc tunables for a new process (the largest trim threshold turns trimming
+# off)
+TUNABLES = (f"glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+            f"glibc.malloc.trim_threshold={2**63 - 1}")
 
 
 def retain_freed_memory() -> bool:

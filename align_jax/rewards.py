@@ -105,11 +105,13 @@ def soft_overlong_punishment(max_completion_length: int, cache_length: int) -> R
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), with L_max the generation limit:
     0 for |y| ≤ L_max − L_cache, then falling linearly to −1 at L_max, and −1 beyond."""
     if not 0 < cache_length <= max_completion_length:
-        raise ValueError(f"soft overlong cache {cache_length} must be in (0, {max_completion_length}]")
+        raise ValueError(f"soft overlong cache {cache_length} must be in "
+                         f"(0, {max_completion_length}]")
     free = max_completion_length - cache_length
 
     def soft_overlong(completion_ids: Sequence[Sequence[int]], **_) -> list[float]:
-        return [0.0 if len(ids) <= free else max(-1.0, (free - len(ids)) / cache_length) for ids in completion_ids]
+        return [0.0 if len(ids) <= free else max(-1.0, (free - len(ids)) / cache_length)
+                for ids in completion_ids]
 
     return soft_overlong
 
@@ -148,11 +150,13 @@ def resolve(name: str, builtin: dict[str, RewardFn]) -> RewardFn:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
             raise ValueError(f"reward function {name!r}: {e}") from None
-    raise ValueError(f"unknown reward function {name!r}: use one of {sorted(builtin)} or 'module:function'")
+    raise ValueError(f"unknown reward function {name!r}: use one of {sorted(builtin)} "
+                     f"or 'module:function'")
 
 
-def score(funcs: dict[str, RewardFn], weights: Sequence[float], *, prompts: Sequence, completions: Sequence,
-          completion_ids: Sequence[Sequence[int]], columns: dict[str, Sequence]) -> tuple[np.ndarray, np.ndarray]:
+def score(funcs: dict[str, RewardFn], weights: Sequence[float], *, prompts: Sequence,
+          completions: Sequence, completion_ids: Sequence[Sequence[int]],
+          columns: dict[str, Sequence]) -> tuple[np.ndarray, np.ndarray]:
     """Call each function on the B completions and combine: r_b = Σ_f w_f r_fb over the functions
     that scored sample b (TRL's nansum).
 
@@ -164,17 +168,21 @@ def score(funcs: dict[str, RewardFn], weights: Sequence[float], *, prompts: Sequ
     per_function = np.full((B, len(funcs)), np.nan)
     for j, (name, fn) in enumerate(funcs.items()):
         try:
-            values = fn(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+            values = fn(prompts=prompts, completions=completions, completion_ids=completion_ids,
+                        **columns)
         except TypeError as e:  # most often a column the function needs that the dataset lacks
-            raise ValueError(f"reward function {name!r} failed on the dataset's columns {sorted(columns)}: {e}") from e
+            raise ValueError(f"reward function {name!r} failed on the dataset's columns "
+                             f"{sorted(columns)}: {e}") from e
         if values is None or len(values) != B:
             got = "None" if values is None else f"{len(values)} values"
             raise ValueError(f"reward function {name!r} returned {got} for {B} completions")
         try:
             per_function[:, j] = [np.nan if v is None else float(v) for v in values]
         except (TypeError, ValueError):
-            raise ValueError(f"reward function {name!r} returned a value that is not a number or None: "
-                             f"{next(v for v in values if not isinstance(v, (int, float, type(None))))!r}") from None
+            raise ValueError(
+                f"reward function {name!r} returned a value that is not a number or None: "
+                f"{next(v for v in values if not isinstance(v, (int, float, type(None))))!r}"
+            ) from None
     weighted = per_function * np.asarray(weights, np.float64)[None, :]
     scored = ~np.all(np.isnan(per_function), axis=1)
     rewards = np.where(scored, np.nansum(weighted, axis=1), np.nan)

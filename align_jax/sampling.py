@@ -41,13 +41,16 @@ class SamplingConfig:
         if self.max_new_tokens < 1 or self.num_samples < 1:
             raise ValueError("max_new_tokens and num_samples must be >= 1")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
+            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), "
+                             f"got {self.temperature}")
         if not 0 < self.top_p <= 1 or not 0 <= self.min_p < 1 or self.top_k < 0:
-            raise ValueError(f"invalid filters top_k={self.top_k}, top_p={self.top_p}, min_p={self.min_p}")
+            raise ValueError(f"invalid filters top_k={self.top_k}, top_p={self.top_p}, "
+                             f"min_p={self.min_p}")
 
 
 class Completions(NamedTuple):
-    """Generated tokens for B = N·G rows, N prompts × G samples (a prompt's samples are contiguous)."""
+    """Generated tokens for B = N·G rows, N prompts × G samples (a prompt's samples are
+    contiguous)."""
 
     ids_BxC: Array  # pad_token_id after the stop token
     mask_BxC: Array  # True on generated tokens up to and including the stop token
@@ -56,7 +59,8 @@ class Completions(NamedTuple):
     truncated_B: Array  # True where no stop token came within max_new_tokens
 
 
-def filter_logits(logits_BxV: Array, *, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Array:
+def filter_logits(logits_BxV: Array, *, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float = 0.0) -> Array:
     """Set to -inf every token outside top-k, outside the top-p nucleus, or below min_p·p_max.
 
     Applied in that order, as transformers' logits warpers; the most likely token always stays.
@@ -121,7 +125,8 @@ def _generate(graphdef, state, prompt_ids_NxP, prompt_mask_NxP, rng, *, config: 
     logits = model.logits(hidden[:, -1])
     if G > 1:
         logits = jnp.repeat(logits, G, axis=0)
-        cache = cache._replace(**{name: jax.tree.map(lambda a: jnp.repeat(a, G, axis=0), getattr(cache, name))
+        cache = cache._replace(**{name: jax.tree.map(lambda a: jnp.repeat(a, G, axis=0),
+                                                     getattr(cache, name))
                                   for name in ("keys", "values", "key_mask_BxS")})
     stop_ids = jnp.asarray(config.stop_token_ids or (-1,), jnp.int32)
 
@@ -160,31 +165,32 @@ def generate(model: Decoder, prompt_ids_NxP: Array, prompt_mask_NxP: Array, rng:
     whatever placement the model's state has.
     """
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, jnp.asarray(prompt_ids_NxP), jnp.asarray(prompt_mask_NxP), rng,
-                     config=config)
+    return _generate(graphdef, state, jnp.asarray(prompt_ids_NxP), jnp.asarray(prompt_mask_NxP),
+                     rng, config=config)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "temperature"))
-def _sequence_kl(graphdef, state, prompt_ids_NxP, prompt_mask_NxP, out: Completions, *, num_samples: int,
-                 temperature: float):
+def _sequence_kl(graphdef, state, prompt_ids_NxP, prompt_mask_NxP, out: Completions, *,
+                 num_samples: int, temperature: float):
     reference = nnx.merge(graphdef, state)
     prompt_ids = jnp.repeat(prompt_ids_NxP, num_samples, axis=0)
     ids = jnp.concatenate([prompt_ids, out.ids_BxC], axis=1)
     mask = jnp.concatenate([jnp.repeat(prompt_mask_NxP, num_samples, axis=0), out.mask_BxC], axis=1)
     P = prompt_ids.shape[1]
     logits = reference(ids, mask)[:, P - 1:-1].astype(jnp.float32) / temperature
-    ref_logps = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), out.ids_BxC[..., None], axis=-1)[..., 0]
+    ref_logps = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), out.ids_BxC[..., None],
+                                    axis=-1)[..., 0]
     return jnp.sum(jnp.where(out.mask_BxC, out.logps_BxC - ref_logps, 0.0), axis=1)
 
 
-def sequence_kl(reference: Decoder, prompt_ids_NxP: Array, prompt_mask_NxP: Array, out: Completions, *,
-                num_samples: int, temperature: float = 1.0) -> Array:
-    """k1 = Σ_t log π(y_t) − log π_ref(y_t) for each completion y ~ π in `out` [B = N·G]: its mean is
-    the sequence-level KL(π ‖ π_ref). π's log-probs are the sampler's (at `temperature`), π_ref's
+def sequence_kl(reference: Decoder, prompt_ids_NxP: Array, prompt_mask_NxP: Array,
+                out: Completions, *, num_samples: int, temperature: float = 1.0) -> Array:
+    """k1 = Σ_t log π(y_t) − log π_ref(y_t) for each completion y ~ π in `out` [B = N·G]: its mean
+    is the sequence-level KL(π ‖ π_ref). π's log-probs are the sampler's (at `temperature`), π_ref's
     a teacher-forced pass of `reference` over the same left-padded prompts and completions."""
     graphdef, state = nnx.split(reference)
-    return _sequence_kl(graphdef, state, jnp.asarray(prompt_ids_NxP), jnp.asarray(prompt_mask_NxP), out,
-                        num_samples=num_samples, temperature=temperature)
+    return _sequence_kl(graphdef, state, jnp.asarray(prompt_ids_NxP), jnp.asarray(prompt_mask_NxP),
+                        out, num_samples=num_samples, temperature=temperature)
 
 
 PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
@@ -208,13 +214,15 @@ def generate_from_text(model: Decoder, tokenizer, prompts: Sequence[str | list[d
                        config: SamplingConfig, *, buckets: Sequence[int] = PROMPT_BUCKETS
                        ) -> tuple[list[str], Completions]:
     """`generate` on text prompts (see `encode_prompts`), stopping at the tokenizer's EOS unless
-    `config.stop_token_ids` says otherwise: (decoded completions, the `Completions` with their
-    token ids and log-probs). Rows are prompt-major: the G samples of prompt i are at i·G … i·G+G-1."""
-    ids, mask = encode_prompts(tokenizer, prompts, pad_token_id=config.pad_token_id, buckets=buckets)
+    `config.stop_token_ids` says otherwise: (decoded completions, the `Completions` with their token
+    ids and log-probs). Rows are prompt-major: the G samples of prompt i are at i·G … i·G+G-1."""
+    ids, mask = encode_prompts(tokenizer, prompts, pad_token_id=config.pad_token_id,
+                               buckets=buckets)
     if not config.stop_token_ids and tokenizer.eos_token_id is not None:
         config = dataclasses.replace(config, stop_token_ids=(tokenizer.eos_token_id,))
     out = generate(model, ids, mask, rng, config)
-    texts = [tokenizer.decode([int(t) for t, m in zip(row, row_mask) if m], skip_special_tokens=True)
+    texts = [tokenizer.decode([int(t) for t, m in zip(row, row_mask) if m],
+                              skip_special_tokens=True)
              for row, row_mask in zip(out.ids_BxC, out.mask_BxC)]
     return texts, out
 

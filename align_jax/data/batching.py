@@ -90,15 +90,18 @@ def default_buckets(max_length: int, smallest: int = 16) -> tuple[int, ...]:
 
 
 def _completion_keys(kind: str) -> tuple[str, ...]:
-    return {"preference": ("chosen_ids", "rejected_ids"), "prompt_only": ()}.get(kind, ("completion_ids",))
+    return {"preference": ("chosen_ids", "rejected_ids"),
+            "prompt_only": ()}.get(kind, ("completion_ids",))
 
 
 def truncate(encoded: Encoded, max_length: int, max_prompt_length: int | None = None) -> Encoded:
-    """Drop rows whose prompt exceeds `max_prompt_length` (default: leaves no room for one completion
-    token in `max_length`); cut completions so prompt + completion ≤ max_length, marking those rows
-    `truncated`. Counts go to `counts["dropped_long_prompts"]` and `counts["truncated_completions"]`."""
+    """Drop rows whose prompt exceeds `max_prompt_length` (default: leaves no room for one
+    completion token in `max_length`); cut completions so prompt + completion ≤ max_length, marking
+    those rows `truncated`. Counts go to `counts["dropped_long_prompts"]` and
+    `counts["truncated_completions"]`."""
     keys = _completion_keys(encoded.kind)
-    limit = max_prompt_length if max_prompt_length is not None else (max_length - 1 if keys else max_length)
+    limit = (max_prompt_length if max_prompt_length is not None
+             else (max_length - 1 if keys else max_length))
     kept, dropped, cut = [], 0, 0
     for example in encoded.examples:
         prompt = len(example["prompt_ids"])
@@ -113,17 +116,18 @@ def truncate(encoded: Encoded, max_length: int, max_prompt_length: int | None = 
         cut += example["truncated"]
         kept.append(example)
     if not kept:
-        raise DataError(f"{encoded.source}: every one of {len(encoded.examples)} rows has a prompt longer than "
-                        f"{limit} tokens")
+        raise DataError(f"{encoded.source}: every one of {len(encoded.examples)} rows has a prompt "
+                        f"longer than {limit} tokens")
     for what, n in (("dropped (prompt too long)", dropped), ("with a truncated completion", cut)):
         if n:
-            log.warning("%s: %d of %d rows %s at max_length=%d", encoded.source, n, len(encoded.examples),
-                        what, max_length)
+            log.warning("%s: %d of %d rows %s at max_length=%d", encoded.source, n,
+                        len(encoded.examples), what, max_length)
     counts = dict(encoded.counts, dropped_long_prompts=dropped, truncated_completions=cut)
     return dataclasses.replace(encoded, examples=kept, counts=counts)
 
 
-def _sequences(prompts: list[list[int]], completions: list[list[int]], width: int, pad_id: int) -> SequenceBatch:
+def _sequences(prompts: list[list[int]], completions: list[list[int]], width: int,
+               pad_id: int) -> SequenceBatch:
     B = len(prompts)
     ids, attention, completion = (np.full((B, width), pad_id, np.int32), np.zeros((B, width), bool),
                                   np.zeros((B, width), bool))
@@ -134,21 +138,25 @@ def _sequences(prompts: list[list[int]], completions: list[list[int]], width: in
     return SequenceBatch(ids, attention, completion)
 
 
-def _packed_pairs(prompts, chosen, rejected, width: int, completion_width: int, pad_id: int) -> tuple[np.ndarray, ...]:
+def _packed_pairs(prompts, chosen, rejected, width: int, completion_width: int,
+                  pad_id: int) -> tuple[np.ndarray, ...]:
     """The six arrays of `PackedPairs`, up to its optional columns."""
     B, C = len(prompts), completion_width
     ids, mask, segments = (np.full((B, width), pad_id, np.int32), np.zeros((B, width), bool),
                            np.zeros((B, width), np.int32))
-    index, labels, label_mask = np.zeros((B, 2, C), np.int32), np.zeros((B, 2, C), np.int32), np.zeros((B, 2, C), bool)
+    index, labels, label_mask = (np.zeros((B, 2, C), np.int32), np.zeros((B, 2, C), np.int32),
+                                 np.zeros((B, 2, C), bool))
     for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
         row = p + c + r
         ids[i, : len(row)], mask[i, : len(row)] = row, True
         segments[i, len(p): len(p) + len(c)], segments[i, len(p) + len(c): len(row)] = 1, 2
         for side, (start, completion) in enumerate(((len(p), c), (len(p) + len(c), r))):
-            predictors = np.array([len(p) - 1, *range(start, start + len(completion) - 1)][: len(completion)])
+            predictors = np.array(
+                [len(p) - 1, *range(start, start + len(completion) - 1)][: len(completion)])
             real = predictors >= 0
             index[i, side, : len(completion)] = np.maximum(predictors, 0)
-            labels[i, side, : len(completion)], label_mask[i, side, : len(completion)] = completion, real
+            labels[i, side, : len(completion)], label_mask[i, side, : len(completion)] = (
+                completion, real)
     return ids, mask, segments, index, labels, label_mask
 
 
@@ -160,7 +168,8 @@ def bucket_width(examples: list[dict[str, Any]], kind: str, buckets: Sequence[in
     bucket that fits every completion and T = width + C fits prompt + chosen + rejected.
     """
     keys = _completion_keys(kind)
-    width = bucket(max(len(e["prompt_ids"]) + max((len(e[k]) for k in keys), default=0) for e in examples), buckets)
+    width = bucket(max(len(e["prompt_ids"]) + max((len(e[k]) for k in keys), default=0)
+                       for e in examples), buckets)
     if not share_prompt:
         return width
     completion_width = bucket(max(len(e[k]) for e in examples for k in keys), buckets)
@@ -171,33 +180,38 @@ def collate(examples: list[dict[str, Any]], kind: str, buckets: Sequence[int], p
             width: int | tuple[int, int] | None = None, share_prompt: bool = False):
     """One batch of the kind's type, padded to `width`, by default the smallest bucket that fits its
     longest row (with several processes, the global batch's longest row, so all shapes agree).
-    `share_prompt` packs preference pairs as `PackedPairs` (`width` is then bucket_width's (T, C))."""
+    `share_prompt` packs preference pairs as `PackedPairs` (`width` is then bucket_width's
+    (T, C))."""
     if share_prompt and kind != "preference":
         raise ValueError(f"share_prompt packs preference pairs, not {kind} rows")
     width = width or bucket_width(examples, kind, buckets, share_prompt)
     prompts = [e["prompt_ids"] for e in examples]
     if kind == "prompt_only":
-        ids, mask = np.full((len(prompts), width), pad_id, np.int32), np.zeros((len(prompts), width), bool)
+        ids, mask = (np.full((len(prompts), width), pad_id, np.int32),
+                     np.zeros((len(prompts), width), bool))
         for i, p in enumerate(prompts):
             if p:
                 ids[i, -len(p):], mask[i, -len(p):] = p, True
         other = [k for k in examples[0] if k not in ("prompt_ids", "truncated")]
         return PromptBatch(ids, mask, {k: [e[k] for e in examples] for k in other})
     if kind == "preference":
-        chosen, rejected = [e["chosen_ids"] for e in examples], [e["rejected_ids"] for e in examples]
+        chosen, rejected = ([e["chosen_ids"] for e in examples],
+                            [e["rejected_ids"] for e in examples])
         column = {k: np.array([e[k] for e in examples], np.float32) if k in examples[0] else None
                   for k in ("margin", "ref_chosen_logps", "ref_rejected_logps")}
         columns = column["margin"], column["ref_chosen_logps"], column["ref_rejected_logps"]
         if share_prompt:
             return PackedPairs(*_packed_pairs(prompts, chosen, rejected, *width, pad_id), *columns)
-        return PreferenceBatch(_sequences(prompts, chosen, width, pad_id), _sequences(prompts, rejected, width, pad_id),
-                               *columns)
+        return PreferenceBatch(_sequences(prompts, chosen, width, pad_id),
+                               _sequences(prompts, rejected, width, pad_id), *columns)
     completions = [e["completion_ids"] for e in examples]
     if kind == "unpaired_preference":
         shifted = completions[1:] + completions[:1]
         return UnpairedBatch(_sequences(prompts, completions, width, pad_id),
                              np.array([e["label"] for e in examples], bool),
-                             _sequences(prompts, [s[: width - len(p)] for p, s in zip(prompts, shifted)], width, pad_id))
+                             _sequences(prompts,
+                                        [s[: width - len(p)] for p, s in zip(prompts, shifted)],
+                                        width, pad_id))
     return _sequences(prompts, completions, width, pad_id)
 
 
@@ -217,7 +231,8 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
 
 def batches(encoded: Encoded, *, batch_size: int, seed: int, pad_id: int, buckets: Sequence[int],
             state: LoaderState = LoaderState(), epochs: int | None = None, process_index: int = 0,
-            process_count: int = 1, share_prompt: bool = False) -> Iterator[tuple[LoaderState, Any]]:
+            process_count: int = 1, share_prompt: bool = False
+            ) -> Iterator[tuple[LoaderState, Any]]:
     """Yield (state after this batch, host-local batch) forever, or for `epochs` epochs.
 
     Each epoch visits the rows in `epoch_order`, in global batches of `batch_size` rows (the last,
@@ -226,7 +241,8 @@ def batches(encoded: Encoded, *, batch_size: int, seed: int, pad_id: int, bucket
     Starting from a saved state yields exactly the batches that would have followed it.
     """
     if batch_size % process_count:
-        raise DataError(f"batch_size {batch_size} is not divisible by the {process_count} processes")
+        raise DataError(f"batch_size {batch_size} is not divisible by the {process_count} "
+                        f"processes")
     n = len(encoded.examples)
     per_epoch = n // batch_size
     if per_epoch == 0:
@@ -236,9 +252,11 @@ def batches(encoded: Encoded, *, batch_size: int, seed: int, pad_id: int, bucket
     while epochs is None or epoch < epochs:
         order = epoch_order(n, seed, epoch)
         while step < per_epoch:
-            global_rows = [encoded.examples[i] for i in order[step * batch_size:(step + 1) * batch_size]]
+            global_rows = [encoded.examples[i]
+                           for i in order[step * batch_size:(step + 1) * batch_size]]
             width = bucket_width(global_rows, encoded.kind, buckets, share_prompt)
             step += 1
             mine = global_rows[process_index * local:(process_index + 1) * local]
-            yield LoaderState(epoch, step), collate(mine, encoded.kind, buckets, pad_id, width, share_prompt)
+            yield LoaderState(epoch, step), collate(mine, encoded.kind, buckets, pad_id, width,
+                                                    share_prompt)
         epoch, step = epoch + 1, 0

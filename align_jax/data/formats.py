@@ -1,13 +1,13 @@
 """TRL's dataset formats: loading, recognising the type, and validating every row.
 
-| kind                 | columns                           | standard form | conversational form     |
-|----------------------|-----------------------------------|---------------|-------------------------|
-| `language_modeling`  | `text` / `messages`               | str           | list of messages        |
-| `prompt_completion`  | `prompt`, `completion`            | str, str      | messages, messages      |
-| `prompt_only`        | `prompt` (+ any columns)          | str           | messages                |
-| `preference`         | `prompt`, `chosen`, `rejected`    | str × 3       | messages × 3            |
-|                      | `chosen`, `rejected` (implicit)   | the prompt is their shared prefix       |
-| `unpaired_preference`| `prompt`, `completion`, `label`   | str, str, bool| messages, messages, bool|
+| kind                 | columns                         | standard form | conversational form     |
+|----------------------|---------------------------------|---------------|-------------------------|
+| `language_modeling`  | `text` / `messages`             | str           | list of messages        |
+| `prompt_completion`  | `prompt`, `completion`          | str, str      | messages, messages      |
+| `prompt_only`        | `prompt` (+ any columns)        | str           | messages                |
+| `preference`         | `prompt`, `chosen`, `rejected`  | str × 3       | messages × 3            |
+|                      | `chosen`, `rejected` (implicit) | the prompt is their shared prefix       |
+| `unpaired_preference`| `prompt`, `completion`, `label` | str, str, bool| messages, messages, bool|
 
 A message is `{"role": "system" | "user" | "assistant" | "tool", "content": str}`. Every problem
 raises `DataError` naming the source, the row (0-based), the column and what is wrong, before
@@ -49,12 +49,14 @@ def check_utf8(path: str, chunk_bytes: int = 1 << 20) -> None:
     with open(path, "rb") as f:
         while True:
             chunk = f.read(chunk_bytes)
-            pending = len(decoder.getstate()[0])  # a character's first bytes, held from the last chunk
+            # a character's first bytes, held from the last chunk
+            pending = len(decoder.getstate()[0])
             try:
                 decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as e:  # e.object is the held bytes followed by this chunk
                 at, line = offset - pending + e.start, line + e.object.count(b"\n", 0, e.start)
-                raise DataError(f"{path}: not UTF-8 text: byte offset {at} (line {line}) is 0x{e.object[e.start]:02x}, "
+                raise DataError(f"{path}: not UTF-8 text: byte offset {at} (line {line}) is "
+                                f"0x{e.object[e.start]:02x}, "
                                 f"{e.reason}; save the file as UTF-8") from None
             if not chunk:
                 return
@@ -85,7 +87,8 @@ def load_rows(source: str | os.PathLike | datasets.Dataset) -> tuple[datasets.Da
         raise DataError(f"{path}: no such file or directory")
     reader = _READERS.get(os.path.splitext(path)[1].lower())
     if reader is None:
-        raise DataError(f"{path}: unknown file type; expected one of {sorted(_READERS)} or a saved directory")
+        raise DataError(f"{path}: unknown file type; expected one of {sorted(_READERS)} "
+                        f"or a saved directory")
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty (no rows)")
     if reader != "parquet":
@@ -94,9 +97,11 @@ def load_rows(source: str | os.PathLike | datasets.Dataset) -> tuple[datasets.Da
         ds = datasets.load_dataset(reader, data_files=path, split="train")
     except Exception as e:
         cause = e.__cause__ or e
-        reason = " ".join(f"{type(cause).__name__}: {cause}".split())  # one line: Arrow's messages span several
+        # one line: Arrow's messages span several
+        reason = " ".join(f"{type(cause).__name__}: {cause}".split())
         if reader == "parquet":
-            raise DataError(f"{path}: not a readable Parquet file (truncated, corrupt or not Parquet: {reason})") from e
+            raise DataError(f"{path}: not a readable Parquet file (truncated, corrupt or not "
+                            f"Parquet: {reason})") from e
         raise DataError(f"{path}: cannot be read as {reader} ({reason})") from e
     if reader == "csv":  # CSV has no types: a completion "4" is text, not the number pandas infers
         for column in set(ds.column_names) & {"prompt", "chosen", "rejected", "completion", "text"}:
@@ -125,8 +130,8 @@ def detect_kind(columns: list[str], source: str) -> str:
         return "language_modeling"
     raise DataError(
         f"{source}: columns {sorted(columns)} match no TRL dataset type; expected one of "
-        "prompt+chosen+rejected, chosen+rejected, prompt+completion+label, prompt+completion, prompt, "
-        "text or messages")
+        "prompt+chosen+rejected, chosen+rejected, prompt+completion+label, prompt+completion, "
+        "prompt, text or messages")
 
 
 def text_columns(kind: str, columns: list[str]) -> tuple[str, ...]:
@@ -142,8 +147,8 @@ def _check_messages(value: list, source: str, row: int, column: str) -> None:
         raise DataError(f"{where(source, row, column)}: empty list of messages")
     for j, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"{where(source, row, column)}: message {j} must be a dict with 'role' and "
-                            f"'content', got {message!r}")
+            raise DataError(f"{where(source, row, column)}: message {j} must be a dict with "
+                            f"'role' and 'content', got {message!r}")
         if message["role"] not in ROLES:
             raise DataError(f"{where(source, row, column)}: message {j} has unknown role "
                             f"{message['role']!r}; expected one of {ROLES}")
@@ -171,8 +176,8 @@ def validate(ds: datasets.Dataset, source: str, kind: str | None = None) -> tupl
     needed = text_columns(kind, columns) + (("label",) if kind == "unpaired_preference" else ())
     for column in needed:
         if column not in columns:
-            raise DataError(f"{source}: missing column '{column}' (a {kind} dataset needs {list(needed)}; "
-                            f"found {columns})")
+            raise DataError(f"{source}: missing column '{column}' (a {kind} dataset needs "
+                            f"{list(needed)}; found {columns})")
     texts = text_columns(kind, columns)
     conversational = _form(ds[0][texts[0]]) == "conversational"
     form = "conversational" if conversational else "standard"
@@ -181,18 +186,19 @@ def validate(ds: datasets.Dataset, source: str, kind: str | None = None) -> tupl
         for column in texts:
             value = example[column]
             if value is None or not isinstance(value, (str, list)):
-                raise DataError(f"{where(source, row, column)}: expected text or a list of messages, got "
-                                f"{type(value).__name__} {value!r:.60}")
+                raise DataError(f"{where(source, row, column)}: expected text or a list of "
+                                f"messages, got {type(value).__name__} {value!r:.60}")
             if _form(value) != form:
-                raise DataError(f"{where(source, row, column)}: {_form(value)} value in a {form} dataset "
-                                f"(row 0 set the form); every row must be plain text or every row messages")
+                raise DataError(f"{where(source, row, column)}: {_form(value)} value in a {form} "
+                                f"dataset (row 0 set the form); every row must be plain text or "
+                                f"every row messages")
             if isinstance(value, list):
                 _check_messages(value, source, row, column)
             elif not value.strip() and column != "prompt":
                 raise DataError(f"{where(source, row, column)}: empty text")
         if kind == "unpaired_preference" and not isinstance(example["label"], bool):
-            raise DataError(f"{where(source, row, 'label')}: label must be a bool (true/false), got "
-                            f"{type(example['label']).__name__} {example['label']!r}")
+            raise DataError(f"{where(source, row, 'label')}: label must be a bool (true/false), "
+                            f"got {type(example['label']).__name__} {example['label']!r}")
         if kind == "preference" and example["chosen"] == example["rejected"]:
             identical += 1
     return kind, conversational, {"rows": len(ds), "identical_pairs": identical}
@@ -205,18 +211,20 @@ def extract_prompt(chosen: str | list, rejected: str | list) -> tuple[Any, Any, 
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
-    if isinstance(chosen, str) and n > 0 and chosen[n - 1] == " " and n < min(len(chosen), len(rejected)):
+    if (isinstance(chosen, str) and n > 0 and chosen[n - 1] == " "
+            and n < min(len(chosen), len(rejected))):
         n -= 1
     return chosen[:n], chosen[n:], rejected[n:]
 
 
 def unpair(pairs: datasets.Dataset, source: str = "<in-memory dataset>") -> datasets.Dataset:
-    """Preference rows (explicit prompt) → unpaired rows for KTO, as TRL's `unpair_preference_dataset`:
-    each pair gives (prompt, chosen, label True) then (prompt, rejected, label False); other
-    columns are dropped."""
+    """Preference rows (explicit prompt) → unpaired rows for KTO, as TRL's
+    `unpair_preference_dataset`: each pair gives (prompt, chosen, label True) then
+    (prompt, rejected, label False); other columns are dropped."""
     validate(pairs, source, kind="preference")
     if "prompt" not in pairs.column_names:
-        raise DataError(f"{source}: unpair needs an explicit prompt column, got {pairs.column_names}")
+        raise DataError(f"{source}: unpair needs an explicit prompt column, "
+                        f"got {pairs.column_names}")
     rows = [{"prompt": row["prompt"], "completion": row[column], "label": column == "chosen"}
             for row in pairs for column in ("chosen", "rejected")]
     return datasets.Dataset.from_list(rows)

@@ -1,7 +1,8 @@
 """Synthetic tasks whose true reward is known, deterministic from a seed, needing nothing outside.
 
 - **arithmetic**: "What is 37+45?" with an `answer` column; completions in the GRPO recipe's
-  `<think>…</think><answer>…</answer>` format, scored by `rewards.accuracy` and `rewards.think_format`.
+  `<think>…</think><answer>…</answer>` format, scored by `rewards.accuracy` and
+  `rewards.think_format`.
 - **sentiment grammar**: reviews such as "the plot was not very good but the music was great ."
   over a small vocabulary; `sentiment_score` parses any text with the grammar
   score = Σ_adjectives (−1 if "not") · (intensifier) · value(adjective), the synthetic analogue of
@@ -23,13 +24,15 @@ import numpy as np
 
 from align_jax.rewards import accuracy, completion_text
 
-FORMAT_INSTRUCTION = "Think inside <think></think>, then give only the number inside <answer></answer>."
+FORMAT_INSTRUCTION = ("Think inside <think></think>, then give only the number inside "
+                      "<answer></answer>.")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
 def _prompt(text: str, conversational: bool):
     if conversational:
-        return [{"role": "system", "content": FORMAT_INSTRUCTION}, {"role": "user", "content": text}]
+        return [{"role": "system", "content": FORMAT_INSTRUCTION},
+                {"role": "user", "content": text}]
     return f"{FORMAT_INSTRUCTION}\n{text}\n"
 
 
@@ -41,7 +44,8 @@ def arithmetic_completion(question: str, answer: int, filler: int = 0) -> str:
 
 
 def arithmetic(n: int, seed: int, *, digits: int = 2, operators: str = "+-",
-               conversational: bool = False, with_completion: bool = False, filler: int = 0) -> datasets.Dataset:
+               conversational: bool = False, with_completion: bool = False,
+               filler: int = 0) -> datasets.Dataset:
     """`n` problems "What is a∘b?" with operands of `digits` digits and ∘ from `operators`.
 
     Prompt-only rows (prompt, answer), or prompt-completion rows with a correct, well-formed
@@ -51,7 +55,8 @@ def arithmetic(n: int, seed: int, *, digits: int = 2, operators: str = "+-",
     """
     if not operators or set(operators) - set(_OPS) or digits < 1:
         raise ValueError(f"operators must be drawn from {sorted(_OPS)} and digits >= 1")
-    rng, filler_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])  # problems independent of filler
+    # problems independent of filler
+    rng, filler_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     low, high = 10 ** (digits - 1) if digits > 1 else 0, 10**digits
     rows = []
     for _ in range(n):
@@ -61,7 +66,8 @@ def arithmetic(n: int, seed: int, *, digits: int = 2, operators: str = "+-",
         answer = _OPS[op](a, b)
         row = {"prompt": _prompt(question, conversational), "answer": answer}
         if with_completion:
-            text = arithmetic_completion(question, answer, int(filler_rng.integers(filler + 1)) if filler else 0)
+            text = arithmetic_completion(question, answer,
+                                         int(filler_rng.integers(filler + 1)) if filler else 0)
             row["completion"] = [{"role": "assistant", "content": text}] if conversational else text
         rows.append(row)
     return datasets.Dataset.from_list(rows)
@@ -81,17 +87,20 @@ def arithmetic_candidates(row: dict, rng: np.random.Generator, n: int) -> list[s
 
 
 POSITIVE = {"good": 1.0, "great": 2.0, "fun": 1.0, "superb": 2.0, "charming": 1.0, "brilliant": 2.0}
-NEGATIVE = {"bad": -1.0, "awful": -2.0, "dull": -1.0, "boring": -1.0, "terrible": -2.0, "weak": -1.0}
+NEGATIVE = {"bad": -1.0, "awful": -2.0, "dull": -1.0, "boring": -1.0, "terrible": -2.0,
+            "weak": -1.0}
 INTENSIFIERS = {"very": 2.0, "really": 1.5}
-SUBJECTS = ("the plot", "the acting", "the music", "the ending", "the script", "the cast", "the movie")
+SUBJECTS = ("the plot", "the acting", "the music", "the ending", "the script", "the cast",
+            "the movie")
 CONNECTIVES = ("and", "but", "and honestly", "while", "and overall")
 _ADJECTIVES = {**POSITIVE, **NEGATIVE}
-_CLAUSE = re.compile(r"\b(?:(not)\s+)?(?:(%s)\s+)?(%s)\b" % ("|".join(INTENSIFIERS), "|".join(_ADJECTIVES)))
+_CLAUSE = re.compile(r"\b(?:(not)\s+)?(?:(%s)\s+)?(%s)\b"
+                     % ("|".join(INTENSIFIERS), "|".join(_ADJECTIVES)))
 
 
 def sentiment_score(text: str) -> float:
-    """Σ over adjectives of (−1 if preceded by "not") · intensifier · value; words outside the grammar
-    count for nothing, so any text has a score."""
+    """Σ over adjectives of (−1 if preceded by "not") · intensifier · value; words outside the
+    grammar count for nothing, so any text has a score."""
     return float(sum((-1.0 if neg else 1.0) * INTENSIFIERS.get(intensity, 1.0) * _ADJECTIVES[adj]
                      for neg, intensity, adj in _CLAUSE.findall(text.lower())))
 
@@ -118,12 +127,15 @@ def review(rng: np.random.Generator, clauses: int) -> str:
     return " ".join(parts) + " ."
 
 
-def sentiment(n: int, seed: int, *, conversational: bool = False, with_completion: bool = False) -> datasets.Dataset:
-    """Prompt-only rows: the opening clause of a review to continue ("Review: the plot was dull and"),
-    with its `prefix_score`. The reward of a continuation is `sentiment_score` of the continuation.
-    With `with_completion`, prompt-completion rows whose completion is a random continuation of one
-    to three clauses (`sentiment_candidates`): an SFT set for a reference policy of neutral taste."""
-    rng, completion_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])  # prompts independent
+def sentiment(n: int, seed: int, *, conversational: bool = False,
+              with_completion: bool = False) -> datasets.Dataset:
+    """Prompt-only rows: the opening clause of a review to continue
+    ("Review: the plot was dull and"), with its `prefix_score`. The reward of a continuation is
+    `sentiment_score` of the continuation. With `with_completion`, prompt-completion rows whose
+    completion is a random continuation of one to three clauses (`sentiment_candidates`): an SFT
+    set for a reference policy of neutral taste."""
+    # prompts independent
+    rng, completion_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     rows = []
     for _ in range(n):
         opening = review_clause(rng)
@@ -131,7 +143,8 @@ def sentiment(n: int, seed: int, *, conversational: bool = False, with_completio
         row = {"prompt": [{"role": "user", "content": text}] if conversational else text,
                "prefix_score": sentiment_score(opening)}
         if with_completion:
-            row["completion"] = _as_completion(sentiment_candidates(row, completion_rng, 1)[0], row["prompt"])
+            row["completion"] = _as_completion(sentiment_candidates(row, completion_rng, 1)[0],
+                                               row["prompt"])
         rows.append(row)
     return datasets.Dataset.from_list(rows)
 
@@ -144,7 +157,8 @@ def sentiment_candidates(row: dict, rng: np.random.Generator, n: int) -> list[st
 RewardFn = Callable[..., list[float]]
 
 
-def _scored_candidates(prompts: datasets.Dataset, candidates: Callable, reward_fn: RewardFn, n: int, rng):
+def _scored_candidates(prompts: datasets.Dataset, candidates: Callable, reward_fn: RewardFn,
+                       n: int, rng):
     for row in prompts:
         texts = candidates(row, rng, n)
         columns = {k: [v] * n for k, v in row.items() if k != "prompt"}
@@ -176,12 +190,13 @@ def label_pairs(prompts: datasets.Dataset, candidates: Callable, reward_fn: Rewa
             a_wins = rng.random() < 1.0 / (1.0 + np.exp(-beta * (ra - rb)))
         (c, rc), (r, rr) = ((a, ra), (b, rb)) if a_wins else ((b, rb), (a, ra))
         rows.append({"prompt": row["prompt"], "chosen": _as_completion(c, row["prompt"]),
-                     "rejected": _as_completion(r, row["prompt"]), "score_chosen": rc, "score_rejected": rr})
+                     "rejected": _as_completion(r, row["prompt"]), "score_chosen": rc,
+                     "score_rejected": rr})
     return datasets.Dataset.from_list(rows)
 
 
-def label_unpaired(prompts: datasets.Dataset, candidates: Callable, reward_fn: RewardFn, *, seed: int,
-                   threshold: float, per_prompt: int = 2) -> datasets.Dataset:
+def label_unpaired(prompts: datasets.Dataset, candidates: Callable, reward_fn: RewardFn, *,
+                   seed: int, threshold: float, per_prompt: int = 2) -> datasets.Dataset:
     """Unpaired rows (prompt, completion, label): label = true reward > `threshold` (KTO's format);
     rows keep their `score`."""
     rng = np.random.default_rng(seed)
@@ -194,7 +209,8 @@ def label_unpaired(prompts: datasets.Dataset, candidates: Callable, reward_fn: R
 
 def arithmetic_pairs(n: int, seed: int, **kwargs) -> datasets.Dataset:
     """Preference pairs over arithmetic candidates, the right answer (or format) chosen."""
-    return label_pairs(arithmetic(n, seed, **kwargs), arithmetic_candidates, accuracy, seed=seed, beta=None)
+    return label_pairs(arithmetic(n, seed, **kwargs), arithmetic_candidates, accuracy, seed=seed,
+                       beta=None)
 
 
 def sentiment_pairs(n: int, seed: int, beta: float | None = 1.0, longer_chosen: bool = False,
@@ -203,7 +219,8 @@ def sentiment_pairs(n: int, seed: int, beta: float | None = 1.0, longer_chosen: 
     With `longer_chosen`, only the pairs whose chosen continuation has more words than the rejected
     one are kept (of the `n` prompts): preferences where the better answer is also the longer one,
     as in SimPO's length ablations."""
-    pairs = label_pairs(sentiment(n, seed, **kwargs), sentiment_candidates, sentiment_reward, seed=seed, beta=beta)
+    pairs = label_pairs(sentiment(n, seed, **kwargs), sentiment_candidates, sentiment_reward,
+                        seed=seed, beta=beta)
     if longer_chosen:
         pairs = pairs.filter(lambda row: len(completion_text(row["chosen"]).split())
                              > len(completion_text(row["rejected"]).split()))
@@ -212,8 +229,8 @@ def sentiment_pairs(n: int, seed: int, beta: float | None = 1.0, longer_chosen: 
 
 def sentiment_unpaired(n: int, seed: int, threshold: float = 0.0, **kwargs) -> datasets.Dataset:
     """Unpaired continuations, desirable when their sentiment is above `threshold`."""
-    return label_unpaired(sentiment(n, seed, **kwargs), sentiment_candidates, sentiment_reward, seed=seed,
-                          threshold=threshold)
+    return label_unpaired(sentiment(n, seed, **kwargs), sentiment_candidates, sentiment_reward,
+                          seed=seed, threshold=threshold)
 
 
 TASKS = {  # the names a config's `data.synthetic` may use; each is f(n, seed, **synthetic_args)

@@ -17,7 +17,8 @@ from align_jax.data import synthetic
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
@@ -31,13 +32,16 @@ def _corpus(seed: int, rows: int):
         yield row["prompt"] + " " + synthetic.review(rng, 3)
 
 
-def tiny_tokenizer(vocab_size: int = 384, *, seed: int = 0, corpus_rows: int = 2000) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(vocab_size: int = 384, *, seed: int = 0,
+                   corpus_rows: int = 2000) -> PreTrainedTokenizerFast:
     """Train the tokenizer on text from the synthetic generators (deterministic for a seed)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_corpus(seed, corpus_rows), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>",

@@ -43,13 +43,16 @@ class Encoded:
 
 
 def _render(tokenizer, messages, *, generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt,
-                                        return_dict=False)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)  # a BatchEncoding in some versions
+    out = tokenizer.apply_chat_template(messages, tokenize=True,
+                                        add_generation_prompt=generation_prompt, return_dict=False)
+    # a BatchEncoding in some versions
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
-def _split(tokenizer, prompt, completion, conversational: bool, counts: dict) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) where completion ids follow the prompt's in the joint tokenization."""
+def _split(tokenizer, prompt, completion, conversational: bool,
+           counts: dict) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) where completion ids follow the prompt's in the joint
+    tokenization."""
     if conversational:
         prompt_ids = _render(tokenizer, prompt, generation_prompt=True) if prompt else []
         joint = _render(tokenizer, list(prompt or []) + list(completion), generation_prompt=False)
@@ -67,8 +70,8 @@ def _split(tokenizer, prompt, completion, conversational: bool, counts: dict) ->
 def render_pair(tokenizer, prompt, completion) -> list[int]:
     """The ids of prompt + completion exactly as training tokenizes them (chat template for
     messages, EOS appended to text)."""
-    prompt_ids, completion_ids = _split(tokenizer, prompt, completion, not isinstance(completion, str),
-                                        {"prefix_mismatches": 0})
+    prompt_ids, completion_ids = _split(tokenizer, prompt, completion,
+                                        not isinstance(completion, str), {"prefix_mismatches": 0})
     return prompt_ids + completion_ids
 
 
@@ -79,7 +82,8 @@ def encode(source, tokenizer, *, kind: str | None = None) -> Encoded:
     counts = dict(counts, prefix_mismatches=0)
     if conversational and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{name}: conversational rows need a chat template, and the tokenizer "
-                        f"{getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} has none")
+                        f"{getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)!r} "
+                        f"has none")
     columns = ds.column_names
     texts = text_columns(kind, columns)
     extra = [c for c in columns if c not in KINDS[kind][0] and c not in texts]
@@ -97,11 +101,12 @@ def encode(source, tokenizer, *, kind: str | None = None) -> Encoded:
             out = {"prompt_ids": list(ids), "prompt": prompt, **{c: example[c] for c in extra}}
         elif kind == "preference":
             prompt, chosen, rejected = ((example["prompt"], example["chosen"], example["rejected"])
-                                        if "prompt" in columns else extract_prompt(example["chosen"], example["rejected"]))
+                                        if "prompt" in columns
+                                        else extract_prompt(example["chosen"], example["rejected"]))
             for column, value in (("chosen", chosen), ("rejected", rejected)):
                 if not value and example["chosen"] != example["rejected"]:
-                    raise DataError(f"{where(name, row, column)}: empty after removing the prompt shared "
-                                    "with the other completion")
+                    raise DataError(f"{where(name, row, column)}: empty after removing the prompt "
+                                    "shared with the other completion")
             prompt_ids, chosen_ids = _split(tokenizer, prompt, chosen, conversational, counts)
             _, rejected_ids = _split(tokenizer, prompt, rejected, conversational, counts)
             out = {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}

@@ -1,4 +1,5 @@
-"""Pure loss math on arrays: preference (DPO family, SimPO, ORPO, KTO), reward, policy, advantages."""
+"""Pure loss math on arrays: preference (DPO family, SimPO, ORPO, KTO), reward, policy,
+advantages."""
 
 from align_jax.losses.advantages import SCALES, gae, group_advantages, rloo_advantages
 from align_jax.losses.policy import (

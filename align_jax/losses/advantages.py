@@ -76,7 +76,8 @@ def rloo_advantages(rewards_B: Array, group_size: int, *, valid_B: Array | None 
         raise ValueError(f"RLOO needs group_size >= 2, got {group_size}")
     rewards_NxG, valid_NxG = _valid_groups(rewards_B, group_size, valid_B)
     others_N = jnp.sum(valid_NxG, axis=1, keepdims=True) - valid_NxG
-    others_mean_NxG = (jnp.sum(rewards_NxG, axis=1, keepdims=True) - rewards_NxG) / jnp.maximum(others_N, 1)
+    others_mean_NxG = ((jnp.sum(rewards_NxG, axis=1, keepdims=True) - rewards_NxG)
+                       / jnp.maximum(others_N, 1))
     return jnp.where(valid_NxG & (others_N > 0), rewards_NxG - others_mean_NxG, 0.0).reshape(-1)
 
 

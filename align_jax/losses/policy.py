@@ -101,7 +101,8 @@ def policy_loss(
         high = (ratio > 1.0 + epsilon_high) & (advantages > 0)
         metrics["clip_ratio/low_mean"] = ops.masked_mean(low.astype(jnp.float32), mask_BxT)
         metrics["clip_ratio/high_mean"] = ops.masked_mean(high.astype(jnp.float32), mask_BxT)
-        metrics["clip_ratio/region_mean"] = ops.masked_mean((low | high).astype(jnp.float32), mask_BxT)
+        metrics["clip_ratio/region_mean"] = ops.masked_mean((low | high).astype(jnp.float32),
+                                                            mask_BxT)
     else:
         weight = jax.lax.stop_gradient(jnp.minimum(ratio, cispo_max_ratio))
         per_token = -weight * advantages * logps_BxT

@@ -144,7 +144,8 @@ _USES_LENGTHS = ("ipo", "sigmoid_norm")
 
 
 def f_divergence_scores(logratios: Array, f_divergence: str, alpha: float = 0.5) -> Array:
-    """f'(u) for u = π/π_ref given log u, as in f-DPO (Wang et al. 2023, Table 1), constants dropped.
+    """f'(u) for u = π/π_ref given log u, as in f-DPO (Wang et al. 2023, Table 1), constants
+    dropped.
 
     reverse_kl: log u;  forward_kl: -1/u;  js_divergence: log σ(log u) = log(u/(1+u));
     alpha_divergence: u^(α-1)/(α-1), which is forward KL at α = 0 and tends to reverse KL as α→1.
@@ -194,7 +195,8 @@ def dpo_loss(
 ) -> tuple[Array, Metrics]:
     """The DPO loss family of TRL's DPOTrainer, per pair.
 
-    DPO (Rafailov et al. 2023): -log σ(β [(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]).
+    DPO (Rafailov et al. 2023):
+    -log σ(β [(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]).
     Every `loss_type` of DPO_LOSSES replaces -log σ(β h) by its own function of the same log-ratios;
     `f_divergence` replaces each log-ratio log u by f'(u) first (f-DPO), and `reference_free`
     sets log π_ref = 0 (a uniform reference).

@@ -41,7 +41,8 @@ class DecoderConfig:
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
             )
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"rope_type {self.rope_type!r} unsupported; expected {SUPPORTED_ROPE_TYPES}")
+            raise ValueError(f"rope_type {self.rope_type!r} unsupported; "
+                             f"expected {SUPPORTED_ROPE_TYPES}")
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any] | Any, *, source: str = "config") -> "DecoderConfig":
@@ -53,10 +54,12 @@ class DecoderConfig:
         model_type = hf.get("model_type")
         where = f"{source}: model_type={model_type!r}"
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{where} is not supported; align_jax supports {SUPPORTED_MODEL_TYPES}")
+            raise ValueError(f"{where} is not supported; "
+                             f"align_jax supports {SUPPORTED_MODEL_TYPES}")
         act = hf.get("hidden_act", "silu")
         if act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"{where}: hidden_act={act!r} is not supported (only SwiGLU with silu)")
+            raise ValueError(f"{where}: hidden_act={act!r} is not supported "
+                             f"(only SwiGLU with silu)")
         if hf.get("mlp_bias"):
             raise ValueError(f"{where}: mlp_bias=True is not supported")
         if model_type == "llama" and hf.get("attention_bias"):

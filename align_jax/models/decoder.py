@@ -24,7 +24,8 @@ Array = jax.Array
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every layer for S slots, which slots hold real tokens, and the next slot."""
+    """Keys and values of every layer for S slots, which slots hold real tokens, and the next
+    slot."""
 
     keys: tuple[Array, ...]  # per layer [B, K, S, H]
     values: tuple[Array, ...]
@@ -105,7 +106,8 @@ def attention(q_BxTxQxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: 
     B, T, Q, H = q_BxTxQxH.shape
     K = k_BxKxSxH.shape[1]
     q_BxKxJxTxH = q_BxTxQxH.reshape(B, T, K, Q // K, H).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkjth,bksh->bkjts", q_BxKxJxTxH, k_BxKxSxH, preferred_element_type=jnp.float32) * H**-0.5
+    scores = jnp.einsum("bkjth,bksh->bkjts", q_BxKxJxTxH, k_BxKxSxH,
+                        preferred_element_type=jnp.float32) * H**-0.5
     scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
     out_BxKxJxTxH = jnp.einsum("bkjts,bksh->bkjth", probs, v_BxKxSxH)
@@ -118,14 +120,17 @@ class Attention(nnx.Module):
         self.config = c
         self.q_proj = _dense(rngs, c.hidden_size, c.num_heads * c.head_dim, ("embed", "heads"),
                              bias=c.attention_bias, **kw)
-        self.k_proj = _dense(rngs, c.hidden_size, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"),
-                             bias=c.attention_bias, **kw)
-        self.v_proj = _dense(rngs, c.hidden_size, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"),
-                             bias=c.attention_bias, **kw)
-        self.o_proj = _dense(rngs, c.num_heads * c.head_dim, c.hidden_size, ("heads", "embed"), **kw)
+        self.k_proj = _dense(rngs, c.hidden_size, c.num_kv_heads * c.head_dim,
+                             ("embed", "kv_heads"), bias=c.attention_bias, **kw)
+        self.v_proj = _dense(rngs, c.hidden_size, c.num_kv_heads * c.head_dim,
+                             ("embed", "kv_heads"), bias=c.attention_bias, **kw)
+        self.o_proj = _dense(rngs, c.num_heads * c.head_dim, c.hidden_size, ("heads", "embed"),
+                             **kw)
         if c.qk_norm:
-            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype, axis_name="head_dim")
-            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype, axis_name="head_dim")
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype,
+                                  axis_name="head_dim")
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype,
+                                  axis_name="head_dim")
 
     def __call__(self, x_RxD, cos_sin, mask_BxTxS, kv_cache):
         """x_RxD holds the R = B·T tokens of the batch as rows (see `Decoder.hidden_states`)."""
@@ -151,9 +156,12 @@ class MLP(nnx.Module):
 
     def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.gate_proj = _dense(rngs, config.hidden_size, config.intermediate_size, ("embed", "mlp"), **kw)
-        self.up_proj = _dense(rngs, config.hidden_size, config.intermediate_size, ("embed", "mlp"), **kw)
-        self.down_proj = _dense(rngs, config.intermediate_size, config.hidden_size, ("mlp", "embed"), **kw)
+        self.gate_proj = _dense(rngs, config.hidden_size, config.intermediate_size,
+                                ("embed", "mlp"), **kw)
+        self.up_proj = _dense(rngs, config.hidden_size, config.intermediate_size,
+                              ("embed", "mlp"), **kw)
+        self.down_proj = _dense(rngs, config.intermediate_size, config.hidden_size,
+                                ("mlp", "embed"), **kw)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -162,9 +170,11 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                       param_dtype=param_dtype)
         self.self_attn = Attention(config, **kw)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                                param_dtype=param_dtype)
         self.mlp = MLP(config, **kw)
 
     def __call__(self, x, cos_sin, mask, kv_cache):
@@ -200,10 +210,12 @@ class Decoder(nnx.Module):
 
     def _build(self, config, rngs, dtype, param_dtype, with_scalar_head):
         embed_init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"))
-        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, embedding_init=embed_init,
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size,
+                                      embedding_init=embed_init,
                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List(
-            [Block(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(config.num_layers)]
+            [Block(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+             for _ in range(config.num_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         if not config.tie_word_embeddings:
@@ -228,12 +240,14 @@ class Decoder(nnx.Module):
         segment sees exactly what it would see as prefix + segment in a row of its own.
         """
         B, T = input_ids_BxT.shape
-        new_mask = jnp.ones((B, T), bool) if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
+        new_mask = (jnp.ones((B, T), bool) if attention_mask_BxT is None
+                    else attention_mask_BxT.astype(bool))
         if cache is None:
             key_mask, index, offset = new_mask, jnp.zeros((), jnp.int32), jnp.zeros((B,), jnp.int32)
         else:
             if segment_ids_BxT is not None:
-                raise ValueError("segment_ids_BxT packs training rows; it cannot be combined with a KV cache")
+                raise ValueError("segment_ids_BxT packs training rows; it cannot be combined with "
+                                 "a KV cache")
             key_mask = jax.lax.dynamic_update_slice(cache.key_mask_BxS, new_mask, (0, cache.index))
             index, offset = cache.index, jnp.sum(cache.key_mask_BxS, axis=1, dtype=jnp.int32)
         query_slots = index + jnp.arange(T)
@@ -242,7 +256,8 @@ class Decoder(nnx.Module):
         mask_BxTxS = allowed[None] & key_mask[:, None, :]
         window = self.config.sliding_window
         if segment_ids_BxT is None:
-            positions = jnp.maximum(offset[:, None] + jnp.cumsum(new_mask, axis=1, dtype=jnp.int32) - 1, 0)
+            positions = jnp.maximum(offset[:, None]
+                                    + jnp.cumsum(new_mask, axis=1, dtype=jnp.int32) - 1, 0)
             if window is not None:  # slots are consecutive positions here
                 mask_BxTxS &= (query_slots[:, None] - key_slots[None, :] < window)[None]
         else:
@@ -259,7 +274,8 @@ class Decoder(nnx.Module):
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i], index)
-            x, (k, v) = (_rematerialised if self.remat else _plain)(layer, x, cos_sin, mask_BxTxS, kv)
+            x, (k, v) = (_rematerialised if self.remat else _plain)(layer, x, cos_sin,
+                                                                    mask_BxTxS, kv)
             keys.append(k)
             values.append(v)
         x = self.norm(x).reshape(B, T, -1)
@@ -274,7 +290,8 @@ class Decoder(nnx.Module):
 
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, cache=None, segment_ids_BxT=None):
         """Logits [B, T, V] (in the compute dtype; `ops.token_logps` normalises in float32)."""
-        hidden, cache = self.hidden_states(input_ids_BxT, attention_mask_BxT, cache, segment_ids_BxT)
+        hidden, cache = self.hidden_states(input_ids_BxT, attention_mask_BxT, cache,
+                                           segment_ids_BxT)
         return (self.logits(hidden), cache) if cache is not None else self.logits(hidden)
 
     def token_values(self, input_ids_BxT, attention_mask_BxT=None) -> Array:

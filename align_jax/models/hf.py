@@ -24,7 +24,8 @@ from align_jax.models.decoder import Decoder
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def hf_param_names(config: DecoderConfig, scalar_head: bool = False) -> Iterator[tuple[str, tuple, bool]]:
+def hf_param_names(config: DecoderConfig,
+                   scalar_head: bool = False) -> Iterator[tuple[str, tuple, bool]]:
     """(HF tensor name, path of the NNX variable, whether the HF tensor is a transposed kernel).
 
     With `scalar_head`, the layout of `…ForSequenceClassification` (one label): `score.weight`
@@ -59,11 +60,12 @@ def _variable(model: Decoder, path: tuple) -> nnx.Variable:
 
 def from_tensors(config: DecoderConfig, tensors: dict[str, Any], *, dtype=jnp.float32,
                  source: str = "checkpoint") -> Decoder:
-    """Build a Decoder from HF-named tensors (numpy or jax arrays), never initialising random weights.
+    """Build a Decoder from HF-named tensors (numpy or jax arrays), never initialising random
+    weights.
 
     Every expected tensor must be present with the right shape; unexpected tensors are an error
-    (they mean the architecture does not match), except recomputed buffers. A `score.weight`
-    tensor (a reward model saved as `…ForSequenceClassification`) gives a Decoder with its scalar head.
+    (they mean the architecture does not match), except recomputed buffers. A `score.weight` tensor
+    (a reward model saved as `…ForSequenceClassification`) gives a Decoder with its scalar head.
     """
     scalar_head = "score.weight" in tensors
     model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
@@ -86,7 +88,8 @@ def from_tensors(config: DecoderConfig, tensors: dict[str, Any], *, dtype=jnp.fl
         array = jnp.asarray(array, dtype=dtype)
         variable.set_value(array.T if transposed else array)
     if missing:
-        raise ValueError(f"{source}: missing tensors {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        raise ValueError(f"{source}: missing tensors {missing[:5]}"
+                         f"{' …' if len(missing) > 5 else ''}")
     unexpected = [k for k in tensors if not k.endswith(_IGNORED_SUFFIXES)]
     if unexpected:
         raise ValueError(f"{source}: unexpected tensors {unexpected[:5]} for model_type="
@@ -121,7 +124,8 @@ def _load_safetensors_dir(directory: Path) -> dict[str, Any]:
 
 
 def _reverse_llama_cpp_permute(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs → transformers' split halves)."""
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs → transformers' split
+    halves)."""
     half = w.shape[0] // num_heads // 2
     return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -149,7 +153,8 @@ def read_config(source) -> DecoderConfig:
 
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
-        return DecoderConfig.from_hf(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name),
+        return DecoderConfig.from_hf(AutoConfig.from_pretrained(str(path.parent),
+                                                                gguf_file=path.name),
                                      source=str(path))
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -177,7 +182,8 @@ def _load_gguf(path: Path) -> tuple[DecoderConfig, dict[str, np.ndarray]]:
             name = f"model.layers.{layer}.{_GGUF_BLOCK_NAMES[kind]}.{suffix}"
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
-        if config.model_type in ("llama", "mistral") and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+        if (config.model_type in ("llama", "mistral")
+                and t.name.endswith(("attn_q.weight", "attn_k.weight"))):
             heads = config.num_heads if "attn_q" in t.name else config.num_kv_heads
             w = _reverse_llama_cpp_permute(w, heads)
         tensors[name] = w
@@ -199,7 +205,8 @@ def load_pretrained(source, *, dtype=jnp.float32) -> Decoder:
     if path.suffix == ".gguf":
         config, tensors = _load_gguf(path)
         return from_tensors(config, tensors, dtype=dtype, source=str(path))
-    return from_tensors(read_config(path), _load_safetensors_dir(path), dtype=dtype, source=str(path))
+    return from_tensors(read_config(path), _load_safetensors_dir(path), dtype=dtype,
+                        source=str(path))
 
 
 def save_pretrained(model: Decoder, path, *, tokenizer=None) -> Path:
@@ -221,7 +228,8 @@ def save_pretrained(model: Decoder, path, *, tokenizer=None) -> Path:
         config["torch_dtype"] = str(np.dtype(model.embed_tokens.embedding.get_value().dtype))
         tensors = {k: jnp.asarray(v) for k, v in to_tensors(model).items()}
         if hasattr(model, "score_head"):
-            config["architectures"] = [config["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
+            config["architectures"] = [
+                config["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
             config["num_labels"] = 1
             if tokenizer is not None:
                 config["pad_token_id"] = tokenizer.pad_token_id
