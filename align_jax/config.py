@@ -39,7 +39,8 @@ OmegaConf.register_resolver("package_file", package_file, replace=True)
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     path: Optional[str] = None  # an HF directory or .gguf file; None builds `init` from scratch
-    init: dict[str, Any] = dataclasses.field(default_factory=dict)  # transformers.LlamaConfig kwargs
+    # transformers.LlamaConfig kwargs
+    init: dict[str, Any] = dataclasses.field(default_factory=dict)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     remat: bool = False
 
@@ -54,14 +55,17 @@ class DataConfig:
     max_length: int = 256
     max_prompt_length: Optional[int] = None
     buckets: Optional[list[int]] = None  # padded lengths; default powers of two up to max_length
-    share_prompt: bool = True  # dpo: pack prompt | chosen | rejected in one row, so the prompt runs once
+    # dpo: pack prompt | chosen | rejected in one row, so the prompt runs once
+    share_prompt: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     method: str = "sft"  # sft | reward | dpo | kto (offline); grpo | ppo (online, settings in `rl`)
-    steps: int = 100  # updates; for online methods, rollouts (each of rl.num_iterations × rl.mini_batches updates)
-    batch_size: int = 8  # global, in examples (pairs for preference methods, prompts per rollout online)
+    # updates; for online methods, rollouts (each of rl.num_iterations × rl.mini_batches updates)
+    steps: int = 100
+    # global, in examples (pairs for preference methods, prompts per rollout online)
+    batch_size: int = 8
     micro_batches: int = 1  # gradient accumulation: batch_size is split into this many
     lr: float = 1e-5
     schedule: str = "cosine"  # cosine | linear | constant, after linear warmup
@@ -74,19 +78,22 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 0  # 0: only at the end and on interruption
     keep_checkpoints: int = 3
-    wandb_project: Optional[str] = None  # also log to Weights & Biases (the `wandb` extra; WANDB_MODE=offline works)
+    # also log to Weights & Biases (the `wandb` extra; WANDB_MODE=offline works)
+    wandb_project: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    loss_type: str = "sigmoid"  # dpo: a key of losses.DPO_LOSSES, or simpo | orpo; kto: kto | apo_zero_unpaired
+    # dpo: a key of losses.DPO_LOSSES, or simpo | orpo; kto: kto | apo_zero_unpaired
+    loss_type: str = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     rpo_alpha: Optional[float] = None  # weight of the NLL on chosen completions added to DPO (RPO)
     simpo_gamma: float = 0.5
     simpo_length_normalize: bool = True  # False: the "SimPO w/o LN" ablation, reward β log π(y)
     reference_free: bool = False
-    precompute_ref_logps: bool = False  # reference log-probs once over the dataset, then no reference model
+    # reference log-probs once over the dataset, then no reference model
+    precompute_ref_logps: bool = False
     completion_only: bool = True  # SFT: loss on completion tokens only, else on every token
     margin_column: Optional[str] = None  # reward model: a per-pair margin column
     center_coef: float = 0.0  # reward model: reward centering
@@ -107,18 +114,23 @@ class RLConfig:
     # rewards (GRPO): names in train.rl.REWARD_FUNCTIONS or 'module:function', combined with weights
     reward_funcs: list[str] = dataclasses.field(default_factory=lambda: ["accuracy", "format"])
     reward_weights: Optional[list[float]] = None  # default: 1 each
-    reward_model: Optional[str] = None  # a reward model's HF directory: PPO's score, or GRPO's "reward_model"
-    soft_overlong_cache: int = 0  # DAPO soft overlong punishment over the last L_cache tokens; 0: off
+    # a reward model's HF directory: PPO's score, or GRPO's "reward_model"
+    reward_model: Optional[str] = None
+    # DAPO soft overlong punishment over the last L_cache tokens; 0: off
+    soft_overlong_cache: int = 0
     # advantages (GRPO family)
     advantage: str = "grpo"  # grpo: (r - mean) / scale | rloo: leave-one-out baseline
     scale_rewards: str = "group"  # group (GRPO) | batch | none (Dr. GRPO)
-    dynamic_sampling: bool = False  # DAPO: refill the batch with groups whose rewards are not all equal
+    # DAPO: refill the batch with groups whose rewards are not all equal
+    dynamic_sampling: bool = False
     max_sampling_rounds: int = 3  # rollouts drawn at most per batch when dynamic_sampling
-    mask_truncated: bool = False  # DAPO overlong filtering: no loss on completions that hit max_new_tokens
+    # DAPO overlong filtering: no loss on completions that hit max_new_tokens
+    mask_truncated: bool = False
     # the surrogate
     loss_type: str = "clip"  # clip | cispo
     importance_sampling_level: str = "token"  # token | sequence (GSPO)
-    aggregation: str = "sequence_mean"  # GRPO; token_mean (DAPO, PPO); token_sum_over_max_len (Dr. GRPO)
+    # GRPO; token_mean (DAPO, PPO); token_sum_over_max_len (Dr. GRPO)
+    aggregation: str = "sequence_mean"
     epsilon_low: float = 0.2
     epsilon_high: Optional[float] = None  # DAPO clip-higher, e.g. 0.28; default epsilon_low
     beta: float = 0.0  # GRPO: k3 KL to the reference (no reference is held at 0)
@@ -128,7 +140,8 @@ class RLConfig:
     # PPO (Ouyang et al. 2022; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO")
     critic: Optional[str] = None  # the value model's starting weights; default: the reward model
     kl_coef: float = 0.05  # per-token KL penalty in the reward
-    kl_target: Optional[float] = None  # adaptive KL controller target (Ziegler et al. 2019); None: fixed
+    # adaptive KL controller target (Ziegler et al. 2019); None: fixed
+    kl_target: Optional[float] = None
     kl_horizon: int = 10000
     missing_eos_penalty: Optional[float] = None  # the EOS trick: subtracted from scores without EOS
     whiten_rewards: bool = False
@@ -158,7 +171,8 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    tokenizer: str = "tiny"  # a tokenizer directory, a .gguf file, or "tiny" (the synthetic-task tokenizer)
+    # a tokenizer directory, a .gguf file, or "tiny" (the synthetic-task tokenizer)
+    tokenizer: str = "tiny"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
@@ -186,7 +200,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         message = str(getattr(e, "msg", e)).splitlines()[0]
-        raise ConfigError(f"{where}: key '{key}': {message}" if key else f"{where}: {message}") from None
+        raise ConfigError(f"{where}: key '{key}': {message}" if key
+                          else f"{where}: {message}") from None
 
 
 def to_yaml(config: RunConfig) -> str:

@@ -1,7 +1,7 @@
 """Will a run fit, and how fast can it go? Ahead-of-time compilation for a TPU slice or GPU node.
 
-`plan(cfg, "v5e:2x2")` (or `"h100:8"`) builds the run's jitted programs from its config alone — shapes from
-`model.path`'s `config.json` (no weights), `train.batch_size`, `data.max_length`,
+`plan(cfg, "v5e:2x2")` (or `"h100:8"`) builds the run's jitted programs from its config alone —
+shapes from `model.path`'s `config.json` (no weights), `train.batch_size`, `data.max_length`,
 `rl.max_new_tokens`, `rl.num_generations`, micro-batches and the mesh; no data is read — and
 compiles each one with XLA for compile-only devices of the topology (`align_jax.topology`), on any
 host. Per program and device it reports the compiler's memory (arguments,
@@ -66,7 +66,8 @@ class Program:
     roofline_seconds: float = 0.0
     mfu_at_roofline: float = 0.0
     error: str | None = None  # the compiler's message when the program does not fit
-    largest: list[str] = dataclasses.field(default_factory=list)  # its largest buffers, when it does not fit
+    # its largest buffers, when it does not fit
+    largest: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -87,8 +88,8 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         """The plan as one JSON object (`align-jax plan --json`)."""
         train = self.programs[0]
-        return dict(dataclasses.asdict(self), fits=self.fits, compile_seconds=sum(p.compile_seconds for p in
-                                                                                 self.programs),
+        return dict(dataclasses.asdict(self), fits=self.fits,
+                    compile_seconds=sum(p.compile_seconds for p in self.programs),
                     peak_bytes_per_device=max(p.peak_bytes for p in self.programs),
                     flops_per_device=train.flops, roofline_step_seconds=train.roofline_seconds)
 
@@ -109,12 +110,14 @@ def device_bytes(tree) -> int:
 
 
 def _placed(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                        shardings)
 
 
 def _arrays(mesh: Mesh, **shapes) -> dict[str, jax.ShapeDtypeStruct]:
     """Batch arrays split over the batch axes: name=(shape, dtype)."""
-    return {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh)) for k, (s, d) in shapes.items()}
+    return {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh))
+            for k, (s, d) in shapes.items()}
 
 
 def _decoder_config(cfg: RunConfig, path: str | None) -> DecoderConfig:
@@ -140,12 +143,14 @@ def _abstract_params(make_model, mesh: Mesh):
 
 def _abstract_state(params, tx, mesh: Mesh) -> TrainState:
     def init(p):
-        return TrainState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.key_data(jax.random.key(0)))
+        return TrainState(jnp.zeros((), jnp.int32), p, tx.init(p),
+                          jax.random.key_data(jax.random.key(0)))
     return _placed(jax.eval_shape(init, params), state_shardings(params, tx, mesh))
 
 
 def _sequences(mesh, B, L) -> SequenceBatch:
-    a = _arrays(mesh, ids=((B, L), jnp.int32), attention=((B, L), jnp.bool_), completion=((B, L), jnp.bool_))
+    a = _arrays(mesh, ids=((B, L), jnp.int32), attention=((B, L), jnp.bool_),
+                completion=((B, L), jnp.bool_))
     return SequenceBatch(a["ids"], a["attention"], a["completion"])
 
 
@@ -156,15 +161,18 @@ def offline_batch(cfg: RunConfig, mesh: Mesh):
     per_pair = _arrays(mesh, margin=((B,), jnp.float32), ref_chosen=((B,), jnp.float32),
                        ref_rejected=((B,), jnp.float32))
     margin = per_pair["margin"] if loss.margin_column else None
-    refs = (per_pair["ref_chosen"], per_pair["ref_rejected"]) if loss.precompute_ref_logps else (None, None)
+    refs = ((per_pair["ref_chosen"], per_pair["ref_rejected"]) if loss.precompute_ref_logps
+            else (None, None))
     if method == "sft":
         return _sequences(mesh, B, L)
     if method == "kto":
-        return UnpairedBatch(_sequences(mesh, B, L), _arrays(mesh, y=((B,), jnp.bool_))["y"], _sequences(mesh, B, L))
+        return UnpairedBatch(_sequences(mesh, B, L), _arrays(mesh, y=((B,), jnp.bool_))["y"],
+                             _sequences(mesh, B, L))
     if method == "dpo" and cfg.data.share_prompt:
         T, K = 2 * L, L
-        a = _arrays(mesh, ids=((B, T), jnp.int32), mask=((B, T), jnp.bool_), seg=((B, T), jnp.int32),
-                    index=((B, 2, K), jnp.int32), labels=((B, 2, K), jnp.int32), lmask=((B, 2, K), jnp.bool_))
+        a = _arrays(mesh, ids=((B, T), jnp.int32), mask=((B, T), jnp.bool_),
+                    seg=((B, T), jnp.int32), index=((B, 2, K), jnp.int32),
+                    labels=((B, 2, K), jnp.int32), lmask=((B, 2, K), jnp.bool_))
         return PackedPairs(*a.values(), margin, *refs)
     return PreferenceBatch(_sequences(mesh, B, L), _sequences(mesh, B, L), margin, *refs)
 
@@ -184,18 +192,20 @@ def offline_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
         step = make_train_step(loss_fn, graphdef, tx, cfg.loss, t.micro_batches, learning_rate(t))
     else:
         stacked = sweep.stacked_shardings(state_shardings(params, tx, mesh))
-        state = _placed(jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(names), *x.shape), x.dtype), state),
+        state = _placed(jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(names), *x.shape),
+                                                                    x.dtype), state),
                         stacked)
         step = sweep.vmap_step(lambda c: make_train_step(loss_fn, graphdef, tx, c, t.micro_batches,
-                                                         learning_rate(t)), cfg.loss, cfg.sweep.field,
-                               cfg.sweep.values)
+                                                         learning_rate(t)),
+                               cfg.loss, cfg.sweep.field, cfg.sweep.values)
     batch = offline_batch(cfg, mesh)
     specs = [Spec("train_step", jax.jit(step, donate_argnums=0), (state, ref, batch),
                   dict(params=state.params, optimizer=state.opt_state, reference=ref, batch=batch))]
     if cfg.loss.precompute_ref_logps:
         ref_fn = jax.jit(lambda p, b: methods.pair_logps(nnx.merge(graphdef, p), b)[:2])
-        specs.append(Spec("reference_logps", ref_fn, (params, batch._replace(ref_chosen_logps_B=None,
-                                                                             ref_rejected_logps_B=None)),
+        specs.append(Spec("reference_logps", ref_fn,
+                          (params, batch._replace(ref_chosen_logps_B=None,
+                                                  ref_rejected_logps_B=None)),
                           dict(reference=params, batch=batch)))
     return specs
 
@@ -203,12 +213,14 @@ def offline_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
 def _rollout(cfg: RunConfig, mesh: Mesh, rows: int, is_ppo: bool) -> online.Rollout:
     P, T = cfg.data.max_length, cfg.rl.max_new_tokens
     a = _arrays(mesh, prompt=((rows, P), jnp.int32), prompt_mask=((rows, P), jnp.bool_),
-                ids=((rows, T), jnp.int32), mask=((rows, T), jnp.bool_), loss_mask=((rows, T), jnp.bool_),
-                logps=((rows, T), jnp.float32), per_token=((rows, T), jnp.float32), per_row=((rows,), jnp.float32))
+                ids=((rows, T), jnp.int32), mask=((rows, T), jnp.bool_),
+                loss_mask=((rows, T), jnp.bool_), logps=((rows, T), jnp.float32),
+                per_token=((rows, T), jnp.float32), per_row=((rows,), jnp.float32))
     with_ref = not is_ppo and cfg.rl.beta != 0.0
-    return online.Rollout(a["prompt"], a["prompt_mask"], a["ids"], a["mask"], a["loss_mask"], a["logps"],
-                          a["per_token"] if is_ppo else a["per_row"], a["logps"] if with_ref else None,
-                          a["per_token"] if is_ppo else None, a["per_token"] if is_ppo else None)
+    return online.Rollout(a["prompt"], a["prompt_mask"], a["ids"], a["mask"], a["loss_mask"],
+                          a["logps"], a["per_token"] if is_ppo else a["per_row"],
+                          a["logps"] if with_ref else None, a["per_token"] if is_ppo else None,
+                          a["per_token"] if is_ppo else None)
 
 
 def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
@@ -219,15 +231,19 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     policy_config = _decoder_config(cfg, None)
     make_model = _maker(cfg, policy_config)
     if is_ppo:
-        make_value = _maker(cfg, _decoder_config(cfg, rl.critic or rl.reward_model), scalar_head=True)
-        make_model = lambda rngs: online.ActorCritic(_maker(cfg, policy_config)(rngs), make_value(rngs))  # noqa: E731
+        make_value = _maker(cfg, _decoder_config(cfg, rl.critic or rl.reward_model),
+                            scalar_head=True)
+        make_model = lambda rngs: online.ActorCritic(  # noqa: E731
+            _maker(cfg, policy_config)(rngs), make_value(rngs))
     graphdef, params = _abstract_params(make_model, mesh)
     updates = rl.num_iterations * rl.mini_batches
-    tx = make_optimizer(dataclasses.replace(t, steps=t.steps * updates, warmup_steps=t.warmup_steps * updates))
+    tx = make_optimizer(dataclasses.replace(t, steps=t.steps * updates,
+                                            warmup_steps=t.warmup_steps * updates))
     state = _abstract_state(params, tx, mesh)
     rows = t.batch_size * rl.num_generations
     if rows % rl.mini_batches:
-        raise ConfigError(f"rl.mini_batches={rl.mini_batches} does not divide the rollout's {rows} rows")
+        raise ConfigError(f"rl.mini_batches={rl.mini_batches} does not divide the rollout's "
+                          f"{rows} rows")
     mini = _rollout(cfg, mesh, rows // rl.mini_batches, is_ppo)
     step = make_train_step(online.ppo if is_ppo else online.grpo, graphdef, tx, rl, t.micro_batches,
                            learning_rate(t))
@@ -238,22 +254,27 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     prompts = _arrays(mesh, ids=((t.batch_size, cfg.data.max_length), jnp.int32),
                       mask=((t.batch_size, cfg.data.max_length), jnp.bool_))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
-    config = sampling.SamplingConfig(max_new_tokens=rl.max_new_tokens, num_samples=rl.num_generations,
-                                     temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p, stop_token_ids=(2,))
-    generate = jax.jit(lambda p, ids, mask, k: sampling._generate(policy_graphdef, p, ids, mask, k, config=config))
+    config = sampling.SamplingConfig(max_new_tokens=rl.max_new_tokens,
+                                     num_samples=rl.num_generations, temperature=rl.temperature,
+                                     top_k=rl.top_k, top_p=rl.top_p, stop_token_ids=(2,))
+    generate = jax.jit(lambda p, ids, mask, k: sampling._generate(policy_graphdef, p, ids, mask, k,
+                                                                  config=config))
     specs.append(Spec("generate", generate, (policy_params, prompts["ids"], prompts["mask"], key),
                       dict(params=policy_params, batch=prompts)))
 
     full = _rollout(cfg, mesh, rows, is_ppo)
     if is_ppo or rl.beta != 0.0:
-        ref_fn = jax.jit(lambda p, r: online.policy_outputs(nnx.merge(policy_graphdef, p), r, rl.temperature)[0])
-        specs.append(Spec("reference_logps", ref_fn, (policy_params, full), dict(reference=policy_params,
-                                                                                  batch=full)))
+        ref_fn = jax.jit(lambda p, r: online.policy_outputs(nnx.merge(policy_graphdef, p), r,
+                                                            rl.temperature)[0])
+        specs.append(Spec("reference_logps", ref_fn, (policy_params, full),
+                          dict(reference=policy_params, batch=full)))
     if is_ppo:
         values = jax.jit(lambda p, r: online.critic_values(nnx.merge(graphdef, p).value, r))
-        specs.append(Spec("critic_values", values, (state.params, full), dict(params=state.params, batch=full)))
+        specs.append(Spec("critic_values", values, (state.params, full),
+                          dict(params=state.params, batch=full)))
     if rl.reward_model:
-        rm_graphdef, rm_params = _abstract_params(_maker(cfg, read_config(rl.reward_model), scalar_head=True), mesh)
+        rm_graphdef, rm_params = _abstract_params(_maker(cfg, read_config(rl.reward_model),
+                                                         scalar_head=True), mesh)
         seq = _arrays(mesh, ids=((rows, cfg.data.max_length + rl.max_new_tokens), jnp.int32),
                       mask=((rows, cfg.data.max_length + rl.max_new_tokens), jnp.bool_))
         score = jax.jit(lambda p, ids, mask: nnx.merge(rm_graphdef, p).score(ids, mask))
@@ -278,7 +299,8 @@ def _where(eqn) -> str:
     frames = eqn.source_info.traceback.frames if eqn.source_info.traceback else []
     for frame in frames:
         if "/align_jax/" in frame.file_name:
-            return f"{frame.file_name.rsplit('/align_jax/', 1)[1]}:{frame.line_num} ({frame.function_name})"
+            return (f"{frame.file_name.rsplit('/align_jax/', 1)[1]}:{frame.line_num} "
+                    f"({frame.function_name})")
     return "?"
 
 
@@ -322,7 +344,8 @@ def compile_spec(spec: Spec, where: Target) -> Program:
                        error=str(e).split("\n")[0][:500], largest=largest_arrays(spec))
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    cost = _unpartitioned_cost(spec, len(where.devices)) if where.is_gpu else compiled.cost_analysis()
+    cost = (_unpartitioned_cost(spec, len(where.devices)) if where.is_gpu
+            else compiled.cost_analysis())
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
             + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
     flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
@@ -331,7 +354,8 @@ def compile_spec(spec: Spec, where: Target) -> Program:
     roofline = max(flops / peak_flops, accessed / bandwidth)
     fits = peak <= chip.hbm_bytes * share
     return Program(spec.name, inputs, seconds, fits=fits,
-                   argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
+                   argument_bytes=memory.argument_size_in_bytes,
+                   output_bytes=memory.output_size_in_bytes,
                    alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
                    code_bytes=memory.generated_code_size_in_bytes, peak_bytes=peak, flops=flops,
                    bytes_accessed=accessed, roofline_seconds=roofline,
@@ -348,8 +372,8 @@ def plan(cfg: RunConfig, topology: str) -> Plan:
         raise ConfigError(f"mesh: {e}") from None
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.train.batch_size % shards:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over the mesh's {shards} "
-                          "batch shards (data × fsdp)")
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over the mesh's "
+                          f"{shards} batch shards (data × fsdp)")
     loss_cfg = cfg.rl if cfg.train.method in ("grpo", "ppo") else cfg.loss
     methods.check_micro_batches(cfg.train.method, loss_cfg, cfg.train.micro_batches)
     if cfg.train.method in methods.METHODS:
@@ -361,8 +385,9 @@ def plan(cfg: RunConfig, topology: str) -> Plan:
                           f"{sorted(methods.METHODS) + ['grpo', 'ppo']}")
     programs = [compile_spec(spec, where) for spec in specs]
     chip, share = where.chip, where.share
-    return Plan(topology, where.device_kind, len(where.devices), dict(mesh.shape), int(chip.hbm_bytes * share),
-                chip.peak_flops * share, chip.hbm_bandwidth * share, programs)
+    return Plan(topology, where.device_kind, len(where.devices), dict(mesh.shape),
+                int(chip.hbm_bytes * share), chip.peak_flops * share, chip.hbm_bandwidth * share,
+                programs)
 
 
 def advice(cfg: RunConfig, result: Plan) -> list[str]:
@@ -371,11 +396,12 @@ def advice(cfg: RunConfig, result: Plan) -> list[str]:
     if not cfg.model.remat:
         tips.append("model.remat=true (recompute each layer's activations in the backward pass)")
     if cfg.mesh.fsdp < result.num_devices:
-        tips.append(f"mesh.fsdp={result.num_devices} mesh.data=1 (shard parameters and optimizer state "
-                    "over every device)")
-    if cfg.train.micro_batches < cfg.train.batch_size // max(result.mesh["data"] * result.mesh["fsdp"], 1):
-        tips.append(f"train.micro_batches={2 * cfg.train.micro_batches} (accumulate gradients over smaller "
-                    "micro-batches)")
+        tips.append(f"mesh.fsdp={result.num_devices} mesh.data=1 (shard parameters and optimizer "
+                    "state over every device)")
+    if (cfg.train.micro_batches
+            < cfg.train.batch_size // max(result.mesh["data"] * result.mesh["fsdp"], 1)):
+        tips.append(f"train.micro_batches={2 * cfg.train.micro_batches} (accumulate gradients over "
+                    "smaller micro-batches)")
     tips.append("a larger topology, or a shorter data.max_length / rl.max_new_tokens")
     return tips
 
@@ -387,20 +413,24 @@ def _gib(n: float) -> str:
 def format_plan(result: Plan) -> str:
     """A table of the programs, one row each."""
     head = (f"{result.topology}: {result.num_devices} × {result.device_kind}, "
-            f"{_gib(result.hbm_bytes_per_device)} GiB HBM, {result.peak_flops_per_device / 1e12:.0f} bf16 TFLOP/s, "
+            f"{_gib(result.hbm_bytes_per_device)} GiB HBM, "
+            f"{result.peak_flops_per_device / 1e12:.0f} bf16 TFLOP/s, "
             f"{result.hbm_bandwidth_per_device / 1e9:.0f} GB/s per device; mesh "
             + " ".join(f"{k}={v}" for k, v in result.mesh.items()))
     groups = ("params", "optimizer", "reference", "batch")
-    columns = ["program", *groups, "temporaries", "peak", "fits", "TFLOP", "compile s", "roofline s", "MFU"]
+    columns = ["program", *groups, "temporaries", "peak", "fits", "TFLOP", "compile s",
+               "roofline s", "MFU"]
     rows = []
     for p in result.programs:
         named = [_gib(p.inputs[g]) if g in p.inputs else "-" for g in groups]
         compiled = [_gib(p.temp_bytes), _gib(p.peak_bytes)] if p.error is None else ["-", "-"]
         cost = ([f"{p.flops / 1e12:.3f}", f"{p.compile_seconds:.1f}", f"{p.roofline_seconds:.4f}",
-                 f"{p.mfu_at_roofline:.0%}"] if p.error is None else ["-", f"{p.compile_seconds:.1f}", "-", "-"])
+                 f"{p.mfu_at_roofline:.0%}"] if p.error is None
+                else ["-", f"{p.compile_seconds:.1f}", "-", "-"])
         rows.append([p.name, *named, *compiled, "yes" if p.fits else "NO", *cost])
     widths = [max(len(str(r[i])) for r in [columns, *rows]) for i in range(len(columns))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
     out = [head, "per device, GiB:", line(columns), *map(line, rows)]
     for p in result.programs:
         if not p.fits:

@@ -29,7 +29,8 @@ class Chip(NamedTuple):
     hbm_bandwidth: float
 
 
-CHIPS = {  # device_kind -> chip (cloud.google.com/tpu/docs/system-architecture, NVIDIA's H100 datasheet)
+# device_kind -> chip (cloud.google.com/tpu/docs/system-architecture, NVIDIA's H100 datasheet)
+CHIPS = {
     "TPU v4": Chip("v4", 32 * GiB, 275e12, 1.2e12),
     "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12, 8.19e11),
     "TPU v5": Chip("v5p", 95 * GiB, 459e12, 2.765e12),
@@ -57,12 +58,13 @@ class Target(NamedTuple):
 def _tpu_devices(name: str) -> list:
     from jax.experimental import topologies
 
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: share libtpu with other processes
+    # compile-only: share libtpu with other processes
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
     except Exception as e:  # libtpu missing, or a name it does not know
-        raise ConfigError(f"--topology {name!r}: {str(e).splitlines()[0]} (TPU topologies need the tpu extra: "
-                          "pip install 'align_jax[tpu]')") from None
+        raise ConfigError(f"--topology {name!r}: {str(e).splitlines()[0]} (TPU topologies need "
+                          "the tpu extra: pip install 'align_jax[tpu]')") from None
 
 
 def _gpu_devices(name: str, gpu: str, nodes: int, per_node: int) -> list:
@@ -73,8 +75,8 @@ def _gpu_devices(name: str, gpu: str, nodes: int, per_node: int) -> list:
         return list(topologies.get_topology_desc(platform="cuda", topology=f"1x{nodes}x{per_node}",
                                                  target_config=description).devices)
     except Exception as e:  # the CUDA plugin missing
-        raise ConfigError(f"--topology {name!r}: {str(e).splitlines()[0]} (GPU topologies need the cuda-plan "
-                          "extra: pip install 'align_jax[cuda-plan]')") from None
+        raise ConfigError(f"--topology {name!r}: {str(e).splitlines()[0]} (GPU topologies need "
+                          "the cuda-plan extra: pip install 'align_jax[cuda-plan]')") from None
 
 
 def target(name: str) -> Target:
@@ -88,5 +90,6 @@ def target(name: str) -> Target:
         chips = math.prod(int(d) for d in name.split(":")[-1].split("x"))
     kind = devices[0].device_kind
     if kind not in CHIPS:
-        raise ConfigError(f"--topology {name!r}: no HBM and FLOP/s figures for {kind!r}; known: {sorted(CHIPS)}")
+        raise ConfigError(f"--topology {name!r}: no HBM and FLOP/s figures for {kind!r}; "
+                          f"known: {sorted(CHIPS)}")
     return Target(name, devices, kind, CHIPS[kind], chips / len(devices))

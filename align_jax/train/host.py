@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 # is placed on devices (mesh, gradient accumulation, rematerialisation). Any other difference (the
 # method, the model, the data, the batch, the loss, the optimizer's form, the seed) is refused.
 RESUMABLE = ("train.steps", "train.lr", "train.schedule", "train.warmup_steps", "train.log_every",
-             "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
-             "train.wandb_project", "train.micro_batches", "model.remat", "mesh.data", "mesh.fsdp", "mesh.tensor",
-             "out_dir")
+             "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+             "train.keep_checkpoints", "train.wandb_project", "train.micro_batches", "model.remat",
+             "mesh.data", "mesh.fsdp", "mesh.tensor", "out_dir")
 _ABSENT = "(absent)"
 
 
@@ -53,7 +53,8 @@ class NonFiniteError(RuntimeError):
 
 
 class CheckpointError(ConfigError):
-    """No checkpoint of the run can be restored (a ConfigError, so the CLI reports it in one line)."""
+    """No checkpoint of the run can be restored (a ConfigError, so the CLI reports it in one
+    line)."""
 
 
 def load_tokenizer(spec: str):
@@ -72,7 +73,8 @@ def data_source(path: str | None, cfg: RunConfig, seed_offset: int):
     if cfg.data.synthetic is None:
         raise DataError("config: set data.train (a dataset file) or data.synthetic (a task name)")
     if cfg.data.synthetic not in synthetic.TASKS:
-        raise DataError(f"config: data.synthetic {cfg.data.synthetic!r} is not one of {sorted(synthetic.TASKS)}")
+        raise DataError(f"config: data.synthetic {cfg.data.synthetic!r} is not one of "
+                        f"{sorted(synthetic.TASKS)}")
     args = dict(cfg.data.synthetic_args)
     args["seed"] = args.get("seed", 0) + seed_offset
     return synthetic.TASKS[cfg.data.synthetic](**args)
@@ -134,13 +136,15 @@ def config_changes(saved_yaml: str, cfg: RunConfig) -> dict[str, tuple[Any, Any]
     """{dotted key: (saved value, new value)} for every key where `cfg` differs from the config
     saved as `saved_yaml`; a key missing from the saved file counts as its current default."""
     saved = OmegaConf.merge(OmegaConf.create(to_yaml(RunConfig())), OmegaConf.create(saved_yaml))
-    old, new = _flat(OmegaConf.to_container(saved)), _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg))))
+    old, new = (_flat(OmegaConf.to_container(saved)),
+                _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))))
     return {k: (old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in sorted(old.keys() | new.keys())
             if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
 
 
 def has_checkpoints(out: Path) -> bool:
-    return (out / "checkpoints").is_dir() and any(p.name.isdigit() for p in (out / "checkpoints").iterdir())
+    return ((out / "checkpoints").is_dir()
+            and any(p.name.isdigit() for p in (out / "checkpoints").iterdir()))
 
 
 def record_config(out: Path, cfg: RunConfig, resume: bool) -> None:
@@ -157,9 +161,11 @@ def record_config(out: Path, cfg: RunConfig, resume: bool) -> None:
             show = lambda k: f"{k}: {changes[k][0]!r:.60} → {changes[k][1]!r:.60}"  # noqa: E731
             refused = [k for k in changes if k not in RESUMABLE]
             if refused:
-                raise ConfigError(f"{path}: --resume with a config that differs from the one the checkpoints were "
-                                  f"trained with, in {'; '.join(map(show, refused))}; only {', '.join(RESUMABLE)} "
-                                  "may change on resume (for a different run, choose another out_dir)")
+                raise ConfigError(f"{path}: --resume with a config that differs from the one the "
+                                  "checkpoints were trained with, in "
+                                  f"{'; '.join(map(show, refused))}; only {', '.join(RESUMABLE)} "
+                                  "may change on resume (for a different run, choose another "
+                                  "out_dir)")
             if changes:
                 log.warning("resuming with a changed config: %s", "; ".join(map(show, changes)))
     path.write_text(to_yaml(cfg))
@@ -187,8 +193,8 @@ def trim_metrics(path: Path, last_step: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    log.info("%s: dropped %d records after step %d, the step this run starts from", path, len(lines) - len(kept),
-             last_step)
+    log.info("%s: dropped %d records after step %d, the step this run starts from", path,
+             len(lines) - len(kept), last_step)
 
 
 def wandb_run(out: Path, cfg: RunConfig):
@@ -197,12 +203,13 @@ def wandb_run(out: Path, cfg: RunConfig):
     try:
         import wandb
     except ImportError:
-        raise ConfigError("train.wandb_project needs the wandb package: pip install 'align_jax[wandb]'") from None
+        raise ConfigError("train.wandb_project needs the wandb package: "
+                          "pip install 'align_jax[wandb]'") from None
     id_file = out / "wandb_run_id"
     run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
     id_file.write_text(run_id)
-    return wandb.init(project=cfg.train.wandb_project, id=run_id, name=out.name, dir=str(out), resume="allow",
-                      config=dataclasses.asdict(cfg))
+    return wandb.init(project=cfg.train.wandb_project, id=run_id, name=out.name, dir=str(out),
+                      resume="allow", config=dataclasses.asdict(cfg))
 
 
 class MetricLog:
@@ -244,10 +251,10 @@ class MetricLog:
 
 
 def _unreadable(e: BaseException) -> str | None:
-    """Why a checkpoint could not be restored, in one line, when `e` is a failure to read its files:
-    Orbax raises a bare Exception around TensorStore's ValueError for a missing, truncated or corrupt
-    array file, ValueError for unparsable metadata or a tree that does not match, OSError for a
-    missing file and KeyError for a missing item. None for anything else."""
+    """Why a checkpoint could not be restored, in one line, when `e` is a failure to read its
+    files: Orbax raises a bare Exception around TensorStore's ValueError for a missing, truncated
+    or corrupt array file, ValueError for unparsable metadata or a tree that does not match, OSError
+    for a missing file and KeyError for a missing item. None for anything else."""
     reasons = []
     while e is not None:
         if isinstance(e, (OSError, ValueError, KeyError)):
@@ -255,7 +262,8 @@ def _unreadable(e: BaseException) -> str | None:
         e = e.__cause__ or e.__context__
     if not reasons:
         return None
-    reason = re.split(r" \[(?:source locations|tensorstore_spec)", reasons[-1])[0]  # without TensorStore's dumps
+    # without TensorStore's dumps
+    reason = re.split(r" \[(?:source locations|tensorstore_spec)", reasons[-1])[0]
     return reason if len(reason) <= 300 else reason[:300] + "…"
 
 
@@ -292,7 +300,8 @@ class Checkpoints:
         """(state, side record) of the newest readable checkpoint when resuming, else None."""
         if not self.resume:
             return None
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                state, shardings)
         unreadable = []  # (step, why), newest first
         for step in sorted(self.manager.all_steps(), reverse=True):
             restored, why = None, None
@@ -315,15 +324,17 @@ class Checkpoints:
                               + " (to start over, choose another out_dir)")
 
     def _set_aside(self, unreadable: list[tuple[int, str]], used: int):
-        """Move unreadable checkpoints to `out/unreadable_checkpoints/` (first process), and warn."""
+        """Move unreadable checkpoints to `out/unreadable_checkpoints/` (first process), and
+        warn."""
         directory = Path(self.manager.directory)
         for step, why in unreadable:
             moved = self.out / "unreadable_checkpoints" / str(step)
             n = 1
             while moved.exists():
                 moved, n = self.out / "unreadable_checkpoints" / f"{step}-{n}", n + 1
-            log.warning("checkpoint %s cannot be read (%s); resuming from %s instead (the unreadable one is moved "
-                        "to %s)", directory / str(step), why, directory / str(used), moved)
+            log.warning("checkpoint %s cannot be read (%s); resuming from %s instead (the "
+                        "unreadable one is moved to %s)", directory / str(step), why,
+                        directory / str(used), moved)
             if jax.process_index() == 0:
                 moved.parent.mkdir(exist_ok=True)
                 os.replace(directory / str(step), moved)
@@ -337,13 +348,14 @@ class Checkpoints:
         if step in self.manager.all_steps():
             return
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        loader=ocp.args.JsonSave(record)), force=True)
+                                                        loader=ocp.args.JsonSave(record)),
+                          force=True)
         self.manager.wait_until_finished()
 
 
 def check_finite(metrics, step: int, batch: str):
     """Raise NonFiniteError when a step refused a non-finite update."""
     if np.any(gather_to_host(metrics["nonfinite"])):  # one flag per member of a sweep
-        raise NonFiniteError(f"step {step}: non-finite loss or gradient on the batch at {batch} (loss "
-                             f"{np.asarray(gather_to_host(metrics['loss'])).tolist()}); params were not updated "
-                             "and the last checkpoint is intact")
+        raise NonFiniteError(f"step {step}: non-finite loss or gradient on the batch at {batch} "
+                             f"(loss {np.asarray(gather_to_host(metrics['loss'])).tolist()}); "
+                             "params were not updated and the last checkpoint is intact")

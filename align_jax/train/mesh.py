@@ -32,10 +32,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     sizes = [data, fsdp, tensor]
     known = int(np.prod([s for s in sizes if s != -1]))
     if sizes.count(-1) > 1 or devices.size % known:
-        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} does not fit {devices.size} devices")
+        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} does not fit "
+                         f"{devices.size} devices")
     sizes = [devices.size // known if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != devices.size:
-        raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, have {devices.size}")
+        raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                         f"have {devices.size}")
     return Mesh(devices.reshape(sizes), AXES)
 
 
@@ -47,7 +49,8 @@ def _spec(logical: tuple, shape: tuple[int, ...], mesh: Mesh, rules: dict) -> P:
     return P(*axes)
 
 
-def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: dict = LOGICAL_RULES) -> nnx.State:
+def param_shardings(abstract_state: nnx.State, mesh: Mesh,
+                    rules: dict = LOGICAL_RULES) -> nnx.State:
     """A NamedSharding per parameter, from the logical names in its `out_sharding` metadata."""
     specs = nnx.get_partition_spec(abstract_state)
     return jax.tree.map(
@@ -66,4 +69,5 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def shard_batch(host_batch, mesh: Mesh):
     """This process's rows of a batch (NumPy) → global arrays split over the batch axes."""
     sharding = batch_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        host_batch)

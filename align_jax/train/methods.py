@@ -52,17 +52,20 @@ class PairLogps(NamedTuple):
     rejected_B: jax.Array
     chosen_lengths_B: jax.Array  # completion token counts
     rejected_lengths_B: jax.Array
-    chosen_token_logps: jax.Array  # [B, T-1] (pairs as rows) or [B, C] (packed): per-token log π of chosen
+    # [B, T-1] (pairs as rows) or [B, C] (packed): per-token log π of chosen
+    chosen_token_logps: jax.Array
     chosen_token_mask: jax.Array  # the same shape, True on the chosen completion's tokens
 
 
 def pair_logps(model, batch: PreferenceBatch | PackedPairs) -> PairLogps:
     """Summed completion log-probs of chosen and rejected (one forward over 2B rows, or over B
-    packed rows), their lengths, and the chosen completions' per-token log-probs for RPO/ORPO's NLL."""
+    packed rows), their lengths, and the chosen completions' per-token log-probs for RPO/ORPO's
+    NLL."""
     if isinstance(batch, PackedPairs):
         logps_Bx2xC, mask = packed_pair_logps(model, batch)
         sums, lengths = ops.masked_sum(logps_Bx2xC, mask, axis=2), jnp.sum(mask, axis=2)
-        return PairLogps(sums[:, 0], sums[:, 1], lengths[:, 0], lengths[:, 1], logps_Bx2xC[:, 0], mask[:, 0])
+        return PairLogps(sums[:, 0], sums[:, 1], lengths[:, 0], lengths[:, 1], logps_Bx2xC[:, 0],
+                         mask[:, 0])
     logps, mask, _ = completion_logps(model, _concat(batch.chosen, batch.rejected))
     sums, lengths = ops.masked_sum(logps, mask, axis=1), jnp.sum(mask, axis=1)
     B = batch.chosen.ids_BxT.shape[0]
@@ -98,13 +101,16 @@ def dpo(model, ref_model, batch: PreferenceBatch | PackedPairs, cfg: LossConfig)
     its NLL term); `rpo_alpha` adds α · NLL of the chosen completions (RPO, Pang et al. 2024)."""
     chosen, rejected, chosen_len, rejected_len, chosen_tok, chosen_mask = pair_logps(model, batch)
     B = chosen.shape[0]
-    nll = -ops.masked_sum(chosen_tok, chosen_mask) / jnp.maximum(jnp.sum(chosen_mask), 1)  # over the batch's tokens
+    # over the batch's tokens
+    nll = -ops.masked_sum(chosen_tok, chosen_mask) / jnp.maximum(jnp.sum(chosen_mask), 1)
     if cfg.loss_type == "simpo":
-        per_pair, metrics = losses.simpo_loss(chosen, rejected, chosen_len, rejected_len, beta=cfg.beta,
-                                              gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing,
+        per_pair, metrics = losses.simpo_loss(chosen, rejected, chosen_len, rejected_len,
+                                              beta=cfg.beta, gamma=cfg.simpo_gamma,
+                                              label_smoothing=cfg.label_smoothing,
                                               length_normalize=cfg.simpo_length_normalize)
     elif cfg.loss_type == "orpo":
-        per_pair, metrics = losses.orpo_loss(chosen, rejected, chosen_len, rejected_len, beta=cfg.beta)
+        per_pair, metrics = losses.orpo_loss(chosen, rejected, chosen_len, rejected_len,
+                                             beta=cfg.beta)
         per_pair = per_pair + nll
     else:
         if batch.ref_chosen_logps_B is not None:
@@ -116,8 +122,8 @@ def dpo(model, ref_model, batch: PreferenceBatch | PackedPairs, cfg: LossConfig)
             ref_chosen, ref_rejected = ref.chosen_B, ref.rejected_B
         per_pair, metrics = losses.dpo_loss(
             chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta, loss_type=cfg.loss_type,
-            label_smoothing=cfg.label_smoothing, chosen_lengths=chosen_len, rejected_lengths=rejected_len,
-            reference_free=cfg.reference_free)
+            label_smoothing=cfg.label_smoothing, chosen_lengths=chosen_len,
+            rejected_lengths=rejected_len, reference_free=cfg.reference_free)
     if cfg.rpo_alpha is not None:
         per_pair = per_pair + cfg.rpo_alpha * nll
     metrics = dict(metrics, nll_loss=jax.lax.stop_gradient(nll))
@@ -130,12 +136,14 @@ def kto(model, ref_model, batch: UnpairedBatch, cfg: LossConfig):
         logps, mask, _ = completion_logps(m, seq)
         return ops.masked_sum(logps, mask, axis=1)
 
-    logps, kl_logps = summed(model, batch.sequences), jax.lax.stop_gradient(summed(model, batch.mismatched))
+    logps, kl_logps = (summed(model, batch.sequences),
+                       jax.lax.stop_gradient(summed(model, batch.mismatched)))
     ref_logps = jax.lax.stop_gradient(summed(ref_model, batch.sequences))
     kl_ref_logps = jax.lax.stop_gradient(summed(ref_model, batch.mismatched))
     per_example, metrics = losses.kto_loss(
-        logps, ref_logps, batch.label_B, beta=cfg.beta, kl_logps=kl_logps, kl_ref_logps=kl_ref_logps,
-        desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight, loss_type=cfg.loss_type)
+        logps, ref_logps, batch.label_B, beta=cfg.beta, kl_logps=kl_logps,
+        kl_ref_logps=kl_ref_logps, desirable_weight=cfg.desirable_weight,
+        undesirable_weight=cfg.undesirable_weight, loss_type=cfg.loss_type)
     return jnp.sum(per_example), jnp.float32(logps.shape[0]), metrics
 
 
@@ -158,22 +166,26 @@ METHODS: dict[str, Method] = {
 
 def needs_reference(method: str, cfg: LossConfig) -> bool:
     if method == "dpo":
-        return cfg.loss_type not in ("simpo", "orpo") and not cfg.reference_free and not cfg.precompute_ref_logps
+        return (cfg.loss_type not in ("simpo", "orpo") and not cfg.reference_free
+                and not cfg.precompute_ref_logps)
     return METHODS[method].needs_reference
 
 
 def _batch_coupling(method: str, cfg: LossConfig | RLConfig) -> str | None:
     """The config key and why its loss of one example depends on other examples of the batch (so a
-    micro-batch's loss is not its share of the batch's), or None when every example's loss is its own."""
+    micro-batch's loss is not its share of the batch's), or None when every example's loss is its
+    own."""
     loss_type = getattr(cfg, "loss_type", None)
     if method == "dpo" and loss_type in ("aot", "aot_unpaired"):
         return f"loss.loss_type={loss_type} sorts the whole batch's log-ratios"
     if method == "dpo" and loss_type == "orpo":
         return "loss.loss_type=orpo adds the NLL averaged over all the batch's chosen tokens"
     if method == "dpo" and cfg.rpo_alpha is not None:
-        return f"loss.rpo_alpha={cfg.rpo_alpha} adds the NLL averaged over all the batch's chosen tokens"
+        return (f"loss.rpo_alpha={cfg.rpo_alpha} adds the NLL averaged over all the batch's chosen "
+                "tokens")
     if method == "kto" and loss_type == "kto":
-        return "loss.loss_type=kto takes its reference point z0 from the whole batch's mismatched pairs"
+        return ("loss.loss_type=kto takes its reference point z0 from the whole batch's mismatched "
+                "pairs")
     if method == "grpo" and getattr(cfg, "aggregation", None) == "batch_token_mean":
         return "rl.aggregation=batch_token_mean divides by the token count of the whole batch"
     return None
@@ -181,8 +193,9 @@ def _batch_coupling(method: str, cfg: LossConfig | RLConfig) -> str | None:
 
 def check_micro_batches(method: str, cfg: LossConfig | RLConfig, micro_batches: int) -> None:
     """Raise ConfigError when `micro_batches` > 1 would change the loss: the step's accumulation
-    Σ numerator / Σ denominator is the full batch's loss only when each example's loss is its own."""
+    Σ numerator / Σ denominator is the full batch's loss only when each example's loss is its
+    own."""
     coupling = _batch_coupling(method, cfg)
     if micro_batches > 1 and coupling is not None:
-        raise ConfigError(f"train.micro_batches={micro_batches}: {coupling}, which micro-batches would split; "
-                          "use train.micro_batches=1")
+        raise ConfigError(f"train.micro_batches={micro_batches}: {coupling}, which micro-batches "
+                          "would split; use train.micro_batches=1")

@@ -77,9 +77,11 @@ def grpo(model, ref_model, r: Rollout, cfg: RLConfig):
     logps, entropy = policy_outputs(model, r, cfg.temperature)
     per_token, metrics = losses.policy_loss(
         logps, r.old_logps_BxC, r.advantages, r.loss_mask_BxC, loss_type=cfg.loss_type,
-        epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high, ratio_level=cfg.importance_sampling_level,
-        ref_logps_BxT=r.ref_logps_BxC, beta=cfg.beta, entropy_BxT=entropy, entropy_coef=cfg.entropy_coef)
-    num, den = losses.aggregate_loss(per_token, r.loss_mask_BxC, cfg.aggregation, max_length=cfg.max_new_tokens)
+        epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
+        ratio_level=cfg.importance_sampling_level, ref_logps_BxT=r.ref_logps_BxC, beta=cfg.beta,
+        entropy_BxT=entropy, entropy_coef=cfg.entropy_coef)
+    num, den = losses.aggregate_loss(per_token, r.loss_mask_BxC, cfg.aggregation,
+                                     max_length=cfg.max_new_tokens)
     metrics["logp_diff"] = ops.masked_mean(jnp.abs(jax.lax.stop_gradient(logps) - r.old_logps_BxC),
                                            r.completion_mask_BxC)
     return num, den, metrics
@@ -92,19 +94,22 @@ def ppo(model: ActorCritic, ref_model, r: Rollout, cfg: RLConfig):
     pg_BxC, metrics = losses.policy_loss(
         logps, r.old_logps_BxC, r.advantages, r.loss_mask_BxC, epsilon_low=cfg.epsilon_low,
         epsilon_high=cfg.epsilon_high, entropy_BxT=entropy, entropy_coef=cfg.entropy_coef)
-    vf_BxC, value_metrics = losses.value_loss(critic_values(model.value, r), r.old_values_BxC, r.returns_BxC,
-                                              r.loss_mask_BxC, clip_range=cfg.cliprange_value)
+    vf_BxC, value_metrics = losses.value_loss(critic_values(model.value, r), r.old_values_BxC,
+                                              r.returns_BxC, r.loss_mask_BxC,
+                                              clip_range=cfg.cliprange_value)
     num, den = losses.aggregate_loss(pg_BxC + cfg.vf_coef * vf_BxC, r.loss_mask_BxC, "token_mean")
     mask = r.loss_mask_BxC
-    metrics.update(value_metrics, **{"loss/policy": ops.masked_mean(jax.lax.stop_gradient(pg_BxC), mask),
-                                     "loss/value": ops.masked_mean(jax.lax.stop_gradient(vf_BxC), mask),
-                                     "logp_diff": ops.masked_mean(jnp.abs(jax.lax.stop_gradient(logps)
-                                                                          - r.old_logps_BxC), mask)})
+    metrics.update(value_metrics,
+                   **{"loss/policy": ops.masked_mean(jax.lax.stop_gradient(pg_BxC), mask),
+                      "loss/value": ops.masked_mean(jax.lax.stop_gradient(vf_BxC), mask),
+                      "logp_diff": ops.masked_mean(jnp.abs(jax.lax.stop_gradient(logps)
+                                                           - r.old_logps_BxC), mask)})
     return num, den, metrics
 
 
-def ppo_targets(r: Rollout, ref_logps_BxC: Array, values_BxC: Array, scores_B: Array, truncated_B: Array,
-                kl_coef: Array, cfg: RLConfig) -> tuple[Rollout, dict[str, Array]]:
+def ppo_targets(r: Rollout, ref_logps_BxC: Array, values_BxC: Array, scores_B: Array,
+                truncated_B: Array, kl_coef: Array, cfg: RLConfig
+                ) -> tuple[Rollout, dict[str, Array]]:
     """PPO's per-token rewards, GAE advantages and value targets for a rollout.
 
     r_t = -kl_coef · (log π_old(y_t) - log π_ref(y_t)), plus the reward model's score at the last
@@ -121,18 +126,22 @@ def ppo_targets(r: Rollout, ref_logps_BxC: Array, values_BxC: Array, scores_B: A
     rewards_BxC = non_score_BxC + jnp.where(at_last_BxC & mask, scores_B[:, None], 0.0)
     if cfg.whiten_rewards:
         rewards_BxC = ops.masked_whiten(rewards_BxC, mask, shift_mean=False)
-    advantages_BxC, returns_BxC = losses.gae(rewards_BxC, values_BxC, mask, gamma=cfg.gamma, lam=cfg.lam)
+    advantages_BxC, returns_BxC = losses.gae(rewards_BxC, values_BxC, mask, gamma=cfg.gamma,
+                                             lam=cfg.lam)
     advantages_BxC = ops.masked_whiten(advantages_BxC, mask)
     kl_B = jnp.sum(kl_BxC, axis=1)
     metrics = {"objective/kl": jnp.mean(kl_B), "objective/scores": jnp.mean(scores_B),
                "objective/non_score_reward": jnp.mean(jnp.sum(non_score_BxC, axis=1)),
                "objective/rlhf_reward": jnp.mean(scores_B - kl_coef * kl_B),
                "val/num_eos_tokens": jnp.sum(~truncated_B).astype(jnp.float32)}
-    return r._replace(advantages=advantages_BxC, old_values_BxC=values_BxC * mask, returns_BxC=returns_BxC), metrics
+    return r._replace(advantages=advantages_BxC, old_values_BxC=values_BxC * mask,
+                      returns_BxC=returns_BxC), metrics
 
 
-def adaptive_kl_coef(kl_coef: float, kl: float, *, target: float, horizon: int, n_steps: int) -> float:
-    """Ziegler et al. (2019), §2.2: β ← β · (1 + clip(KL / target − 1, −0.2, 0.2) · n_steps / horizon),
-    where n_steps is the number of samples in the rollout."""
+def adaptive_kl_coef(kl_coef: float, kl: float, *, target: float, horizon: int,
+                     n_steps: int) -> float:
+    """Ziegler et al. (2019), §2.2:
+    β ← β · (1 + clip(KL / target − 1, −0.2, 0.2) · n_steps / horizon), where n_steps is the
+    number of samples in the rollout."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return kl_coef * (1.0 + error * n_steps / horizon)

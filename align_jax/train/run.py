@@ -61,32 +61,39 @@ def load_data(cfg: RunConfig, tokenizer, kind: str):
     """(train, eval or None): encoded, validated for the method's `kind`, truncated with counts."""
     limit = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
     train = truncate(encode(data_source(cfg.data.train, cfg, 0), tokenizer, kind=kind), **limit)
-    if cfg.data.eval is not None or (cfg.data.synthetic and cfg.data.eval_fraction == 0 and cfg.train.eval_every):
-        return train, truncate(encode(data_source(cfg.data.eval, cfg, 1000), tokenizer, kind=kind), **limit)
+    if cfg.data.eval is not None or (cfg.data.synthetic and cfg.data.eval_fraction == 0
+                                     and cfg.train.eval_every):
+        return train, truncate(encode(data_source(cfg.data.eval, cfg, 1000), tokenizer, kind=kind),
+                               **limit)
     if cfg.data.eval_fraction > 0:
         order = np.random.default_rng(cfg.train.seed).permutation(len(train.examples))
         held = max(1, int(cfg.data.eval_fraction * len(order)))
-        pick = lambda idx: dataclasses.replace(train, examples=[train.examples[i] for i in sorted(idx)])  # noqa: E731
+        pick = lambda idx: dataclasses.replace(train,  # noqa: E731
+                                               examples=[train.examples[i] for i in sorted(idx)])
         return pick(order[held:]), pick(order[:held])
     return train, None
 
 
-def _attach_reference_logps(data, ref_fn, width: int, pad_id, buckets, share_prompt, mesh, ref_params):
-    """Precompute: reference log-probs of every pair, once, in batches of `width`, stored on the examples."""
+def _attach_reference_logps(data, ref_fn, width: int, pad_id, buckets, share_prompt, mesh,
+                            ref_params):
+    """Precompute: reference log-probs of every pair, once, in batches of `width`, stored on the
+    examples."""
     rows = data.examples
     padded = rows + rows[: (-len(rows)) % width]
     local = width // jax.process_count()
     for start in range(0, len(rows), width):
         chunk = padded[start:start + width]
         mine = chunk[jax.process_index() * local:(jax.process_index() + 1) * local]
-        batch = collate(mine, "preference", buckets, pad_id, bucket_width(chunk, "preference", buckets, share_prompt),
-                        share_prompt)
+        batch = collate(mine, "preference", buckets, pad_id,
+                        bucket_width(chunk, "preference", buckets, share_prompt), share_prompt)
         chosen, rejected = gather_to_host(ref_fn(ref_params, shard_batch(batch, mesh)))
         for i, example in enumerate(chunk[: len(rows) - start]):
-            example["ref_chosen_logps"], example["ref_rejected_logps"] = float(chosen[i]), float(rejected[i])
+            example["ref_chosen_logps"], example["ref_rejected_logps"] = (float(chosen[i]),
+                                                                          float(rejected[i]))
 
 
-def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_updates: int | None = None) -> dict:
+def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
+          max_updates: int | None = None) -> dict:
     """Run `cfg` to `train.steps` updates (rollouts for online methods); return the last metrics
     (for a sweep, {member name: its last metrics}).
 
@@ -102,13 +109,13 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     t = cfg.train
     if t.method in ONLINE_METHODS:
         if cfg.sweep.field is not None:
-            raise ConfigError(f"sweep.field: sweeps are for the offline methods {sorted(methods.METHODS)}, "
-                              f"not {t.method}")
+            raise ConfigError("sweep.field: sweeps are for the offline methods "
+                              f"{sorted(methods.METHODS)}, not {t.method}")
         from align_jax.train.rl import train_online
         return train_online(cfg, resume=resume, progress=progress, max_updates=max_updates)
     if t.method not in methods.METHODS:
-        raise ValueError(f"train.method must be one of {sorted(methods.METHODS) + list(ONLINE_METHODS)}, "
-                         f"got {t.method!r}")
+        raise ValueError("train.method must be one of "
+                         f"{sorted(methods.METHODS) + list(ONLINE_METHODS)}, got {t.method!r}")
     methods.check_micro_batches(t.method, cfg.loss, t.micro_batches)
     names = sweep.members(cfg)
     out = Path(cfg.out_dir)
@@ -116,15 +123,16 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     record_config(out, cfg, resume)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+              else tokenizer.eos_token_id)
     buckets = tuple(cfg.data.buckets or default_buckets(cfg.data.max_length))
     share_prompt = cfg.data.share_prompt and t.method == "dpo"
     train_data, eval_data = load_data(cfg, tokenizer, methods.METHODS[t.method].data_kind)
     log.info("data: %s", train_data.counts)
     for name, data in (("train", train_data), ("eval", eval_data)):
         if data is not None and len(data.examples) < t.batch_size:
-            raise DataError(f"{data.source}: the {name} split has {len(data.examples)} rows after truncation, "
-                            f"fewer than train.batch_size={t.batch_size}")
+            raise DataError(f"{data.source}: the {name} split has {len(data.examples)} rows after "
+                            f"truncation, fewer than train.batch_size={t.batch_size}")
 
     make_model, pretrained = build_model(cfg, with_scalar_head=t.method == "reward")
     tx, schedule = make_optimizer(t), learning_rate(t)
@@ -142,7 +150,8 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
             raise ValueError("loss.precompute_ref_logps applies to train.method=dpo")
         ref_fn = jax.jit(lambda p, b: methods.pair_logps(nnx.merge(graphdef, p), b)[:2])
         for data in filter(None, (train_data, eval_data)):
-            _attach_reference_logps(data, ref_fn, t.batch_size, pad_id, buckets, share_prompt, mesh, ref_params)
+            _attach_reference_logps(data, ref_fn, t.batch_size, pad_id, buckets, share_prompt, mesh,
+                                    ref_params)
         ref_params = ref_shardings = None  # no reference model from here on
 
     def make_step(loss_cfg):
@@ -168,13 +177,14 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
     step = 0
     if restored is not None:
         state, loader = restored[0], LoaderState(**restored[1])
-        step = int(np.ravel(gather_to_host(state.step))[0])  # a sweep's members all take the same steps
+        # a sweep's members all take the same steps
+        step = int(np.ravel(gather_to_host(state.step))[0])
         log.info("resumed from step %d (%s)", step, loader)
 
     def evaluate(step: int) -> list[dict[str, float]]:
-        stream = batches(eval_data, batch_size=t.batch_size, seed=0, pad_id=pad_id, buckets=buckets, epochs=1,
-                         process_index=jax.process_index(), process_count=jax.process_count(),
-                         share_prompt=share_prompt)
+        stream = batches(eval_data, batch_size=t.batch_size, seed=0, pad_id=pad_id, buckets=buckets,
+                         epochs=1, process_index=jax.process_index(),
+                         process_count=jax.process_count(), share_prompt=share_prompt)
         results = [gather_to_host(eval_step(state.params, ref_params, shard_batch(b, mesh)))
                    for _, (_, b) in zip(range(t.eval_batches), stream)]
         means = by_member({k: np.mean([r[k] for r in results], axis=0) for k in results[0]})
@@ -188,16 +198,17 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
             return [{k: float(v) for k, v in metrics.items()}]
         return [{k: float(v[i]) for k, v in metrics.items()} for i in range(len(names))]
 
-    stream = batches(train_data, batch_size=t.batch_size, seed=t.seed, pad_id=pad_id, buckets=buckets,
-                     state=loader, process_index=jax.process_index(), process_count=jax.process_count(),
-                     share_prompt=share_prompt)
+    stream = batches(train_data, batch_size=t.batch_size, seed=t.seed, pad_id=pad_id,
+                     buckets=buckets, state=loader, process_index=jax.process_index(),
+                     process_count=jax.process_count(), share_prompt=share_prompt)
     first, last, start = step, [{} for _ in member_dirs], time.perf_counter()
     primary = jax.process_index() == 0
     for d in member_dirs:
         d.mkdir(parents=True, exist_ok=True)
     metric_logs = [MetricLog(d, cfg, step) for d in member_dirs]
     with StopSignal().installed() as stop, \
-            tqdm(total=t.steps, initial=step, disable=not (progress and primary), desc=t.method, unit="step") as bar:
+            tqdm(total=t.steps, initial=step, disable=not (progress and primary), desc=t.method,
+                 unit="step") as bar:
         stop_at = t.steps if max_updates is None else min(t.steps, step + max_updates)
         while step < stop_at and not stop.requested:
             before, (loader, host_batch) = loader, next(stream)
@@ -223,16 +234,19 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True, max_up
                 checkpoints.save(step, state, dataclasses.asdict(loader))
         checkpoints.save(step, state, dataclasses.asdict(loader))
         if step < t.steps:
-            log.warning("stopped at step %d of %d: checkpoint written, continue with --resume", step, t.steps)
+            log.warning("stopped at step %d of %d: checkpoint written, continue with --resume",
+                        step, t.steps)
         elif eval_data is not None and not (t.eval_every and step % t.eval_every == 0):
             for member_last, mean in zip(last, evaluate(step)):
                 member_last.update({f"eval_{k}": v for k, v in mean.items()})
     for log_ in metric_logs:
         log_.close()
     if step == t.steps:
-        params = gather_to_host(state.params)  # every process takes part in the gather; the first one writes
+        # every process takes part in the gather; the first one writes
+        params = gather_to_host(state.params)
         for i, d in enumerate(member_dirs):
             if primary:
-                save_pretrained(nnx.merge(graphdef, params if names is None else sweep.member(params, i)),
+                save_pretrained(nnx.merge(graphdef,
+                                          params if names is None else sweep.member(params, i)),
                                 d / "model", tokenizer=tokenizer)
     return last[0] if names is None else dict(zip(names, last))

@@ -28,7 +28,8 @@ class TrainState(NamedTuple):
 
 
 def learning_rate(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine or linear decay to 0 (or constant)."""
+    """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine or linear decay to 0 (or
+    constant)."""
     decay_steps = max(cfg.steps - cfg.warmup_steps, 1)
     decays = {"cosine": optax.cosine_decay_schedule(cfg.lr, decay_steps),
               "linear": optax.linear_schedule(cfg.lr, 0.0, decay_steps),
@@ -44,13 +45,15 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     gradient clipping by global norm."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     adamw = optax.adamw(learning_rate(cfg), weight_decay=cfg.weight_decay, mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm else adamw
+    return (optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm
+            else adamw)
 
 
-def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation,
+                    mesh: Mesh) -> TrainState:
     params = param_shardings(abstract_params, mesh)
-    opt = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), params,
-                                transform_non_params=lambda _: replicated(mesh))
+    opt = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params),
+                                params, transform_non_params=lambda _: replicated(mesh))
     return TrainState(replicated(mesh), params, opt, replicated(mesh))
 
 

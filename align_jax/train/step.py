@@ -29,13 +29,14 @@ from align_jax.train.state import TrainState
 def _split_micro(batch, micro_batches: int):
     def split(x):
         if x.shape[0] % micro_batches:
-            raise ValueError(f"batch of {x.shape[0]} rows does not split into {micro_batches} micro-batches")
+            raise ValueError(f"batch of {x.shape[0]} rows does not split into {micro_batches} "
+                             "micro-batches")
         return x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
     return jax.tree.map(split, batch)
 
 
-def _accumulate(loss_fn: Callable, graphdef, params, ref_model, batch, cfg: LossConfig | RLConfig, micro_batches: int,
-                with_grad: bool):
+def _accumulate(loss_fn: Callable, graphdef, params, ref_model, batch, cfg: LossConfig | RLConfig,
+                micro_batches: int, with_grad: bool):
     def objective(p, micro):
         num, den, metrics = loss_fn(nnx.merge(graphdef, p), ref_model, micro, cfg)
         return num, (den, metrics)
@@ -59,14 +60,16 @@ def _accumulate(loss_fn: Callable, graphdef, params, ref_model, batch, cfg: Loss
         return jax.tree.map(jnp.add, carry, (g, n, d)), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, params) if with_grad else None
-    (grads, num, den), metrics = jax.lax.scan(body, (zeros, 0.0, 0.0), _split_micro(batch, micro_batches))
-    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)  # micro-batches hold equal counts
+    (grads, num, den), metrics = jax.lax.scan(body, (zeros, 0.0, 0.0),
+                                              _split_micro(batch, micro_batches))
+    # micro-batches hold equal counts
+    metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
     grads = jax.tree.map(lambda g: g / den, grads) if with_grad else None
     return grads, num / den, metrics
 
 
-def make_train_step(loss_fn: Callable, graphdef, tx: optax.GradientTransformation, cfg: LossConfig | RLConfig,
-                    micro_batches: int, schedule: optax.Schedule):
+def make_train_step(loss_fn: Callable, graphdef, tx: optax.GradientTransformation,
+                    cfg: LossConfig | RLConfig, micro_batches: int, schedule: optax.Schedule):
     def step(state: TrainState, ref_params, batch) -> tuple[TrainState, dict]:
         ref_model = None if ref_params is None else nnx.merge(graphdef, ref_params)
         grads, loss, metrics = _accumulate(loss_fn, graphdef, state.params, ref_model, batch, cfg,
@@ -77,7 +80,8 @@ def make_train_step(loss_fn: Callable, graphdef, tx: optax.GradientTransformatio
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 
-        params, opt_state = jax.lax.cond(finite, update, lambda *old: old, state.params, state.opt_state)
+        params, opt_state = jax.lax.cond(finite, update, lambda *old: old, state.params,
+                                         state.opt_state)
         new_state = TrainState(state.step + finite.astype(jnp.int32), params, opt_state, state.rng)
         metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
                        nonfinite=(~finite).astype(jnp.float32))
@@ -89,8 +93,8 @@ def make_train_step(loss_fn: Callable, graphdef, tx: optax.GradientTransformatio
 def make_eval_step(loss_fn: Callable, graphdef, cfg: LossConfig | RLConfig, micro_batches: int):
     def step(params, ref_params, batch) -> dict:
         ref_model = None if ref_params is None else nnx.merge(graphdef, ref_params)
-        _, loss, metrics = _accumulate(loss_fn, graphdef, params, ref_model, batch, cfg, micro_batches,
-                                          with_grad=False)
+        _, loss, metrics = _accumulate(loss_fn, graphdef, params, ref_model, batch, cfg,
+                                       micro_batches, with_grad=False)
         return dict(metrics, loss=loss)
 
     return step

@@ -22,11 +22,13 @@ from align_jax.config import ConfigError, LossConfig, RunConfig
 
 # The float fields of LossConfig that the losses use only arithmetically (no Python branching), so
 # they may be traced values.
-SWEEPABLE = ("beta", "simpo_gamma", "rpo_alpha", "desirable_weight", "undesirable_weight", "center_coef")
+SWEEPABLE = ("beta", "simpo_gamma", "rpo_alpha", "desirable_weight", "undesirable_weight",
+             "center_coef")
 
 
 def members(cfg: RunConfig) -> list[str] | None:
-    """The members' names, `<field>=<value>` (also their output directories), or None without a sweep."""
+    """The members' names, `<field>=<value>` (also their output directories), or None without a
+    sweep."""
     sweep = cfg.sweep
     if sweep.field is None:
         if sweep.values:
@@ -48,7 +50,8 @@ def stacked_shardings(shardings):
 
 
 def stack(tree, n: int, shardings):
-    """n copies of `tree` on a new leading axis, created directly with `shardings` (stacked ones)."""
+    """n copies of `tree` on a new leading axis, created directly with `shardings` (stacked
+    ones)."""
     return jax.jit(lambda t: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), t),
                    out_shardings=shardings)(tree)
 
@@ -58,7 +61,8 @@ def member(tree, i: int):
     return jax.tree.map(lambda x: x[i], tree)
 
 
-def vmap_step(make_step: Callable[[LossConfig], Callable], cfg: LossConfig, field: str, values) -> Callable:
+def vmap_step(make_step: Callable[[LossConfig], Callable], cfg: LossConfig, field: str,
+              values) -> Callable:
     """A step over stacked states (or params): member i runs `make_step(cfg with field = values[i])`
     on its own lane, with the reference and the batch shared. The values are constants of the
     program; the step's signature is the unswept one's, so it is jitted the same way."""
