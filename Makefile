@@ -33,6 +33,7 @@ demo: install
 	$(BIN)/python experiments/demo.py --out runs/demo
 
 test: install-test
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
 
 # Every paper reproduction in full mode (about two and a half hours on 2 CPU cores); each writes
