@@ -18,8 +18,8 @@ reports accuracy, format reward, KL(π ‖ π_SFT) estimated on the sampled comp
 the completions each branch drew from a policy to train (the pairs' 4 per prompt, and each online
 rollout's) and wall time. Writes `report.md`, `curves.png` and the runs' own outputs under `--out`.
 
-Run: python experiments/demo.py [--out runs/demo] [--sft-steps 400] [--rm-steps 100] [--dpo-steps 120]
-     [--ppo-rollouts 20] [--grpo-rollouts 30]
+Run: python experiments/demo.py [--out runs/demo] [--sft-steps 400] [--rm-steps 100]
+     [--dpo-steps 120] [--ppo-rollouts 20] [--grpo-rollouts 30]
 """
 
 from __future__ import annotations
@@ -54,19 +54,22 @@ COLORS = {"sft": "C0", "ppo": "C1", "dpo": "C2", "grpo": "C3"}
 STAGES = ("sft", "reward", "ppo", "dpo", "grpo")
 
 
-def sample(model, tokenizer, prompts, *, num_samples: int, greedy: bool, seed: int, max_new_tokens: int = 40):
+def sample(model, tokenizer, prompts, *, num_samples: int, greedy: bool, seed: int,
+           max_new_tokens: int = 40):
     """Completions (texts), their sampler log-probs and token arrays, for prompt-only rows."""
     encoded = encode(prompts, tokenizer, kind="prompt_only")
     batch = collate(encoded.examples, "prompt_only", (64,), tokenizer.pad_token_id)
     config = SamplingConfig(max_new_tokens=max_new_tokens, num_samples=num_samples, greedy=greedy,
-                            stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=tokenizer.pad_token_id)
+                            stop_token_ids=(tokenizer.eos_token_id,),
+                            pad_token_id=tokenizer.pad_token_id)
     out = generate(model, batch.ids_BxP, batch.mask_BxP, jax.random.key(seed), config)
     texts = [tokenizer.decode(np.asarray(ids)[np.asarray(mask)], skip_special_tokens=True)
              for ids, mask in zip(out.ids_BxC, out.mask_BxC)]
     return texts, out, batch
 
 
-def evaluate(model, sft_model, tokenizer, problems, stage: str, seconds: float, samples: int) -> dict:
+def evaluate(model, sft_model, tokenizer, problems, stage: str, seconds: float,
+             samples: int) -> dict:
     greedy, _, _ = sample(model, tokenizer, problems, num_samples=1, greedy=True, seed=0)
     sampled, out, batch = sample(model, tokenizer, problems, num_samples=4, greedy=False, seed=1)
     answers = [a for a in problems["answer"] for _ in range(4)]
@@ -75,7 +78,8 @@ def evaluate(model, sft_model, tokenizer, problems, stage: str, seconds: float, 
         "accuracy (greedy)": np.mean(rewards.accuracy(greedy, problems["answer"])),
         "accuracy (T=1)": np.mean(rewards.accuracy(sampled, answers)),
         "format (T=1)": np.mean(rewards.think_format(sampled)),
-        "KL to SFT (T=1)": float(np.mean(sequence_kl(sft_model, batch.ids_BxP, batch.mask_BxP, out, num_samples=4))),
+        "KL to SFT (T=1)": float(np.mean(sequence_kl(sft_model, batch.ids_BxP, batch.mask_BxP, out,
+                                                     num_samples=4))),
         "mean length": float(jnp.mean(out.lengths_B)),
         "samples drawn": samples,
         "wall time (s)": seconds,
@@ -88,8 +92,10 @@ def rollout_samples(cfg) -> int:
 
 
 def true_reward(completions, answer, **_) -> list[float]:
-    """accuracy + ½ · format: what GRPO is trained on, what labels the pairs, what the table reports."""
-    return [a + 0.5 * f for a, f in zip(rewards.accuracy(completions, answer), rewards.think_format(completions))]
+    """accuracy + ½ · format: what GRPO is trained on, what labels the pairs, what the table
+    reports."""
+    return [a + 0.5 * f for a, f in zip(rewards.accuracy(completions, answer),
+                                        rewards.think_format(completions))]
 
 
 def on_policy_pairs(model, tokenizer, prompts, path: Path, seed: int) -> int:
@@ -98,7 +104,8 @@ def on_policy_pairs(model, tokenizer, prompts, path: Path, seed: int) -> int:
     texts, _, _ = sample(model, tokenizer, prompts, num_samples=4, greedy=False, seed=seed)
     by_prompt = {i: texts[4 * i: 4 * i + 4] for i in range(len(prompts))}
     pairs = syn.label_pairs(prompts.add_column("index", list(range(len(prompts)))),
-                            lambda row, rng, n: by_prompt[row["index"]], true_reward, seed=seed, beta=None)
+                            lambda row, rng, n: by_prompt[row["index"]], true_reward, seed=seed,
+                            beta=None)
     pairs = pairs.filter(lambda row: row["chosen"].strip() and row["rejected"].strip())
     pairs.to_json(str(path), lines=True)
     return len(pairs)
@@ -114,16 +121,20 @@ def curves(out: Path):
     the KL penalty under PPO; DPO's implicit-reward accuracy (train solid, eval dashed)."""
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
     axes[0].plot(*zip(*_series(out, "sft", "loss")), color=COLORS["sft"], label="SFT train")
-    axes[0].plot(*zip(*_series(out, "sft", "loss", "eval")), "o--", color=COLORS["sft"], label="SFT eval")
+    axes[0].plot(*zip(*_series(out, "sft", "loss", "eval")), "o--", color=COLORS["sft"],
+                 label="SFT eval")
     for stage in ("grpo", "ppo"):
-        acc, fmt = _series(out, stage, "rewards/accuracy/mean"), _series(out, stage, "rewards/format/mean")
-        axes[1].plot([s for s, _ in acc], [a + 0.5 * f for (_, a), (_, f) in zip(acc, fmt)], color=COLORS[stage],
-                     label=stage.upper())
-    axes[2].plot(*zip(*_series(out, "ppo", "objective/scores")), color=COLORS["ppo"], label="reward-model score")
-    axes[2].plot(*zip(*_series(out, "ppo", "objective/kl")), "--", color=COLORS["ppo"], label="KL(π‖π_SFT)")
+        acc, fmt = (_series(out, stage, "rewards/accuracy/mean"),
+                    _series(out, stage, "rewards/format/mean"))
+        axes[1].plot([s for s, _ in acc], [a + 0.5 * f for (_, a), (_, f) in zip(acc, fmt)],
+                     color=COLORS[stage], label=stage.upper())
+    axes[2].plot(*zip(*_series(out, "ppo", "objective/scores")), color=COLORS["ppo"],
+                 label="reward-model score")
+    axes[2].plot(*zip(*_series(out, "ppo", "objective/kl")), "--", color=COLORS["ppo"],
+                 label="KL(π‖π_SFT)")
     for split, style in (("train", "-"), ("eval", "o--")):
-        axes[3].plot(*zip(*_series(out, "dpo", "rewards/accuracies", split)), style, color=COLORS["dpo"],
-                     label=f"DPO {split}")
+        axes[3].plot(*zip(*_series(out, "dpo", "rewards/accuracies", split)), style,
+                     color=COLORS["dpo"], label=f"DPO {split}")
     titles = ("SFT loss", "true reward of training samples", "PPO", "DPO rewards/accuracies")
     for ax, title, unit in zip(axes, titles, ("step", "rollout", "rollout", "step")):
         ax.set(title=title, xlabel=unit)
@@ -155,7 +166,8 @@ def main(argv=None):
     sft_config = load_config(ROOT / "configs/sft_arithmetic.yaml", [f"train.steps={args.sft_steps}",
                                                                     f"out_dir={out / 'sft'}"])
     task = {k: v for k, v in sft_config.data.synthetic_args.items() if k in ("digits", "operators")}
-    problems = syn.arithmetic(256, seed=12345, **task)  # fresh draws (another seed) from the task's problems
+    # fresh draws (another seed) from the task's problems
+    problems = syn.arithmetic(256, seed=12345, **task)
 
     start = time.perf_counter()
     train(sft_config)
@@ -164,47 +176,54 @@ def main(argv=None):
     rows = [evaluate(sft, sft, tokenizer, problems, "SFT", sft_seconds, 0)]
 
     start = time.perf_counter()
-    n_pairs = on_policy_pairs(sft, tokenizer, syn.arithmetic(args.pair_prompts, seed=7, **task), out / "pairs.jsonl",
-                              seed=7)
+    n_pairs = on_policy_pairs(sft, tokenizer, syn.arithmetic(args.pair_prompts, seed=7, **task),
+                              out / "pairs.jsonl", seed=7)
     if n_pairs == 0:
-        raise SystemExit(f"no preference pairs: the SFT model's 4 samples tied on reward for all {args.pair_prompts} "
-                         f"prompts; train SFT longer (--sft-steps, now {args.sft_steps}) or use more --pair-prompts")
+        raise SystemExit(f"no preference pairs: the SFT model's 4 samples tied on reward for all "
+                         f"{args.pair_prompts} prompts; train SFT longer (--sft-steps, now "
+                         f"{args.sft_steps}) or use more --pair-prompts")
     pair_seconds, pair_samples = time.perf_counter() - start, 4 * args.pair_prompts
     pairs = f"data.train={out / 'pairs.jsonl'}"
 
     start = time.perf_counter()
-    train(config("reward_arithmetic.yaml", pairs, f"train.steps={args.rm_steps}", "train.batch_size=16",
-                 "train.eval_batches=8", f"out_dir={out / 'reward'}"))
+    train(config("reward_arithmetic.yaml", pairs, f"train.steps={args.rm_steps}",
+                 "train.batch_size=16", "train.eval_batches=8", f"out_dir={out / 'reward'}"))
     rm_accuracy = _series(out, "reward", "accuracy", "eval")[-1][1]
-    ppo = config("ppo_arithmetic.yaml", f"rl.reward_model={out / 'reward' / 'model'}", "rl.num_iterations=2",
-                 f"train.steps={args.ppo_rollouts}", f"out_dir={out / 'ppo'}")
+    ppo = config("ppo_arithmetic.yaml", f"rl.reward_model={out / 'reward' / 'model'}",
+                 "rl.num_iterations=2", f"train.steps={args.ppo_rollouts}",
+                 f"out_dir={out / 'ppo'}")
     train(ppo)
     rows.append(evaluate(load_pretrained(out / "ppo" / "model"), sft, tokenizer, problems,
-                         f"SFT → reward model (held-out pair accuracy {rm_accuracy:.2f}) → PPO (RLHF)",
-                         pair_seconds + time.perf_counter() - start, pair_samples + rollout_samples(ppo)))
+                         f"SFT → reward model (held-out pair accuracy {rm_accuracy:.2f}) → "
+                         "PPO (RLHF)", pair_seconds + time.perf_counter() - start,
+                         pair_samples + rollout_samples(ppo)))
 
     start = time.perf_counter()
-    train(config("dpo_arithmetic.yaml", pairs, f"train.steps={args.dpo_steps}", "train.batch_size=16",
-                 f"out_dir={out / 'dpo'}"))
+    train(config("dpo_arithmetic.yaml", pairs, f"train.steps={args.dpo_steps}",
+                 "train.batch_size=16", f"out_dir={out / 'dpo'}"))
     rows.append(evaluate(load_pretrained(out / "dpo" / "model"), sft, tokenizer, problems,
-                         "SFT → DPO + NLL (RPO)", pair_seconds + time.perf_counter() - start, pair_samples))
+                         "SFT → DPO + NLL (RPO)", pair_seconds + time.perf_counter() - start,
+                         pair_samples))
 
     start = time.perf_counter()
-    grpo = config("grpo_arithmetic.yaml", f"train.steps={args.grpo_rollouts}", f"out_dir={out / 'grpo'}")
+    grpo = config("grpo_arithmetic.yaml", f"train.steps={args.grpo_rollouts}",
+                  f"out_dir={out / 'grpo'}")
     train(grpo)
-    rows.append(evaluate(load_pretrained(out / "grpo" / "model"), sft, tokenizer, problems, "SFT → GRPO",
-                         time.perf_counter() - start, rollout_samples(grpo)))
+    rows.append(evaluate(load_pretrained(out / "grpo" / "model"), sft, tokenizer, problems,
+                         "SFT → GRPO", time.perf_counter() - start, rollout_samples(grpo)))
 
     header = list(rows[0])
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(r["stage"] if k == "stage" else f"{r[k]:.0f}" if k in ("samples drawn", "wall time (s)")
+        "| " + " | ".join(r["stage"] if k == "stage"
+                          else f"{r[k]:.0f}" if k in ("samples drawn", "wall time (s)")
                           else f"{r[k]:.3f}" for k in header) + " |" for r in rows])
     curves(out)
     report = (f"# align_jax demo: SFT, then RLHF (PPO), DPO and GRPO on synthetic arithmetic\n\n"
               f"{__doc__.split(chr(10) + chr(10))[1]}\n\n"
-              f"{n_pairs} on-policy pairs from {args.pair_prompts} prompts; {args.sft_steps} SFT steps, "
-              f"{args.rm_steps} reward-model steps, {args.dpo_steps} DPO steps, {args.ppo_rollouts} PPO and "
-              f"{args.grpo_rollouts} GRPO rollouts; evaluation on 256 fresh draws of the task's problems (seed 12345). Wall times of the "
+              f"{n_pairs} on-policy pairs from {args.pair_prompts} prompts; {args.sft_steps} SFT "
+              f"steps, {args.rm_steps} reward-model steps, {args.dpo_steps} DPO steps, "
+              f"{args.ppo_rollouts} PPO and {args.grpo_rollouts} GRPO rollouts; evaluation on 256 "
+              f"fresh draws of the task's problems (seed 12345). Wall times of the "
               f"PPO and DPO rows include sampling the pairs, and PPO's the reward model.\n\n"
               f"{table}\n\n![curves](curves.png)\n")
     (out / "report.md").write_text(report)

@@ -60,7 +60,8 @@ TRUSTED_ESS = 1 / 16  # of M
 BOOTSTRAP = 1000
 
 
-def sample(model_dir: Path, prompts: list[str], num_samples: int, seed: int, reference: Path | None = None,
+def sample(model_dir: Path, prompts: list[str], num_samples: int, seed: int,
+           reference: Path | None = None,
            chunk: int = 4096) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     """`num_samples` continuations of each prompt at T = 1, in chunks of `chunk` rows: the true
     rewards [P, S], each sample's k1 against `reference` [P, S] (when given), and the texts."""
@@ -71,18 +72,21 @@ def sample(model_dir: Path, prompts: list[str], num_samples: int, seed: int, ref
     rewards, kls, texts = [], [], []
     for start in range(0, len(prompts), per_chunk):
         part = prompts[start:start + per_chunk]
-        out_texts, out = generate_from_text(model, tokenizer, part, jax.random.fold_in(jax.random.key(seed), start),
-                                            config)
+        out_texts, out = generate_from_text(model, tokenizer, part,
+                                            jax.random.fold_in(jax.random.key(seed), start), config)
         rewards.append(np.reshape(synthetic.sentiment_reward(out_texts), (len(part), num_samples)))
         texts += out_texts
         if ref is not None:
             ids, mask = encode_prompts(tokenizer, part)
-            kls.append(np.reshape(sequence_kl(ref, ids, mask, out, num_samples=num_samples), (len(part), num_samples)))
+            kls.append(np.reshape(sequence_kl(ref, ids, mask, out, num_samples=num_samples),
+                                  (len(part), num_samples)))
     return np.concatenate(rewards), (np.concatenate(kls) if ref is not None else None), texts
 
 
-def preference_pairs(prompts: list[str], texts: list[str], rewards_PxS: np.ndarray) -> datasets.Dataset:
-    """Every two distinct non-empty samples of a prompt with different true rewards: the higher chosen."""
+def preference_pairs(prompts: list[str], texts: list[str],
+                     rewards_PxS: np.ndarray) -> datasets.Dataset:
+    """Every two distinct non-empty samples of a prompt with different true rewards: the higher
+    chosen."""
     S, rows = rewards_PxS.shape[1], []
     for p, prompt in enumerate(prompts):
         for i, j in combinations(range(S), 2):
@@ -94,39 +98,45 @@ def preference_pairs(prompts: list[str], texts: list[str], rewards_PxS: np.ndarr
 
 
 def oracle(rewards_PxM: np.ndarray, betas=ORACLE_BETAS) -> dict[str, np.ndarray]:
-    """Per opening and β [P, len(betas)]: E_π*[r], KL(π* ‖ π_ref) and the effective sample size of the
-    self-normalised weights w ∝ exp(r / β) over π_ref's M samples; and E_π_ref[r] per opening [P]."""
+    """Per opening and β [P, len(betas)]: E_π*[r], KL(π* ‖ π_ref) and the effective sample size of
+    the self-normalised weights w ∝ exp(r / β) over π_ref's M samples; and E_π_ref[r] per opening
+    [P]."""
     scaled = rewards_PxM[:, None, :] / np.asarray(betas)[None, :, None]  # [P, K, M]
     log_w = scaled - scipy.special.logsumexp(scaled, axis=2, keepdims=True)
     w = np.exp(log_w)
     log_mean_exp = scipy.special.logsumexp(scaled, axis=2) - np.log(rewards_PxM.shape[1])
-    return {"reward": np.sum(w * rewards_PxM[:, None, :], axis=2), "kl": np.sum(w * scaled, axis=2) - log_mean_exp,
+    return {"reward": np.sum(w * rewards_PxM[:, None, :], axis=2),
+            "kl": np.sum(w * scaled, axis=2) - log_mean_exp,
             "ess": 1.0 / np.sum(w * w, axis=2), "reference_reward": rewards_PxM.mean(1)}
 
 
-def oracle_curve(per_prompt: dict[str, np.ndarray], M: int, rows=slice(None)) -> tuple[np.ndarray, np.ndarray, float]:
-    """The frontier over the openings `rows`: KL and reward by increasing KL, and the largest trusted KL."""
+def oracle_curve(per_prompt: dict[str, np.ndarray], M: int,
+                 rows=slice(None)) -> tuple[np.ndarray, np.ndarray, float]:
+    """The frontier over the openings `rows`: KL and reward by increasing KL, and the largest
+    trusted KL."""
     kl, reward = per_prompt["kl"][rows].mean(0), per_prompt["reward"][rows].mean(0)
     trusted = per_prompt["ess"][rows].mean(0) >= TRUSTED_ESS * M
     order = np.argsort(kl)
     return kl[order], reward[order], float(kl[trusted].max()) if trusted.any() else 0.0
 
 
-def gaps(points: dict[str, dict], per_prompt: dict[str, np.ndarray], M: int, seed: int = 0) -> dict[str, dict]:
+def gaps(points: dict[str, dict], per_prompt: dict[str, np.ndarray], M: int,
+         seed: int = 0) -> dict[str, dict]:
     """For each point: its reward minus the oracle's at its KL, with a bootstrap standard error that
     resamples the openings (the same ones for the point and the oracle)."""
     rng = np.random.default_rng(seed)
     P = per_prompt["kl"].shape[0]
     draws = rng.integers(0, P, size=(BOOTSTRAP, P))
     kl_grid, reward_grid, kl_max = oracle_curve(per_prompt, M)
-    curves = [(rows, *oracle_curve(per_prompt, M, rows)[:2]) for rows in draws]  # shared by every point
+    # shared by every point
+    curves = [(rows, *oracle_curve(per_prompt, M, rows)[:2]) for rows in draws]
     out = {}
     for name, point in points.items():
         kl, reward = point["kl_PxS"].mean(1), point["reward_PxS"].mean(1)
         boot = [reward[rows].mean() - np.interp(kl[rows].mean(), grid_kl, grid_reward)
                 for rows, grid_kl, grid_reward in curves]
-        out[name] = {"gap": reward.mean() - np.interp(kl.mean(), kl_grid, reward_grid), "se": float(np.std(boot)),
-                     "trusted": bool(kl.mean() <= kl_max)}
+        out[name] = {"gap": reward.mean() - np.interp(kl.mean(), kl_grid, reward_grid),
+                     "se": float(np.std(boot)), "trusted": bool(kl.mean() <= kl_max)}
     return out
 
 
@@ -135,20 +145,23 @@ def check(points: dict[str, dict], gap: dict[str, dict]) -> list[str]:
     failures = []
     inside = [name for name in points if gap[name]["trusted"]]
     if not inside:
-        failures.append("no point lies inside the oracle's trusted KL range: the frontier check is empty")
+        failures.append("no point lies inside the oracle's trusted KL range: the frontier check "
+                        "is empty")
     for name in inside:
         if gap[name]["gap"] > 2 * gap[name]["se"]:
-            failures.append(f"{name} lies {gap[name]['gap']:.3f} above the oracle (2 SE = {2 * gap[name]['se']:.3f})")
+            failures.append(f"{name} lies {gap[name]['gap']:.3f} above the oracle "
+                            f"(2 SE = {2 * gap[name]['se']:.3f})")
     dpo = sorted((p["beta"], p["kl"]) for p in points.values() if p["method"] == "DPO")
     kls = [kl for _, kl in dpo]  # by increasing β: the KL must fall
     if any(later >= earlier for earlier, later in zip(kls, kls[1:])):
-        failures.append("DPO's KL does not rise as β falls: " + ", ".join(f"β {b:g}: {k:.2f}" for b, k in dpo))
+        failures.append("DPO's KL does not rise as β falls: "
+                        + ", ".join(f"β {b:g}: {k:.2f}" for b, k in dpo))
     return failures
 
 
-def run_study(out: Path, *, betas, kl_targets, sft_steps: int, dpo_steps: int, dpo_batch: int, ppo_rollouts: int,
-              ppo_batch: int, pair_prompts: int, prompts: int, samples: int, oracle_samples: int, seeds: int,
-              smoke: bool = False) -> tuple[dict, dict, dict]:
+def run_study(out: Path, *, betas, kl_targets, sft_steps: int, dpo_steps: int, dpo_batch: int,
+              ppo_rollouts: int, ppo_batch: int, pair_prompts: int, prompts: int, samples: int,
+              oracle_samples: int, seeds: int, smoke: bool = False) -> tuple[dict, dict, dict]:
     """SFT, pairs, every DPO and PPO run for every seed, and the oracle: (points, the oracle's
     per-opening estimates, timings)."""
     shutil.rmtree(out, ignore_errors=True)
@@ -173,29 +186,32 @@ def run_study(out: Path, *, betas, kl_targets, sft_steps: int, dpo_steps: int, d
 
     def evaluate(name: str, model_dir: Path, seconds: float, **what):
         reward_PxS, kl_PxS, _ = sample(model_dir, held_out, samples, seed=3, reference=sft_model)
-        points[name] = dict(what, reward=float(reward_PxS.mean()), kl=float(kl_PxS.mean()), reward_PxS=reward_PxS,
-                            kl_PxS=kl_PxS, seconds=seconds)
-        print(f"{name:28s} KL {kl_PxS.mean():6.2f}  true reward {reward_PxS.mean():+.3f}", flush=True)
+        points[name] = dict(what, reward=float(reward_PxS.mean()), kl=float(kl_PxS.mean()),
+                            reward_PxS=reward_PxS, kl_PxS=kl_PxS, seconds=seconds)
+        print(f"{name:28s} KL {kl_PxS.mean():6.2f}  true reward {reward_PxS.mean():+.3f}",
+              flush=True)
 
     for seed in range(seeds):
         suffix = f" seed {seed}" if seeds > 1 else ""
-        # Every β in one vmapped program (`sweep.*`): the members share the data order and the reference.
+        # Every β in one vmapped program (`sweep.*`): the members share the data order and the
+        # reference.
         clock, sweep_dir = time.perf_counter(), out / f"DPO_seed{seed}"
         train(load_config(report.ROOT / "configs/dpo_sentiment_sft.yaml", [
             f"model.path={sft_model}", f"data.train={out / 'pairs.jsonl'}", f"train.seed={seed}",
-            f"train.steps={dpo_steps}", f"train.batch_size={dpo_batch}", f"out_dir={sweep_dir}", "sweep.field=beta",
-            f"sweep.values=[{','.join(map(str, betas))}]"]), progress=False)
+            f"train.steps={dpo_steps}", f"train.batch_size={dpo_batch}", f"out_dir={sweep_dir}",
+            "sweep.field=beta", f"sweep.values=[{','.join(map(str, betas))}]"]), progress=False)
         seconds = (time.perf_counter() - clock) / len(betas)
         for beta in betas:
-            evaluate(f"DPO β {beta:g}{suffix}", sweep_dir / f"beta={beta:g}" / "model", seconds, method="DPO",
-                     beta=beta)
+            evaluate(f"DPO β {beta:g}{suffix}", sweep_dir / f"beta={beta:g}" / "model", seconds,
+                     method="DPO", beta=beta)
         for target in kl_targets:
             clock, run_dir = time.perf_counter(), out / f"PPO_target{target:g}_seed{seed}"
             train(load_config(report.ROOT / "configs/ppo_sentiment.yaml", [
                 f"model.path={sft_model}", f"train.seed={seed}", f"rl.kl_target={target}",
-                f"train.steps={ppo_rollouts}", f"train.batch_size={ppo_batch}", f"out_dir={run_dir}"]), progress=False)
-            evaluate(f"PPO KL target {target:g}{suffix}", run_dir / "model", time.perf_counter() - clock,
-                     method="PPO", target=target)
+                f"train.steps={ppo_rollouts}", f"train.batch_size={ppo_batch}",
+                f"out_dir={run_dir}"]), progress=False)
+            evaluate(f"PPO KL target {target:g}{suffix}", run_dir / "model",
+                     time.perf_counter() - clock, method="PPO", target=target)
     return points, oracle(oracle_rewards), timings
 
 
@@ -219,14 +235,16 @@ def plot(points: dict, per_prompt: dict, M: int, path: Path):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     trusted = int(np.sum(kl <= kl_max))  # kl is sorted: the first `trusted` points
     ax.plot(kl[:trusted], reward[:trusted], "k-", label="oracle π_ref·exp(r/β) (trusted)")
-    ax.plot(kl[max(trusted - 1, 0):], reward[max(trusted - 1, 0):], "k:", label="oracle, beyond M/16 effective samples")
+    ax.plot(kl[max(trusted - 1, 0):], reward[max(trusted - 1, 0):], "k:",
+            label="oracle, beyond M/16 effective samples")
     for method, color, marker in (("DPO", "C2", "o"), ("PPO", "C1", "s")):
         chosen = [p for p in points.values() if p["method"] == method]
-        ax.scatter([p["kl"] for p in chosen], [p["reward"] for p in chosen], color=color, marker=marker,
-                   label=method if method == "DPO" else "PPO-GT", zorder=3)
+        ax.scatter([p["kl"] for p in chosen], [p["reward"] for p in chosen], color=color,
+                   marker=marker, label=method if method == "DPO" else "PPO-GT", zorder=3)
         for p in chosen:
             label = f"β={p['beta']:g}" if method == "DPO" else f"target {p['target']:g}"
-            ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+            ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, -10),
+                        fontsize=7)
     ax.set(xlabel="KL(π ‖ π_ref), nats per sequence", ylabel="true reward (sentiment)",
            title="reward–KL frontier on the sentiment grammar",
            xlim=(0, max(p["kl"] for p in points.values()) * 1.15))
@@ -235,8 +253,9 @@ def plot(points: dict, per_prompt: dict, M: int, path: Path):
 
 
 def main(argv=None) -> int:
-    parser = report.argument_parser(__doc__, "dpo_frontier", seeds=1, sft_steps=300,
-                                    smoke="a one-layer model, 4 DPO steps and 2 PPO rollouts, 8 openings")
+    parser = report.argument_parser(
+        __doc__, "dpo_frontier", seeds=1, sft_steps=300,
+        smoke="a one-layer model, 4 DPO steps and 2 PPO rollouts, 8 openings")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
     parser.add_argument("--kl-targets", type=float, nargs="+", default=[0.5, 1.0, 2.0])
     parser.add_argument("--dpo-steps", type=int, default=300)
@@ -244,29 +263,34 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.smoke:
-        study = dict(betas=[0.1, 1.0], kl_targets=[4.0], sft_steps=20, dpo_steps=4, dpo_batch=4, ppo_rollouts=2,
-                     ppo_batch=8, pair_prompts=32, prompts=8, samples=4, oracle_samples=32, seeds=1)
+        study = dict(betas=[0.1, 1.0], kl_targets=[4.0], sft_steps=20, dpo_steps=4, dpo_batch=4,
+                     ppo_rollouts=2, ppo_batch=8, pair_prompts=32, prompts=8, samples=4,
+                     oracle_samples=32, seeds=1)
     else:
-        study = dict(betas=args.betas, kl_targets=args.kl_targets, sft_steps=args.sft_steps, dpo_steps=args.dpo_steps,
-                     dpo_batch=16, ppo_rollouts=args.ppo_rollouts, ppo_batch=64, pair_prompts=2000, prompts=64,
-                     samples=16, oracle_samples=512, seeds=args.seeds)
+        study = dict(betas=args.betas, kl_targets=args.kl_targets, sft_steps=args.sft_steps,
+                     dpo_steps=args.dpo_steps, dpo_batch=16, ppo_rollouts=args.ppo_rollouts,
+                     ppo_batch=64, pair_prompts=2000, prompts=64, samples=16, oracle_samples=512,
+                     seeds=args.seeds)
     start = time.perf_counter()
     points, per_prompt, timings = run_study(args.runs, **study, smoke=args.smoke)
     M = study["oracle_samples"]
     gap = gaps(points, per_prompt, M)
     _, _, kl_max = oracle_curve(per_prompt, M)
     paragraphs = __doc__.split("\n\n")
-    setup = (f"{study['sft_steps']} SFT steps; DPO {study['dpo_steps']} steps of {study['dpo_batch']} pairs, PPO "
-             f"{study['ppo_rollouts']} rollouts of {study['ppo_batch']} completions; {study['prompts']} held-out "
+    setup = (f"{study['sft_steps']} SFT steps; DPO {study['dpo_steps']} steps of "
+             f"{study['dpo_batch']} pairs, PPO {study['ppo_rollouts']} rollouts of "
+             f"{study['ppo_batch']} completions; {study['prompts']} held-out "
              f"openings × {study['samples']} samples per "
-             f"policy, × {M} for the oracle, whose trusted range ends at KL {kl_max:.2f}. The SFT took "
-             f"{timings['SFT']:.0f} s, the pairs {timings['pairs']:.0f} s, the oracle's samples "
-             f"{timings['oracle']:.0f} s.")
+             f"policy, × {M} for the oracle, whose trusted range ends at KL {kl_max:.2f}. "
+             f"The SFT took {timings['SFT']:.0f} s, the pairs {timings['pairs']:.0f} s, the "
+             f"oracle's samples {timings['oracle']:.0f} s.")
     status = report.write(
-        args.out, "dpo_frontier", title="The reward–KL frontier (Rafailov et al. 2023, Fig. 2) on the synthetic "
-        "sentiment grammar", body="\n\n".join([*paragraphs[1:4], setup]),
-        table=results_table(points, gap, float(per_prompt["reference_reward"].mean())), failures=check(points, gap),
-        claim="no policy beats the KL-regularised optimum at its KL, and DPO's KL rises as β falls.",
+        args.out, "dpo_frontier", title="The reward–KL frontier (Rafailov et al. 2023, Fig. 2) on "
+        "the synthetic sentiment grammar", body="\n\n".join([*paragraphs[1:4], setup]),
+        table=results_table(points, gap, float(per_prompt["reference_reward"].mean())),
+        failures=check(points, gap),
+        claim="no policy beats the KL-regularised optimum at its KL, and DPO's KL rises as "
+              "β falls.",
         seconds=time.perf_counter() - start)
     plot(points, per_prompt, M, args.out / "dpo_frontier.png")
     return status

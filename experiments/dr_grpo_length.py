@@ -43,7 +43,8 @@ from experiments import report
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-METHODS = {"GRPO": [], "Dr. GRPO": ["rl.scale_rewards=none", "rl.aggregation=token_sum_over_max_len"]}
+METHODS = {"GRPO": [],
+           "Dr. GRPO": ["rl.scale_rewards=none", "rl.aggregation=token_sum_over_max_len"]}
 TASK = {"digits": 1, "operators": "+-*"}
 MAX_NEW_TOKENS = 48
 
@@ -53,7 +54,8 @@ def lengths_by_correctness(model, problems) -> dict:
     the answer is right."""
     texts, out = generate_from_text(model, tiny_tokenizer(), problems["prompt"], jax.random.key(0),
                                     SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, num_samples=4))
-    right = np.array(rewards.accuracy(texts, [a for a in problems["answer"] for _ in range(4)])) == 1.0
+    right = np.array(rewards.accuracy(texts,
+                                      [a for a in problems["answer"] for _ in range(4)])) == 1.0
     lengths = np.asarray(out.lengths_B, float)
     return {"right": lengths[right], "wrong": lengths[~right], "accuracy": float(right.mean())}
 
@@ -63,15 +65,16 @@ def gap(sample: dict) -> tuple[float, float]:
     w, r = sample["wrong"], sample["right"]
     if len(w) < 2 or len(r) < 2:
         return float("nan"), float("nan")
-    return float(w.mean() - r.mean()), float(np.sqrt(w.var(ddof=1) / len(w) + r.var(ddof=1) / len(r)))
+    return float(w.mean() - r.mean()), float(np.sqrt(w.var(ddof=1) / len(w)
+                                                     + r.var(ddof=1) / len(r)))
 
 
-def run_study(out: Path, *, rollouts: int, seeds: int, sft_steps: int, filler: int, problems: int = 256,
-              extra: tuple[str, ...] = (), smoke: bool = False) -> dict:
+def run_study(out: Path, *, rollouts: int, seeds: int, sft_steps: int, filler: int,
+              problems: int = 256, extra: tuple[str, ...] = (), smoke: bool = False) -> dict:
     """{"SFT": sample, method: [sample per seed]} with per-seed training times under "seconds"."""
     shutil.rmtree(out, ignore_errors=True)
-    sft_model = report.sft("sft_arithmetic.yaml", out / "sft", sft_steps, f"data.synthetic_args.filler={filler}",
-                           smoke=smoke)
+    sft_model = report.sft("sft_arithmetic.yaml", out / "sft", sft_steps,
+                           f"data.synthetic_args.filler={filler}", smoke=smoke)
     test = synthetic.arithmetic(problems, seed=12345, **TASK)
     results = {"SFT": lengths_by_correctness(load_pretrained(sft_model), test)}
     for method, overrides in METHODS.items():
@@ -81,12 +84,14 @@ def run_study(out: Path, *, rollouts: int, seeds: int, sft_steps: int, filler: i
             start = time.perf_counter()
             train(load_config(report.ROOT / "configs/grpo_arithmetic.yaml", [
                 f"model.path={sft_model}", f"train.steps={rollouts}", f"train.seed={seed}",
-                f"rl.max_new_tokens={MAX_NEW_TOKENS}", f"out_dir={run}", *overrides, *extra]), progress=False)
+                f"rl.max_new_tokens={MAX_NEW_TOKENS}", f"out_dir={run}", *overrides, *extra]),
+                progress=False)
             sample = lengths_by_correctness(load_pretrained(run / "model"), test)
             sample["seconds"] = time.perf_counter() - start
             results[method].append(sample)
-            print(f"{method:9s} seed {seed}: gap {gap(sample)[0]:+.2f} tokens (SFT {gap(results['SFT'])[0]:+.2f}), "
-                  f"accuracy {sample['accuracy']:.3f}", flush=True)
+            print(f"{method:9s} seed {seed}: gap {gap(sample)[0]:+.2f} tokens "
+                  f"(SFT {gap(results['SFT'])[0]:+.2f}), accuracy {sample['accuracy']:.3f}",
+                  flush=True)
     return results
 
 
@@ -105,25 +110,30 @@ def check(results: dict) -> list[str]:
     failures = []
     g, se = growth["GRPO"]
     if not g > 2 * se:
-        failures.append(f"under GRPO the gap grew by {g:+.2f} tokens, not more than 2 standard errors ({se:.2f})")
+        failures.append(f"under GRPO the gap grew by {g:+.2f} tokens, not more than 2 standard "
+                        f"errors ({se:.2f})")
     d, se_d = growth["Dr. GRPO"]
     if not d < g:
         failures.append(f"the gap grew more under Dr. GRPO ({d:+.2f}) than under GRPO ({g:+.2f})")
     if d > 2 * se_d:
-        failures.append(f"under Dr. GRPO the gap grew by {d:+.2f} tokens, more than 2 standard errors ({se_d:.2f})")
+        failures.append(f"under Dr. GRPO the gap grew by {d:+.2f} tokens, more than 2 standard "
+                        f"errors ({se_d:.2f})")
     return failures
 
 
 def results_table(results: dict) -> str:
-    header = ("model", "accuracy (T=1)", "length, right", "length, wrong", "gap (wrong − right)", "s / run")
+    header = ("model", "accuracy (T=1)", "length, right", "length, wrong", "gap (wrong − right)",
+              "s / run")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = [("SFT", [results["SFT"]])] + [(m, results[m]) for m in METHODS]
     for name, samples in rows:
         both = pooled(samples)
         g, se = gap(both)
-        seconds = f"{np.mean([s['seconds'] for s in samples]):.0f}" if "seconds" in samples[0] else ""
-        lines.append(f"| {name} | {np.mean([s['accuracy'] for s in samples]):.3f} | {_mean(both['right']):.2f} | "
-                     f"{_mean(both['wrong']):.2f} | {g:+.2f} ± {se:.2f} | {seconds} |")
+        seconds = (f"{np.mean([s['seconds'] for s in samples]):.0f}" if "seconds" in samples[0]
+                   else "")
+        lines.append(f"| {name} | {np.mean([s['accuracy'] for s in samples]):.3f} | "
+                     f"{_mean(both['right']):.2f} | {_mean(both['wrong']):.2f} | "
+                     f"{g:+.2f} ± {se:.2f} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -132,7 +142,8 @@ def plot(results: dict, path: Path):
     names = ["SFT", *METHODS]
     for j, (kind, color) in enumerate((("right", "C2"), ("wrong", "C3"))):
         means = [_mean(pooled([results[n]] if n == "SFT" else results[n])[kind]) for n in names]
-        ax.bar(np.arange(len(names)) + 0.38 * (j - 0.5), means, 0.38, color=color, label=f"{kind} answers")
+        ax.bar(np.arange(len(names)) + 0.38 * (j - 0.5), means, 0.38, color=color,
+               label=f"{kind} answers")
     ax.set_xticks(range(len(names)), names)
     ax.set(ylabel="mean length (tokens)", title="completion length by correctness, T = 1")
     ax.legend()
@@ -140,28 +151,30 @@ def plot(results: dict, path: Path):
 
 
 def main(argv=None) -> int:
-    parser = report.argument_parser(__doc__, "dr_grpo_length", seeds=2, sft_steps=300,
-                                    smoke="2 rollouts of 4 prompts × 4 samples, 1 seed, 16 test problems")
+    parser = report.argument_parser(
+        __doc__, "dr_grpo_length", seeds=2, sft_steps=300,
+        smoke="2 rollouts of 4 prompts × 4 samples, 1 seed, 16 test problems")
     parser.add_argument("--rollouts", type=int, default=40)
     parser.add_argument("--filler", type=int, default=12)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     extra = ("train.batch_size=4", "rl.num_generations=4") if args.smoke else ()
-    rollouts, seeds, sft_steps, problems = (2, 1, 30, 16) if args.smoke else (args.rollouts, args.seeds,
-                                                                                args.sft_steps, 256)
+    rollouts, seeds, sft_steps, problems = ((2, 1, 30, 16) if args.smoke
+                                            else (args.rollouts, args.seeds, args.sft_steps, 256))
     start = time.perf_counter()
-    results = run_study(args.runs, rollouts=rollouts, seeds=seeds, sft_steps=sft_steps, filler=args.filler, smoke=args.smoke,
-                        problems=problems, extra=extra)
+    results = run_study(args.runs, rollouts=rollouts, seeds=seeds, sft_steps=sft_steps,
+                        filler=args.filler, smoke=args.smoke, problems=problems, extra=extra)
     paragraphs = __doc__.split("\n\n")
     setup = (f"{sft_steps} SFT steps with 0–{args.filler} filler tokens; {rollouts} rollouts of "
-             f"{4 if args.smoke else 32} prompts × {4 if args.smoke else 8} samples per run; {seeds} seeds, pooled; "
+             f"{4 if args.smoke else 32} prompts × {4 if args.smoke else 8} samples per run; "
+             f"{seeds} seeds, pooled; "
              "± is the standard error of the difference of means.")
     status = report.write(
         args.out, "dr_grpo_length",
         title="GRPO's length bias and Dr. GRPO (Liu et al. 2025, §3.1) on synthetic arithmetic",
         body=f"{paragraphs[1]}\n\n{paragraphs[2]}\n\n{setup}", table=results_table(results),
-        failures=check(results), claim="under GRPO wrong answers grow longer relative to right ones; under "
-        "Dr. GRPO they do not.", seconds=time.perf_counter() - start)
+        failures=check(results), claim="under GRPO wrong answers grow longer relative to right "
+        "ones; under Dr. GRPO they do not.", seconds=time.perf_counter() - start)
     plot(results, args.out / "dr_grpo_length.png")
     return status
 

@@ -50,7 +50,8 @@ def ipo_optimum(dataset: str, tau: float) -> np.ndarray:
 
 
 def make_chunk_runner(pairs_Px2: np.ndarray, loss_type: str, batch_size: int, lr: float):
-    """A jitted function advancing every (τ, seed) lane by `num_steps` Adam steps from step `start`."""
+    """A jitted function advancing every (τ, seed) lane by `num_steps` Adam steps from step
+    `start`."""
     pairs = jnp.asarray(pairs_Px2)
     optimizer = optax.adam(lr)
     ref_logp = jnp.log(1.0 / len(ACTIONS))
@@ -73,7 +74,8 @@ def make_chunk_runner(pairs_Px2: np.ndarray, loss_type: str, batch_size: int, lr
 
     def run_lane(logits, opt_state, lane_key, tau, start, num_steps):
         keys_K = jax.random.split(jax.random.fold_in(lane_key, start), num_steps)
-        (logits, opt_state), _ = jax.lax.scan(lambda c, k: step(c, k, tau), (logits, opt_state), keys_K)
+        (logits, opt_state), _ = jax.lax.scan(lambda c, k: step(c, k, tau), (logits, opt_state),
+                                              keys_K)
         return logits, opt_state
 
     def run_all(logits, opt_state, lane_keys, taus, start, num_steps):
@@ -130,7 +132,8 @@ def check(results, taus, *, ipo_tol=0.01, dpo_floor=0.01) -> list[str]:
                 losers = [1, 2] if dataset.startswith("D1") else [2]
                 for a in losers:
                     if mean[t, a] > dpo_floor:
-                        failures.append(f"DPO {dataset} τ={tau}: π({ACTIONS[a]}) = {mean[t, a]:.4f} > {dpo_floor}")
+                        failures.append(f"DPO {dataset} τ={tau}: π({ACTIONS[a]}) = "
+                                        f"{mean[t, a]:.4f} > {dpo_floor}")
             else:
                 gap = np.abs(mean[t] - ipo_optimum(dataset, tau)).max()
                 if gap > ipo_tol:
@@ -140,7 +143,8 @@ def check(results, taus, *, ipo_tol=0.01, dpo_floor=0.01) -> list[str]:
 
 def results_table(results, taus) -> str:
     """Markdown table: mean ± 95% t-interval over seeds of each action's final probability."""
-    lines = ["| method | dataset | τ | π(a) | π(b) | π(c) | IPO optimum π* |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | dataset | τ | π(a) | π(b) | π(c) | IPO optimum π* |",
+             "|---|---|---|---|---|---|---|"]
     for (method, dataset), probs in results.items():
         n = probs.shape[1]
         t_crit = scipy.stats.t.ppf(0.975, n - 1) if n > 1 else 0.0
@@ -149,7 +153,8 @@ def results_table(results, taus) -> str:
             half = t_crit * probs[t].std(0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(3)
             cells = [f"{m:.3f} ± {h:.3f}" for m, h in zip(mean, half)]
             optimum = " / ".join(f"{p:.3f}" for p in ipo_optimum(dataset, tau))
-            lines.append(f"| {method} | {dataset} | {tau} | " + " | ".join(cells) + f" | {optimum} |")
+            lines.append(f"| {method} | {dataset} | {tau} | " + " | ".join(cells)
+                         + f" | {optimum} |")
     return "\n".join(lines)
 
 
@@ -193,22 +198,24 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - start
     table = results_table(results, TAUS)
     failures = check(results, TAUS)
-    verdict = "PASS: DPO collapses onto the preferred actions for every τ; IPO matches its optimum within 0.01." \
-        if not failures else "FAIL:\n" + "\n".join(f"- {f}" for f in failures)
+    verdict = ("PASS: DPO collapses onto the preferred actions for every τ; IPO matches its "
+               "optimum within 0.01."
+               if not failures else "FAIL:\n" + "\n".join(f"- {f}" for f in failures))
 
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, TAUS, args.out / "ipo_bandit.png")
     report = (
         "# DPO vs IPO on a three-action bandit (Azar et al. 2023, §5.3-5.4)\n\n"
-        f"{args.steps} Adam steps (lr 0.01), mini-batch 9 drawn with replacement, {args.seeds} seeds; "
+        f"{args.steps} Adam steps (lr 0.01), mini-batch 9 drawn with replacement, "
+        f"{args.seeds} seeds; "
         "mean ± 95% t-interval over seeds. "
         f"All {len(METHODS) * len(DATASETS) * len(TAUS) * args.seeds} runs took {seconds:.1f} s "
         f"on {jax.devices()[0].platform.upper()} ({jax.device_count()} device).\n\n"
         f"{table}\n\n**Check.** {verdict}\n\n![final probabilities](ipo_bandit.png)\n"
     )
     (args.out / "ipo_bandit.md").write_text(report)
-    print(f"\n{table}\n\n{verdict}\n\nwrote {args.out / 'ipo_bandit.md'} and {args.out / 'ipo_bandit.png'} "
-          f"({seconds:.1f} s)")
+    print(f"\n{table}\n\n{verdict}\n\nwrote {args.out / 'ipo_bandit.md'} and "
+          f"{args.out / 'ipo_bandit.png'} ({seconds:.1f} s)")
     return 0 if not failures else 1
 
 

@@ -3,7 +3,8 @@ Optimization", §4.3 and Fig. 5) at CPU scale, on the synthetic sentiment gramma
 
 A tiny model is fine-tuned on random review continuations (`configs/sft_sentiment.yaml`). One set
 of preferences, pairs of continuations whose better one by the true sentiment is chosen
-(`synthetic.sentiment_pairs(beta=None)`), then trains from that model (`configs/kto_sentiment_sft.yaml`):
+(`synthetic.sentiment_pairs(beta=None)`), then trains from that model
+(`configs/kto_sentiment_sft.yaml`):
   - DPO on the pairs, β = 0.1;
   - KTO on the same pairs unpaired (`data.unpair`: chosen desirable, rejected undesirable), β = 0.1,
     λ_D = λ_U = 1;
@@ -51,13 +52,14 @@ RUNS = ("DPO", "KTO", "KTO, 10% desirable, λ_D = 1", "KTO, 10% desirable, λ_D 
 
 
 def datasets_for(pairs, out: Path, seed: int) -> dict[str, tuple[Path, list[str], dict[str, str]]]:
-    """Write the three training sets; {job: (file, extra overrides, {run: its directory in the job's})}.
-    The two λ_D runs on the imbalanced set are the members of one sweep job."""
+    """Write the three training sets; {job: (file, extra overrides, {run: its directory in the
+    job's})}. The two λ_D runs on the imbalanced set are the members of one sweep job."""
     out.mkdir(parents=True, exist_ok=True)
     unpaired = unpair(pairs)
     desirable = [i for i, label in enumerate(unpaired["label"]) if label]
     rng = np.random.default_rng(seed)
-    dropped = set(rng.choice(desirable, size=len(desirable) - int(KEEP_DESIRABLE * len(desirable)), replace=False))
+    dropped = set(rng.choice(desirable, size=len(desirable) - int(KEEP_DESIRABLE * len(desirable)),
+                             replace=False))
     imbalanced = unpaired.select([i for i in range(len(unpaired)) if i not in dropped])
     n_d = int(np.sum(imbalanced["label"]))
     weight = kto_desirable_weight(n_d, len(imbalanced) - n_d)
@@ -73,7 +75,8 @@ def datasets_for(pairs, out: Path, seed: int) -> dict[str, tuple[Path, list[str]
 
 def true_reward(model_dir: Path, prompts: list[str]) -> float:
     """Mean true sentiment of 4 continuations per prompt at T = 1."""
-    texts = generate_from_text(load_pretrained(model_dir), tiny_tokenizer(), prompts, jax.random.key(0),
+    texts = generate_from_text(load_pretrained(model_dir), tiny_tokenizer(), prompts,
+                               jax.random.key(0),
                                SamplingConfig(max_new_tokens=48, num_samples=4))[0]
     return float(np.mean(synthetic.sentiment_reward(texts)))
 
@@ -86,13 +89,15 @@ def run_study(out: Path, *, seeds: int, sft_steps: int, steps: int, pairs: int, 
     held_out = list(synthetic.sentiment(prompts, seed=12345)["prompt"])
     results = {"SFT": [{"reward": true_reward(sft_model, held_out)}]}
     for seed in range(seeds):
-        data = datasets_for(synthetic.sentiment_pairs(pairs, seed=seed + 1, beta=None), out / f"data_seed{seed}", seed)
+        data = datasets_for(synthetic.sentiment_pairs(pairs, seed=seed + 1, beta=None),
+                            out / f"data_seed{seed}", seed)
         for i, (path, overrides, runs) in enumerate(data.values()):
             start, job_dir = time.perf_counter(), out / f"{i}_seed{seed}"
             train(load_config(report.ROOT / "configs/kto_sentiment_sft.yaml", [
                 f"model.path={sft_model}", f"data.train={path}", f"train.steps={steps}",
                 f"train.seed={seed}", f"out_dir={job_dir}", *overrides, *extra]), progress=False)
-            seconds = (time.perf_counter() - start) / len(runs)  # a sweep's time, shared by its members
+            # a sweep's time, shared by its members
+            seconds = (time.perf_counter() - start) / len(runs)
             for name, member in runs.items():
                 reward = true_reward(job_dir / member / "model", held_out)
                 results.setdefault(name, []).append({"reward": reward, "seconds": seconds})
@@ -116,22 +121,24 @@ def check(results: dict) -> list[str]:
     """The paper's claims at this scale; an empty list when they hold."""
     failures, fraction = [], recovered(results)
     if gains(results)["DPO"].mean() <= 0:
-        return [f"DPO does not raise the true reward (gain {gains(results)['DPO'].mean():+.3f}), so there is "
-                "no gain to recover"]
+        return [f"DPO does not raise the true reward (gain {gains(results)['DPO'].mean():+.3f}), "
+                "so there is no gain to recover"]
     if fraction["KTO"] < RECOVERED:
         failures.append(f"KTO recovers {fraction['KTO']:.2f} of DPO's gain, less than {RECOVERED}")
     if fraction[RUNS[3]] <= fraction[RUNS[2]]:
-        failures.append(f"with 10% of the desirable examples, the rescaled λ_D recovers {fraction[RUNS[3]]:.2f} of "
-                        f"DPO's gain, not more than λ_D = 1 ({fraction[RUNS[2]]:.2f})")
+        failures.append(f"with 10% of the desirable examples, the rescaled λ_D recovers "
+                        f"{fraction[RUNS[3]]:.2f} of DPO's gain, not more than λ_D = 1 "
+                        f"({fraction[RUNS[2]]:.2f})")
     if fraction[RUNS[3]] < RECOVERED:
-        failures.append(f"with 10% of the desirable examples, the rescaled λ_D recovers {fraction[RUNS[3]]:.2f} of "
-                        f"DPO's gain, less than {RECOVERED}")
+        failures.append(f"with 10% of the desirable examples, the rescaled λ_D recovers "
+                        f"{fraction[RUNS[3]]:.2f} of DPO's gain, less than {RECOVERED}")
     return failures
 
 
 def results_table(results: dict) -> str:
     g, fraction = gains(results), recovered(results)
-    lines = ["| model | true reward | gain over SFT | fraction of DPO's gain | s / run (a sweep: its time / 2) |",
+    lines = ["| model | true reward | gain over SFT | fraction of DPO's gain "
+             "| s / run (a sweep: its time / 2) |",
              "|---|---|---|---|---|",
              f"| SFT | {results['SFT'][0]['reward']:.3f} | | | |"]
     for name in RUNS:
@@ -152,8 +159,9 @@ def plot(results: dict, path: Path):
 
 
 def main(argv=None) -> int:
-    parser = report.argument_parser(__doc__, "kto_imbalanced", seeds=2, sft_steps=300,
-                                    smoke="4 steps of 4 rows, 1 seed, 200 pairs, 16 held-out prompts")
+    parser = report.argument_parser(
+        __doc__, "kto_imbalanced", seeds=2, sft_steps=300,
+        smoke="4 steps of 4 rows, 1 seed, 200 pairs, 16 held-out prompts")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--pairs", type=int, default=4000)
     args = parser.parse_args(argv)
@@ -161,17 +169,19 @@ def main(argv=None) -> int:
     if args.smoke:
         seeds, sft_steps, steps, pairs, prompts, extra = 1, 20, 4, 200, 16, ("train.batch_size=4",)
     else:
-        seeds, sft_steps, steps, pairs, prompts, extra = args.seeds, args.sft_steps, args.steps, args.pairs, 256, ()
+        seeds, sft_steps, steps, pairs, prompts, extra = (args.seeds, args.sft_steps, args.steps,
+                                                          args.pairs, 256, ())
     start = time.perf_counter()
-    results = run_study(args.runs, seeds=seeds, sft_steps=sft_steps, steps=steps, pairs=pairs, prompts=prompts,
-                        extra=extra, smoke=args.smoke)
+    results = run_study(args.runs, seeds=seeds, sft_steps=sft_steps, steps=steps, pairs=pairs,
+                        prompts=prompts, extra=extra, smoke=args.smoke)
     paragraphs = __doc__.split("\n\n")
     setup = (f"{sft_steps} SFT steps; {pairs} pairs; {steps} steps per run; {seeds} seeds; "
              "mean ± standard error over seeds.")
     status = report.write(
-        args.out, "kto_imbalanced", title="KTO with imbalanced data (Ethayarajh et al. 2024) on the synthetic "
-        "sentiment grammar", body="\n\n".join([*paragraphs[1:3], setup]), table=results_table(results),
-        failures=check(results), claim="KTO matches DPO on the same preferences, and with 90% of the desirable "
+        args.out, "kto_imbalanced", title="KTO with imbalanced data (Ethayarajh et al. 2024) on "
+        "the synthetic sentiment grammar", body="\n\n".join([*paragraphs[1:3], setup]),
+        table=results_table(results), failures=check(results),
+        claim="KTO matches DPO on the same preferences, and with 90% of the desirable "
         "examples dropped the rescaled λ_D recovers most of the gain, more than λ_D = 1.",
         seconds=time.perf_counter() - start)
     plot(results, args.out / "kto_imbalanced.png")

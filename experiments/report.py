@@ -25,19 +25,22 @@ def argument_parser(doc: str, name: str, *, seeds: int, smoke: str | None = None
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=seeds)
     if sft_steps is not None:
-        parser.add_argument("--sft-steps", type=int, default=sft_steps, help="of the reference policy's SFT")
+        parser.add_argument("--sft-steps", type=int, default=sft_steps,
+                            help="of the reference policy's SFT")
     parser.add_argument("--out", type=Path, default=Path("experiments/results"))
     parser.add_argument("--runs", type=Path, default=Path("runs") / name)
     if smoke:
-        parser.add_argument("--smoke", action="store_true", help=f"{smoke}: the pipeline, not the claims")
+        parser.add_argument("--smoke", action="store_true",
+                            help=f"{smoke}: the pipeline, not the claims")
     return parser
 
 
 def sft(config: str, out_dir: Path, steps: int, *overrides: str, smoke: bool = False) -> Path:
     """Fine-tune the reference policy from scratch with `configs/<config>` for `steps` steps (no
     evaluation); return the directory of the exported model."""
-    train(load_config(ROOT / "configs" / config, [f"train.steps={steps}", "train.eval_every=0", f"out_dir={out_dir}",
-                                                  *overrides, *(SMOKE_MODEL if smoke else ())]), progress=False)
+    train(load_config(ROOT / "configs" / config, [f"train.steps={steps}", "train.eval_every=0",
+                                                  f"out_dir={out_dir}", *overrides,
+                                                  *(SMOKE_MODEL if smoke else ())]), progress=False)
     return out_dir / "model"
 
 
@@ -57,15 +60,16 @@ def mean_se(values) -> str:
     return f"{values.mean():.3f} ± {se:.3f}"
 
 
-def write(out: Path, name: str, *, title: str, body: str, table: str, failures: list[str], claim: str,
-          seconds: float) -> int:
+def write(out: Path, name: str, *, title: str, body: str, table: str, failures: list[str],
+          claim: str, seconds: float) -> int:
     """Write `<out>/<name>.md` (the plot `<name>.png` is the caller's), print the table and the
     verdict, and return the exit status: 0 when the check passed, 1 when it failed."""
-    verdict = f"PASS: {claim}" if not failures else "FAIL:\n" + "\n".join(f"- {f}" for f in failures)
+    verdict = (f"PASS: {claim}" if not failures
+               else "FAIL:\n" + "\n".join(f"- {f}" for f in failures))
     runtime = (f"Everything took {seconds / 60:.1f} min on {jax.devices()[0].platform.upper()} "
                f"({jax.device_count()} device).")
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.md").write_text(f"# {title}\n\n{body} {runtime}\n\n{table}\n\n**Check.** {verdict}\n\n"
-                                    f"![{name}]({name}.png)\n")
+    (out / f"{name}.md").write_text(f"# {title}\n\n{body} {runtime}\n\n{table}\n\n"
+                                    f"**Check.** {verdict}\n\n![{name}]({name}.png)\n")
     print(f"\n{table}\n\n{verdict}\n\nwrote {out / f'{name}.md'} ({seconds / 60:.1f} min)")
     return 0 if not failures else 1

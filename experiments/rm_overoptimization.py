@@ -57,8 +57,10 @@ CEILING_GAP = 0.03
 def bon_weights(num_samples: int, ns) -> np.ndarray:
     """[len(ns), M]: row k is the probability that the sample of ascending rank i (1-based) is the
     best of a uniformly random ns[k]-subset of the M samples, C(i−1, n−1) / C(M, n)."""
-    ranks = np.arange(1, num_samples + 1)  # comb is 0 where i − 1 < n − 1; exact in float64 up to M ≈ 1,000
-    return np.stack([scipy.special.comb(ranks - 1, n - 1) / scipy.special.comb(num_samples, n) for n in ns])
+    # comb is 0 where i − 1 < n − 1; exact in float64 up to M ≈ 1,000
+    ranks = np.arange(1, num_samples + 1)
+    return np.stack([scipy.special.comb(ranks - 1, n - 1) / scipy.special.comb(num_samples, n)
+                     for n in ns])
 
 
 def best_of_n_gold(proxy_PxM: np.ndarray, gold_PxM: np.ndarray, ns) -> np.ndarray:
@@ -75,7 +77,8 @@ def bon_kl(ns) -> np.ndarray:
 
 
 def fit_peak(ns, gold: np.ndarray) -> tuple[float, float, float]:
-    """Least squares of gold(n) − gold(1) = d (α − β d), d = √KL: (α, β, d* = α / 2β, ∞ if β ≤ 0)."""
+    """Least squares of gold(n) − gold(1) = d (α − β d), d = √KL: (α, β, d* = α / 2β,
+    ∞ if β ≤ 0)."""
     d = np.sqrt(bon_kl(ns))
     (alpha, beta), *_ = np.linalg.lstsq(np.stack([d, -d * d], axis=1), gold - gold[0], rcond=None)
     return float(alpha), float(beta), float(alpha / (2 * beta)) if beta > 0 else float("inf")
@@ -92,11 +95,14 @@ def proxy_scores(model_dir: Path):
     model = load_pretrained(model_dir)
     graphdef, params = nnx.split(model)
     score = jax.jit(lambda p, ids, mask: nnx.merge(graphdef, p).score(ids, mask))
-    return reward_model_reward(lambda ids, mask: score(params, ids, mask), tiny_tokenizer(), batch_size=256)
+    return reward_model_reward(lambda ids, mask: score(params, ids, mask), tiny_tokenizer(),
+                               batch_size=256)
 
 
-def policy_samples(model_dir: Path, prompts: list[str], num_samples: int, chunk: int = 8) -> list[str]:
-    """`num_samples` continuations of each prompt at T = 1, prompt-major, a few prompts at a time."""
+def policy_samples(model_dir: Path, prompts: list[str], num_samples: int,
+                   chunk: int = 8) -> list[str]:
+    """`num_samples` continuations of each prompt at T = 1, prompt-major, a few prompts at a
+    time."""
     model, texts = load_pretrained(model_dir), []
     config = SamplingConfig(max_new_tokens=48, num_samples=num_samples)
     for start in range(0, len(prompts), chunk):
@@ -105,8 +111,9 @@ def policy_samples(model_dir: Path, prompts: list[str], num_samples: int, chunk:
     return texts
 
 
-def run_study(out: Path, *, seeds: int, sft_steps: int, rm_steps: int, rm_batch: int = 32, sizes=SIZES,
-              prompts: int = 64, num_samples: int = 512, held_out_pairs: int = 2048, smoke: bool = False) -> dict:
+def run_study(out: Path, *, seeds: int, sft_steps: int, rm_steps: int, rm_batch: int = 32,
+              sizes=SIZES, prompts: int = 64, num_samples: int = 512, held_out_pairs: int = 2048,
+              smoke: bool = False) -> dict:
     """SFT, the M samples per prompt and their gold rewards, then each proxy RM: its held-out
     accuracy and best-of-n curve. Returns {"ns", "oracle", "ceiling", N: [per-seed result]}."""
     shutil.rmtree(out, ignore_errors=True)
@@ -126,18 +133,22 @@ def run_study(out: Path, *, seeds: int, sft_steps: int, rm_steps: int, rm_batch:
         for seed in range(seeds):
             start, run_dir = time.perf_counter(), out / f"rm_{size}_seed{seed}"
             train(load_config(report.ROOT / "configs/reward_sentiment.yaml", [
-                f"model.path={sft_model}", f"data.synthetic_args.n={size}", f"data.synthetic_args.seed={seed}",
-                "data.eval_fraction=0", "train.eval_every=0", f"train.steps={rm_steps}", f"train.seed={seed}",
-                f"train.batch_size={rm_batch}", f"out_dir={run_dir}"]), progress=False)
+                f"model.path={sft_model}", f"data.synthetic_args.n={size}",
+                f"data.synthetic_args.seed={seed}", "data.eval_fraction=0", "train.eval_every=0",
+                f"train.steps={rm_steps}", f"train.seed={seed}", f"train.batch_size={rm_batch}",
+                f"out_dir={run_dir}"]), progress=False)
             rm = proxy_scores(run_dir / "model")
             chosen = np.asarray(rm(prompts=held_out["prompt"], completions=held_out["chosen"]))
             rejected = np.asarray(rm(prompts=held_out["prompt"], completions=held_out["rejected"]))
-            proxy = np.asarray(rm(prompts=prompts_rep, completions=texts)).reshape(prompts, num_samples)
+            proxy = np.asarray(rm(prompts=prompts_rep,
+                                  completions=texts)).reshape(prompts, num_samples)
             bon = best_of_n_gold(proxy, gold, ns)
             results[size].append({"accuracy": float(np.mean(chosen > rejected)), "bon": bon,
-                                  "peak": fit_peak(ns, bon)[2], "seconds": time.perf_counter() - start})
-            print(f"N = {size:5d} seed {seed}: held-out accuracy {results[size][-1]['accuracy']:.3f}, "
-                  f"best-of-{ns[-1]} gold {bon[-1]:+.3f}", flush=True)
+                                  "peak": fit_peak(ns, bon)[2],
+                                  "seconds": time.perf_counter() - start})
+            print(f"N = {size:5d} seed {seed}: held-out accuracy "
+                  f"{results[size][-1]['accuracy']:.3f}, best-of-{ns[-1]} gold {bon[-1]:+.3f}",
+                  flush=True)
     return results
 
 
@@ -151,8 +162,8 @@ def check(results: dict, sizes=SIZES) -> list[str]:
     failures = []
     accuracy = float(np.mean([r["accuracy"] for r in results[sizes[-1]]]))
     if results["ceiling"] - accuracy > CEILING_GAP:
-        failures.append(f"the N = {sizes[-1]} proxy's held-out accuracy {accuracy:.3f} is more than "
-                        f"{CEILING_GAP} below the Bayes ceiling {results['ceiling']:.3f}")
+        failures.append(f"the N = {sizes[-1]} proxy's held-out accuracy {accuracy:.3f} is more "
+                        f"than {CEILING_GAP} below the Bayes ceiling {results['ceiling']:.3f}")
     peaks = [fit_peak(results["ns"], curve(results, size))[2] for size in sizes]
     if any(later < earlier for earlier, later in zip(peaks, peaks[1:])) or not peaks[-1] > peaks[0]:
         failures.append("the gold reward does not peak later for more data: fitted √KL peaks "
@@ -164,9 +175,10 @@ def results_table(results: dict, sizes=SIZES) -> str:
     ns = results["ns"]
     header = ("comparisons N", "held-out accuracy", f"gold, best-of-{ns[-1]}", "peak n (grid)",
               "fitted α", "fitted β", "fitted √KL peak d*", "s / RM")
-    lines = [f"Bayes ceiling of the held-out comparisons: {results['ceiling']:.3f}. Gold reward of the "
-             f"policy (best-of-1): {results['oracle'][0]:+.3f}; of best-of-{ns[-1]} by the gold reward itself: "
-             f"{results['oracle'][-1]:+.3f}.\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [f"Bayes ceiling of the held-out comparisons: {results['ceiling']:.3f}. Gold reward "
+             f"of the policy (best-of-1): {results['oracle'][0]:+.3f}; of best-of-{ns[-1]} by the "
+             f"gold reward itself: {results['oracle'][-1]:+.3f}.\n",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for size in sizes:
         gold = curve(results, size)
         alpha, beta, peak = fit_peak(ns, gold)
@@ -188,15 +200,16 @@ def plot(results: dict, path: Path, sizes=SIZES):
         alpha, beta, _ = fit_peak(ns, gold)
         ax.plot(d, gold, "o", color=f"C{i}", label=f"proxy RM, N = {size:,}")
         ax.plot(d, gold[0] + d * (alpha - beta * d), "-", color=f"C{i}", alpha=0.6)
-    ax.set(title="best-of-n against proxy reward models", xlabel="√KL(best-of-n ‖ policy)  (nats^½)",
-           ylabel="gold reward")
+    ax.set(title="best-of-n against proxy reward models",
+           xlabel="√KL(best-of-n ‖ policy)  (nats^½)", ylabel="gold reward")
     ax.legend(fontsize=8)
     report.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = report.argument_parser(__doc__, "rm_overoptimization", seeds=2, sft_steps=300,
-                                    smoke="N ∈ {64, 128}, 4 RM steps, 1 seed, 4 prompts × 16 samples")
+    parser = report.argument_parser(
+        __doc__, "rm_overoptimization", seeds=2, sft_steps=300,
+        smoke="N ∈ {64, 128}, 4 RM steps, 1 seed, 4 prompts × 16 samples")
     parser.add_argument("--rm-steps", type=int, default=512, help="of 32 comparisons, for every N")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -204,7 +217,8 @@ def main(argv=None) -> int:
         sizes, seeds, sft_steps, rm_steps = (64, 128), 1, 20, 4
         kwargs = dict(rm_batch=8, prompts=4, num_samples=16, held_out_pairs=64)
     else:
-        sizes, seeds, sft_steps, rm_steps, kwargs = SIZES, args.seeds, args.sft_steps, args.rm_steps, {}
+        sizes, seeds, sft_steps, rm_steps, kwargs = (SIZES, args.seeds, args.sft_steps,
+                                                     args.rm_steps, {})
     start = time.perf_counter()
     results = run_study(args.runs, seeds=seeds, sft_steps=sft_steps, rm_steps=rm_steps, sizes=sizes,
                         smoke=args.smoke, **kwargs)
@@ -214,10 +228,11 @@ def main(argv=None) -> int:
              f"({rm_steps * rm_batch / sizes[-1]:g} epochs of the largest set); {seeds} seeds; "
              "mean ± standard error over seeds.")
     status = report.write(
-        args.out, "rm_overoptimization", title="Reward-model over-optimisation (Gao et al. 2022) on the synthetic "
-        "sentiment grammar", body="\n\n".join([*paragraphs[1:3], setup]), table=results_table(results, sizes),
-        failures=check(results, sizes), claim="the largest proxy is near the Bayes ceiling, and the gold reward "
-        "peaks later for proxies trained on more comparisons.", seconds=time.perf_counter() - start)
+        args.out, "rm_overoptimization", title="Reward-model over-optimisation (Gao et al. 2022) "
+        "on the synthetic sentiment grammar", body="\n\n".join([*paragraphs[1:3], setup]),
+        table=results_table(results, sizes), failures=check(results, sizes),
+        claim="the largest proxy is near the Bayes ceiling, and the gold reward peaks later for "
+        "proxies trained on more comparisons.", seconds=time.perf_counter() - start)
     plot(results, args.out / "rm_overoptimization.png", sizes)
     return status
 

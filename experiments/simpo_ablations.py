@@ -1,5 +1,6 @@
 """SimPO's length ablations (Meng et al. 2024, "SimPO: Simple Preference Optimization with a
-Reference-Free Reward", Table 5, Fig. 2 and Fig. 3a) at CPU scale, on the synthetic sentiment grammar.
+Reference-Free Reward", Table 5, Fig. 2 and Fig. 3a) at CPU scale, on the synthetic sentiment
+grammar.
 
 A tiny model is first fine-tuned on random review continuations (`configs/sft_sentiment.yaml`),
 then trained on preference pairs labelled by the true sentiment and kept only when the better
@@ -48,7 +49,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 GAMMAS = (0.0, 0.5, 1.0, 2.0)  # one vmapped program per seed (`sweep.field=simpo_gamma`)
-SWEPT = {f"SimPO (γ = {g:g})": f"simpo_gamma={g:g}" for g in GAMMAS}  # name: the sweep member's name
+# name: the sweep member's name
+SWEPT = {f"SimPO (γ = {g:g})": f"simpo_gamma={g:g}" for g in GAMMAS}
 RUNS = {  # name: overrides of configs/simpo_sentiment.yaml (SimPO, β = 2, γ = 1)
     "SimPO w/o LN (γ = 1)": ["loss.simpo_length_normalize=false"],
     "DPO (β = 0.1)": ["loss.loss_type=sigmoid", "loss.beta=0.1"],
@@ -75,12 +77,13 @@ def run_study(out: Path, *, seeds: int, sft_steps: int, steps: int, prompts: int
     shutil.rmtree(out, ignore_errors=True)
     sft_model = report.sft("sft_sentiment.yaml", out / "sft", sft_steps, smoke=smoke)
     held_out = list(synthetic.sentiment(prompts, seed=12345)["prompt"])
-    results = {"SFT": [generations(load_pretrained(sft_model), held_out)], **{name: [] for name in [*SWEPT, *RUNS]}}
+    results = {"SFT": [generations(load_pretrained(sft_model), held_out)],
+               **{name: [] for name in [*SWEPT, *RUNS]}}
 
     def run(seed: int, run_dir: Path, *overrides: str) -> dict:
         return train(load_config(report.ROOT / "configs/simpo_sentiment.yaml", [
-            f"model.path={sft_model}", f"train.steps={steps}", f"train.eval_every={steps}", f"train.seed={seed}",
-            f"out_dir={run_dir}", *overrides, *extra]), progress=False)
+            f"model.path={sft_model}", f"train.steps={steps}", f"train.eval_every={steps}",
+            f"train.seed={seed}", f"out_dir={run_dir}", *overrides, *extra]), progress=False)
 
     def record(name: str, seed: int, model_dir: Path, last: dict, seconds: float):
         result = generations(load_pretrained(model_dir), held_out)
@@ -110,7 +113,8 @@ def _mean(results: dict, name: str, key: str) -> float:
 def check(results: dict, eval_pairs: int = EVAL_PAIRS) -> list[str]:
     """The paper's claims at this scale; an empty list when they hold."""
     failures = []
-    for key, what in (("length", "mean generation length"), ("rho", "ρ(length, average log-probability)")):
+    for key, what in (("length", "mean generation length"),
+                      ("rho", "ρ(length, average log-probability)")):
         values = {name: _mean(results, name, key) for name in MAIN}
         if max(values, key=values.get) != "SimPO w/o LN (γ = 1)":
             failures.append(f"{what} is not highest without length normalisation: "
@@ -120,16 +124,17 @@ def check(results: dict, eval_pairs: int = EVAL_PAIRS) -> list[str]:
     n = eval_pairs * len(results[f"SimPO (γ = {GAMMAS[0]:g})"])
     se = np.sqrt(sweep[0] * (1 - sweep[0]) / n + sweep[-1] * (1 - sweep[-1]) / n)
     if slope <= 0:
-        failures.append(f"held-out reward accuracy does not rise with γ (slope {slope:+.4f} per unit of γ)")
+        failures.append("held-out reward accuracy does not rise with γ "
+                        f"(slope {slope:+.4f} per unit of γ)")
     if sweep[-1] - sweep[0] <= 2 * se:
-        failures.append(f"γ = {GAMMAS[-1]:g} beats γ = 0 in held-out reward accuracy by {sweep[-1] - sweep[0]:+.3f}, "
-                        f"not more than 2 standard errors ({se:.3f})")
+        failures.append(f"γ = {GAMMAS[-1]:g} beats γ = 0 in held-out reward accuracy by "
+                        f"{sweep[-1] - sweep[0]:+.3f}, not more than 2 standard errors ({se:.3f})")
     return failures
 
 
 def results_table(results: dict) -> str:
-    header = ("model", "held-out reward accuracy", "length (tokens)", "hit the length limit", "true sentiment",
-              "ρ(length, avg log π)", "s / run (γ sweep: its time / 4)")
+    header = ("model", "held-out reward accuracy", "length (tokens)", "hit the length limit",
+              "true sentiment", "ρ(length, avg log π)", "s / run (γ sweep: its time / 4)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, rs in results.items():
         cells = [report.mean_se([r[k] for r in rs]) if k in rs[0] else "" for k in
@@ -141,35 +146,43 @@ def results_table(results: dict) -> str:
 
 def plot(results: dict, path: Path):
     fig, (ax_gamma, ax_length) = plt.subplots(1, 2, figsize=(11, 3.8))
-    ax_gamma.plot(GAMMAS, [_mean(results, f"SimPO (γ = {g:g})", "reward accuracy") for g in GAMMAS], "o-")
-    ax_gamma.set(title="SimPO: target margin γ (β = 2)", xlabel="γ", ylabel="held-out reward accuracy")
+    ax_gamma.plot(GAMMAS, [_mean(results, f"SimPO (γ = {g:g})", "reward accuracy") for g in GAMMAS],
+                  "o-")
+    ax_gamma.set(title="SimPO: target margin γ (β = 2)", xlabel="γ",
+                 ylabel="held-out reward accuracy")
     names = ["SFT", *MAIN]
-    ax_length.bar(range(len(names)), [_mean(results, n, "length") for n in names], color=["C7", "C0", "C3", "C2"])
+    ax_length.bar(range(len(names)), [_mean(results, n, "length") for n in names],
+                  color=["C7", "C0", "C3", "C2"])
     ax_length.set_xticks(range(len(names)), names, fontsize=8)
     ax_length.set(title="generation length at T = 1", ylabel="mean tokens")
     report.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = report.argument_parser(__doc__, "simpo_ablations", seeds=2, sft_steps=300,
-                                    smoke="4 steps of 4 pairs, 1 seed, 16 held-out prompts and pairs")
+    parser = report.argument_parser(
+        __doc__, "simpo_ablations", seeds=2, sft_steps=300,
+        smoke="4 steps of 4 pairs, 1 seed, 16 held-out prompts and pairs")
     parser.add_argument("--steps", type=int, default=150)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    extra = ("train.batch_size=4", "train.eval_batches=4", "data.synthetic_args.n=400") if args.smoke else ()
-    seeds, sft_steps, steps, prompts = (1, 20, 4, 16) if args.smoke else (args.seeds, args.sft_steps, args.steps, 256)
+    extra = (("train.batch_size=4", "train.eval_batches=4", "data.synthetic_args.n=400")
+             if args.smoke else ())
+    seeds, sft_steps, steps, prompts = ((1, 20, 4, 16) if args.smoke
+                                        else (args.seeds, args.sft_steps, args.steps, 256))
     start = time.perf_counter()
-    results = run_study(args.runs, seeds=seeds, sft_steps=sft_steps, steps=steps, prompts=prompts, extra=extra,
-                        smoke=args.smoke)
+    results = run_study(args.runs, seeds=seeds, sft_steps=sft_steps, steps=steps, prompts=prompts,
+                        extra=extra, smoke=args.smoke)
     paragraphs = __doc__.split("\n\n")
-    setup = (f"{sft_steps} SFT steps; {steps} preference steps of {4 if args.smoke else 16} pairs per run; "
-             f"{seeds} seeds; mean ± standard error over seeds.")
+    setup = (f"{sft_steps} SFT steps; {steps} preference steps of {4 if args.smoke else 16} pairs "
+             f"per run; {seeds} seeds; mean ± standard error over seeds.")
     status = report.write(
-        args.out, "simpo_ablations", title="SimPO's length ablations (Meng et al. 2024) on the synthetic sentiment grammar",
+        args.out, "simpo_ablations",
+        title="SimPO's length ablations (Meng et al. 2024) on the synthetic sentiment grammar",
         body=f"{paragraphs[1]}\n\n{paragraphs[2]}\n\n{setup}", table=results_table(results),
-        failures=check(results, 16 if args.smoke else EVAL_PAIRS), claim="without length normalisation "
-        "generations are longest and length and log-likelihood are most correlated; held-out reward accuracy "
-        "rises with γ.", seconds=time.perf_counter() - start)
+        failures=check(results, 16 if args.smoke else EVAL_PAIRS),
+        claim="without length normalisation generations are longest and length and "
+        "log-likelihood are most correlated; held-out reward accuracy rises with γ.",
+        seconds=time.perf_counter() - start)
     plot(results, args.out / "simpo_ablations.png")
     return status
 

@@ -12,7 +12,8 @@ Each side runs in a fresh process of its own, and the sides take turns for `--ro
 each side's median over rounds, and the median of its ratio to the TRL run of the same round, with
 their ranges.
 
-Run: python -m experiments.benchmarks.dpo_step [--steps 4] [--rounds 3]   (needs `pip install -e ".[bench]"`)
+Run: python -m experiments.benchmarks.dpo_step [--steps 4] [--rounds 3]
+     (needs `pip install -e ".[bench]"`)
 """
 
 from __future__ import annotations
@@ -53,13 +54,16 @@ PAIRS, PROMPT, COMPLETION = 4, 64, 64
 def token_rows(tokenizer, rng):
     """Texts whose tokenizations are exactly PROMPT and COMPLETION tokens long (decoded ids that
     re-tokenize to themselves), so both libraries see the same 4 × 128-token pairs."""
-    candidates = sorted(w[1:] for w in tokenizer.get_vocab() if w.startswith("Ġ") and w[1:].isalpha())
-    words = [w for w in candidates[:4000] if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+    candidates = sorted(w[1:] for w in tokenizer.get_vocab()
+                        if w.startswith("Ġ") and w[1:].isalpha())
+    words = [w for w in candidates[:4000]
+             if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
 
     def text(n):
         return "".join(" " + w for w in rng.choice(words, size=n))
 
-    rows = [{"prompt": text(PROMPT), "chosen": text(COMPLETION), "rejected": text(COMPLETION)} for _ in range(PAIRS)]
+    rows = [{"prompt": text(PROMPT), "chosen": text(COMPLETION), "rejected": text(COMPLETION)}
+            for _ in range(PAIRS)]
     for row in rows:
         for key, n in (("prompt", PROMPT), ("chosen", COMPLETION), ("rejected", COMPLETION)):
             assert len(tokenizer(row[key], add_special_tokens=False)["input_ids"]) == n
@@ -70,20 +74,23 @@ def ours(hf, tokenizer, rows, steps: int, share_prompt: bool) -> float:
     def ids(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    examples = [{"prompt_ids": ids(r["prompt"]), "chosen_ids": ids(r["chosen"]), "rejected_ids": ids(r["rejected"])}
-                for r in rows]
-    batch = collate(examples, "preference", default_buckets(PROMPT + COMPLETION), pad_id=0, share_prompt=share_prompt)
+    examples = [{"prompt_ids": ids(r["prompt"]), "chosen_ids": ids(r["chosen"]),
+                 "rejected_ids": ids(r["rejected"])} for r in rows]
+    batch = collate(examples, "preference", default_buckets(PROMPT + COMPLETION), pad_id=0,
+                    share_prompt=share_prompt)
     mesh = make_mesh()
     loaded = load_pretrained(hf)
     pretrained = nnx.split(loaded)[1]
     model_cls, config = type(loaded), loaded.config
     tcfg = TrainConfig(lr=1e-6, steps=steps, max_grad_norm=1.0)
     tx = make_optimizer(tcfg)
-    graphdef, state, shardings = init_train_state(lambda r: model_cls(config, rngs=r), tx, mesh, 0, pretrained)
+    graphdef, state, shardings = init_train_state(lambda r: model_cls(config, rngs=r), tx, mesh, 0,
+                                                  pretrained)
     ref_shardings = param_shardings(pretrained, mesh)
     ref = jax.device_put(pretrained, ref_shardings)
     step = jit_train_step(make_train_step(methods.dpo, graphdef, tx, LossConfig(beta=0.1), 1,
-                                          optax.constant_schedule(tcfg.lr)), shardings, ref_shardings, mesh)
+                                          optax.constant_schedule(tcfg.lr)),
+                          shardings, ref_shardings, mesh)
     batch = shard_batch(batch, mesh)
     times = []
     for _ in range(steps + 1):
@@ -98,16 +105,18 @@ def trl(hf, ref, tokenizer, rows, steps: int) -> float:
     from trl import DPOConfig, DPOTrainer
 
     with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(output_dir=out, per_device_train_batch_size=PAIRS, max_steps=steps + 1, learning_rate=1e-6,
-                         beta=0.1, max_length=PROMPT + COMPLETION + 2, report_to=[], save_strategy="no",
-                         logging_strategy="no", use_cpu=True, dataloader_num_workers=0, max_grad_norm=1.0,
+        args = DPOConfig(output_dir=out, per_device_train_batch_size=PAIRS, max_steps=steps + 1,
+                         learning_rate=1e-6, beta=0.1, max_length=PROMPT + COMPLETION + 2,
+                         report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+                         dataloader_num_workers=0, max_grad_norm=1.0,
                          bf16=False, gradient_checkpointing=False)  # fp32 and no remat, as ours
         trainer = DPOTrainer(model=hf, ref_model=ref, args=args, processing_class=tokenizer,
                              train_dataset=datasets.Dataset.from_list(rows * (steps + 1)))
         return trl_seconds_per_step(trainer)
 
 
-SIDES = {"shared": "align_jax, prompt shared (default)", "separate": "align_jax, chosen and rejected as separate rows",
+SIDES = {"shared": "align_jax, prompt shared (default)",
+         "separate": "align_jax, chosen and rejected as separate rows",
          "trl": f"TRL DPOTrainer {__import__('trl').__version__}"}
 
 
@@ -127,19 +136,23 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--side", choices=[*SIDES, "peak"], help=argparse.SUPPRESS)  # one measurement, as JSON
+    # one measurement, as JSON
+    parser.add_argument("--side", choices=[*SIDES, "peak"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side is not None:
-        print(json.dumps(matmul_peak_gflops() if args.side == "peak" else run_side(args.side, args.steps)))
+        print(json.dumps(matmul_peak_gflops() if args.side == "peak"
+                         else run_side(args.side, args.steps)))
         return
 
     module, steps = "experiments.benchmarks.dpo_step", ("--steps", str(args.steps))
     peak = measure(module, "peak")
     seconds = alternate(module, SIDES, args.rounds, *steps)
     params = smollm2_parameter_count()
-    head = SMOLLM2_135M["vocab_size"] * SMOLLM2_135M["hidden_size"]  # the (tied) LM head; the rest runs on every token
+    # the (tied) LM head; the rest runs on every token
+    head = SMOLLM2_135M["vocab_size"] * SMOLLM2_135M["hidden_size"]
 
-    def work(tokens, head_rows):  # policy forward + backward (6 FLOPs per weight) and reference forward (2)
+    # policy forward + backward (6 FLOPs per weight) and reference forward (2)
+    def work(tokens, head_rows):
         return 8 * ((params - head) * tokens + head * head_rows)
 
     flops = {"shared": work(PAIRS * (PROMPT + 2 * COMPLETION), 2 * PAIRS * COMPLETION),
@@ -147,15 +160,18 @@ def main(argv=None):
     flops["trl"] = flops["separate"]
     median = {side: float(np.median(t)) for side, t in seconds.items()}
     ratios = same_round_ratios(seconds, "trl")
-    print(f"\nSmolLM2-135M architecture, {params / 1e6:.0f}M params, {PAIRS} pairs × {PROMPT + COMPLETION} tokens; "
+    print(f"\nSmolLM2-135M architecture, {params / 1e6:.0f}M params, {PAIRS} pairs × "
+          f"{PROMPT + COMPLETION} tokens; "
           f"{torch.get_num_threads()} threads; measured fp32 matmul peak {peak:.0f} GFLOP/s; "
           f"{args.rounds} rounds of {args.steps} steps, each side in its own process")
-    print("\n| | s / step | range over rounds | vs TRL, same round | range | GFLOP / step | fraction of matmul peak |")
+    print("\n| | s / step | range over rounds | vs TRL, same round | range | GFLOP / step "
+          "| fraction of matmul peak |")
     print("|---|---|---|---|---|---|---|")
     for side, name in SIDES.items():
         t, r = median[side], ratios[side]
-        print(f"| {name} | {t:.2f} | {min(seconds[side]):.2f}–{max(seconds[side]):.2f} | {np.median(r):.2f}× | "
-              f"{min(r):.2f}–{max(r):.2f} | {flops[side] / 1e9:.0f} | {100 * flops[side] / t / 1e9 / peak:.0f}% |")
+        print(f"| {name} | {t:.2f} | {min(seconds[side]):.2f}–{max(seconds[side]):.2f} | "
+              f"{np.median(r):.2f}× | {min(r):.2f}–{max(r):.2f} | {flops[side] / 1e9:.0f} | "
+              f"{100 * flops[side] / t / 1e9 / peak:.0f}% |")
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,8 @@ Each library runs every case in a fresh process of its own, and the two take tur
 rounds (`experiments.benchmarks.rounds`); the table gives median throughputs over rounds and the
 median of the same-round speed-ups, with their range.
 
-Run: python -m experiments.benchmarks.generation [--batches 8 32] [--new-tokens 64] [--prompt 64] [--rounds 3]
+Run: python -m experiments.benchmarks.generation [--batches 8 32] [--new-tokens 64] [--prompt 64]
+     [--rounds 3]
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def run_side(side: str, args) -> dict:
     model = load_pretrained(hf) if side == "ours" else None
     N, times = args.new_tokens, {}
     for label, batch, samples, greedy in cases(args):
-        ids = np.random.default_rng(batch).integers(0, SMOLLM2_135M["vocab_size"], size=(batch, args.prompt))
+        ids = np.random.default_rng(batch).integers(0, SMOLLM2_135M["vocab_size"],
+                                                    size=(batch, args.prompt))
         mask = np.ones_like(ids)
 
         def ours(new_tokens=N):
@@ -77,9 +79,9 @@ def run_side(side: str, args) -> dict:
 
         def theirs():
             with torch.no_grad():
-                hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=not greedy,
-                            num_return_sequences=samples, max_new_tokens=N, min_new_tokens=N,
-                            pad_token_id=0, top_k=None, top_p=None)
+                hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                            do_sample=not greedy, num_return_sequences=samples, max_new_tokens=N,
+                            min_new_tokens=N, pad_token_id=0, top_k=None, top_p=None)
 
         if side == "ours":
             ours(), ours(1)  # compile both programs
@@ -92,12 +94,14 @@ def run_side(side: str, args) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
-    parser.add_argument("--group", type=int, nargs=2, default=[4, 8], metavar=("PROMPTS", "SAMPLES"),
+    parser.add_argument("--group", type=int, nargs=2, default=[4, 8],
+                        metavar=("PROMPTS", "SAMPLES"),
                         help="the GRPO-shaped case: PROMPTS prompts × SAMPLES sampled completions")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--side", choices=["ours", "hf", "machine"], help=argparse.SUPPRESS)  # one measurement, as JSON
+    # one measurement, as JSON
+    parser.add_argument("--side", choices=["ours", "hf", "machine"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side == "machine":
         print(json.dumps({"peak": matmul_peak_gflops(), "bandwidth": weight_bandwidth_gbs()}))
@@ -114,26 +118,29 @@ def main(argv=None):
     results = alternate(module, ["ours", "hf"], args.rounds, *shape)
     params = smollm2_parameter_count()
     embedding = SMOLLM2_135M["vocab_size"] * SMOLLM2_135M["hidden_size"]
-    print(f"\nSmolLM2-135M architecture, {params / 1e6:.0f}M params; {torch.get_num_threads()} threads; measured fp32 "
-          f"matmul peak {peak:.0f} GFLOP/s, weight streaming {bandwidth:.1f} GB/s; {args.rounds} rounds, each "
+    print(f"\nSmolLM2-135M architecture, {params / 1e6:.0f}M params; "
+          f"{torch.get_num_threads()} threads; measured fp32 matmul peak {peak:.0f} GFLOP/s, "
+          f"weight streaming {bandwidth:.1f} GB/s; {args.rounds} rounds, each "
           "library in its own process")
-    print("\n| case | align_jax tokens/s | transformers tokens/s | speed-up, same round (range) | roofline tokens/s "
-          "| align_jax prefill s | align_jax decode step ms |")
+    print("\n| case | align_jax tokens/s | transformers tokens/s | speed-up, same round (range) "
+          "| roofline tokens/s | align_jax prefill s | align_jax decode step ms |")
     print("|---|---|---|---|---|---|---|")
     N = args.new_tokens
     for label, batch, samples, _ in cases(args):
         ours = [r[label] for r in results["ours"]]
         hf = [r[label]["total"] for r in results["hf"]]
         speedups = [h / o["total"] for h, o in zip(hf, ours)]
-        total, prefill = np.median([o["total"] for o in ours]), np.median([o["prefill"] for o in ours])
+        total, prefill = (np.median([o["total"] for o in ours]),
+                          np.median([o["prefill"] for o in ours]))
         new_tokens = batch * samples * N
         # Roofline (matmuls only): prefill each prompt once at the matmul peak, then each decode
         # step at the slower of the matmul peak and streaming every weight once from memory.
         prefill_flops = 2 * (params - embedding) * batch * args.prompt + 2 * embedding * batch
         step_s = max(2 * params * batch * samples / (peak * 1e9), 4 * params / (bandwidth * 1e9))
         roofline = prefill_flops / (peak * 1e9) + (N - 1) * step_s
-        print(f"| {label} | {new_tokens / total:.0f} | {new_tokens / np.median(hf):.0f} | {np.median(speedups):.1f}× "
-              f"({min(speedups):.1f}–{max(speedups):.1f}) | {new_tokens / roofline:.0f} | {prefill:.2f} | "
+        print(f"| {label} | {new_tokens / total:.0f} | {new_tokens / np.median(hf):.0f} | "
+              f"{np.median(speedups):.1f}× ({min(speedups):.1f}–{max(speedups):.1f}) | "
+              f"{new_tokens / roofline:.0f} | {prefill:.2f} | "
               f"{(total - prefill) / (N - 1) * 1e3:.0f} |")
 
 

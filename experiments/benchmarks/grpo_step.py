@@ -11,7 +11,8 @@ Each side runs in a fresh process of its own, and the sides take turns for `--ro
 (`experiments.benchmarks.rounds`); the table gives medians over rounds, and the median of the ratio
 to the TRL run of the same round, with ranges.
 
-Run: python -m experiments.benchmarks.grpo_step [--steps 3] [--rounds 3]   (needs `pip install -e ".[bench]"`)
+Run: python -m experiments.benchmarks.grpo_step [--steps 3] [--rounds 3]
+     (needs `pip install -e ".[bench]"`)
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def length_reward(completions, **_):
 def prompt_texts(tokenizer, rng):
     """Texts that tokenize to exactly PROMPT tokens each (single-token words)."""
     words = [w[1:] for w in tokenizer.get_vocab() if w.startswith("Ġ") and w[1:].isalpha()]
-    words = [w for w in sorted(words)[:4000] if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
+    words = [w for w in sorted(words)[:4000]
+             if len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1]
     texts = ["".join(" " + w for w in rng.choice(words, size=PROMPT)) for _ in range(PROMPTS)]
     assert all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) == PROMPT for t in texts)
     return texts
@@ -69,27 +71,33 @@ def ours(hf, tokenizer, texts, steps: int) -> dict[str, float]:
     cfg = RLConfig(num_generations=G, max_new_tokens=NEW, beta=0.0)
     tcfg = TrainConfig(lr=1e-6, steps=steps + 1, max_grad_norm=1.0)
     tx = make_optimizer(tcfg)
-    graphdef, state, shardings = init_train_state(lambda r: type(loaded)(loaded.config, rngs=r), tx, mesh, 0,
-                                                  nnx.split(loaded)[1])
-    step = jit_train_step(make_train_step(online.grpo, graphdef, tx, cfg, 1, optax.constant_schedule(tcfg.lr)),
+    graphdef, state, shardings = init_train_state(lambda r: type(loaded)(loaded.config, rngs=r), tx,
+                                                  mesh, 0, nnx.split(loaded)[1])
+    step = jit_train_step(make_train_step(online.grpo, graphdef, tx, cfg, 1,
+                                          optax.constant_schedule(tcfg.lr)),
                           shardings, None, mesh)
-    prompt_ids = np.asarray([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], np.int32)
-    sampling = SamplingConfig(max_new_tokens=NEW, num_samples=G, pad_token_id=tokenizer.pad_token_id or 0)
+    prompt_ids = np.asarray([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts],
+                            np.int32)
+    sampling = SamplingConfig(max_new_tokens=NEW, num_samples=G,
+                              pad_token_id=tokenizer.pad_token_id or 0)
     phases = {"generation": [], "scoring": [], "update": []}
     for i in range(steps + 1):
         clock = time.perf_counter()
-        done = jax.device_get(generate(nnx.merge(graphdef, state.params), prompt_ids, np.ones_like(prompt_ids, bool),
-                                       jax.random.key(i), sampling))
+        done = jax.device_get(generate(nnx.merge(graphdef, state.params), prompt_ids,
+                                       np.ones_like(prompt_ids, bool), jax.random.key(i), sampling))
         phases["generation"].append(time.perf_counter() - clock)
         clock = time.perf_counter()
-        completions = tokenizer.batch_decode([ids[m] for ids, m in zip(done.ids_BxC, done.mask_BxC)])
-        r, _ = rewards.score({"length": length_reward}, [1.0], prompts=[t for t in texts for _ in range(G)],
-                             completions=completions, completion_ids=[[]] * len(completions), columns={})
+        completions = tokenizer.batch_decode(
+            [ids[m] for ids, m in zip(done.ids_BxC, done.mask_BxC)])
+        r, _ = rewards.score({"length": length_reward}, [1.0],
+                             prompts=[t for t in texts for _ in range(G)], completions=completions,
+                             completion_ids=[[]] * len(completions), columns={})
         advantages, _ = losses.group_advantages(jnp.asarray(r), G)
         phases["scoring"].append(time.perf_counter() - clock)
         clock = time.perf_counter()
-        rollout = online.Rollout(np.repeat(prompt_ids, G, 0), np.ones((PROMPTS * G, PROMPT), bool), done.ids_BxC,
-                                 done.mask_BxC, done.mask_BxC, done.logps_BxC, np.asarray(advantages))
+        rollout = online.Rollout(np.repeat(prompt_ids, G, 0), np.ones((PROMPTS * G, PROMPT), bool),
+                                 done.ids_BxC, done.mask_BxC, done.mask_BxC, done.logps_BxC,
+                                 np.asarray(advantages))
         state, metrics = step(state, None, shard_batch(rollout, mesh))
         jax.block_until_ready(metrics)
         phases["update"].append(time.perf_counter() - clock)
@@ -100,12 +108,15 @@ def trl(hf, tokenizer, texts, steps: int) -> float:
     from trl import GRPOConfig, GRPOTrainer
 
     with tempfile.TemporaryDirectory() as out:
-        args = GRPOConfig(output_dir=out, per_device_train_batch_size=PROMPTS * G, num_generations=G,
-                          max_completion_length=NEW, max_steps=steps + 1, learning_rate=1e-6, beta=0.0,
+        args = GRPOConfig(output_dir=out, per_device_train_batch_size=PROMPTS * G,
+                          num_generations=G, max_completion_length=NEW, max_steps=steps + 1,
+                          learning_rate=1e-6, beta=0.0,
                           report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
                           dataloader_num_workers=0, bf16=False, gradient_checkpointing=False)
-        trainer = GRPOTrainer(model=hf, reward_funcs=length_reward, args=args, processing_class=tokenizer,
-                              train_dataset=datasets.Dataset.from_list([{"prompt": t} for t in texts] * (steps + 1)))
+        trainer = GRPOTrainer(model=hf, reward_funcs=length_reward, args=args,
+                              processing_class=tokenizer,
+                              train_dataset=datasets.Dataset.from_list(
+                                  [{"prompt": t} for t in texts] * (steps + 1)))
         return trl_seconds_per_step(trainer)
 
 
@@ -122,10 +133,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--side", choices=["ours", "trl", "peak"], help=argparse.SUPPRESS)  # one measurement, as JSON
+    # one measurement, as JSON
+    parser.add_argument("--side", choices=["ours", "trl", "peak"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side is not None:
-        print(json.dumps(matmul_peak_gflops() if args.side == "peak" else run_side(args.side, args.steps)))
+        print(json.dumps(matmul_peak_gflops() if args.side == "peak"
+                         else run_side(args.side, args.steps)))
         return
 
     module = "experiments.benchmarks.grpo_step"
@@ -137,16 +150,19 @@ def main(argv=None):
     params = smollm2_parameter_count()
     update_flops = 6 * params * PROMPTS * G * (PROMPT + NEW)
     update, generation = np.median(phases["update"]), np.median(phases["generation"])
-    print(f"\nSmolLM2-135M architecture, {params / 1e6:.0f}M params, {PROMPTS} prompts × {G} samples × {NEW} new "
-          f"tokens; {torch.get_num_threads()} threads; measured fp32 matmul peak {peak:.0f} GFLOP/s; "
+    print(f"\nSmolLM2-135M architecture, {params / 1e6:.0f}M params, {PROMPTS} prompts × "
+          f"{G} samples × {NEW} new tokens; {torch.get_num_threads()} threads; measured fp32 "
+          f"matmul peak {peak:.0f} GFLOP/s; "
           f"{args.rounds} rounds of {args.steps} steps, each side in its own process")
-    print("\n| | generation s | scoring s | update s | s / step (range) | vs TRL, same round (range) |")
+    print("\n| | generation s | scoring s | update s | s / step (range) "
+          "| vs TRL, same round (range) |")
     print("|---|---|---|---|---|---|")
     print(f"| align_jax | {generation:.2f} | {np.median(phases['scoring']):.3f} | {update:.2f} | "
           f"{spread(seconds['ours'])} | {spread(ratios, '×')} |")
-    print(f"| TRL GRPOTrainer {__import__('trl').__version__} | | | | {spread(seconds['trl'])} | 1.00× |")
-    print(f"\nupdate at {100 * update_flops / update / 1e9 / peak:.0f}% of the matmul peak; generation "
-          f"{PROMPTS * G * NEW / generation:.0f} new tokens/s")
+    print(f"| TRL GRPOTrainer {__import__('trl').__version__} | | | | "
+          f"{spread(seconds['trl'])} | 1.00× |")
+    print(f"\nupdate at {100 * update_flops / update / 1e9 / peak:.0f}% of the matmul peak; "
+          f"generation {PROMPTS * G * NEW / generation:.0f} new tokens/s")
 
 
 if __name__ == "__main__":

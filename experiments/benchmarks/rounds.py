@@ -27,7 +27,8 @@ from align_jax.hostmem import with_retained_memory
 def measure(module: str, side: str, *args: str):
     """Run `python -m module --side side *args` in a fresh process; its JSON result."""
     cmd = [sys.executable, "-m", module, "--side", side, *args]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=with_retained_memory(dict(os.environ)))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         env=with_retained_memory(dict(os.environ)))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -49,7 +50,8 @@ def _rounded(result):
 
 def same_round_ratios(seconds: dict[str, list[float]], reference: str) -> dict[str, list[float]]:
     """Each side's time over the reference's time of the same round."""
-    return {side: [t / ref for t, ref in zip(times, seconds[reference])] for side, times in seconds.items()}
+    return {side: [t / ref for t, ref in zip(times, seconds[reference])]
+            for side, times in seconds.items()}
 
 
 def spread(values, unit: str = "") -> str:

@@ -14,8 +14,8 @@ import transformers
 from align_jax.config import package_file
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
-                    max_position_embeddings=8192, tie_word_embeddings=True)
+                    num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
+                    rope_theta=100000.0, max_position_embeddings=8192, tie_word_embeddings=True)
 
 
 def smollm2_hf():
@@ -58,7 +58,8 @@ class _Clock(transformers.TrainerCallback):
 
 
 def trl_seconds_per_step(trainer: transformers.Trainer) -> float:
-    """Train, and return the median seconds per optimizer step, the first (warm-up) step excluded."""
+    """Train, and return the median seconds per optimizer step, the first (warm-up) step
+    excluded."""
     clock = _Clock()
     trainer.add_callback(clock)
     start = time.perf_counter()
