@@ -39,7 +39,7 @@ from align_jax.data import (
     UnpairedBatch,
     default_buckets,
 )
-from align_jax.models import Decoder, DecoderConfig, read_config
+from align_jax.models import Decoder, DecoderConfig, init_cache, read_config
 from align_jax.topology import GiB, Target, target
 from align_jax.train import methods, online, sweep
 from align_jax.train.mesh import batch_sharding, make_mesh, param_shardings, replicated
@@ -52,7 +52,9 @@ class Program:
     """One compiled program; every byte and FLOP figure is per device."""
 
     name: str
-    inputs: dict[str, int]  # bytes of each named input group, counted from its shapes and shardings
+    # bytes of each named input group (params, optimizer, reference, reward_model, batch), counted
+    # from its shapes and shardings, and the sampler's KV cache, one of its temporaries
+    inputs: dict[str, int]
     compile_seconds: float
     fits: bool
     argument_bytes: int = 0
@@ -223,6 +225,16 @@ def _rollout(cfg: RunConfig, mesh: Mesh, rows: int, is_ppo: bool) -> online.Roll
                           a["per_token"] if is_ppo else None)
 
 
+def _kv_cache_bytes(cfg: RunConfig, config: DecoderConfig, mesh: Mesh) -> int:
+    """The sampler's KV cache on one device, if split like the rollout's rows: every layer's keys
+    and values for B = N·G rows of P + C slots, in the parameters' dtype (float32)."""
+    rows = cfg.train.batch_size * cfg.rl.num_generations
+    slots = cfg.data.max_length + cfg.rl.max_new_tokens
+    cache = jax.eval_shape(lambda: init_cache(config, rows, slots, jnp.float32))
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    return total // (mesh.shape["data"] * mesh.shape["fsdp"])
+
+
 def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     """GRPO/PPO: the update step on one mini-batch, the sampler over a rollout's prompts, and the
     reference, critic and reward-model passes over the whole rollout."""
@@ -260,7 +272,8 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     generate = jax.jit(lambda p, ids, mask, k: sampling._generate(policy_graphdef, p, ids, mask, k,
                                                                   config=config))
     specs.append(Spec("generate", generate, (policy_params, prompts["ids"], prompts["mask"], key),
-                      dict(params=policy_params, batch=prompts)))
+                      dict(params=policy_params, kv_cache=_kv_cache_bytes(cfg, policy_config, mesh),
+                           batch=prompts)))
 
     full = _rollout(cfg, mesh, rows, is_ppo)
     if is_ppo or rl.beta != 0.0:
@@ -333,7 +346,8 @@ def _unpartitioned_cost(spec: Spec, devices: int) -> dict:
 
 def compile_spec(spec: Spec, where: Target) -> Program:
     """Lower and compile one program; out-of-memory is a result, not an error."""
-    inputs = {k: device_bytes(v) for k, v in spec.inputs.items() if v is not None}
+    inputs = {k: v if isinstance(v, int) else device_bytes(v) for k, v in spec.inputs.items()
+              if v is not None}
     start = time.perf_counter()
     try:
         compiled = spec.fn.lower(*spec.args).compile()
@@ -417,7 +431,7 @@ def format_plan(result: Plan) -> str:
             f"{result.peak_flops_per_device / 1e12:.0f} bf16 TFLOP/s, "
             f"{result.hbm_bandwidth_per_device / 1e9:.0f} GB/s per device; mesh "
             + " ".join(f"{k}={v}" for k, v in result.mesh.items()))
-    groups = ("params", "optimizer", "reference", "batch")
+    groups = ("params", "optimizer", "reference", "reward_model", "kv_cache", "batch")
     columns = ["program", *groups, "temporaries", "peak", "fits", "TFLOP", "compile s",
                "roofline s", "MFU"]
     rows = []

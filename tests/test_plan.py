@@ -55,6 +55,10 @@ def test_every_method_compiles_and_fits_a_v5e_slice(method):
         assert 0 < p.mfu_at_roofline <= 1
     step = result.programs[0]
     assert step.alias_bytes > 0  # the old state is donated to the new one
+    if method == "grpo":  # 2 layers × keys and values × 32 rows × 2 kv heads × 48 slots × 8, f32
+        generate = result.programs[1]  # (+ the slots' mask and the index), rows over 4 devices
+        assert generate.inputs["kv_cache"] == (2 * 2 * 32 * 2 * 48 * 8 * 4 + 32 * 48 + 4) // 4
+        assert generate.inputs["kv_cache"] < generate.temp_bytes
     if method == "dpo_sweep":  # two members' states, one reference
         single = plan(tiny("dpo_sentiment"), "v5e:2x2").programs[0]
         assert step.inputs["params"] == 2 * single.inputs["params"]
