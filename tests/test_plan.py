@@ -14,12 +14,9 @@ import pytest
 from align_jax import cli
 from align_jax.config import load_config
 from align_jax.plan import plan
+from tests.train.test_remat import TINY_MODEL
 
 ROOT = Path(__file__).parents[1]
-TINY_MODEL = ["model.path=null", "model.init.vocab_size=384", "model.init.hidden_size=32",
-              "model.init.intermediate_size=64", "model.init.num_hidden_layers=2",
-              "model.init.num_attention_heads=4", "model.init.num_key_value_heads=2",
-              "model.init.tie_word_embeddings=true"]
 METHODS = {  # name -> (config, overrides)
     "sft": ("sft_arithmetic", []),
     "dpo_packed": ("dpo_sentiment", ["data.share_prompt=true"]),

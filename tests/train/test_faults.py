@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
 from align_jax.config import ConfigError, RunConfig, load_config, to_yaml
 from align_jax.train import NonFiniteError, run, train
@@ -22,19 +21,7 @@ from align_jax.train.host import (
     config_changes,
     trim_metrics,
 )
-
-ROOT = Path(__file__).parents[2]
-TINY = ["model.init.hidden_size=32", "model.init.intermediate_size=64",
-        "model.init.num_hidden_layers=2", "data.synthetic_args.n=200", "train.batch_size=8",
-        "train.log_every=1", "data.max_length=64"]
-
-
-def config(out, *extra, base="configs/sft_arithmetic.yaml"):
-    return load_config(ROOT / base, TINY + [f"out_dir={out}", *extra])
-
-
-def weights(out):
-    return load_file(str(Path(out) / "model" / "model.safetensors"))
+from tests.train.test_run import ROOT, TINY, config, weights
 
 
 def logged(out):
