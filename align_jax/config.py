@@ -42,7 +42,10 @@ class ModelConfig:
     # transformers.LlamaConfig kwargs
     init: dict[str, Any] = dataclasses.field(default_factory=dict)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
-    remat: bool = False
+    remat: bool = False  # recompute each layer's activations in the backward pass
+    # the LM head over chunks of this many positions, forward and backward, never a [B, T, V]
+    # array of logits; None: all positions at once
+    logits_chunk: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)

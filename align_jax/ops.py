@@ -26,6 +26,8 @@ the value they mask, and a masked-out entry never influences a result or its gra
 
 from __future__ import annotations
 
+from typing import Callable
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -61,6 +63,63 @@ def entropy_from_logits(logits_BxTxV: Array) -> Array:
     log_norm = jax.nn.logsumexp(logits_f32, axis=-1)
     probs = jax.nn.softmax(logits_f32, axis=-1)
     return log_norm - jnp.sum(probs * logits_f32, axis=-1)
+
+
+def map_chunks(fn: Callable, chunk: int, *xs_BxT: Array):
+    """`fn` over consecutive chunks of `chunk` positions (axis 1), rematerialised in the backward.
+
+    `fn` maps [B, c, …] arrays to a pytree of [B, c, …] arrays. `lax.map` runs the chunks one after
+    another and `jax.checkpoint` keeps only each chunk's inputs for the backward pass, so `fn`'s
+    intermediates (an LM head's [B, c, V] logits) exist for one chunk at a time, forward and
+    backward. T is padded up to a multiple of `chunk`, and the padding sliced off the results.
+    """
+    B, T = xs_BxT[0].shape[:2]
+    n = -(-T // chunk)
+
+    def split(x):  # [B, T, …] -> [n, B, c, …]
+        x = jnp.pad(x, [(0, 0), (0, n * chunk - T)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+    def join(y):  # [n, B, c, …] -> [B, T, …]
+        return jnp.moveaxis(y, 0, 1).reshape(B, n * chunk, *y.shape[3:])[:, :T]
+
+    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs)), tuple(split(x) for x in xs_BxT))
+    return jax.tree.map(join, out)
+
+
+def head_token_stats(head: Callable[[Array], Array], hidden_BxTxD: Array, labels_BxT: Array, *,
+                     chunk: int | None = None, temperature: float = 1.0, entropy: bool = False,
+                     correct: bool = False) -> dict[str, Array]:
+    """Per-token statistics of the logits z = head(hidden) / temperature, in float32, with no
+    [B, T, V] array when `chunk` is set.
+
+    `logps`: log softmax(z)[label] (`token_logps`); with `entropy`, H(softmax(z))
+    (`entropy_from_logits`); with `correct`, whether argmax z is the label.
+
+    Args:
+      head: hidden states [B, c, D] -> logits [B, c, V] (e.g. `Decoder.logits`).
+      hidden_BxTxD: the states whose logits predict `labels_BxT`.
+      labels_BxT: integer token ids in [0, V).
+      chunk: how many positions' logits exist at once, forward and backward (`map_chunks`);
+        None: all T at once.
+    Returns:
+      {"logps": float32 [B, T], and "entropy" (float32) / "correct" (bool) [B, T] when asked}.
+    """
+    chex.assert_rank(labels_BxT, 2)
+
+    def stats(hidden, labels):
+        z = head(hidden).astype(jnp.float32)
+        z = z / temperature if temperature != 1.0 else z
+        out = {"logps": token_logps(z, labels)}
+        if entropy:
+            out["entropy"] = entropy_from_logits(z)
+        if correct:
+            out["correct"] = jnp.argmax(z, axis=-1) == labels
+        return out
+
+    if chunk is None or chunk >= labels_BxT.shape[1]:
+        return stats(hidden_BxTxD, labels_BxT)
+    return map_chunks(stats, chunk, hidden_BxTxD, labels_BxT)
 
 
 def masked_sum(x: Array, mask: Array, axis=None) -> Array:

@@ -39,9 +39,10 @@ from align_jax.data import (
     UnpairedBatch,
     default_buckets,
 )
-from align_jax.models import Decoder, DecoderConfig, init_cache, read_config
+from align_jax.models import DecoderConfig, init_cache, read_config
 from align_jax.topology import GiB, Target, target
 from align_jax.train import methods, online, sweep
+from align_jax.train.host import decoder_factory
 from align_jax.train.mesh import batch_sharding, make_mesh, param_shardings, replicated
 from align_jax.train.state import TrainState, learning_rate, make_optimizer, state_shardings
 from align_jax.train.step import make_train_step
@@ -132,10 +133,6 @@ def _decoder_config(cfg: RunConfig, path: str | None) -> DecoderConfig:
         raise ConfigError(f"model: {e}") from None
 
 
-def _maker(cfg: RunConfig, config: DecoderConfig, scalar_head: bool = False):
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
-    return lambda rngs: Decoder(config, rngs=rngs, dtype=dtype, remat=cfg.model.remat,
-                                with_scalar_head=scalar_head)
 
 
 def _abstract_params(make_model, mesh: Mesh):
@@ -183,7 +180,8 @@ def offline_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     """The train step of sft, reward, the DPO family or KTO (a sweep's vmapped step), and DPO's
     reference pass when its log-probs are precomputed."""
     t = cfg.train
-    make_model = _maker(cfg, _decoder_config(cfg, None), scalar_head=t.method == "reward")
+    make_model = decoder_factory(cfg, _decoder_config(cfg, None),
+                                 with_scalar_head=t.method == "reward")
     graphdef, params = _abstract_params(make_model, mesh)
     tx = make_optimizer(t)
     state = _abstract_state(params, tx, mesh)
@@ -241,12 +239,11 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     t, rl = cfg.train, cfg.rl
     is_ppo = t.method == "ppo"
     policy_config = _decoder_config(cfg, None)
-    make_model = _maker(cfg, policy_config)
+    make_policy = make_model = decoder_factory(cfg, policy_config)
     if is_ppo:
-        make_value = _maker(cfg, _decoder_config(cfg, rl.critic or rl.reward_model),
-                            scalar_head=True)
-        make_model = lambda rngs: online.ActorCritic(  # noqa: E731
-            _maker(cfg, policy_config)(rngs), make_value(rngs))
+        make_value = decoder_factory(cfg, _decoder_config(cfg, rl.critic or rl.reward_model),
+                                     with_scalar_head=True)
+        make_model = lambda rngs: online.ActorCritic(make_policy(rngs), make_value(rngs))  # noqa: E731
     graphdef, params = _abstract_params(make_model, mesh)
     updates = rl.num_iterations * rl.mini_batches
     tx = make_optimizer(dataclasses.replace(t, steps=t.steps * updates,
@@ -262,7 +259,7 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     specs = [Spec("update_step", jax.jit(step, donate_argnums=0), (state, None, mini),
                   dict(params=state.params, optimizer=state.opt_state, batch=mini))]
 
-    policy_graphdef, policy_params = _abstract_params(_maker(cfg, policy_config), mesh)
+    policy_graphdef, policy_params = _abstract_params(make_policy, mesh)
     prompts = _arrays(mesh, ids=((t.batch_size, cfg.data.max_length), jnp.int32),
                       mask=((t.batch_size, cfg.data.max_length), jnp.bool_))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
@@ -286,8 +283,9 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
         specs.append(Spec("critic_values", values, (state.params, full),
                           dict(params=state.params, batch=full)))
     if rl.reward_model:
-        rm_graphdef, rm_params = _abstract_params(_maker(cfg, read_config(rl.reward_model),
-                                                         scalar_head=True), mesh)
+        make_reward_model = decoder_factory(cfg, read_config(rl.reward_model),
+                                            with_scalar_head=True)
+        rm_graphdef, rm_params = _abstract_params(make_reward_model, mesh)
         seq = _arrays(mesh, ids=((rows, cfg.data.max_length + rl.max_new_tokens), jnp.int32),
                       mask=((rows, cfg.data.max_length + rl.max_new_tokens), jnp.bool_))
         score = jax.jit(lambda p, ids, mask: nnx.merge(rm_graphdef, p).score(ids, mask))
@@ -407,6 +405,9 @@ def plan(cfg: RunConfig, topology: str) -> Plan:
 def advice(cfg: RunConfig, result: Plan) -> list[str]:
     """What to change when a program does not fit, in the order to try it."""
     tips = []
+    if cfg.model.logits_chunk is None and cfg.train.method != "reward":
+        tips.append("model.logits_chunk=256 (the LM head over 256 positions at a time, forward and "
+                    "backward: no [B, T, V] logits)")
     if not cfg.model.remat:
         tips.append("model.remat=true (recompute each layer's activations in the backward pass)")
     if cfg.mesh.fsdp < result.num_devices:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from align_jax import ops
 from align_jax.data.batching import bucket
 from align_jax.models.decoder import Decoder, init_cache
 
@@ -177,9 +178,10 @@ def _sequence_kl(graphdef, state, prompt_ids_NxP, prompt_mask_NxP, out: Completi
     ids = jnp.concatenate([prompt_ids, out.ids_BxC], axis=1)
     mask = jnp.concatenate([jnp.repeat(prompt_mask_NxP, num_samples, axis=0), out.mask_BxC], axis=1)
     P = prompt_ids.shape[1]
-    logits = reference(ids, mask)[:, P - 1:-1].astype(jnp.float32) / temperature
-    ref_logps = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), out.ids_BxC[..., None],
-                                    axis=-1)[..., 0]
+    hidden_BxTxD, _ = reference.hidden_states(ids, mask)
+    ref_logps = ops.head_token_stats(reference.logits, hidden_BxTxD[:, P - 1:-1], out.ids_BxC,
+                                     chunk=reference.logits_chunk,
+                                     temperature=temperature)["logps"]
     return jnp.sum(jnp.where(out.mask_BxC, out.logps_BxC - ref_logps, 0.0), axis=1)
 
 

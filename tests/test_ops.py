@@ -104,3 +104,57 @@ def test_log1mexp(x):
     x64 = np.float64(x)  # both float64 forms are accurate on their own side of -ln 2
     expected = np.log(-np.expm1(x64)) if x64 > -np.log(2) else np.log1p(-np.exp(x64))
     np.testing.assert_allclose(ops.log1mexp(jnp.float32(x)), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5, 16])
+def test_chunked_head_equals_the_whole_head_values_and_gradients(chunk):
+    """Log-probs, entropy and argmax from chunks of positions (T = 13 is no multiple of 4 or 5)
+    equal those of the whole [B, T, V] logits, and so do the gradients through them."""
+    B, T, D, V = 3, 13, 8, 50
+    keys = jax.random.split(jax.random.key(0), 3)
+    hidden = jax.random.normal(keys[0], (B, T, D))
+    weight = jax.random.normal(keys[1], (D, V))
+    labels = jax.random.randint(keys[2], (B, T), 0, V)
+
+    def loss(hidden, weight, chunk):
+        s = ops.head_token_stats(lambda h: h @ weight, hidden, labels, chunk=chunk, temperature=0.7,
+                                 entropy=True, correct=True)
+        return jnp.sum(s["logps"] * jnp.arange(T)) + jnp.sum(s["entropy"]), s
+
+    (whole, s_whole), g_whole = jax.value_and_grad(loss, (0, 1), has_aux=True)(hidden, weight, None)
+    (part, s_part), g_part = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True),
+                                     static_argnums=2)(hidden, weight, chunk)
+    logits = (hidden @ weight) / 0.7
+    np.testing.assert_allclose(s_whole["logps"], jax.nn.log_softmax(logits)[
+        jnp.arange(B)[:, None], jnp.arange(T), labels], rtol=1e-5)
+    # both are differences of terms as large as the logits (|z| up to ~12 here), whose float32
+    # rounding (ulp 1e-6) depends on how XLA fuses the reductions: a few ulps of |z| apart
+    for k in ("logps", "entropy"):
+        np.testing.assert_allclose(s_part[k], s_whole[k], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(s_part["correct"], jnp.argmax(logits, -1) == labels)
+    np.testing.assert_allclose(part, whole, rtol=1e-5)
+    for a, b in zip(g_part, g_whole):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_head_memory_does_not_grow_with_positions_times_vocabulary():
+    """Compiled for the CPU, the temporaries of a chunked head's forward and backward grow with
+    B·T·D, not with the B·T·V logits that the whole head holds."""
+    B, D, V = 2, 16, 8192
+
+    def temp_bytes(T, chunk):
+        hidden = jax.ShapeDtypeStruct((B, T, D), jnp.float32)
+        weight = jax.ShapeDtypeStruct((D, V), jnp.float32)
+        labels = jax.ShapeDtypeStruct((B, T), jnp.int32)
+
+        def loss(hidden, weight, labels):
+            return jnp.sum(ops.head_token_stats(lambda h: h @ weight, hidden, labels,
+                                                chunk=chunk)["logps"])
+        compiled = jax.jit(jax.grad(loss, (0, 1))).lower(hidden, weight, labels).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    logits_bytes = lambda T: B * T * V * 4  # noqa: E731
+    assert temp_bytes(512, None) >= logits_bytes(512)  # the whole head holds the logits
+    assert temp_bytes(512, 32) < logits_bytes(512) / 4
+    growth = temp_bytes(2048, 32) - temp_bytes(512, 32)
+    assert growth < (logits_bytes(2048) - logits_bytes(512)) / 16

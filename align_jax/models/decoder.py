@@ -198,11 +198,17 @@ def _rematerialised(block: Block, *args):
 
 
 class Decoder(nnx.Module):
-    """The causal LM. `with_scalar_head` adds a linear D→1 head for reward and value models."""
+    """The causal LM. `with_scalar_head` adds a linear D→1 head for reward and value models.
+
+    `remat` recomputes each block's activations in the backward pass; `logits_chunk` tells the
+    trainer's log-prob functions (`ops.head_token_stats`) to run the LM head over that many
+    positions at a time, forward and backward, instead of forming [B, T, V] logits.
+    """
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat: bool = False, with_scalar_head: bool = False):
-        self.config, self.dtype, self.remat = config, dtype, remat
+                 param_dtype=jnp.float32, remat: bool = False, logits_chunk: int | None = None,
+                 with_scalar_head: bool = False):
+        self.config, self.dtype, self.remat, self.logits_chunk = config, dtype, remat, logits_chunk
         # Logical axis names stay metadata; the trainer places parameters on its mesh with
         # jit(init, out_shardings=...), so no variable is sharded eagerly at construction.
         with nnx.use_eager_sharding(False):

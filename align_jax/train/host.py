@@ -38,12 +38,13 @@ log = logging.getLogger(__name__)
 
 # Config keys `--resume` may change, each logged as old → new: the length and learning-rate
 # schedule of the run, what it logs, evaluates and keeps, where it lives, and how the same update
-# is placed on devices (mesh, gradient accumulation, rematerialisation). Any other difference (the
-# method, the model, the data, the batch, the loss, the optimizer's form, the seed) is refused.
+# is computed and placed on devices (mesh, gradient accumulation, rematerialisation, the chunked
+# LM head). Any other difference (the method, the model, the data, the batch, the loss, the
+# optimizer's form, the seed) is refused.
 RESUMABLE = ("train.steps", "train.lr", "train.schedule", "train.warmup_steps", "train.log_every",
              "train.eval_every", "train.eval_batches", "train.checkpoint_every",
              "train.keep_checkpoints", "train.wandb_project", "train.micro_batches", "model.remat",
-             "mesh.data", "mesh.fsdp", "mesh.tensor", "out_dir")
+             "model.logits_chunk", "mesh.data", "mesh.fsdp", "mesh.tensor", "out_dir")
 _ABSENT = "(absent)"
 
 
@@ -81,9 +82,8 @@ def data_source(path: str | None, cfg: RunConfig, seed_offset: int):
 
 
 def build_model(cfg: RunConfig, *, with_scalar_head: bool = False, path: str | None = None):
-    """(make_model, pretrained params or None): a model's constructor (the config's dtype and remat)
-    and its starting weights, from `path` (default `model.path`) or `model.init` from scratch."""
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
+    """(make_model, pretrained params or None): a model's constructor (`decoder_factory`) and its
+    starting weights, from `path` (default `model.path`) or `model.init` from scratch."""
     pretrained = None
     path = path or cfg.model.path
     if path is not None:
@@ -91,8 +91,18 @@ def build_model(cfg: RunConfig, *, with_scalar_head: bool = False, path: str | N
         config, pretrained = loaded.config, nnx.split(loaded)[1]
     else:
         config = DecoderConfig.from_hf(transformers.LlamaConfig(**cfg.model.init))
-    return (lambda rngs: Decoder(config, rngs=rngs, dtype=dtype, remat=cfg.model.remat,
-                                 with_scalar_head=with_scalar_head)), pretrained
+    return decoder_factory(cfg, config, with_scalar_head), pretrained
+
+
+def decoder_factory(cfg: RunConfig, config: DecoderConfig, with_scalar_head: bool = False):
+    """rngs -> a Decoder of `config` with the run's compute dtype, remat and LM-head chunking."""
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
+    if cfg.model.logits_chunk is not None and cfg.model.logits_chunk < 1:
+        raise ConfigError(f"model.logits_chunk must be a positive number of positions, got "
+                          f"{cfg.model.logits_chunk}")
+    return lambda rngs: Decoder(config, rngs=rngs, dtype=dtype, remat=cfg.model.remat,
+                                logits_chunk=cfg.model.logits_chunk,
+                                with_scalar_head=with_scalar_head)
 
 
 def gather_to_host(tree):

@@ -20,12 +20,15 @@ from align_jax.config import ConfigError, LossConfig, RLConfig
 from align_jax.data import PackedPairs, PreferenceBatch, SequenceBatch, UnpairedBatch
 
 
-def completion_logps(model, seq: SequenceBatch) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per-token log-probs of each next token [B, T-1], the completion mask over them, and the
-    logits that produced them."""
-    logits_BxTxV = model(seq.ids_BxT, seq.attention_mask_BxT)
-    logps_BxT = ops.token_logps(logits_BxTxV[:, :-1], seq.ids_BxT[:, 1:])
-    return logps_BxT, seq.completion_mask_BxT[:, 1:], logits_BxTxV
+def completion_logps(model, seq: SequenceBatch, *, correct: bool = False
+                     ) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Statistics of each next token [B, T-1] (`ops.head_token_stats`: "logps", and "correct",
+    whether it is the argmax, when asked; the LM head chunked by `model.logits_chunk`), and the
+    completion mask over them."""
+    hidden_BxTxD, _ = model.hidden_states(seq.ids_BxT, seq.attention_mask_BxT)
+    stats = ops.head_token_stats(model.logits, hidden_BxTxD[:, :-1], seq.ids_BxT[:, 1:],
+                                 chunk=model.logits_chunk, correct=correct)
+    return stats, seq.completion_mask_BxT[:, 1:]
 
 
 def _concat(a: SequenceBatch, b: SequenceBatch) -> SequenceBatch:
@@ -41,7 +44,8 @@ def packed_pair_logps(model, batch: PackedPairs) -> tuple[jax.Array, jax.Array]:
     B, _, C = batch.logit_index_Bx2xC.shape
     index_Bx2C = batch.logit_index_Bx2xC.reshape(B, 2 * C)
     hidden_Bx2CxD = jnp.take_along_axis(hidden_BxTxD, index_Bx2C[..., None], axis=1)
-    logps = ops.token_logps(model.logits(hidden_Bx2CxD), batch.labels_Bx2xC.reshape(B, 2 * C))
+    logps = ops.head_token_stats(model.logits, hidden_Bx2CxD, batch.labels_Bx2xC.reshape(B, 2 * C),
+                                 chunk=model.logits_chunk)["logps"]
     return logps.reshape(B, 2, C), batch.label_mask_Bx2xC
 
 
@@ -66,7 +70,8 @@ def pair_logps(model, batch: PreferenceBatch | PackedPairs) -> PairLogps:
         sums, lengths = ops.masked_sum(logps_Bx2xC, mask, axis=2), jnp.sum(mask, axis=2)
         return PairLogps(sums[:, 0], sums[:, 1], lengths[:, 0], lengths[:, 1], logps_Bx2xC[:, 0],
                          mask[:, 0])
-    logps, mask, _ = completion_logps(model, _concat(batch.chosen, batch.rejected))
+    stats, mask = completion_logps(model, _concat(batch.chosen, batch.rejected))
+    logps = stats["logps"]
     sums, lengths = ops.masked_sum(logps, mask, axis=1), jnp.sum(mask, axis=1)
     B = batch.chosen.ids_BxT.shape[0]
     return PairLogps(sums[:B], sums[B:], lengths[:B], lengths[B:], logps[:B], mask[:B])
@@ -75,13 +80,12 @@ def pair_logps(model, batch: PreferenceBatch | PackedPairs) -> PairLogps:
 def sft(model, ref_model, batch: SequenceBatch, cfg: LossConfig):
     """Token-level NLL, −Σ log π(y_t | y_<t) / #tokens, on completion tokens (or all when not
     `completion_only`)."""
-    logps, mask, logits = completion_logps(model, batch)
+    stats, mask = completion_logps(model, batch, correct=True)
     if not cfg.completion_only:
         mask = batch.attention_mask_BxT[:, 1:] & batch.attention_mask_BxT[:, :-1]
-    correct = jnp.argmax(logits[:, :-1], axis=-1) == batch.ids_BxT[:, 1:]
-    metrics = {"mean_token_accuracy": ops.masked_mean(correct.astype(jnp.float32), mask),
+    metrics = {"mean_token_accuracy": ops.masked_mean(stats["correct"].astype(jnp.float32), mask),
                "num_tokens": jnp.sum(mask).astype(jnp.float32)}
-    return -ops.masked_sum(logps, mask), jnp.sum(mask).astype(jnp.float32), metrics
+    return -ops.masked_sum(stats["logps"], mask), jnp.sum(mask).astype(jnp.float32), metrics
 
 
 def reward(model, ref_model, batch: PreferenceBatch, cfg: LossConfig):
@@ -133,8 +137,8 @@ def dpo(model, ref_model, batch: PreferenceBatch | PackedPairs, cfg: LossConfig)
 def kto(model, ref_model, batch: UnpairedBatch, cfg: LossConfig):
     """KTO with z0 from the batch's mismatched (prompt, other completion) pairs, as TRL."""
     def summed(m, seq):
-        logps, mask, _ = completion_logps(m, seq)
-        return ops.masked_sum(logps, mask, axis=1)
+        stats, mask = completion_logps(m, seq)
+        return ops.masked_sum(stats["logps"], mask, axis=1)
 
     logps, kl_logps = (summed(model, batch.sequences),
                        jax.lax.stop_gradient(summed(model, batch.mismatched)))

@@ -61,9 +61,10 @@ def completion_hidden(model: Decoder, r: Rollout) -> Array:
 
 def policy_outputs(model: Decoder, r: Rollout, temperature: float) -> tuple[Array, Array]:
     """log π(y_t | …) of log softmax(logits / temperature) and the entropy of that distribution,
-    both [B, C] float32."""
-    logits = model.logits(completion_hidden(model, r)).astype(jnp.float32) / temperature
-    return ops.token_logps(logits, r.completion_ids_BxC), ops.entropy_from_logits(logits)
+    both [B, C] float32 (the LM head chunked by `model.logits_chunk`)."""
+    stats = ops.head_token_stats(model.logits, completion_hidden(model, r), r.completion_ids_BxC,
+                                 chunk=model.logits_chunk, temperature=temperature, entropy=True)
+    return stats["logps"], stats["entropy"]
 
 
 def critic_values(critic: Decoder, r: Rollout) -> Array:
