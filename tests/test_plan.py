@@ -57,20 +57,24 @@ def test_every_method_compiles_and_fits_a_v5e_slice(method):
         assert generate.inputs["kv_cache"] == (2 * 2 * 32 * 2 * 48 * 8 * 4 + 32 * 48 + 4) // 4
         assert generate.inputs["kv_cache"] < generate.temp_bytes
     if method == "dpo_sweep":  # two members' states, one reference
-        single = plan(tiny("dpo_sentiment"), "v5e:2x2").programs[0]
-        assert step.inputs["params"] == 2 * single.inputs["params"]
-        assert step.inputs["reference"] == single.inputs["reference"]
+        assert step.inputs["params"] == 2 * tiny_param_bytes_per_device()
+        assert step.inputs["reference"] == tiny_param_bytes_per_device()
 
 
-def test_parameter_and_optimizer_bytes_equal_a_hand_count():
+def tiny_param_bytes_per_device() -> int:
+    """The tiny model's float32 parameters, by hand; fsdp=4 splits every parameter's `embed` axis
+    (32 = 4 × 8) over the 4 devices."""
     V, D, F, L, Q, K, H = 384, 32, 64, 2, 4, 2, 8
     # q, k, v, o, gate/up/down, 2 norms
     layer = D * Q * H + 2 * D * K * H + Q * H * D + 3 * D * F + 2 * D
     count = V * D + L * layer + D  # tied embedding, blocks, final norm
+    return count * 4 // 4
+
+
+def test_parameter_and_optimizer_bytes_equal_a_hand_count():
     result = plan(tiny("sft_arithmetic"), "v5e:2x2")
     step = result.programs[0]
-    # fsdp=4 splits every parameter's `embed` axis (32 = 4 × 8) over the 4 devices
-    assert step.inputs["params"] == count * 4 // 4
+    assert step.inputs["params"] == tiny_param_bytes_per_device()
     # AdamW's two moments, and two int32 step counts (Adam's and the schedule's), replicated
     assert step.inputs["optimizer"] == 2 * step.inputs["params"] + 2 * 4
     assert result.hbm_bytes_per_device == 16 * 2**30
