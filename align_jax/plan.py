@@ -44,8 +44,16 @@ from align_jax.topology import GiB, Target, target
 from align_jax.train import methods, online, sweep
 from align_jax.train.host import decoder_factory
 from align_jax.train.mesh import batch_sharding, make_mesh, param_shardings, replicated
-from align_jax.train.state import TrainState, learning_rate, make_optimizer, state_shardings
-from align_jax.train.step import make_train_step
+from align_jax.train.rl import rollout_optimizer
+from align_jax.train.run import step_functions
+from align_jax.train.state import (
+    TrainState,
+    fresh_state,
+    learning_rate,
+    make_optimizer,
+    state_shardings,
+)
+from align_jax.train.step import jit_train_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -133,18 +141,15 @@ def _decoder_config(cfg: RunConfig, path: str | None) -> DecoderConfig:
         raise ConfigError(f"model: {e}") from None
 
 
-
-
 def _abstract_params(make_model, mesh: Mesh):
     graphdef, params = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))))
     return graphdef, _placed(params, param_shardings(params, mesh))
 
 
-def _abstract_state(params, tx, mesh: Mesh) -> TrainState:
-    def init(p):
-        return TrainState(jnp.zeros((), jnp.int32), p, tx.init(p),
-                          jax.random.key_data(jax.random.key(0)))
-    return _placed(jax.eval_shape(init, params), state_shardings(params, tx, mesh))
+def _abstract_state(params, tx, mesh: Mesh) -> tuple[TrainState, TrainState]:
+    """The train state's shapes with its shardings, and the shardings."""
+    shardings = state_shardings(params, tx, mesh)
+    return _placed(jax.eval_shape(lambda p: fresh_state(p, tx, 0), params), shardings), shardings
 
 
 def _sequences(mesh, B, L) -> SequenceBatch:
@@ -168,10 +173,10 @@ def offline_batch(cfg: RunConfig, mesh: Mesh):
         return UnpairedBatch(_sequences(mesh, B, L), _arrays(mesh, y=((B,), jnp.bool_))["y"],
                              _sequences(mesh, B, L))
     if method == "dpo" and cfg.data.share_prompt:
-        T, K = 2 * L, L
+        T, C = 2 * L, L
         a = _arrays(mesh, ids=((B, T), jnp.int32), mask=((B, T), jnp.bool_),
-                    seg=((B, T), jnp.int32), index=((B, 2, K), jnp.int32),
-                    labels=((B, 2, K), jnp.int32), lmask=((B, 2, K), jnp.bool_))
+                    seg=((B, T), jnp.int32), index=((B, 2, C), jnp.int32),
+                    labels=((B, 2, C), jnp.int32), lmask=((B, 2, C), jnp.bool_))
         return PackedPairs(*a.values(), margin, *refs)
     return PreferenceBatch(_sequences(mesh, B, L), _sequences(mesh, B, L), margin, *refs)
 
@@ -184,22 +189,19 @@ def offline_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
                                  with_scalar_head=t.method == "reward")
     graphdef, params = _abstract_params(make_model, mesh)
     tx = make_optimizer(t)
-    state = _abstract_state(params, tx, mesh)
-    loss_fn = methods.METHODS[t.method].loss
+    state, shardings = _abstract_state(params, tx, mesh)
     ref = params if methods.needs_reference(t.method, cfg.loss) else None
+    step, _ = step_functions(cfg, methods.METHODS[t.method].loss, graphdef, tx, learning_rate(t))
     names = sweep.members(cfg)
-    if names is None:
-        step = make_train_step(loss_fn, graphdef, tx, cfg.loss, t.micro_batches, learning_rate(t))
-    else:
-        stacked = sweep.stacked_shardings(state_shardings(params, tx, mesh))
+    if names is not None:  # the members' states stacked, as the run holds them
+        shardings = sweep.stacked_shardings(shardings)
         state = _placed(jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(names), *x.shape),
                                                                     x.dtype), state),
-                        stacked)
-        step = sweep.vmap_step(lambda c: make_train_step(loss_fn, graphdef, tx, c, t.micro_batches,
-                                                         learning_rate(t)),
-                               cfg.loss, cfg.sweep.field, cfg.sweep.values)
+                        shardings)
     batch = offline_batch(cfg, mesh)
-    specs = [Spec("train_step", jax.jit(step, donate_argnums=0), (state, ref, batch),
+    jitted = jit_train_step(step, shardings, None if ref is None else param_shardings(ref, mesh),
+                            mesh)
+    specs = [Spec("train_step", jitted, (state, ref, batch),
                   dict(params=state.params, optimizer=state.opt_state, reference=ref, batch=batch))]
     if cfg.loss.precompute_ref_logps:
         ref_fn = jax.jit(lambda p, b: methods.pair_logps(nnx.merge(graphdef, p), b)[:2])
@@ -211,11 +213,11 @@ def offline_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
 
 
 def _rollout(cfg: RunConfig, mesh: Mesh, rows: int, is_ppo: bool) -> online.Rollout:
-    P, T = cfg.data.max_length, cfg.rl.max_new_tokens
+    P, C = cfg.data.max_length, cfg.rl.max_new_tokens
     a = _arrays(mesh, prompt=((rows, P), jnp.int32), prompt_mask=((rows, P), jnp.bool_),
-                ids=((rows, T), jnp.int32), mask=((rows, T), jnp.bool_),
-                loss_mask=((rows, T), jnp.bool_), logps=((rows, T), jnp.float32),
-                per_token=((rows, T), jnp.float32), per_row=((rows,), jnp.float32))
+                ids=((rows, C), jnp.int32), mask=((rows, C), jnp.bool_),
+                loss_mask=((rows, C), jnp.bool_), logps=((rows, C), jnp.float32),
+                per_token=((rows, C), jnp.float32), per_row=((rows,), jnp.float32))
     with_ref = not is_ppo and cfg.rl.beta != 0.0
     return online.Rollout(a["prompt"], a["prompt_mask"], a["ids"], a["mask"], a["loss_mask"],
                           a["logps"], a["per_token"] if is_ppo else a["per_row"],
@@ -245,18 +247,16 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
                                      with_scalar_head=True)
         make_model = lambda rngs: online.ActorCritic(make_policy(rngs), make_value(rngs))  # noqa: E731
     graphdef, params = _abstract_params(make_model, mesh)
-    updates = rl.num_iterations * rl.mini_batches
-    tx = make_optimizer(dataclasses.replace(t, steps=t.steps * updates,
-                                            warmup_steps=t.warmup_steps * updates))
-    state = _abstract_state(params, tx, mesh)
+    tx, schedule = rollout_optimizer(cfg)
+    state, shardings = _abstract_state(params, tx, mesh)
     rows = t.batch_size * rl.num_generations
     if rows % rl.mini_batches:
         raise ConfigError(f"rl.mini_batches={rl.mini_batches} does not divide the rollout's "
                           f"{rows} rows")
     mini = _rollout(cfg, mesh, rows // rl.mini_batches, is_ppo)
     step = make_train_step(online.ppo if is_ppo else online.grpo, graphdef, tx, rl, t.micro_batches,
-                           learning_rate(t))
-    specs = [Spec("update_step", jax.jit(step, donate_argnums=0), (state, None, mini),
+                           schedule)
+    specs = [Spec("update_step", jit_train_step(step, shardings, None, mesh), (state, None, mini),
                   dict(params=state.params, optimizer=state.opt_state, batch=mini))]
 
     policy_graphdef, policy_params = _abstract_params(make_policy, mesh)
@@ -338,7 +338,7 @@ def _unpartitioned_cost(spec: Spec, devices: int) -> dict:
     """FLOPs and bytes per device from the program before partitioning, lowered for the host (XLA's
     GPU compiler has no cost analysis): its totals over the devices."""
     bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), spec.args)
-    cost = spec.fn.lower(*bare).cost_analysis()
+    cost = jax.jit(spec.fn.__wrapped__).lower(*bare).cost_analysis()  # without its shardings
     return {k: float(cost.get(k, 0.0)) / devices for k in ("flops", "bytes accessed")}
 
 

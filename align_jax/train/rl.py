@@ -114,6 +114,15 @@ def _concat_groups(parts: list[dict], pad_id: int) -> dict:
     return out
 
 
+def rollout_optimizer(cfg: RunConfig):
+    """(AdamW, its schedule) counted in updates: `train.steps` and `train.warmup_steps` count
+    rollouts of `rl.num_iterations` × `rl.mini_batches` updates each."""
+    t, updates = cfg.train, cfg.rl.num_iterations * cfg.rl.mini_batches
+    in_updates = dataclasses.replace(t, steps=t.steps * updates,
+                                     warmup_steps=t.warmup_steps * updates)
+    return make_optimizer(in_updates), learning_rate(in_updates)
+
+
 def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
                  max_updates: int | None = None) -> dict:
     """Run a GRPO-family or PPO config for `train.steps` rollouts; return the last metrics.
@@ -159,9 +168,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         parts = {"policy": pretrained, "value": value_state}
         pretrained = nnx.State({k: v for k, v in parts.items() if v is not None}) or None
     updates_per_rollout = rl.num_iterations * rl.mini_batches
-    schedule_cfg = dataclasses.replace(t, steps=t.steps * updates_per_rollout,
-                                       warmup_steps=t.warmup_steps * updates_per_rollout)
-    tx, schedule = make_optimizer(schedule_cfg), learning_rate(schedule_cfg)
+    tx, schedule = rollout_optimizer(cfg)
     graphdef, state, shardings = init_train_state(make_model, tx, mesh, t.seed, pretrained)
     policy_of = (lambda m: m.policy) if is_ppo else (lambda m: m)  # noqa: E731
 

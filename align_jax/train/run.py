@@ -92,6 +92,21 @@ def _attach_reference_logps(data, ref_fn, width: int, pad_id, buckets, share_pro
                                                                           float(rejected[i]))
 
 
+def step_functions(cfg: RunConfig, loss_fn, graphdef, tx, schedule):
+    """(train step, eval step) of an offline run; with a sweep, vmapped over the members' stacked
+    states, member k with `loss.<sweep.field>` = `sweep.values[k]`."""
+    def make_step(loss_cfg):
+        return make_train_step(loss_fn, graphdef, tx, loss_cfg, cfg.train.micro_batches, schedule)
+
+    def make_eval(loss_cfg):
+        return make_eval_step(loss_fn, graphdef, loss_cfg, cfg.train.micro_batches)
+
+    if cfg.sweep.field is None:
+        return make_step(cfg.loss), make_eval(cfg.loss)
+    return tuple(sweep.vmap_step(make, cfg.loss, cfg.sweep.field, cfg.sweep.values)
+                 for make in (make_step, make_eval))
+
+
 def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
           max_updates: int | None = None) -> dict:
     """Run `cfg` to `train.steps` updates (rollouts for online methods); return the last metrics
@@ -154,19 +169,10 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
                                     ref_params)
         ref_params = ref_shardings = None  # no reference model from here on
 
-    def make_step(loss_cfg):
-        return make_train_step(loss_fn, graphdef, tx, loss_cfg, t.micro_batches, schedule)
-
-    def make_eval(loss_cfg):
-        return make_eval_step(loss_fn, graphdef, loss_cfg, t.micro_batches)
-
-    if names is None:
-        train_fn, eval_fn = make_step(cfg.loss), make_eval(cfg.loss)
-    else:  # the members' states stacked on a leading axis, one lane of a vmapped step each
+    train_fn, eval_fn = step_functions(cfg, loss_fn, graphdef, tx, schedule)
+    if names is not None:  # the members' states stacked on a leading axis, one lane each
         shardings = sweep.stacked_shardings(shardings)
         state = sweep.stack(state, len(names), shardings)
-        train_fn = sweep.vmap_step(make_step, cfg.loss, cfg.sweep.field, cfg.sweep.values)
-        eval_fn = sweep.vmap_step(make_eval, cfg.loss, cfg.sweep.field, cfg.sweep.values)
     train_step = jit_train_step(train_fn, shardings, ref_shardings, mesh)
     eval_step = jit_eval_step(eval_fn, shardings.params, ref_shardings, mesh)
     member_dirs = [out] if names is None else [out / name for name in names]

@@ -57,6 +57,12 @@ def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation
     return TrainState(replicated(mesh), params, opt, replicated(mesh))
 
 
+def fresh_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """Step 0 of `params`: `tx`'s initial optimizer state and the rng of `seed`."""
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
+                      jax.random.key_data(jax.random.key(seed)))
+
+
 def init_train_state(make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
                      mesh: Mesh, seed: int, pretrained: nnx.State | None = None
                      ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
@@ -69,8 +75,7 @@ def init_train_state(make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.Gra
         _, params = nnx.split(make_model(nnx.Rngs(seed)))
         if pretrained is not None:
             params = nnx.merge_state(params, pretrained)
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
-                          jax.random.key_data(jax.random.key(seed)))
+        return fresh_state(params, tx, seed)
 
     if pretrained is not None:
         pretrained = jax.device_put(pretrained, param_shardings(pretrained, mesh))

@@ -272,8 +272,8 @@ def test_rlhf_reward_model_then_ppo_raises_the_learned_reward(sft_model, tmp_pat
     PPO raises the reward model's score of its rollouts and keeps the true reward on held-out
     prompts. It does not measurably raise the true reward here: the SFT model already writes the
     format (≈ 0.83) and solves ≈ 3% of the sums, and 12 rollouts move neither beyond the
-    evaluation's noise (an earlier version asserted a +0.05 gain and passed or failed with float
-    rounding, after a policy collapse at lr 5e-4)."""
+    evaluation's noise (a +0.05 gain passes or fails with float rounding; at lr 5e-4 the policy
+    collapses)."""
     tok = tiny_tokenizer()
     prompts = syn.arithmetic(256, seed=7, digits=1, operators="+-*")
     texts = generate_text(load_pretrained(sft_model), tok, prompts["prompt"], jax.random.key(1),
