@@ -42,7 +42,9 @@ class ModelConfig:
     # transformers.LlamaConfig kwargs
     init: dict[str, Any] = dataclasses.field(default_factory=dict)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
-    remat: bool = False  # recompute each layer's activations in the backward pass
+    # what each layer keeps for the backward pass, the rest recomputed: none | full | dots |
+    # dots_no_batch | offload (models.decoder.REMAT_POLICIES); true and false mean full and none
+    remat: str = "none"
     # the LM head over chunks of this many positions, forward and backward, never a [B, T, V]
     # array of logits; None: all positions at once
     logits_chunk: Optional[int] = None

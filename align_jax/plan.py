@@ -40,6 +40,7 @@ from align_jax.data import (
     default_buckets,
 )
 from align_jax.models import DecoderConfig, init_cache, read_config
+from align_jax.models.decoder import remat_policy
 from align_jax.topology import GiB, Target, target
 from align_jax.train import methods, online, sweep
 from align_jax.train.host import decoder_factory
@@ -185,7 +186,7 @@ def offline_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     """The train step of sft, reward, the DPO family or KTO (a sweep's vmapped step), and DPO's
     reference pass when its log-probs are precomputed."""
     t = cfg.train
-    make_model = decoder_factory(cfg, _decoder_config(cfg, None),
+    make_model = decoder_factory(cfg, _decoder_config(cfg, None), mesh,
                                  with_scalar_head=t.method == "reward")
     graphdef, params = _abstract_params(make_model, mesh)
     tx = make_optimizer(t)
@@ -241,9 +242,9 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     t, rl = cfg.train, cfg.rl
     is_ppo = t.method == "ppo"
     policy_config = _decoder_config(cfg, None)
-    make_policy = make_model = decoder_factory(cfg, policy_config)
+    make_policy = make_model = decoder_factory(cfg, policy_config, mesh)
     if is_ppo:
-        make_value = decoder_factory(cfg, _decoder_config(cfg, rl.critic or rl.reward_model),
+        make_value = decoder_factory(cfg, _decoder_config(cfg, rl.critic or rl.reward_model), mesh,
                                      with_scalar_head=True)
         make_model = lambda rngs: online.ActorCritic(make_policy(rngs), make_value(rngs))  # noqa: E731
     graphdef, params = _abstract_params(make_model, mesh)
@@ -283,7 +284,7 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
         specs.append(Spec("critic_values", values, (state.params, full),
                           dict(params=state.params, batch=full)))
     if rl.reward_model:
-        make_reward_model = decoder_factory(cfg, read_config(rl.reward_model),
+        make_reward_model = decoder_factory(cfg, read_config(rl.reward_model), mesh,
                                             with_scalar_head=True)
         rm_graphdef, rm_params = _abstract_params(make_reward_model, mesh)
         seq = _arrays(mesh, ids=((rows, cfg.data.max_length + rl.max_new_tokens), jnp.int32),
@@ -408,8 +409,12 @@ def advice(cfg: RunConfig, result: Plan) -> list[str]:
     if cfg.model.logits_chunk is None and cfg.train.method != "reward":
         tips.append("model.logits_chunk=256 (the LM head over 256 positions at a time, forward and "
                     "backward: no [B, T, V] logits)")
-    if not cfg.model.remat:
-        tips.append("model.remat=true (recompute each layer's activations in the backward pass)")
+    remat = remat_policy(cfg.model.remat)
+    if remat in ("none", "dots", "dots_no_batch"):
+        tips.append("model.remat=full (keep only each layer's input for the backward pass, "
+                    "recompute the rest)")
+    elif remat == "full":
+        tips.append("model.remat=offload (keep each layer's input in host memory)")
     if cfg.mesh.fsdp < result.num_devices:
         tips.append(f"mesh.fsdp={result.num_devices} mesh.data=1 (shard parameters and optimizer "
                     "state over every device)")

@@ -126,9 +126,9 @@ def _generate(graphdef, state, prompt_ids_NxP, prompt_mask_NxP, rng, *, config: 
     logits = model.logits(hidden[:, -1])
     if G > 1:
         logits = jnp.repeat(logits, G, axis=0)
-        cache = cache._replace(**{name: jax.tree.map(lambda a: jnp.repeat(a, G, axis=0),
-                                                     getattr(cache, name))
-                                  for name in ("keys", "values", "key_mask_BxS")})
+        cache = cache._replace(keys_LxBxKxSxH=jnp.repeat(cache.keys_LxBxKxSxH, G, axis=1),
+                               values_LxBxKxSxH=jnp.repeat(cache.values_LxBxKxSxH, G, axis=1),
+                               key_mask_BxS=jnp.repeat(cache.key_mask_BxS, G, axis=0))
     stop_ids = jnp.asarray(config.stop_token_ids or (-1,), jnp.int32)
 
     def cond(carry):

@@ -5,8 +5,10 @@ Pre-norm blocks: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)); rotary posit
 q/k RMSNorm (Qwen3) and sliding window (Mistral). The KV cache is a pytree passed in and
 returned, so decoding stays a pure function.
 
-Parameters carry logical axis names ("vocab", "embed", "heads", "kv_heads", "mlp") that
-the trainer maps to mesh axes.
+The L blocks are one module whose parameters are stacked along a leading "layers" axis, and the
+forward pass is one `lax.scan` over them: a 32-layer model compiles one block, not 32. Parameters
+carry logical axis names ("layers", "vocab", "embed", "heads", "kv_heads", "mlp") that the trainer
+maps to mesh axes.
 """
 
 from __future__ import annotations
@@ -17,26 +19,49 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from align_jax.models.config import DecoderConfig
 
 Array = jax.Array
 
 
+REMAT_POLICIES = {  # model.remat: what each block keeps for the backward pass
+    "none": None,  # every activation (no recomputation)
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # the outputs of matrix products
+    # the outputs of matrix products without batch dimensions (the projections, not attention)
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # only the block's input, moved to host memory until the backward pass needs it
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=("block_input",),
+        offload_src="device", offload_dst="pinned_host"),
+}
+
+
+def remat_policy(remat: str | bool) -> str:
+    """The key of `REMAT_POLICIES` that `remat` names; true and false mean "full" and "none"."""
+    name = {"true": "full", "false": "none"}.get(str(remat).lower(), remat)
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: expected one of {list(REMAT_POLICIES)} (true and false "
+                         f"mean full and none)")
+    return name
+
+
 class KVCache(NamedTuple):
     """Keys and values of every layer for S slots, which slots hold real tokens, and the next
     slot."""
 
-    keys: tuple[Array, ...]  # per layer [B, K, S, H]
-    values: tuple[Array, ...]
+    keys_LxBxKxSxH: Array
+    values_LxBxKxSxH: Array
     key_mask_BxS: Array  # bool, True where a slot holds a non-pad token
     index: Array  # int32 scalar: the slot the next token is written to
 
 
 def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
     """An empty cache of `max_length` slots."""
-    shape = (batch, config.num_kv_heads, max_length, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    zeros = jnp.zeros((config.num_layers, batch, config.num_kv_heads, max_length, config.head_dim),
+                      dtype)
     return KVCache(zeros, zeros, jnp.zeros((batch, max_length), bool), jnp.zeros((), jnp.int32))
 
 
@@ -143,12 +168,15 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos_sin)
         k = apply_rope(k, cos_sin).transpose(0, 2, 1, 3)  # [B, K, T, H]
-        if kv_cache is not None:  # write this step's keys/values at the cache index, read all slots
-            cache_k, cache_v, index = kv_cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, index, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, index, 0))
+        if kv_cache is not None:  # write this step's keys/values into layer `layer` at slot
+            keys, values, layer, index = kv_cache  # `index`, then attend to all of its slots
+            keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype),
+                                                (layer, 0, 0, index, 0))
+            values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype),
+                                                  (layer, 0, 0, index, 0))
+            k, v, kv_cache = keys[layer], values[layer], (keys, values)
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
-        return self.o_proj(out.reshape(B * T, c.num_heads * c.head_dim)), (k, v)
+        return self.o_proj(out.reshape(B * T, c.num_heads * c.head_dim)), kv_cache
 
 
 class MLP(nnx.Module):
@@ -178,37 +206,79 @@ class Block(nnx.Module):
         self.mlp = MLP(config, **kw)
 
     def __call__(self, x, cos_sin, mask, kv_cache):
-        attn, new_kv = self.self_attn(self.input_layernorm(x), cos_sin, mask, kv_cache)
+        x = checkpoint_name(x, "block_input")
+        attn, kv_cache = self.self_attn(self.input_layernorm(x), cos_sin, mask, kv_cache)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
 
 
-def _plain(block: Block, *args):
-    return block(*args)
+def stacked_blocks(config: DecoderConfig, *, rngs, dtype, param_dtype) -> Block:
+    """L blocks as one Block whose parameters have a leading "layers" axis of size L."""
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+        return Block(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    return make(rngs)
 
 
-def _rematerialised(block: Block, *args):
-    """The block under `jax.checkpoint`: its activations are recomputed in the backward pass.
+def pin_rows(x_RxD: Array, sharding: jax.sharding.NamedSharding | None) -> Array:
+    """x with its rows split over the mesh axes named in `sharding.spec[0]`, when they divide
+    evenly (a sampler's few prompts may not): keeps XLA's sharding propagation from choosing a
+    layout that regathers activations between blocks."""
+    if sharding is None:
+        return x_RxD
+    shards = math.prod(sharding.mesh.shape[axis] for axis in sharding.spec[0])
+    return x_RxD if x_RxD.shape[0] % shards else jax.lax.with_sharding_constraint(x_RxD, sharding)
 
-    The block crosses the checkpoint as (graphdef, state) and is rebuilt inside, so the transform
-    is a pure function of its parameters and never writes back to the module it came from (which
-    may belong to another trace, e.g. a frozen reference merged outside `value_and_grad`)."""
-    graphdef, state = nnx.split(block)
-    return jax.checkpoint(lambda s, *a: nnx.merge(graphdef, s)(*a))(state, *args)
+
+def run_blocks(blocks: Block, x_RxD, cos_sin, mask_BxTxS, cache_kv, index, *, remat: str,
+               activation_sharding=None):
+    """x ← block_l(x) for l = 1…L, as one `lax.scan` over the stacked parameters.
+
+    The blocks cross the scan as (graphdef, state) and each step rebuilds one layer's block from
+    its slice, so the loop body is a pure function of its parameters and never writes back to the
+    module it came from (which may belong to another trace, e.g. a frozen reference merged outside
+    `value_and_grad`). `remat` names a policy of `REMAT_POLICIES` for `jax.checkpoint` around the
+    body. With a cache, its stacked keys and values ride in the carry and each layer writes its
+    new tokens in place. Each block's input is pinned to `activation_sharding` (`pin_rows`).
+    """
+    graphdef, state = nnx.split(blocks)
+
+    def body(carry, xs):
+        (x, kv), (params, layer) = carry, xs
+        kv = None if kv is None else (*kv, layer, index)
+        x = pin_rows(x, activation_sharding)
+        x, kv = nnx.merge(graphdef, params)(x, cos_sin, mask_BxTxS, kv)
+        return (x, kv), None
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    num_layers = jax.tree.leaves(state)[0].shape[0]
+    (x_RxD, cache_kv), _ = jax.lax.scan(body, (x_RxD, cache_kv),
+                                        (state, jnp.arange(num_layers)))
+    return x_RxD, cache_kv
 
 
 class Decoder(nnx.Module):
     """The causal LM. `with_scalar_head` adds a linear D→1 head for reward and value models.
 
-    `remat` recomputes each block's activations in the backward pass; `logits_chunk` tells the
+    `remat` names what each block keeps for the backward pass (`REMAT_POLICIES`; the rest is
+    recomputed; True and False mean "full" and "none"); `activation_sharding` (a NamedSharding
+    of the [B·T, D] activations, `train.mesh.activation_sharding`) pins each block's input to
+    it; `logits_chunk` tells the
     trainer's log-prob functions (`ops.head_token_stats`) to run the LM head over that many
     positions at a time, forward and backward, instead of forming [B, T, V] logits.
     """
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat: bool = False, logits_chunk: int | None = None,
-                 with_scalar_head: bool = False):
-        self.config, self.dtype, self.remat, self.logits_chunk = config, dtype, remat, logits_chunk
+                 param_dtype=jnp.float32, remat: str | bool = "none",
+                 logits_chunk: int | None = None, with_scalar_head: bool = False,
+                 activation_sharding: jax.sharding.NamedSharding | None = None):
+        self.config, self.dtype, self.logits_chunk = config, dtype, logits_chunk
+        self.remat = remat_policy(remat)
+        self.activation_sharding = activation_sharding
         # Logical axis names stay metadata; the trainer places parameters on its mesh with
         # jit(init, out_shardings=...), so no variable is sharded eagerly at construction.
         with nnx.use_eager_sharding(False):
@@ -219,10 +289,7 @@ class Decoder(nnx.Module):
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size,
                                       embedding_init=embed_init,
                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List(
-            [Block(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-             for _ in range(config.num_layers)]
-        )
+        self.layers = stacked_blocks(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = _dense(rngs, config.hidden_size, config.vocab_size, ("embed", "vocab"),
@@ -277,17 +344,13 @@ class Decoder(nnx.Module):
         # dense layer on [B, T, D] inputs transposes its activations (≈ 30% slower per layer).
         x = self.embed_tokens(input_ids_BxT.reshape(B * T))
         cos_sin = rope_angles(positions, rope_inv_freq(self.config), x.dtype)
-        keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.keys[i], cache.values[i], index)
-            x, (k, v) = (_rematerialised if self.remat else _plain)(layer, x, cos_sin,
-                                                                    mask_BxTxS, kv)
-            keys.append(k)
-            values.append(v)
+        kv = None if cache is None else (cache.keys_LxBxKxSxH, cache.values_LxBxKxSxH)
+        x, kv = run_blocks(self.layers, x, cos_sin, mask_BxTxS, kv, index, remat=self.remat,
+                           activation_sharding=self.activation_sharding)
         x = self.norm(x).reshape(B, T, -1)
         if cache is None:
             return x, None
-        return x, KVCache(tuple(keys), tuple(values), key_mask, index + T)
+        return x, KVCache(*kv, key_mask, index + T)
 
     def logits(self, hidden_BxTxD: Array) -> Array:
         if self.config.tie_word_embeddings:

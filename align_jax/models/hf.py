@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,37 +24,52 @@ from align_jax.models.decoder import Decoder
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def hf_param_names(config: DecoderConfig,
-                   scalar_head: bool = False) -> Iterator[tuple[str, tuple, bool]]:
-    """(HF tensor name, path of the NNX variable, whether the HF tensor is a transposed kernel).
+class ParamName(NamedTuple):
+    """An HF tensor and where it lives in a Decoder: the path of the NNX variable, the layer (the
+    index into the stacked "layers" axis; None outside the blocks), and whether the HF tensor is
+    the transpose of our kernel."""
+
+    hf: str
+    path: tuple[str, ...]
+    layer: int | None
+    transposed: bool
+
+
+def _block_names(config: DecoderConfig) -> Iterator[tuple[str, tuple[str, ...], bool]]:
+    """(HF name inside a block, our path inside the stacked blocks, transposed)."""
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        yield f"self_attn.{proj}.weight", ("self_attn", proj, "kernel"), True
+        if config.attention_bias and proj != "o_proj":
+            yield f"self_attn.{proj}.bias", ("self_attn", proj, "bias"), False
+    if config.qk_norm:
+        for norm in ("q_norm", "k_norm"):
+            yield f"self_attn.{norm}.weight", ("self_attn", norm, "weight"), False
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        yield f"mlp.{proj}.weight", ("mlp", proj, "kernel"), True
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        yield f"{norm}.weight", (norm, "weight"), False
+
+
+def hf_param_names(config: DecoderConfig, scalar_head: bool = False) -> Iterator[ParamName]:
+    """Every HF tensor of a checkpoint of `config`, in transformers' order.
 
     With `scalar_head`, the layout of `…ForSequenceClassification` (one label): `score.weight`
     instead of an LM head."""
-    yield "model.embed_tokens.weight", ("embed_tokens", "embedding"), False
+    yield ParamName("model.embed_tokens.weight", ("embed_tokens", "embedding"), None, False)
     for i in range(config.num_layers):
-        hf, ours = f"model.layers.{i}", ("layers", i)
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            yield f"{hf}.self_attn.{proj}.weight", (*ours, "self_attn", proj, "kernel"), True
-            if config.attention_bias and proj != "o_proj":
-                yield f"{hf}.self_attn.{proj}.bias", (*ours, "self_attn", proj, "bias"), False
-        if config.qk_norm:
-            for norm in ("q_norm", "k_norm"):
-                yield f"{hf}.self_attn.{norm}.weight", (*ours, "self_attn", norm, "weight"), False
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            yield f"{hf}.mlp.{proj}.weight", (*ours, "mlp", proj, "kernel"), True
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            yield f"{hf}.{norm}.weight", (*ours, norm, "weight"), False
-    yield "model.norm.weight", ("norm", "weight"), False
+        for name, path, transposed in _block_names(config):
+            yield ParamName(f"model.layers.{i}.{name}", ("layers", *path), i, transposed)
+    yield ParamName("model.norm.weight", ("norm", "weight"), None, False)
     if scalar_head:
-        yield "score.weight", ("score_head", "kernel"), True
+        yield ParamName("score.weight", ("score_head", "kernel"), None, True)
     elif not config.tie_word_embeddings:
-        yield "lm_head.weight", ("lm_head", "kernel"), True
+        yield ParamName("lm_head.weight", ("lm_head", "kernel"), None, True)
 
 
 def _variable(model: Decoder, path: tuple) -> nnx.Variable:
     node = model
     for key in path:
-        node = node[key] if isinstance(key, int) else getattr(node, key)
+        node = getattr(node, key)
     return node
 
 
@@ -73,20 +88,23 @@ def from_tensors(config: DecoderConfig, tensors: dict[str, Any], *, dtype=jnp.fl
     tensors = dict(tensors)
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # some tied checkpoints still store a copy
-    missing = []
-    for name, path, transposed in hf_param_names(config, scalar_head):
+    missing, layers = [], {}  # layers: path -> the L slices of a stacked variable
+    for name, path, layer, transposed in hf_param_names(config, scalar_head):
         if name not in tensors:
             missing.append(name)
             continue
         array = tensors.pop(name)
-        variable = _variable(model, path)
-        shape = variable.get_value().shape
+        shape = _variable(model, path).get_value().shape[0 if layer is None else 1:]
         expected = tuple(reversed(shape)) if transposed else tuple(shape)
         if tuple(array.shape) != expected:
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, "
                              f"expected {expected} for this config")
         array = jnp.asarray(array, dtype=dtype)
-        variable.set_value(array.T if transposed else array)
+        array = array.T if transposed else array
+        if layer is None:
+            _variable(model, path).set_value(array)
+        else:
+            layers.setdefault(path, []).append(array)
     if missing:
         raise ValueError(f"{source}: missing tensors {missing[:5]}"
                          f"{' …' if len(missing) > 5 else ''}")
@@ -94,14 +112,19 @@ def from_tensors(config: DecoderConfig, tensors: dict[str, Any], *, dtype=jnp.fl
     if unexpected:
         raise ValueError(f"{source}: unexpected tensors {unexpected[:5]} for model_type="
                          f"{config.model_type!r}; the checkpoint does not match its config")
+    for path, slices in layers.items():
+        _variable(model, path).set_value(jnp.stack(slices))
     return model
 
 
 def to_tensors(model: Decoder) -> dict[str, np.ndarray]:
     """HF-named numpy tensors of a Decoder (transformers' layouts and names)."""
-    out = {}
-    for name, path, transposed in hf_param_names(model.config, hasattr(model, "score_head")):
-        array = np.asarray(jax.device_get(_variable(model, path).get_value()))
+    out, host = {}, {}  # host: each variable fetched once, however many layers it stacks
+    for name, path, layer, transposed in hf_param_names(model.config,
+                                                        hasattr(model, "score_head")):
+        if path not in host:
+            host[path] = np.asarray(jax.device_get(_variable(model, path).get_value()))
+        array = host[path] if layer is None else host[path][layer]
         out[name] = np.ascontiguousarray(array.T if transposed else array)
     return out
 

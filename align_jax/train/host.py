@@ -27,12 +27,15 @@ import orbax.checkpoint as ocp
 import transformers
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from omegaconf import OmegaConf
 
 from align_jax.config import ConfigError, RunConfig, to_yaml
 from align_jax.data import DataError, synthetic
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.models import Decoder, DecoderConfig, load_pretrained
+from align_jax.models.decoder import remat_policy
+from align_jax.train.mesh import activation_sharding
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,8 @@ def data_source(path: str | None, cfg: RunConfig, seed_offset: int):
     return synthetic.TASKS[cfg.data.synthetic](**args)
 
 
-def build_model(cfg: RunConfig, *, with_scalar_head: bool = False, path: str | None = None):
+def build_model(cfg: RunConfig, mesh: Mesh, *, with_scalar_head: bool = False,
+                path: str | None = None):
     """(make_model, pretrained params or None): a model's constructor (`decoder_factory`) and its
     starting weights, from `path` (default `model.path`) or `model.init` from scratch."""
     pretrained = None
@@ -91,18 +95,25 @@ def build_model(cfg: RunConfig, *, with_scalar_head: bool = False, path: str | N
         config, pretrained = loaded.config, nnx.split(loaded)[1]
     else:
         config = DecoderConfig.from_hf(transformers.LlamaConfig(**cfg.model.init))
-    return decoder_factory(cfg, config, with_scalar_head), pretrained
+    return decoder_factory(cfg, config, mesh, with_scalar_head), pretrained
 
 
-def decoder_factory(cfg: RunConfig, config: DecoderConfig, with_scalar_head: bool = False):
-    """rngs -> a Decoder of `config` with the run's compute dtype, remat and LM-head chunking."""
+def decoder_factory(cfg: RunConfig, config: DecoderConfig, mesh: Mesh,
+                    with_scalar_head: bool = False):
+    """rngs -> a Decoder of `config` with the run's compute dtype, remat, LM-head chunking and
+    activation sharding on `mesh`."""
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
     if cfg.model.logits_chunk is not None and cfg.model.logits_chunk < 1:
         raise ConfigError(f"model.logits_chunk must be a positive number of positions, got "
                           f"{cfg.model.logits_chunk}")
-    return lambda rngs: Decoder(config, rngs=rngs, dtype=dtype, remat=cfg.model.remat,
+    try:
+        remat = remat_policy(cfg.model.remat)
+    except ValueError as e:
+        raise ConfigError(f"model.{e}") from None
+    return lambda rngs: Decoder(config, rngs=rngs, dtype=dtype, remat=remat,
                                 logits_chunk=cfg.model.logits_chunk,
-                                with_scalar_head=with_scalar_head)
+                                with_scalar_head=with_scalar_head,
+                                activation_sharding=activation_sharding(mesh))
 
 
 def gather_to_host(tree):

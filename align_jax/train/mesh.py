@@ -3,10 +3,13 @@
 Mesh axes: `data` (replicas that split the batch), `fsdp` (also splits the batch, and shards
 parameters and optimizer state), `tensor` (shards heads and MLP width inside each layer).
 Batches are split over ("data", "fsdp"); a parameter dimension whose logical name maps to a mesh
-axis is sharded over it when its size divides evenly, else replicated.
+axis is sharded over it when its size divides evenly, else replicated with a warning. Between
+blocks, the decoder's activations are pinned to the batch sharding (`activation_sharding`).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import numpy as np
@@ -17,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 LOGICAL_RULES = {  # logical axis name (models/decoder.py) -> mesh axis
+    "layers": None,
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
@@ -41,25 +45,40 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     return Mesh(devices.reshape(sizes), AXES)
 
 
-def _spec(logical: tuple, shape: tuple[int, ...], mesh: Mesh, rules: dict) -> P:
+def _spec(name: str, logical: tuple, shape: tuple[int, ...], mesh: Mesh, rules: dict) -> P:
     axes = []
-    for name, size in zip(logical, shape):
-        axis = rules.get(name)
-        axes.append(axis if axis is not None and size % mesh.shape[axis] == 0 else None)
+    for dim, (logical_name, size) in enumerate(zip(logical, shape)):
+        axis = rules.get(logical_name)
+        if axis is not None and size % mesh.shape[axis]:
+            warnings.warn(f"parameter {name}: dimension {dim} ({logical_name!r}, size {size}) does "
+                          f"not divide over mesh axis {axis!r} ({mesh.shape[axis]} devices); it is "
+                          f"replicated there", stacklevel=3)
+            axis = None
+        axes.append(axis)
     return P(*axes)
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh,
                     rules: dict = LOGICAL_RULES) -> nnx.State:
-    """A NamedSharding per parameter, from the logical names in its `out_sharding` metadata."""
+    """A NamedSharding per parameter, from the logical names in its `out_sharding` metadata.
+
+    A dimension whose size does not divide its mesh axis is replicated, with a warning naming the
+    parameter."""
     specs = nnx.get_partition_spec(abstract_state)
-    return jax.tree.map(
-        lambda spec, x: NamedSharding(mesh, _spec(tuple(spec), x.shape, mesh, rules)),
+    return jax.tree.map_with_path(
+        lambda path, spec, x: NamedSharding(mesh, _spec(jax.tree_util.keystr(path, simple=True,
+                                                                             separator="."),
+                                                        tuple(spec), x.shape, mesh, rules)),
         specs, abstract_state, is_leaf=lambda s: isinstance(s, P))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def activation_sharding(mesh: Mesh) -> NamedSharding:
+    """The decoder's [B·T, D] activations between blocks: rows split like the batch, D whole."""
+    return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -157,12 +157,12 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     completion_buckets = default_buckets(rl.max_new_tokens, smallest=8)
 
     # Models: the policy (with PPO, a policy + critic pair), the frozen reference and reward model.
-    make_policy, pretrained = build_model(cfg)
+    make_policy, pretrained = build_model(cfg, mesh)
     reward_model = load_pretrained(rl.reward_model) if rl.reward_model else None
     make_model = make_policy
     if is_ppo:  # the critic starts from the reward model (or rl.critic), as Huang et al. 2024
         # do; with neither, from the policy's starting weights with a new scalar head
-        make_value, value_state = build_model(cfg, with_scalar_head=True,
+        make_value, value_state = build_model(cfg, mesh, with_scalar_head=True,
                                               path=rl.critic or rl.reward_model)
         make_model = lambda rngs: online.ActorCritic(make_policy(rngs), make_value(rngs))  # noqa: E731
         parts = {"policy": pretrained, "value": value_state}

@@ -149,7 +149,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
             raise DataError(f"{data.source}: the {name} split has {len(data.examples)} rows after "
                             f"truncation, fewer than train.batch_size={t.batch_size}")
 
-    make_model, pretrained = build_model(cfg, with_scalar_head=t.method == "reward")
+    make_model, pretrained = build_model(cfg, mesh, with_scalar_head=t.method == "reward")
     tx, schedule = make_optimizer(t), learning_rate(t)
     graphdef, state, shardings = init_train_state(make_model, tx, mesh, t.seed, pretrained)
     loss_fn = methods.METHODS[t.method].loss

@@ -2,13 +2,17 @@
 
 import json
 
+import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 
 from align_jax.models import DecoderConfig, init_cache, load_pretrained, save_pretrained
+from align_jax.models.decoder import REMAT_POLICIES
 
 COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -159,27 +163,31 @@ def test_scalar_head_scores_the_last_non_pad_token():
     np.testing.assert_allclose(scores, [values[0, 6], values[1, -1], values[2, -1]], rtol=1e-6)
 
 
-def test_remat_gives_identical_logits():
+@pytest.mark.parametrize("remat", [p for p in REMAT_POLICIES if p != "none"])
+def test_remat_policies_give_identical_logits_and_gradients(remat):
     hf = tiny_hf_model("qwen2_qkv_bias")
+    ids, mask = (jnp.asarray(a) for a in left_padded_batch(7))
+
+    def logits_and_grads(model):
+        graphdef, params = nnx.split(model)
+        loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(ids, mask) ** 2)  # noqa: E731
+        return nnx.merge(graphdef, params)(ids, mask), jax.grad(loss)(params)
+
+    plain = logits_and_grads(load_pretrained(hf))
     model = load_pretrained(hf)
-    ids, mask = left_padded_batch(7)
-    plain = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
-    model.remat = True
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), plain,
-                               atol=1e-6)
+    model.remat = remat
+    chex.assert_trees_all_close(logits_and_grads(model), plain, atol=1e-5, rtol=1e-5)
 
 
 def test_parameters_carry_logical_axis_names():
-    from flax import nnx
-
     from align_jax.models import Decoder
 
     model = Decoder(DecoderConfig.from_hf(ARCHITECTURES["qwen3_qk_norm"]()), rngs=nnx.Rngs(0))
     names = {".".join(map(str, path)): getattr(v, "out_sharding", None)
              for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
     assert names["embed_tokens.embedding"] == ("vocab", "embed")
-    assert names["layers.0.self_attn.q_proj.kernel"] == ("embed", "heads")
-    assert names["layers.0.self_attn.k_proj.kernel"] == ("embed", "kv_heads")
-    assert names["layers.0.mlp.down_proj.kernel"] == ("mlp", "embed")
-    assert names["layers.1.self_attn.q_norm.weight"] == ("head_dim",)
+    assert names["layers.self_attn.q_proj.kernel"] == ("layers", "embed", "heads")
+    assert names["layers.self_attn.k_proj.kernel"] == ("layers", "embed", "kv_heads")
+    assert names["layers.mlp.down_proj.kernel"] == ("layers", "mlp", "embed")
+    assert names["layers.self_attn.q_norm.weight"] == ("layers", "head_dim")
     assert all(v is not None for v in names.values())

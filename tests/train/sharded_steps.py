@@ -85,7 +85,7 @@ def main():
                                SamplingConfig(max_new_tokens=5, num_samples=2))
                 report[f"{name}/sample"] = {"ids": np.asarray(out.ids_BxC).tolist(),
                                             "logps": np.asarray(out.logps_BxC).tolist()}
-            kernel = state.params["layers"][0]["mlp"]["up_proj"]["kernel"][...]
+            kernel = state.params["layers"]["mlp"]["up_proj"]["kernel"][...]
             report[f"{name}/{method}"] = {
                 "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                 "params": [np.asarray(x).ravel()[:64].tolist()

@@ -1,7 +1,7 @@
 """Rematerialisation and the chunked LM head change memory, never the numbers: every method's run
-with `model.remat=true`, or with `model.logits_chunk=5` (the LM head over 5 positions at a time,
-padding the last chunk), follows the loss curve of the same run without it, with or without a
-frozen reference model."""
+with a remat policy (a different one per method, so every policy runs in a real training loop),
+or with `model.logits_chunk=5` (the LM head over 5 positions at a time, padding the last chunk),
+follows the loss curve of the same run without it, with or without a frozen reference model."""
 
 import json
 from pathlib import Path
@@ -30,8 +30,10 @@ RUNS = {  # method -> (config, overrides that keep it small)
 }
 
 
-VARIANTS = {"remat": ["model.remat=true"], "chunked_head": ["model.logits_chunk=5"]}
-CASES = [(m, v) for m in RUNS for v in VARIANTS if not (m == "reward" and v == "chunked_head")]
+REMAT = {"sft": "true", "reward": "dots", "dpo": "offload", "kto": "dots_no_batch",
+         "grpo_with_reference": "full", "ppo": "offload"}
+CASES = [(m, v) for m in RUNS for v in ("remat", "chunked_head")
+         if not (m == "reward" and v == "chunked_head")]
 # one worker runs them all, so each method's plain run is made once (`-n 2 --dist loadgroup`)
 pytestmark = pytest.mark.xdist_group("memory_paths")
 
@@ -64,5 +66,6 @@ def test_memory_path_follows_the_plain_loss_curve(method, variant, plain_losses,
     assert len(plain) == 3
     # The same float32 operations, recomputed or split into chunks: equal up to the reassociation
     # of XLA's fusions and of the head's gradient summed over chunks.
-    np.testing.assert_allclose(losses(tmp_path, method, *VARIANTS[variant]), plain, rtol=1e-5,
-                               atol=1e-6)
+    override = (f"model.remat={REMAT[method]}" if variant == "remat"
+                else "model.logits_chunk=5")
+    np.testing.assert_allclose(losses(tmp_path, method, override), plain, rtol=1e-5, atol=1e-6)

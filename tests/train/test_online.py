@@ -22,7 +22,7 @@ from align_jax.config import ConfigError, RLConfig, load_config
 from align_jax.data import synthetic as syn
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.models import load_pretrained
-from align_jax.models.hf import hf_param_names
+from align_jax.models.hf import to_tensors
 from align_jax.sampling import SamplingConfig, generate_text
 from align_jax.train import online, train
 from align_jax.train.mesh import make_mesh
@@ -86,14 +86,8 @@ def test_grpo_gradient_is_reinforce_with_group_baseline_in_pytorch():
     hf.zero_grad()
     reinforce.backward()
     torch_grads = dict(hf.named_parameters())
-    grad_model = nnx.merge(graphdef, grads)
-    for name, path, transposed in hf_param_names(model.config):
-        node = grad_model
-        for key in path:
-            node = node[key] if isinstance(key, int) else getattr(node, key)
-        ours = np.asarray(node.get_value())
-        theirs = torch_grads[name].grad.numpy()
-        np.testing.assert_allclose(ours, theirs.T if transposed else theirs, rtol=2e-3, atol=2e-6,
+    for name, ours in to_tensors(nnx.merge(graphdef, grads)).items():
+        np.testing.assert_allclose(ours, torch_grads[name].grad.numpy(), rtol=2e-3, atol=2e-6,
                                    err_msg=name)
 
 

@@ -38,12 +38,12 @@ def test_sharded_step_equals_one_device(report, mesh, method):
 
 
 def test_parameters_are_really_sharded(report):
-    # layers.0.mlp.up_proj.kernel is [64 (embed → fsdp), 128 (mlp → tensor)].
+    # layers.mlp.up_proj.kernel is [1 (layers), 64 (embed → fsdp), 128 (mlp → tensor)].
     shards = {mesh: report[f"{mesh}/sft"]["kernel_shard"] for mesh in
               ("one_device", "data", "fsdp", "tensor", "fsdp_x_tensor", "data_x_fsdp_x_tensor")}
-    assert shards == {"one_device": [64, 128], "data": [64, 128], "fsdp": [8, 128],
-                      "tensor": [64, 16], "fsdp_x_tensor": [16, 64],
-                      "data_x_fsdp_x_tensor": [32, 64]}
+    assert shards == {"one_device": [1, 64, 128], "data": [1, 64, 128], "fsdp": [1, 8, 128],
+                      "tensor": [1, 64, 16], "fsdp_x_tensor": [1, 16, 64],
+                      "data_x_fsdp_x_tensor": [1, 32, 64]}
     assert report["one_device/sft"]["devices"] == 1 and report["data/sft"]["devices"] == 8
 
 
