@@ -76,6 +76,9 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | linear | constant, after linear warmup
     warmup_steps: int = 0
     weight_decay: float = 0.0
+    # AdamW's first moment in this dtype (bfloat16 halves it); the second moment stays float32,
+    # where squared gradients do not underflow
+    mu_dtype: str = "float32"
     max_grad_norm: Optional[float] = 1.0
     seed: int = 0
     log_every: int = 10

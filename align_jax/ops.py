@@ -182,3 +182,11 @@ def kl_k3(logps: Array, ref_logps: Array) -> Array:
 def log1mexp(x: Array) -> Array:
     """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (Mächler 2012)."""
     return jnp.where(x > -jnp.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+
+def cast_floating(tree, dtype, *, copy: bool = False):
+    """Every floating-point leaf of `tree` as `dtype`, integer and boolean leaves unchanged; with
+    `copy`, every leaf in a new buffer even where its dtype is already right."""
+    return jax.tree.map(lambda x: jnp.array(x, dtype if jnp.issubdtype(x.dtype, jnp.floating)
+                                            else x.dtype, copy=copy), tree)

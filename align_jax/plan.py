@@ -43,7 +43,7 @@ from align_jax.models import DecoderConfig, init_cache, read_config
 from align_jax.models.decoder import remat_policy
 from align_jax.topology import GiB, Target, target
 from align_jax.train import methods, online, sweep
-from align_jax.train.host import decoder_factory
+from align_jax.train.host import compute_dtype, decoder_factory, frozen_params
 from align_jax.train.mesh import batch_sharding, make_mesh, param_shardings, replicated
 from align_jax.train.rl import rollout_optimizer
 from align_jax.train.run import step_functions
@@ -147,6 +147,12 @@ def _abstract_params(make_model, mesh: Mesh):
     return graphdef, _placed(params, param_shardings(params, mesh))
 
 
+def _frozen(params, cfg: RunConfig, mesh: Mesh):
+    """A frozen model's parameters as the run holds them (`host.frozen_params`), sharded."""
+    cast = jax.eval_shape(lambda p: frozen_params(p, cfg), params)
+    return _placed(cast, param_shardings(cast, mesh))
+
+
 def _abstract_state(params, tx, mesh: Mesh) -> tuple[TrainState, TrainState]:
     """The train state's shapes with its shardings, and the shardings."""
     shardings = state_shardings(params, tx, mesh)
@@ -191,7 +197,7 @@ def offline_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     graphdef, params = _abstract_params(make_model, mesh)
     tx = make_optimizer(t)
     state, shardings = _abstract_state(params, tx, mesh)
-    ref = params if methods.needs_reference(t.method, cfg.loss) else None
+    ref = _frozen(params, cfg, mesh) if methods.needs_reference(t.method, cfg.loss) else None
     step, _ = step_functions(cfg, methods.METHODS[t.method].loss, graphdef, tx, learning_rate(t))
     names = sweep.members(cfg)
     if names is not None:  # the members' states stacked, as the run holds them
@@ -206,10 +212,11 @@ def offline_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
                   dict(params=state.params, optimizer=state.opt_state, reference=ref, batch=batch))]
     if cfg.loss.precompute_ref_logps:
         ref_fn = jax.jit(lambda p, b: methods.pair_logps(nnx.merge(graphdef, p), b)[:2])
+        ref = _frozen(params, cfg, mesh)
         specs.append(Spec("reference_logps", ref_fn,
-                          (params, batch._replace(ref_chosen_logps_B=None,
-                                                  ref_rejected_logps_B=None)),
-                          dict(reference=params, batch=batch)))
+                          (ref, batch._replace(ref_chosen_logps_B=None,
+                                               ref_rejected_logps_B=None)),
+                          dict(reference=ref, batch=batch)))
     return specs
 
 
@@ -228,10 +235,10 @@ def _rollout(cfg: RunConfig, mesh: Mesh, rows: int, is_ppo: bool) -> online.Roll
 
 def _kv_cache_bytes(cfg: RunConfig, config: DecoderConfig, mesh: Mesh) -> int:
     """The sampler's KV cache on one device, if split like the rollout's rows: every layer's keys
-    and values for B = N·G rows of P + C slots, in the parameters' dtype (float32)."""
+    and values for B = N·G rows of P + C slots, in the compute dtype."""
     rows = cfg.train.batch_size * cfg.rl.num_generations
     slots = cfg.data.max_length + cfg.rl.max_new_tokens
-    cache = jax.eval_shape(lambda: init_cache(config, rows, slots, jnp.float32))
+    cache = jax.eval_shape(lambda: init_cache(config, rows, slots, compute_dtype(cfg)))
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
     return total // (mesh.shape["data"] * mesh.shape["fsdp"])
 
@@ -277,8 +284,8 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     if is_ppo or rl.beta != 0.0:
         ref_fn = jax.jit(lambda p, r: online.policy_outputs(nnx.merge(policy_graphdef, p), r,
                                                             rl.temperature)[0])
-        specs.append(Spec("reference_logps", ref_fn, (policy_params, full),
-                          dict(reference=policy_params, batch=full)))
+        ref = _frozen(policy_params, cfg, mesh)
+        specs.append(Spec("reference_logps", ref_fn, (ref, full), dict(reference=ref, batch=full)))
     if is_ppo:
         values = jax.jit(lambda p, r: online.critic_values(nnx.merge(graphdef, p).value, r))
         specs.append(Spec("critic_values", values, (state.params, full),
@@ -287,6 +294,7 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
         make_reward_model = decoder_factory(cfg, read_config(rl.reward_model), mesh,
                                             with_scalar_head=True)
         rm_graphdef, rm_params = _abstract_params(make_reward_model, mesh)
+        rm_params = _frozen(rm_params, cfg, mesh)
         seq = _arrays(mesh, ids=((rows, cfg.data.max_length + rl.max_new_tokens), jnp.int32),
                       mask=((rows, cfg.data.max_length + rl.max_new_tokens), jnp.bool_))
         score = jax.jit(lambda p, ids, mask: nnx.merge(rm_graphdef, p).score(ids, mask))

@@ -114,14 +114,15 @@ def _next_token(logits_BxV, key, config: SamplingConfig):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
 def _generate(graphdef, state, prompt_ids_NxP, prompt_mask_NxP, rng, *, config: SamplingConfig):
+    # Weights and the KV cache in the compute dtype: a bf16 model reads half the bytes per token.
     model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, ops.cast_floating(state, model.dtype))
     G, C = config.num_samples, config.max_new_tokens
     N, P = prompt_ids_NxP.shape
     B = N * G
     # Prefill each prompt once, with logits at its last position only, then give each of its
     # G samples a copy of the cache.
-    cache_dtype = model.embed_tokens.embedding.get_value().dtype
-    cache = init_cache(model.config, N, P + C, cache_dtype)
+    cache = init_cache(model.config, N, P + C, model.dtype)
     hidden, cache = model.hidden_states(prompt_ids_NxP, prompt_mask_NxP, cache)
     logits = model.logits(hidden[:, -1])
     if G > 1:

@@ -80,6 +80,16 @@ def test_parameter_and_optimizer_bytes_equal_a_hand_count():
     assert result.hbm_bytes_per_device == 16 * 2**30
 
 
+def test_bfloat16_keeps_float32_masters_and_halves_the_reference_and_first_moment():
+    result = plan(tiny("dpo_sentiment", "model.dtype=bfloat16", "train.mu_dtype=bfloat16"),
+                  "v5e:2x2")
+    step = result.programs[0]
+    assert step.inputs["params"] == tiny_param_bytes_per_device()  # float32 master weights
+    assert step.inputs["reference"] == tiny_param_bytes_per_device() // 2  # frozen, bfloat16
+    # AdamW's first moment in bfloat16, its second in float32, two int32 step counts
+    assert step.inputs["optimizer"] == 3 * step.inputs["params"] // 2 + 2 * 4
+
+
 def test_a_run_that_does_not_fit_exits_3_naming_its_largest_arrays(tmp_path, capsys):
     report = tmp_path / "plan.json"
     # 8 sequences per device × 4096 tokens × a 128256-token vocabulary: 16.8 GB of float32 logits

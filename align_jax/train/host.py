@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from omegaconf import OmegaConf
 
+from align_jax import ops
 from align_jax.config import ConfigError, RunConfig, to_yaml
 from align_jax.data import DataError, synthetic
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
@@ -98,11 +99,24 @@ def build_model(cfg: RunConfig, mesh: Mesh, *, with_scalar_head: bool = False,
     return decoder_factory(cfg, config, mesh, with_scalar_head), pretrained
 
 
+def compute_dtype(cfg: RunConfig):
+    if cfg.model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.dtype={cfg.model.dtype!r}: expected float32 or bfloat16")
+    return jnp.dtype(cfg.model.dtype)
+
+
+def frozen_params(params: nnx.State, cfg: RunConfig) -> nnx.State:
+    """A frozen model's parameters (reference, reward model) in their own buffers (the train
+    state's are donated) and in the compute dtype: never updated, they need no float32 master
+    copy, so a bfloat16 run holds them at half the size."""
+    return ops.cast_floating(params, compute_dtype(cfg), copy=True)
+
+
 def decoder_factory(cfg: RunConfig, config: DecoderConfig, mesh: Mesh,
                     with_scalar_head: bool = False):
     """rngs -> a Decoder of `config` with the run's compute dtype, remat, LM-head chunking and
     activation sharding on `mesh`."""
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.model.dtype]
+    dtype = compute_dtype(cfg)
     if cfg.model.logits_chunk is not None and cfg.model.logits_chunk < 1:
         raise ConfigError(f"model.logits_chunk must be a positive number of positions, got "
                           f"{cfg.model.logits_chunk}")

@@ -52,7 +52,7 @@ def _spec(name: str, logical: tuple, shape: tuple[int, ...], mesh: Mesh, rules: 
         if axis is not None and size % mesh.shape[axis]:
             warnings.warn(f"parameter {name}: dimension {dim} ({logical_name!r}, size {size}) does "
                           f"not divide over mesh axis {axis!r} ({mesh.shape[axis]} devices); it is "
-                          f"replicated there", stacklevel=3)
+                          f"replicated there", stacklevel=4)
             axis = None
         axes.append(axis)
     return P(*axes)
@@ -64,12 +64,13 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh,
 
     A dimension whose size does not divide its mesh axis is replicated, with a warning naming the
     parameter."""
+    def sharding(path, spec, x):
+        name = jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
+        return NamedSharding(mesh, _spec(name, tuple(spec), x.shape, mesh, rules))
+
     specs = nnx.get_partition_spec(abstract_state)
-    return jax.tree.map_with_path(
-        lambda path, spec, x: NamedSharding(mesh, _spec(jax.tree_util.keystr(path, simple=True,
-                                                                             separator="."),
-                                                        tuple(spec), x.shape, mesh, rules)),
-        specs, abstract_state, is_leaf=lambda s: isinstance(s, P))
+    return jax.tree.map_with_path(sharding, specs, abstract_state,
+                                  is_leaf=lambda s: isinstance(s, P))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -36,6 +36,7 @@ from align_jax.train.host import (
     StopSignal,
     build_model,
     check_finite,
+    frozen_params,
     gather_to_host,
     load_tokenizer,
     record_config,
@@ -177,13 +178,14 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         source = (load_pretrained(cfg.reference) if cfg.reference
                   else policy_of(nnx.merge(graphdef, state.params)))
         ref_graphdef, ref_params = nnx.split(source)
-        ref_params = jax.tree.map(jnp.copy, ref_params)  # the train state's buffers are donated
+        ref_params = frozen_params(ref_params, cfg)
         ref_params = jax.device_put(ref_params, param_shardings(ref_params, mesh))
         ref_logps_fn = jax.jit(lambda p, r: online.policy_outputs(nnx.merge(ref_graphdef, p), r,
                                                                   rl.temperature)[0])
     score_fn = None
     if reward_model is not None:
         rm_graphdef, rm_params = nnx.split(reward_model)
+        rm_params = frozen_params(rm_params, cfg)
         rm_params = jax.device_put(rm_params, param_shardings(rm_params, mesh))
         rm_score = jax.jit(lambda p, ids, mask: nnx.merge(rm_graphdef, p).score(ids, mask))
         score_fn = lambda ids, mask: rm_score(rm_params, ids, mask)  # noqa: E731

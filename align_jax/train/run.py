@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -44,6 +43,7 @@ from align_jax.train.host import (
     build_model,
     check_finite,
     data_source,
+    frozen_params,
     gather_to_host,
     load_tokenizer,
     record_config,
@@ -157,7 +157,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     ref_params, ref_shardings = None, None
     if needs_ref or cfg.loss.precompute_ref_logps:
         source = load_pretrained(cfg.reference) if cfg.reference else None
-        ref_params = nnx.split(source)[1] if source else jax.tree.map(jnp.copy, state.params)
+        ref_params = frozen_params(nnx.split(source)[1] if source else state.params, cfg)
         ref_shardings = param_shardings(ref_params, mesh)
         ref_params = jax.device_put(ref_params, ref_shardings)
     if cfg.loss.precompute_ref_logps:

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from align_jax.config import TrainConfig
+from align_jax.config import ConfigError, TrainConfig
 from align_jax.train.mesh import param_shardings, replicated
 
 
@@ -41,10 +41,13 @@ def learning_rate(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with the schedule, decoupled weight decay on matrices only (not norms or biases), and
-    gradient clipping by global norm."""
+    """AdamW with the schedule, decoupled weight decay on matrices only (not norms or biases), its
+    first moment in `mu_dtype`, and gradient clipping by global norm."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    adamw = optax.adamw(learning_rate(cfg), weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.mu_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"train.mu_dtype={cfg.mu_dtype!r}: expected float32 or bfloat16")
+    adamw = optax.adamw(learning_rate(cfg), weight_decay=cfg.weight_decay, mask=decay_mask,
+                        mu_dtype=jnp.dtype(cfg.mu_dtype))
     return (optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw) if cfg.max_grad_norm
             else adamw)
 
