@@ -6,14 +6,13 @@ shapes from `model.path`'s `config.json` (no weights), `train.batch_size`, `data
 compiles each one with XLA for compile-only devices of the topology (`align_jax.topology`), on any
 host. Per program and device it reports the compiler's memory (arguments,
 outputs, temporaries, peak against the chip's HBM), the named inputs counted by hand from their
-shardings (parameters, optimizer state, reference weights, batch), FLOPs and bytes accessed, and
-the roofline time max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) with the MFU it implies.
+shardings (parameters, optimizer state, reference weights, batch), the FLOPs and bytes of its
+matrix products (`matmul_cost`, split evenly over the devices), and the roofline time
+max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) with the MFU it implies.
 
 Shapes are the largest the run can meet: sequences padded to the largest bucket, DPO's packed
 pairs to T = L + K with K = L, rollouts to `data.max_length` prompt and `rl.max_new_tokens`
-completion tokens. XLA's cost analysis counts a loop body once, so the sampler's FLOPs are those
-of its prefill and one decode step. XLA's GPU compiler has no cost analysis: on GPUs, FLOPs and
-bytes are the unpartitioned program's, divided over the devices.
+completion tokens; the sampler's cost is that of all `rl.max_new_tokens` decode steps.
 """
 
 from __future__ import annotations
@@ -107,12 +106,14 @@ class Plan:
 
 
 class Spec(NamedTuple):
-    """A program to compile: its jitted function, abstract arguments, and named input groups."""
+    """A program to compile: its jitted function, abstract arguments, named input groups, and how
+    many times its while loop runs (the sampler's decode steps) at most."""
 
     name: str
     fn: Callable
     args: tuple
     inputs: dict[str, Any]
+    loop_trips: int = 1
 
 
 def device_bytes(tree) -> int:
@@ -278,7 +279,7 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
                                                                   config=config))
     specs.append(Spec("generate", generate, (policy_params, prompts["ids"], prompts["mask"], key),
                       dict(params=policy_params, kv_cache=_kv_cache_bytes(cfg, policy_config, mesh),
-                           batch=prompts)))
+                           batch=prompts), loop_trips=rl.max_new_tokens))
 
     full = _rollout(cfg, mesh, rows, is_ppo)
     if is_ppo or rl.beta != 0.0:
@@ -343,12 +344,30 @@ def largest_arrays(spec: Spec, n: int = 5) -> list[str]:
     return [f"{_gib(size)} GiB {key}" for key, size in top]
 
 
-def _unpartitioned_cost(spec: Spec, devices: int) -> dict:
-    """FLOPs and bytes per device from the program before partitioning, lowered for the host (XLA's
-    GPU compiler has no cost analysis): its totals over the devices."""
-    bare = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), spec.args)
-    cost = jax.jit(spec.fn.__wrapped__).lower(*bare).cost_analysis()  # without its shardings
-    return {k: float(cost.get(k, 0.0)) / devices for k in ("flops", "bytes accessed")}
+def matmul_cost(spec: Spec) -> tuple[float, float]:
+    """FLOPs and bytes of the program's matrix products, over all devices: 2·|out|·|contracted|
+    FLOPs for each dot_general, and the bytes of its operands and result (each read or written
+    once: a lower bound on HBM traffic); a scan's body counts its length times, a while loop's
+    `spec.loop_trips` times. (XLA's own cost analysis counts a loop body once.)"""
+
+    def walk(jaxpr, times: int) -> tuple[float, float]:
+        flops = nbytes = 0.0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (contracting, _), _ = eqn.params["dimension_numbers"]
+                lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
+                flops += times * 2 * math.prod(out.shape) * math.prod(lhs.shape[d]
+                                                                      for d in contracting)
+                nbytes += times * sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize
+                                      for v in (*eqn.invars, *eqn.outvars))
+            inner = times * {"scan": eqn.params.get("length", 1),
+                             "while": spec.loop_trips}.get(eqn.primitive.name, 1)
+            for sub in _subjaxprs(eqn):
+                sub_flops, sub_bytes = walk(sub, inner)
+                flops, nbytes = flops + sub_flops, nbytes + sub_bytes
+        return flops, nbytes
+
+    return walk(jax.make_jaxpr(spec.fn)(*spec.args).jaxpr, 1)
 
 
 def compile_spec(spec: Spec, where: Target) -> Program:
@@ -365,11 +384,9 @@ def compile_spec(spec: Spec, where: Target) -> Program:
                        error=str(e).split("\n")[0][:500], largest=largest_arrays(spec))
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
-    cost = (_unpartitioned_cost(spec, len(where.devices)) if where.is_gpu
-            else compiled.cost_analysis())
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
             + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
-    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    flops, accessed = (x / len(where.devices) for x in matmul_cost(spec))
     chip, share = where.chip, where.share
     peak_flops, bandwidth = chip.peak_flops * share, chip.hbm_bandwidth * share
     roofline = max(flops / peak_flops, accessed / bandwidth)

@@ -50,10 +50,6 @@ class Target(NamedTuple):
     chip: Chip
     share: float
 
-    @property
-    def is_gpu(self) -> bool:
-        return self.devices[0].platform == "gpu"
-
 
 def _tpu_devices(name: str) -> list:
     from jax.experimental import topologies

@@ -80,6 +80,23 @@ def test_parameter_and_optimizer_bytes_equal_a_hand_count():
     assert result.hbm_bytes_per_device == 16 * 2**30
 
 
+def test_flops_equal_a_hand_count_of_the_matrix_products():
+    V, D, F, L, Q, K, H = 384, 32, 64, 2, 4, 2, 8
+    B, T = 8, 32  # rows of the largest bucket; the LM head predicts the last T − 1 positions
+    R = B * T
+    down_proj = 2 * R * F * D
+    layer = 2 * R * (D * Q * H + 2 * D * K * H + Q * H * D + 2 * D * F) + down_proj \
+        + 2 * 2 * B * Q * T * T * H  # q·kᵀ and probs·v
+    forward = L * layer + 2 * B * (T - 1) * D * V
+    # Backward: two products the size of each forward one (for the input and the weight).
+    plain, remat = (plan(tiny("sft_arithmetic", f"model.remat={r}"), "v5e:2x2").programs[0]
+                    for r in ("none", "full"))
+    assert plain.flops * 4 == 3 * forward  # over the 4 devices
+    # remat=full recomputes each layer's forward except down_proj, whose output the backward
+    # pass does not need.
+    assert remat.flops * 4 == 3 * forward + L * (layer - down_proj)
+
+
 def test_bfloat16_keeps_float32_masters_and_halves_the_reference_and_first_moment():
     result = plan(tiny("dpo_sentiment", "model.dtype=bfloat16", "train.mu_dtype=bfloat16"),
                   "v5e:2x2")
