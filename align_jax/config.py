@@ -45,6 +45,9 @@ class ModelConfig:
     # what each layer keeps for the backward pass, the rest recomputed: none | full | dots |
     # dots_no_batch | offload (models.decoder.REMAT_POLICIES); true and false mean full and none
     remat: str = "none"
+    # attention in forward passes without a KV cache: xla (einsum) | splash (Pallas, TPU) |
+    # cudnn (GPU, bfloat16)
+    attention: str = "xla"
     # the LM head over chunks of this many positions, forward and backward, never a [B, T, V]
     # array of logits; None: all positions at once
     logits_chunk: Optional[int] = None

@@ -20,6 +20,7 @@ ROOT = Path(__file__).parents[1]
 METHODS = {  # name -> (config, overrides)
     "sft": ("sft_arithmetic", []),
     "dpo_packed": ("dpo_sentiment", ["data.share_prompt=true"]),
+    "dpo_splash": ("dpo_sentiment", ["model.attention=splash"]),
     "dpo_sweep": ("dpo_sentiment", ["sweep.field=beta", "sweep.values=[0.1,0.5]"]),
     "dpo_precomputed_reference": ("dpo_sentiment", ["loss.precompute_ref_logps=true"]),
     "reward": ("reward_sentiment", []),
@@ -27,7 +28,8 @@ METHODS = {  # name -> (config, overrides)
     "grpo": ("grpo_arithmetic", ["rl.beta=0.04", "rl.num_generations=4", "rl.max_new_tokens=16"]),
     "ppo": ("ppo_arithmetic", ["rl.reward_model=null", "rl.max_new_tokens=16"]),
 }
-EXPECTED = {"sft": ["train_step"], "dpo_packed": ["train_step"], "dpo_sweep": ["train_step"],
+EXPECTED = {"sft": ["train_step"], "dpo_packed": ["train_step"], "dpo_splash": ["train_step"],
+            "dpo_sweep": ["train_step"],
             "dpo_precomputed_reference": ["train_step", "reference_logps"],
             "reward": ["train_step"], "kto": ["train_step"],
             "grpo": ["update_step", "generate", "reference_logps"],

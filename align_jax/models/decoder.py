@@ -13,6 +13,7 @@ maps to mesh axes.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -22,10 +23,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from align_jax.models.config import DecoderConfig
+from align_jax.models.kernels import kernel_attention
 
 Array = jax.Array
 
 
+ATTENTION = ("xla", "splash", "cudnn")  # model.attention: see `Decoder` and `kernels`
 REMAT_POLICIES = {  # model.remat: what each block keeps for the backward pass
     "none": None,  # every activation (no recomputation)
     "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input
@@ -157,10 +160,11 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype,
                                   axis_name="head_dim")
 
-    def __call__(self, x_RxD, cos_sin, mask_BxTxS, kv_cache):
-        """x_RxD holds the R = B·T tokens of the batch as rows (see `Decoder.hidden_states`)."""
+    def __call__(self, x_RxD, cos_sin, attend, kv_cache):
+        """x_RxD holds the R = B·T tokens of the batch as rows (see `Decoder.hidden_states`);
+        `attend(q, k, v)` is attention under the batch's mask."""
         c = self.config
-        B, T = mask_BxTxS.shape[:2]
+        B, T = cos_sin[0].shape[:2]
         q = self.q_proj(x_RxD).reshape(B, T, c.num_heads, c.head_dim)
         k = self.k_proj(x_RxD).reshape(B, T, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x_RxD).reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
@@ -175,7 +179,7 @@ class Attention(nnx.Module):
             values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype),
                                                   (layer, 0, 0, index, 0))
             k, v, kv_cache = keys[layer], values[layer], (keys, values)
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask_BxTxS)
+        out = attend(q, k.astype(q.dtype), v.astype(q.dtype))
         return self.o_proj(out.reshape(B * T, c.num_heads * c.head_dim)), kv_cache
 
 
@@ -205,9 +209,9 @@ class Block(nnx.Module):
                                                 param_dtype=param_dtype)
         self.mlp = MLP(config, **kw)
 
-    def __call__(self, x, cos_sin, mask, kv_cache):
+    def __call__(self, x, cos_sin, attend, kv_cache):
         x = checkpoint_name(x, "block_input")
-        attn, kv_cache = self.self_attn(self.input_layernorm(x), cos_sin, mask, kv_cache)
+        attn, kv_cache = self.self_attn(self.input_layernorm(x), cos_sin, attend, kv_cache)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
 
@@ -233,7 +237,7 @@ def pin_rows(x_RxD: Array, sharding: jax.sharding.NamedSharding | None) -> Array
     return x_RxD if x_RxD.shape[0] % shards else jax.lax.with_sharding_constraint(x_RxD, sharding)
 
 
-def run_blocks(blocks: Block, x_RxD, cos_sin, mask_BxTxS, cache_kv, index, *, remat: str,
+def run_blocks(blocks: Block, x_RxD, cos_sin, attend, cache_kv, index, *, remat: str,
                activation_sharding=None):
     """x ← block_l(x) for l = 1…L, as one `lax.scan` over the stacked parameters.
 
@@ -250,7 +254,7 @@ def run_blocks(blocks: Block, x_RxD, cos_sin, mask_BxTxS, cache_kv, index, *, re
         (x, kv), (params, layer) = carry, xs
         kv = None if kv is None else (*kv, layer, index)
         x = pin_rows(x, activation_sharding)
-        x, kv = nnx.merge(graphdef, params)(x, cos_sin, mask_BxTxS, kv)
+        x, kv = nnx.merge(graphdef, params)(x, cos_sin, attend, kv)
         return (x, kv), None
 
     if remat != "none":
@@ -267,7 +271,8 @@ class Decoder(nnx.Module):
     `remat` names what each block keeps for the backward pass (`REMAT_POLICIES`; the rest is
     recomputed; True and False mean "full" and "none"); `activation_sharding` (a NamedSharding
     of the [B·T, D] activations, `train.mesh.activation_sharding`) pins each block's input to
-    it; `logits_chunk` tells the
+    it; `attention` is "xla" (einsum), "splash" (Pallas, TPU; the Pallas interpreter elsewhere)
+    or "cudnn" (GPU) for the forward passes without a KV cache; `logits_chunk` tells the
     trainer's log-prob functions (`ops.head_token_stats`) to run the LM head over that many
     positions at a time, forward and backward, instead of forming [B, T, V] logits.
     """
@@ -275,10 +280,14 @@ class Decoder(nnx.Module):
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: str | bool = "none",
                  logits_chunk: int | None = None, with_scalar_head: bool = False,
-                 activation_sharding: jax.sharding.NamedSharding | None = None):
+                 activation_sharding: jax.sharding.NamedSharding | None = None,
+                 attention: str = "xla"):
         self.config, self.dtype, self.logits_chunk = config, dtype, logits_chunk
         self.remat = remat_policy(remat)
         self.activation_sharding = activation_sharding
+        if attention not in ATTENTION:
+            raise ValueError(f"attention={attention!r}: expected one of {ATTENTION}")
+        self.attention = attention
         # Logical axis names stay metadata; the trainer places parameters on its mesh with
         # jit(init, out_shardings=...), so no variable is sharded eagerly at construction.
         with nnx.use_eager_sharding(False):
@@ -345,12 +354,26 @@ class Decoder(nnx.Module):
         x = self.embed_tokens(input_ids_BxT.reshape(B * T))
         cos_sin = rope_angles(positions, rope_inv_freq(self.config), x.dtype)
         kv = None if cache is None else (cache.keys_LxBxKxSxH, cache.values_LxBxKxSxH)
-        x, kv = run_blocks(self.layers, x, cos_sin, mask_BxTxS, kv, index, remat=self.remat,
+        x, kv = run_blocks(self.layers, x, cos_sin, self._attend(mask_BxTxS, new_mask,
+                                                                 segment_ids_BxT, cache),
+                           kv, index, remat=self.remat,
                            activation_sharding=self.activation_sharding)
         x = self.norm(x).reshape(B, T, -1)
         if cache is None:
             return x, None
         return x, KVCache(*kv, key_mask, index + T)
+
+    def _attend(self, mask_BxTxS, key_mask_BxS, segment_ids_BxT, cache):
+        """attend(q, k, v): the einsum `attention` under the dense mask, or a fused kernel
+        (`kernels.kernel_attention`) for a forward pass without a cache."""
+        if self.attention == "xla" or cache is not None:
+            return lambda q, k, v: attention(q, k, v, mask_BxTxS)
+        mesh = None if self.activation_sharding is None else self.activation_sharding.mesh
+        platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+        return functools.partial(kernel_attention, self.attention, key_mask_BxS=key_mask_BxS,
+                                 segment_ids_BxT=segment_ids_BxT,
+                                 sliding_window=self.config.sliding_window, mesh=mesh,
+                                 interpret=self.attention == "splash" and platform != "tpu")
 
     def logits(self, hidden_BxTxD: Array) -> Array:
         if self.config.tie_word_embeddings:

@@ -35,7 +35,7 @@ from align_jax.config import ConfigError, RunConfig, to_yaml
 from align_jax.data import DataError, synthetic
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.models import Decoder, DecoderConfig, load_pretrained
-from align_jax.models.decoder import remat_policy
+from align_jax.models.decoder import ATTENTION, remat_policy
 from align_jax.train.mesh import activation_sharding
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 RESUMABLE = ("train.steps", "train.lr", "train.schedule", "train.warmup_steps", "train.log_every",
              "train.eval_every", "train.eval_batches", "train.checkpoint_every",
              "train.keep_checkpoints", "train.wandb_project", "train.micro_batches", "model.remat",
-             "model.logits_chunk", "mesh.data", "mesh.fsdp", "mesh.tensor", "out_dir")
+             "model.attention", "model.logits_chunk", "mesh.data", "mesh.fsdp", "mesh.tensor",
+             "out_dir")
 _ABSENT = "(absent)"
 
 
@@ -124,10 +125,16 @@ def decoder_factory(cfg: RunConfig, config: DecoderConfig, mesh: Mesh,
         remat = remat_policy(cfg.model.remat)
     except ValueError as e:
         raise ConfigError(f"model.{e}") from None
+    if cfg.model.attention not in ATTENTION:
+        raise ConfigError(f"model.attention={cfg.model.attention!r}: expected one of {ATTENTION}")
+    if cfg.model.attention == "cudnn" and cfg.model.dtype != "bfloat16":
+        raise ConfigError("model.attention=cudnn needs model.dtype=bfloat16 (cuDNN's fused "
+                          "attention takes bf16 or fp16)")
     return lambda rngs: Decoder(config, rngs=rngs, dtype=dtype, remat=remat,
                                 logits_chunk=cfg.model.logits_chunk,
                                 with_scalar_head=with_scalar_head,
-                                activation_sharding=activation_sharding(mesh))
+                                activation_sharding=activation_sharding(mesh),
+                                attention=cfg.model.attention)
 
 
 def gather_to_host(tree):

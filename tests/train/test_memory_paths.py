@@ -1,7 +1,8 @@
-"""Rematerialisation and the chunked LM head change memory, never the numbers: every method's run
-with a remat policy (a different one per method, so every policy runs in a real training loop),
-or with `model.logits_chunk=5` (the LM head over 5 positions at a time, padding the last chunk),
-follows the loss curve of the same run without it, with or without a frozen reference model."""
+"""Rematerialisation, the chunked LM head and fused attention change memory, never the numbers:
+every method's run with a remat policy (a different one per method, so every policy runs in a real
+training loop), or with `model.logits_chunk=5` (the LM head over 5 positions at a time, padding
+the last chunk), and SFT and DPO with splash attention, follow the loss curve of the same run
+without it, with or without a frozen reference model."""
 
 import json
 from pathlib import Path
@@ -34,6 +35,8 @@ REMAT = {"sft": "true", "reward": "dots", "dpo": "offload", "kto": "dots_no_batc
          "grpo_with_reference": "full", "ppo": "offload"}
 CASES = [(m, v) for m in RUNS for v in ("remat", "chunked_head")
          if not (m == "reward" and v == "chunked_head")]
+# Pallas splash attention (interpreted on CPU) on plain rows and on DPO's packed pairs
+CASES += [("sft", "splash"), ("dpo", "splash")]
 # one worker runs them all, so each method's plain run is made once (`-n 2 --dist loadgroup`)
 pytestmark = pytest.mark.xdist_group("memory_paths")
 
@@ -66,6 +69,6 @@ def test_memory_path_follows_the_plain_loss_curve(method, variant, plain_losses,
     assert len(plain) == 3
     # The same float32 operations, recomputed or split into chunks: equal up to the reassociation
     # of XLA's fusions and of the head's gradient summed over chunks.
-    override = (f"model.remat={REMAT[method]}" if variant == "remat"
-                else "model.logits_chunk=5")
+    override = {"remat": f"model.remat={REMAT[method]}", "chunked_head": "model.logits_chunk=5",
+                "splash": "model.attention=splash"}[variant]
     np.testing.assert_allclose(losses(tmp_path, method, override), plain, rtol=1e-5, atol=1e-6)
