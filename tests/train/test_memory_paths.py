@@ -31,14 +31,16 @@ RUNS = {  # method -> (config, overrides that keep it small)
 }
 
 
-REMAT = {"sft": "true", "reward": "dots", "dpo": "offload", "kto": "dots_no_batch",
-         "grpo_with_reference": "full", "ppo": "offload"}
-CASES = [(m, v) for m in RUNS for v in ("remat", "chunked_head")
-         if not (m == "reward" and v == "chunked_head")]
+# Every policy's gradients equal none's in tests/models; here each runs in a training loop, with
+# and without a reference model, with a scalar head and with an actor-critic pair.
+REMAT = {"reward": "offload", "dpo": "dots", "grpo_with_reference": "true",
+         "ppo": "dots_no_batch"}
+CASES = [(m, "remat") for m in REMAT]
+CASES += [(m, "chunked_head") for m in RUNS if m != "reward"]  # a reward model has no LM head
 # Pallas splash attention (interpreted on CPU) on plain rows and on DPO's packed pairs
 CASES += [("sft", "splash"), ("dpo", "splash")]
-# one worker runs them all, so each method's plain run is made once (`-n 2 --dist loadgroup`)
-pytestmark = pytest.mark.xdist_group("memory_paths")
+# one worker runs a method's cases, so its plain run is made once (`-n 2 --dist loadgroup`)
+CASES = [pytest.param(m, v, marks=pytest.mark.xdist_group(f"memory_paths_{m}")) for m, v in CASES]
 
 
 def losses(out: Path, method: str, *variant: str) -> list[float]:
@@ -63,12 +65,12 @@ def plain_losses(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("method, variant", CASES)  # a reward model has no LM head to chunk
+@pytest.mark.parametrize("method, variant", CASES)
 def test_memory_path_follows_the_plain_loss_curve(method, variant, plain_losses, tmp_path):
     plain = plain_losses(method)
     assert len(plain) == 3
     # The same float32 operations, recomputed or split into chunks: equal up to the reassociation
     # of XLA's fusions and of the head's gradient summed over chunks.
-    override = {"remat": f"model.remat={REMAT[method]}", "chunked_head": "model.logits_chunk=5",
+    override = {"remat": f"model.remat={REMAT.get(method)}", "chunked_head": "model.logits_chunk=5",
                 "splash": "model.attention=splash"}[variant]
     np.testing.assert_allclose(losses(tmp_path, method, override), plain, rtol=1e-5, atol=1e-6)
