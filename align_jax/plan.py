@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -72,11 +73,13 @@ class Program:
     temp_bytes: int = 0
     code_bytes: int = 0
     peak_bytes: int = 0  # arguments + outputs − aliased + temporaries + code
-    flops: float = 0.0
+    flops: float = 0.0  # what the chip executes, recomputation included
+    model_flops: float = 0.0  # the same program without remat or a chunked head
     bytes_accessed: float = 0.0
     roofline_seconds: float = 0.0
-    mfu_at_roofline: float = 0.0
+    mfu_at_roofline: float = 0.0  # model FLOPs / (roofline time × peak FLOP/s)
     error: str | None = None  # the compiler's message when the program does not fit
+    needed_bytes: int | None = None  # the memory the compiler asked for, when it says
     # its largest buffers, when it does not fit
     largest: list[str] = dataclasses.field(default_factory=list)
 
@@ -370,8 +373,15 @@ def matmul_cost(spec: Spec) -> tuple[float, float]:
     return walk(jax.make_jaxpr(spec.fn)(*spec.args).jaxpr, 1)
 
 
-def compile_spec(spec: Spec, where: Target) -> Program:
-    """Lower and compile one program; out-of-memory is a result, not an error."""
+def _needed_bytes(message: str) -> int | None:
+    """What an out-of-memory compile asked for: XLA:TPU says "Used 34.62G of 15.75G hbm"."""
+    found = re.search(r"Used ([\d.]+)([KMGT]) of", message)
+    return None if found is None else int(float(found[1]) * 1024 ** "KMGT".index(found[2]) * 1024)
+
+
+def compile_spec(spec: Spec, counted: Spec, model: Spec, where: Target) -> Program:
+    """Lower and compile one program; out-of-memory is a result, not an error. FLOPs and bytes
+    are `matmul_cost` of `counted`, model FLOPs of `model`: the same program in variants."""
     inputs = {k: v if isinstance(v, int) else device_bytes(v) for k, v in spec.inputs.items()
               if v is not None}
     start = time.perf_counter()
@@ -381,12 +391,14 @@ def compile_spec(spec: Spec, where: Target) -> Program:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         return Program(spec.name, inputs, time.perf_counter() - start, fits=False,
-                       error=str(e).split("\n")[0][:500], largest=largest_arrays(spec))
+                       error=str(e).split("\n")[0][:500], largest=largest_arrays(spec),
+                       needed_bytes=_needed_bytes(str(e)))
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
             + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
-    flops, accessed = (x / len(where.devices) for x in matmul_cost(spec))
+    flops, accessed = (x / len(where.devices) for x in matmul_cost(counted))
+    model_flops = matmul_cost(model)[0] / len(where.devices)
     chip, share = where.chip, where.share
     peak_flops, bandwidth = chip.peak_flops * share, chip.hbm_bandwidth * share
     roofline = max(flops / peak_flops, accessed / bandwidth)
@@ -396,9 +408,13 @@ def compile_spec(spec: Spec, where: Target) -> Program:
                    output_bytes=memory.output_size_in_bytes,
                    alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
                    code_bytes=memory.generated_code_size_in_bytes, peak_bytes=peak, flops=flops,
-                   bytes_accessed=accessed, roofline_seconds=roofline,
-                   mfu_at_roofline=flops / (roofline * peak_flops) if roofline else 0.0,
+                   model_flops=model_flops, bytes_accessed=accessed, roofline_seconds=roofline,
+                   mfu_at_roofline=model_flops / (roofline * peak_flops) if roofline else 0.0,
                    largest=[] if fits else largest_arrays(spec))
+
+
+def _with_model(cfg: RunConfig, **changes) -> RunConfig:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **changes))
 
 
 def plan(cfg: RunConfig, topology: str) -> Plan:
@@ -415,13 +431,19 @@ def plan(cfg: RunConfig, topology: str) -> Plan:
     loss_cfg = cfg.rl if cfg.train.method in ("grpo", "ppo") else cfg.loss
     methods.check_micro_batches(cfg.train.method, loss_cfg, cfg.train.micro_batches)
     if cfg.train.method in methods.METHODS:
-        specs = offline_specs(cfg, mesh)
+        make_specs = offline_specs
     elif cfg.train.method in ("grpo", "ppo"):
-        specs = online_specs(cfg, mesh)
+        make_specs = online_specs
     else:
         raise ConfigError(f"train.method: {cfg.train.method!r} is not one of "
                           f"{sorted(methods.METHODS) + ['grpo', 'ppo']}")
-    programs = [compile_spec(spec, where) for spec in specs]
+    # FLOPs are counted on the einsum attention a fused kernel replaces (matmul_cost cannot see
+    # inside a kernel), model FLOPs also without recomputation (remat, the chunked head's).
+    counted = _with_model(cfg, attention="xla")
+    model = _with_model(counted, remat="none", logits_chunk=None)
+    programs = [compile_spec(*specs, where)
+                for specs in zip(make_specs(cfg, mesh), make_specs(counted, mesh),
+                                 make_specs(model, mesh))]
     chip, share = where.chip, where.share
     return Plan(topology, where.device_kind, len(where.devices), dict(mesh.shape),
                 int(chip.hbm_bytes * share), chip.peak_flops * share, chip.hbm_bandwidth * share,
@@ -468,7 +490,8 @@ def format_plan(result: Plan) -> str:
     rows = []
     for p in result.programs:
         named = [_gib(p.inputs[g]) if g in p.inputs else "-" for g in groups]
-        compiled = [_gib(p.temp_bytes), _gib(p.peak_bytes)] if p.error is None else ["-", "-"]
+        compiled = ([_gib(p.temp_bytes), _gib(p.peak_bytes)] if p.error is None
+                    else ["-", "-" if p.needed_bytes is None else f">{_gib(p.needed_bytes)}"])
         cost = ([f"{p.flops / 1e12:.3f}", f"{p.compile_seconds:.1f}", f"{p.roofline_seconds:.4f}",
                  f"{p.mfu_at_roofline:.0%}"] if p.error is None
                 else ["-", f"{p.compile_seconds:.1f}", "-", "-"])

@@ -97,6 +97,7 @@ def test_flops_equal_a_hand_count_of_the_matrix_products():
     # remat=full recomputes each layer's forward except down_proj, whose output the backward
     # pass does not need.
     assert remat.flops * 4 == 3 * forward + L * (layer - down_proj)
+    assert remat.model_flops == plain.model_flops == plain.flops  # MFU counts no recomputation
 
 
 def test_bfloat16_keeps_float32_masters_and_halves_the_reference_and_first_moment():
