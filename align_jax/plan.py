@@ -79,7 +79,7 @@ class Program:
     roofline_seconds: float = 0.0
     mfu_at_roofline: float = 0.0  # model FLOPs / (roofline time × peak FLOP/s)
     error: str | None = None  # the compiler's message when the program does not fit
-    needed_bytes: int | None = None  # the memory the compiler asked for, when it says
+    needed_bytes: int | None = None  # what the compiler asked for (`_needed_bytes`), if it says
     # its largest buffers, when it does not fit
     largest: list[str] = dataclasses.field(default_factory=list)
 
@@ -374,8 +374,9 @@ def matmul_cost(spec: Spec) -> tuple[float, float]:
 
 
 def _needed_bytes(message: str) -> int | None:
-    """What an out-of-memory compile asked for: XLA:TPU says "Used 34.62G of 15.75G hbm"."""
-    found = re.search(r"Used ([\d.]+)([KMGT]) of", message)
+    """What an out-of-memory compile asked for, as XLA:TPU words it: "the total memory required
+    for HLO temporaries (42.57G) exceeds available HBM", or "Used 34.62G of 15.75G hbm"."""
+    found = re.search(r"(?:temporaries \(|Used )([\d.]+)([KMGT])", message)
     return None if found is None else int(float(found[1]) * 1024 ** "KMGT".index(found[2]) * 1024)
 
 

@@ -130,6 +130,8 @@ def test_a_run_that_does_not_fit_exits_3_naming_its_largest_arrays(tmp_path, cap
     assert {"peak_bytes_per_device", "hbm_bytes_per_device", "flops_per_device", "compile_seconds",
             "programs"} <= saved.keys()
     assert saved["programs"][0]["largest"]
+    # what the compiler asked for: at least one device's logits
+    assert saved["programs"][0]["needed_bytes"] >= 8 * 4095 * 128256 * 4
 
 
 def test_a_fitting_plan_exits_0_and_writes_json(tmp_path, capsys):
