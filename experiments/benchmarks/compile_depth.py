@@ -57,6 +57,7 @@ def main():
     print("| target | 2 layers, s | 32 layers, s | ratio |\n|---|---|---|---|")
     targets = (("this CPU", jax.devices()[:1]), ("TPU v5e:2x2", target("v5e:2x2").devices))
     for name, devices in targets:
+        compile_seconds(2, devices)  # warm-up: the first compile on a backend pays its setup
         shallow, deep = compile_seconds(2, devices), compile_seconds(32, devices)
         print(f"| {name} | {shallow:.1f} | {deep:.1f} | {deep / shallow:.2f} |", flush=True)
 
