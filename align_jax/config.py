@@ -51,6 +51,9 @@ class ModelConfig:
     # the LM head over chunks of this many positions, forward and backward, never a [B, T, V]
     # array of logits; None: all positions at once
     logits_chunk: Optional[int] = None
+    # the blocks as one lax.scan over stacked parameters (compile time independent of depth);
+    # false: L separate blocks in one straight program (faster steps on a CPU)
+    scan_layers: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,9 @@ q/k RMSNorm (Qwen3) and sliding window (Mistral). The KV cache is a pytree passe
 returned, so decoding stays a pure function.
 
 The L blocks are one module whose parameters are stacked along a leading "layers" axis, and the
-forward pass is one `lax.scan` over them: a 32-layer model compiles one block, not 32. Parameters
+forward pass is one `lax.scan` over them: a 32-layer model compiles one block, not 32. With
+`scan_layers=False` they are L modules run one after another (a program L blocks long, which XLA
+optimises across layers: faster on a CPU, slower to compile). Parameters
 carry logical axis names ("layers", "vocab", "embed", "heads", "kv_heads", "mlp") that the trainer
 maps to mesh axes.
 """
@@ -227,6 +229,21 @@ def stacked_blocks(config: DecoderConfig, *, rngs, dtype, param_dtype) -> Block:
     return make(rngs)
 
 
+def separate_blocks(config: DecoderConfig, *, rngs, dtype, param_dtype) -> nnx.List:
+    """L Blocks holding the rows of `stacked_blocks`' parameters: a model initialises to the
+    same weights whichever layout it has."""
+    stacked = nnx.to_pure_dict(nnx.state(stacked_blocks(config, rngs=rngs, dtype=dtype,
+                                                         param_dtype=param_dtype)))
+    blocks = nnx.List()
+    for layer in range(config.num_layers):
+        block = Block(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+        state = nnx.state(block)
+        nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x[layer], stacked))
+        nnx.update(block, state)
+        blocks.append(block)
+    return blocks
+
+
 def pin_rows(x_RxD: Array, sharding: jax.sharding.NamedSharding | None) -> Array:
     """x with its rows split over the mesh axes named in `sharding.spec[0]`, when they divide
     evenly (a sampler's few prompts may not): keeps XLA's sharding propagation from choosing a
@@ -237,32 +254,38 @@ def pin_rows(x_RxD: Array, sharding: jax.sharding.NamedSharding | None) -> Array
     return x_RxD if x_RxD.shape[0] % shards else jax.lax.with_sharding_constraint(x_RxD, sharding)
 
 
-def run_blocks(blocks: Block, x_RxD, cos_sin, attend, cache_kv, index, *, remat: str,
-               activation_sharding=None):
-    """x ← block_l(x) for l = 1…L, as one `lax.scan` over the stacked parameters.
+def run_blocks(blocks: Block | nnx.List, x_RxD, cos_sin, attend, cache_kv, index, *,
+               remat: str, activation_sharding=None):
+    """x ← block_l(x) for l = 1…L: one `lax.scan` over stacked parameters (`blocks` a Block), or
+    a Python loop over L Blocks (`blocks` an `nnx.List`).
 
-    The blocks cross the scan as (graphdef, state) and each step rebuilds one layer's block from
-    its slice, so the loop body is a pure function of its parameters and never writes back to the
-    module it came from (which may belong to another trace, e.g. a frozen reference merged outside
-    `value_and_grad`). `remat` names a policy of `REMAT_POLICIES` for `jax.checkpoint` around the
-    body. With a cache, its stacked keys and values ride in the carry and each layer writes its
-    new tokens in place. Each block's input is pinned to `activation_sharding` (`pin_rows`).
+    Each layer runs as a pure function of (graphdef, parameters), so the body never writes back to
+    the module it came from (which may belong to another trace, e.g. a frozen reference merged
+    outside `value_and_grad`). `remat` names a policy of `REMAT_POLICIES` for `jax.checkpoint`
+    around it. With a cache, the stacked keys and values ride in the carry and each layer writes
+    its new tokens in place. Each block's input is pinned to `activation_sharding` (`pin_rows`).
     """
-    graphdef, state = nnx.split(blocks)
+    def layer_fn(graphdef):
+        def body(carry, xs):
+            (x, kv), (params, layer) = carry, xs
+            kv = None if kv is None else (*kv, layer, index)
+            x = pin_rows(x, activation_sharding)
+            x, kv = nnx.merge(graphdef, params)(x, cos_sin, attend, kv)
+            return (x, kv), None
+        if remat == "none":
+            return body
+        return jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
-    def body(carry, xs):
-        (x, kv), (params, layer) = carry, xs
-        kv = None if kv is None else (*kv, layer, index)
-        x = pin_rows(x, activation_sharding)
-        x, kv = nnx.merge(graphdef, params)(x, cos_sin, attend, kv)
-        return (x, kv), None
-
-    if remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    num_layers = jax.tree.leaves(state)[0].shape[0]
-    (x_RxD, cache_kv), _ = jax.lax.scan(body, (x_RxD, cache_kv),
-                                        (state, jnp.arange(num_layers)))
-    return x_RxD, cache_kv
+    carry = (x_RxD, cache_kv)
+    if isinstance(blocks, Block):
+        graphdef, state = nnx.split(blocks)
+        num_layers = jax.tree.leaves(state)[0].shape[0]
+        carry, _ = jax.lax.scan(layer_fn(graphdef), carry, (state, jnp.arange(num_layers)))
+    else:
+        for layer, block in enumerate(blocks):
+            graphdef, params = nnx.split(block)
+            carry, _ = layer_fn(graphdef)(carry, (params, layer))
+    return carry
 
 
 class Decoder(nnx.Module):
@@ -274,15 +297,17 @@ class Decoder(nnx.Module):
     it; `attention` is "xla" (einsum), "splash" (Pallas, TPU; the Pallas interpreter elsewhere)
     or "cudnn" (GPU) for the forward passes without a KV cache; `logits_chunk` tells the
     trainer's log-prob functions (`ops.head_token_stats`) to run the LM head over that many
-    positions at a time, forward and backward, instead of forming [B, T, V] logits.
+    positions at a time, forward and backward, instead of forming [B, T, V] logits;
+    `scan_layers` stacks the blocks' parameters and scans over them (`run_blocks`).
     """
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: str | bool = "none",
                  logits_chunk: int | None = None, with_scalar_head: bool = False,
                  activation_sharding: jax.sharding.NamedSharding | None = None,
-                 attention: str = "xla"):
+                 attention: str = "xla", scan_layers: bool = True):
         self.config, self.dtype, self.logits_chunk = config, dtype, logits_chunk
+        self.scan_layers = scan_layers
         self.remat = remat_policy(remat)
         self.activation_sharding = activation_sharding
         if attention not in ATTENTION:
@@ -298,7 +323,8 @@ class Decoder(nnx.Module):
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size,
                                       embedding_init=embed_init,
                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = stacked_blocks(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        blocks = stacked_blocks if self.scan_layers else separate_blocks
+        self.layers = blocks(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = _dense(rngs, config.hidden_size, config.vocab_size, ("embed", "vocab"),

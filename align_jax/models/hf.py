@@ -26,8 +26,9 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 class ParamName(NamedTuple):
     """An HF tensor and where it lives in a Decoder: the path of the NNX variable, the layer (the
-    index into the stacked "layers" axis; None outside the blocks), and whether the HF tensor is
-    the transpose of our kernel."""
+    index into a stacked "layers" axis; None outside the blocks and where the layers are separate
+    modules, whose index is in the path), and whether the HF tensor is the transpose of our
+    kernel."""
 
     hf: str
     path: tuple[str, ...]
@@ -50,15 +51,19 @@ def _block_names(config: DecoderConfig) -> Iterator[tuple[str, tuple[str, ...], 
         yield f"{norm}.weight", (norm, "weight"), False
 
 
-def hf_param_names(config: DecoderConfig, scalar_head: bool = False) -> Iterator[ParamName]:
-    """Every HF tensor of a checkpoint of `config`, in transformers' order.
+def hf_param_names(config: DecoderConfig, scalar_head: bool = False,
+                   scan_layers: bool = True) -> Iterator[ParamName]:
+    """Every HF tensor of a checkpoint of `config`, in transformers' order, for a Decoder with
+    stacked (`scan_layers`) or separate blocks.
 
     With `scalar_head`, the layout of `…ForSequenceClassification` (one label): `score.weight`
     instead of an LM head."""
     yield ParamName("model.embed_tokens.weight", ("embed_tokens", "embedding"), None, False)
     for i in range(config.num_layers):
         for name, path, transposed in _block_names(config):
-            yield ParamName(f"model.layers.{i}.{name}", ("layers", *path), i, transposed)
+            yield (ParamName(f"model.layers.{i}.{name}", ("layers", *path), i, transposed)
+                   if scan_layers else
+                   ParamName(f"model.layers.{i}.{name}", ("layers", i, *path), None, transposed))
     yield ParamName("model.norm.weight", ("norm", "weight"), None, False)
     if scalar_head:
         yield ParamName("score.weight", ("score_head", "kernel"), None, True)
@@ -69,14 +74,14 @@ def hf_param_names(config: DecoderConfig, scalar_head: bool = False) -> Iterator
 def _variable(model: Decoder, path: tuple) -> nnx.Variable:
     node = model
     for key in path:
-        node = getattr(node, key)
+        node = node[key] if isinstance(key, int) else getattr(node, key)
     return node
 
 
 def from_tensors(config: DecoderConfig, tensors: dict[str, Any], *, dtype=jnp.float32,
-                 source: str = "checkpoint") -> Decoder:
-    """Build a Decoder from HF-named tensors (numpy or jax arrays), never initialising random
-    weights.
+                 source: str = "checkpoint", scan_layers: bool = True) -> Decoder:
+    """Build a Decoder (with stacked or separate blocks: `scan_layers`) from HF-named tensors
+    (numpy or jax arrays), never initialising random weights.
 
     Every expected tensor must be present with the right shape; unexpected tensors are an error
     (they mean the architecture does not match), except recomputed buffers. A `score.weight` tensor
@@ -84,12 +89,13 @@ def from_tensors(config: DecoderConfig, tensors: dict[str, Any], *, dtype=jnp.fl
     """
     scalar_head = "score.weight" in tensors
     model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype,
-                                           with_scalar_head=scalar_head))
+                                           with_scalar_head=scalar_head,
+                                           scan_layers=scan_layers))
     tensors = dict(tensors)
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # some tied checkpoints still store a copy
     missing, layers = [], {}  # layers: path -> the L slices of a stacked variable
-    for name, path, layer, transposed in hf_param_names(config, scalar_head):
+    for name, path, layer, transposed in hf_param_names(config, scalar_head, scan_layers):
         if name not in tensors:
             missing.append(name)
             continue
@@ -120,8 +126,8 @@ def from_tensors(config: DecoderConfig, tensors: dict[str, Any], *, dtype=jnp.fl
 def to_tensors(model: Decoder) -> dict[str, np.ndarray]:
     """HF-named numpy tensors of a Decoder (transformers' layouts and names)."""
     out, host = {}, {}  # host: each variable fetched once, however many layers it stacks
-    for name, path, layer, transposed in hf_param_names(model.config,
-                                                        hasattr(model, "score_head")):
+    for name, path, layer, transposed in hf_param_names(model.config, hasattr(model, "score_head"),
+                                                        model.scan_layers):
         if path not in host:
             host[path] = np.asarray(jax.device_get(_variable(model, path).get_value()))
         array = host[path] if layer is None else host[path][layer]
@@ -213,8 +219,9 @@ def _load_gguf(path: Path) -> tuple[DecoderConfig, dict[str, np.ndarray]]:
     return config, tensors
 
 
-def load_pretrained(source, *, dtype=jnp.float32) -> Decoder:
-    """A Decoder from a local HF directory, a `.gguf` file, or an in-memory transformers model.
+def load_pretrained(source, *, dtype=jnp.float32, scan_layers: bool = True) -> Decoder:
+    """A Decoder from a local HF directory, a `.gguf` file, or an in-memory transformers model;
+    its blocks stacked for a scan, or separate modules (`scan_layers=False`).
 
     HF directory: `config.json` and one or several `*.safetensors` files (with
     `model.safetensors.index.json` when sharded). GGUF: dequantised with the `gguf` package; its
@@ -223,13 +230,14 @@ def load_pretrained(source, *, dtype=jnp.float32) -> Decoder:
     if hasattr(source, "state_dict") and hasattr(source, "config"):
         config = DecoderConfig.from_hf(source.config, source=type(source).__name__)
         tensors = {k: v.detach().float().cpu().numpy() for k, v in source.state_dict().items()}
-        return from_tensors(config, tensors, dtype=dtype, source=type(source).__name__)
+        return from_tensors(config, tensors, dtype=dtype, source=type(source).__name__,
+                            scan_layers=scan_layers)
     path = Path(source)
     if path.suffix == ".gguf":
         config, tensors = _load_gguf(path)
-        return from_tensors(config, tensors, dtype=dtype, source=str(path))
+        return from_tensors(config, tensors, dtype=dtype, source=str(path), scan_layers=scan_layers)
     return from_tensors(read_config(path), _load_safetensors_dir(path), dtype=dtype,
-                        source=str(path))
+                        source=str(path), scan_layers=scan_layers)
 
 
 def save_pretrained(model: Decoder, path, *, tokenizer=None) -> Path:

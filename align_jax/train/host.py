@@ -93,7 +93,7 @@ def build_model(cfg: RunConfig, mesh: Mesh, *, with_scalar_head: bool = False,
     pretrained = None
     path = path or cfg.model.path
     if path is not None:
-        loaded = load_pretrained(path)
+        loaded = load_pretrained(path, scan_layers=cfg.model.scan_layers)
         config, pretrained = loaded.config, nnx.split(loaded)[1]
     else:
         config = DecoderConfig.from_hf(transformers.LlamaConfig(**cfg.model.init))
@@ -134,7 +134,8 @@ def decoder_factory(cfg: RunConfig, config: DecoderConfig, mesh: Mesh,
                                 logits_chunk=cfg.model.logits_chunk,
                                 with_scalar_head=with_scalar_head,
                                 activation_sharding=activation_sharding(mesh),
-                                attention=cfg.model.attention)
+                                attention=cfg.model.attention,
+                                scan_layers=cfg.model.scan_layers)
 
 
 def gather_to_host(tree):

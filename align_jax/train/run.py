@@ -156,7 +156,8 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     needs_ref = methods.needs_reference(t.method, cfg.loss)
     ref_params, ref_shardings = None, None
     if needs_ref or cfg.loss.precompute_ref_logps:
-        source = load_pretrained(cfg.reference) if cfg.reference else None
+        source = (load_pretrained(cfg.reference, scan_layers=cfg.model.scan_layers)
+                  if cfg.reference else None)
         ref_params = frozen_params(nnx.split(source)[1] if source else state.params, cfg)
         ref_shardings = param_shardings(ref_params, mesh)
         ref_params = jax.device_put(ref_params, ref_shardings)

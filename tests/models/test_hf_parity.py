@@ -13,6 +13,7 @@ from flax import nnx
 
 from align_jax.models import DecoderConfig, init_cache, load_pretrained, save_pretrained
 from align_jax.models.decoder import REMAT_POLICIES
+from align_jax.models.hf import to_tensors
 
 COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -192,3 +193,37 @@ def test_parameters_carry_logical_axis_names():
     assert names["layers.mlp.down_proj.kernel"] == ("layers", "mlp", "embed")
     assert names["layers.self_attn.q_norm.weight"] == ("layers", "head_dim")
     assert all(v is not None for v in names.values())
+
+
+def test_separate_blocks_equal_the_scanned_stack(tmp_path):
+    """`scan_layers=False` (L Blocks in a Python loop instead of one scan over stacked parameters),
+    on every architecture: logits equal transformers', gradients (with remat, too) equal the
+    scanned model's tensor for tensor, KV-cache decoding equals the full forward, and the saved
+    checkpoint holds the same tensors."""
+    ids, mask = (jnp.asarray(a) for a in left_padded_batch(1))
+
+    def hf_named_grads(model):
+        graphdef, params = nnx.split(model)
+        loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(ids, mask) ** 2)  # noqa: E731
+        return to_tensors(nnx.merge(graphdef, jax.grad(loss)(params)))
+
+    for name in ARCHITECTURES:
+        hf = tiny_hf_model(name)
+        scanned, separate = load_pretrained(hf), load_pretrained(hf, scan_layers=False)
+        assert isinstance(separate.layers, nnx.List) and len(separate.layers) == 2
+        logits = np.asarray(separate(ids, mask))
+        valid = np.asarray(mask, bool)
+        np.testing.assert_allclose(logits[valid], hf_logits(hf, ids, mask)[valid], atol=1e-4,
+                                   err_msg=name)
+        separate.remat = "full"
+        chex.assert_trees_all_close(hf_named_grads(separate), hf_named_grads(scanned),
+                                    atol=1e-5, rtol=1e-5)
+        cache = init_cache(separate.config, ids.shape[0], ids.shape[1])
+        _, cache = separate(ids[:, :8], mask[:, :8], cache)
+        for t in range(8, ids.shape[1]):
+            step, cache = separate(ids[:, t:t + 1], mask[:, t:t + 1], cache)
+            np.testing.assert_allclose(np.asarray(step)[valid[:, t], 0], logits[valid[:, t], t],
+                                       atol=1e-4, err_msg=f"{name}: decode step {t}")
+        save_pretrained(separate, tmp_path / name)
+        chex.assert_trees_all_equal(to_tensors(load_pretrained(tmp_path / name)),
+                                    to_tensors(scanned))

@@ -1,8 +1,9 @@
-"""Rematerialisation, the chunked LM head and fused attention change memory, never the numbers:
-every method's run with a remat policy (a different one per method, so every policy runs in a real
-training loop), or with `model.logits_chunk=5` (the LM head over 5 positions at a time, padding
-the last chunk), and SFT and DPO with splash attention, follow the loss curve of the same run
-without it, with or without a frozen reference model."""
+"""Rematerialisation, the chunked LM head, fused attention and unscanned layers change memory or
+speed, never the numbers: every method's run with a remat policy (a different one per method, so
+every policy runs in a real training loop), or with `model.logits_chunk=5` (the LM head over 5
+positions at a time, padding the last chunk), SFT and DPO with splash attention, and DPO and GRPO
+(sampling included) with `model.scan_layers=false`, follow the loss curve of the same run without
+it, with or without a frozen reference model."""
 
 import json
 from pathlib import Path
@@ -39,6 +40,8 @@ CASES = [(m, "remat") for m in REMAT]
 CASES += [(m, "chunked_head") for m in RUNS if m != "reward"]  # a reward model has no LM head
 # Pallas splash attention (interpreted on CPU) on plain rows and on DPO's packed pairs
 CASES += [("sft", "splash"), ("dpo", "splash")]
+# separate blocks in place of the scan, for a reference model and for the sampler's KV cache
+CASES += [("dpo", "unscanned"), ("grpo_with_reference", "unscanned")]
 # one worker runs a method's cases, so its plain run is made once (`-n 2 --dist loadgroup`)
 CASES = [pytest.param(m, v, marks=pytest.mark.xdist_group(f"memory_paths_{m}")) for m, v in CASES]
 
@@ -72,5 +75,5 @@ def test_memory_path_follows_the_plain_loss_curve(method, variant, plain_losses,
     # The same float32 operations, recomputed or split into chunks: equal up to the reassociation
     # of XLA's fusions and of the head's gradient summed over chunks.
     override = {"remat": f"model.remat={REMAT.get(method)}", "chunked_head": "model.logits_chunk=5",
-                "splash": "model.attention=splash"}[variant]
+                "splash": "model.attention=splash", "unscanned": "model.scan_layers=false"}[variant]
     np.testing.assert_allclose(losses(tmp_path, method, override), plain, rtol=1e-5, atol=1e-6)
