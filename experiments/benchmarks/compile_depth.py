@@ -1,7 +1,8 @@
 """Compile time against depth: the SmolLM2-135M architecture's training step (loss, gradients,
 AdamW update) with 2 and with 32 layers, compiled for this host's CPU and, ahead of time, for a
 TPU v5e 2x2 slice (fsdp over its 4 chips). The blocks are one `lax.scan`, so the program is one
-block's whatever the depth and compile time should barely grow.
+block's whatever the depth and compile time should barely grow; the last column compiles the
+32 layers as separate blocks (`scan_layers=False`) for comparison.
 
 Run: python -m experiments.benchmarks.compile_depth
 """
@@ -24,13 +25,13 @@ from experiments.benchmarks.smollm2 import SMOLLM2_135M
 ROWS, TOKENS = 8, 512
 
 
-def compile_seconds(num_layers: int, devices) -> float:
+def compile_seconds(num_layers: int, devices, scan_layers: bool = True) -> float:
     """Seconds to lower and compile one AdamW step of a `num_layers`-layer model on `devices`."""
     hf = transformers.LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": num_layers})
     mesh = make_mesh(data=1, fsdp=-1, devices=devices)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(
         DecoderConfig.from_hf(hf), rngs=nnx.Rngs(0), dtype=jnp.bfloat16, remat="full",
-        activation_sharding=activation_sharding(mesh))))
+        activation_sharding=activation_sharding(mesh), scan_layers=scan_layers)))
     shardings = param_shardings(params, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           params, shardings)
@@ -54,12 +55,15 @@ def compile_seconds(num_layers: int, devices) -> float:
 
 def main():
     print(f"SmolLM2-135M widths, {ROWS} × {TOKENS} tokens, bf16, remat full, AdamW")
-    print("| target | 2 layers, s | 32 layers, s | ratio |\n|---|---|---|---|")
+    print("| target | 2 layers, s | 32 layers, s | ratio | 32 separate layers, s |\n"
+          "|---|---|---|---|---|")
     targets = (("this CPU", jax.devices()[:1]), ("TPU v5e:2x2", target("v5e:2x2").devices))
     for name, devices in targets:
         compile_seconds(2, devices)  # warm-up: the first compile on a backend pays its setup
         shallow, deep = compile_seconds(2, devices), compile_seconds(32, devices)
-        print(f"| {name} | {shallow:.1f} | {deep:.1f} | {deep / shallow:.2f} |", flush=True)
+        separate = compile_seconds(32, devices, scan_layers=False)
+        print(f"| {name} | {shallow:.1f} | {deep:.1f} | {deep / shallow:.2f} | {separate:.1f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
