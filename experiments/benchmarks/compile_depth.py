@@ -4,11 +4,12 @@ TPU v5e 2x2 slice (fsdp over its 4 chips). The blocks are one `lax.scan`, so the
 block's whatever the depth and compile time should barely grow; the last column compiles the
 32 layers as separate blocks (`scan_layers=False`) for comparison.
 
-Run: python -m experiments.benchmarks.compile_depth
+Run: python -m experiments.benchmarks.compile_depth [--layers 2 32]
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import jax
@@ -53,18 +54,22 @@ def compile_seconds(num_layers: int, devices, scan_layers: bool = True) -> float
     return time.perf_counter() - start
 
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, nargs=2, default=(2, 32), metavar=("SHALLOW", "DEEP"),
+                        help="the two depths to compile")
+    shallow_layers, deep_layers = parser.parse_args(argv).layers
     print(f"SmolLM2-135M widths, {ROWS} × {TOKENS} tokens, bf16, remat full, AdamW")
-    print("| target | 2 layers, s | 32 layers, s | ratio | 32 separate layers, s |\n"
-          "|---|---|---|---|---|")
+    print(f"| target | {shallow_layers} layers, s | {deep_layers} layers, s | ratio "
+          f"| {deep_layers} separate layers, s |\n|---|---|---|---|---|")
     targets = (("this CPU", jax.devices()[:1]), ("TPU v5e:2x2", target("v5e:2x2").devices))
     for name, devices in targets:
-        compile_seconds(2, devices)  # warm-up: the first compile on a backend pays its setup
-        shallow, deep = compile_seconds(2, devices), compile_seconds(32, devices)
-        separate = compile_seconds(32, devices, scan_layers=False)
+        compile_seconds(shallow_layers, devices)  # warm-up: a backend's first compile pays setup
+        shallow = compile_seconds(shallow_layers, devices)
+        deep = compile_seconds(deep_layers, devices)
+        separate = compile_seconds(deep_layers, devices, scan_layers=False)
         print(f"| {name} | {shallow:.1f} | {deep:.1f} | {deep / shallow:.2f} | {separate:.1f} |",
               flush=True)
-
 
 if __name__ == "__main__":
     main()
