@@ -25,7 +25,7 @@ from align_jax.train.state import init_train_state  # noqa: E402
 from align_jax.train.step import jit_train_step, make_train_step  # noqa: E402
 
 MESHES = {"one_device": None, "data": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (1, 1, 8),
-          "fsdp_x_tensor": (1, 4, 2), "data_x_fsdp_x_tensor": (2, 2, 2)}
+          "data_x_fsdp_x_tensor": (2, 2, 2)}
 
 
 def sequences(seed, B=8, L=16, vocab=128):
