@@ -236,7 +236,8 @@ def separate_blocks(config: DecoderConfig, *, rngs, dtype, param_dtype) -> nnx.L
                                                          param_dtype=param_dtype)))
     blocks = nnx.List()
     for layer in range(config.num_layers):
-        block = Block(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+        block = nnx.eval_shape(lambda: Block(config, rngs=nnx.Rngs(0), dtype=dtype,
+                                             param_dtype=param_dtype))
         state = nnx.state(block)
         nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x[layer], stacked))
         nnx.update(block, state)

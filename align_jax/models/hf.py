@@ -61,9 +61,9 @@ def hf_param_names(config: DecoderConfig, scalar_head: bool = False,
     yield ParamName("model.embed_tokens.weight", ("embed_tokens", "embedding"), None, False)
     for i in range(config.num_layers):
         for name, path, transposed in _block_names(config):
-            yield (ParamName(f"model.layers.{i}.{name}", ("layers", *path), i, transposed)
-                   if scan_layers else
-                   ParamName(f"model.layers.{i}.{name}", ("layers", i, *path), None, transposed))
+            where = ("layers", *path) if scan_layers else ("layers", i, *path)
+            yield ParamName(f"model.layers.{i}.{name}", where, i if scan_layers else None,
+                            transposed)
     yield ParamName("model.norm.weight", ("norm", "weight"), None, False)
     if scalar_head:
         yield ParamName("score.weight", ("score_head", "kernel"), None, True)

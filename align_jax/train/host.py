@@ -93,11 +93,17 @@ def build_model(cfg: RunConfig, mesh: Mesh, *, with_scalar_head: bool = False,
     pretrained = None
     path = path or cfg.model.path
     if path is not None:
-        loaded = load_pretrained(path, scan_layers=cfg.model.scan_layers)
-        config, pretrained = loaded.config, nnx.split(loaded)[1]
+        config, pretrained = pretrained_params(cfg, path)
     else:
         config = DecoderConfig.from_hf(transformers.LlamaConfig(**cfg.model.init))
     return decoder_factory(cfg, config, mesh, with_scalar_head), pretrained
+
+
+def pretrained_params(cfg: RunConfig, path: str) -> tuple[DecoderConfig, nnx.State]:
+    """(config, parameters) of the checkpoint at `path`, in the run's layer layout
+    (`model.scan_layers`)."""
+    loaded = load_pretrained(path, scan_layers=cfg.model.scan_layers)
+    return loaded.config, nnx.split(loaded)[1]
 
 
 def compute_dtype(cfg: RunConfig):

@@ -33,7 +33,7 @@ from align_jax.data import (
     encode,
     truncate,
 )
-from align_jax.models import load_pretrained, save_pretrained
+from align_jax.models import save_pretrained
 from align_jax.train import methods, sweep
 from align_jax.train.host import (
     Checkpoints,
@@ -46,6 +46,7 @@ from align_jax.train.host import (
     frozen_params,
     gather_to_host,
     load_tokenizer,
+    pretrained_params,
     record_config,
 )
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
@@ -156,9 +157,8 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     needs_ref = methods.needs_reference(t.method, cfg.loss)
     ref_params, ref_shardings = None, None
     if needs_ref or cfg.loss.precompute_ref_logps:
-        source = (load_pretrained(cfg.reference, scan_layers=cfg.model.scan_layers)
-                  if cfg.reference else None)
-        ref_params = frozen_params(nnx.split(source)[1] if source else state.params, cfg)
+        ref_params = frozen_params(pretrained_params(cfg, cfg.reference)[1] if cfg.reference
+                                   else state.params, cfg)
         ref_shardings = param_shardings(ref_params, mesh)
         ref_params = jax.device_put(ref_params, ref_shardings)
     if cfg.loss.precompute_ref_logps:
