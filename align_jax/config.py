@@ -37,6 +37,25 @@ OmegaConf.register_resolver("package_file", package_file, replace=True)
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021): W x + (alpha / rank) · B A dropout(x) on the `targets`
+    projections, A [rank, in] and B [out, rank] trained, B starting at zero, the base frozen; the
+    reference of DPO, KTO, GRPO and PPO is the base with the adapters off."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapters' input, in training forward passes only
+    # PEFT's target_modules names; default: every attention and MLP projection
+    targets: list[str] = dataclasses.field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    # the frozen base's projections: float32 | bfloat16 (as model.dtype) | int8 | nf4 (QLoRA);
+    # None: model.dtype
+    base_dtype: Optional[str] = None
+    rslora: bool = False  # scale alpha / sqrt(rank) (rank-stabilised LoRA) instead of alpha / rank
+    init_from: Optional[str] = None  # a PEFT adapter directory to continue from
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     path: Optional[str] = None  # an HF directory or .gguf file; None builds `init` from scratch
     # transformers.LlamaConfig kwargs
@@ -54,6 +73,8 @@ class ModelConfig:
     # the blocks as one lax.scan over stacked parameters (compile time independent of depth);
     # false: L separate blocks in one straight program (faster steps on a CPU)
     scan_layers: bool = True
+    # train adapters on a frozen base instead of every weight (model.lora.rank=16 turns it on)
+    lora: Optional[LoRAConfig] = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ import transformers
 from flax import nnx
 from jax.sharding import Mesh
 
-from align_jax import sampling
+from align_jax import ops, sampling
 from align_jax.config import ConfigError, RunConfig
 from align_jax.data import (
     PackedPairs,
@@ -41,10 +41,12 @@ from align_jax.data import (
 )
 from align_jax.models import DecoderConfig, init_cache, read_config
 from align_jax.models.decoder import remat_policy
+from align_jax.models.lora import TRAINABLE
 from align_jax.topology import GiB, Target, target
 from align_jax.train import methods, online, sweep
 from align_jax.train.host import compute_dtype, decoder_factory, frozen_params
 from align_jax.train.mesh import batch_sharding, make_mesh, param_shardings, replicated
+from align_jax.train.models import Frozen, Models, check_lora
 from align_jax.train.rl import rollout_optimizer
 from align_jax.train.run import step_functions
 from align_jax.train.state import (
@@ -62,7 +64,8 @@ class Program:
     """One compiled program; every byte and FLOP figure is per device."""
 
     name: str
-    # bytes of each named input group (params, optimizer, reference, reward_model, batch), counted
+    # bytes of each named input group (params, optimizer, base: a LoRA run's frozen base,
+    # reference: 0 when it is that base, reward_model, batch), counted
     # from its shapes and shardings, and the sampler's KV cache, one of its temporaries
     inputs: dict[str, int]
     compile_seconds: float
@@ -157,6 +160,24 @@ def _frozen(params, cfg: RunConfig, mesh: Mesh):
     return _placed(cast, param_shardings(cast, mesh))
 
 
+def _abstract_models(cfg: RunConfig, mesh: Mesh, tx, make_model, make_base):
+    """(models, train state, its shardings, frozen parameters) as `train.models.init_models`
+    makes them, abstract: every parameter trained, or LoRA adapters over the frozen base."""
+    if cfg.model.lora is None:
+        graphdef, params = _abstract_params(make_model, mesh)
+        state, shardings = _abstract_state(params, tx, mesh)
+        return Models(graphdef), state, shardings, Frozen()
+    check_lora(cfg)
+    graphdef, adapters, base = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))),
+                                         TRAINABLE, ...)
+    state, shardings = _abstract_state(_placed(adapters, param_shardings(adapters, mesh)), tx,
+                                       mesh)
+    base = jax.eval_shape(lambda b: ops.cast_floating(b, compute_dtype(cfg)), base)
+    base_graphdef = nnx.split(nnx.eval_shape(lambda: make_base(nnx.Rngs(0))))[0]
+    return (Models(graphdef, base_graphdef), state, shardings,
+            Frozen(base=_placed(base, param_shardings(base, mesh))))
+
+
 def _abstract_state(params, tx, mesh: Mesh) -> tuple[TrainState, TrainState]:
     """The train state's shapes with its shardings, and the shardings."""
     shardings = state_shardings(params, tx, mesh)
@@ -196,32 +217,53 @@ def offline_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     """The train step of sft, reward, the DPO family or KTO (a sweep's vmapped step), and DPO's
     reference pass when its log-probs are precomputed."""
     t = cfg.train
-    make_model = decoder_factory(cfg, _decoder_config(cfg, None), mesh,
-                                 with_scalar_head=t.method == "reward")
-    graphdef, params = _abstract_params(make_model, mesh)
+    config = _decoder_config(cfg, None)
+    scalar = t.method == "reward"
+    make_model = decoder_factory(cfg, config, mesh, with_scalar_head=scalar)
+    make_base = decoder_factory(cfg, config, mesh, with_scalar_head=scalar, adapters=False)
     tx = make_optimizer(t)
-    state, shardings = _abstract_state(params, tx, mesh)
-    ref = _frozen(params, cfg, mesh) if methods.needs_reference(t.method, cfg.loss) else None
-    step, _ = step_functions(cfg, methods.METHODS[t.method].loss, graphdef, tx, learning_rate(t))
+    models, state, shardings, frozen = _abstract_models(cfg, mesh, tx, make_model, make_base)
+    if methods.needs_reference(t.method, cfg.loss) or cfg.loss.precompute_ref_logps:
+        if frozen.base is not None and cfg.reference is None:  # the base, adapters off
+            models = dataclasses.replace(models, base_is_reference=True)
+        else:  # a reference of its own: the model without adapters or quantization
+            make_reference = (make_base if frozen.base is None else
+                              decoder_factory(cfg, config, mesh, adapters=False, quantized=False))
+            ref_graphdef, ref_params = _abstract_params(make_reference, mesh)
+            models = dataclasses.replace(models, reference_graphdef=ref_graphdef)
+            frozen = frozen._replace(reference=_frozen(ref_params, cfg, mesh))
+    batch = offline_batch(cfg, mesh)
+    specs = []
+    if cfg.loss.precompute_ref_logps:
+        ref_fn = jax.jit(lambda f, b: methods.pair_logps(models.reference(f), b)[:2])
+        specs.append(Spec("reference_logps", ref_fn,
+                          (frozen, batch._replace(ref_chosen_logps_B=None,
+                                                  ref_rejected_logps_B=None)),
+                          dict(base=frozen.base, reference=_reference_bytes(models, frozen),
+                               batch=batch)))
+        models = dataclasses.replace(models, base_is_reference=False)
+        frozen = frozen._replace(reference=None)
+    step, _ = step_functions(cfg, methods.METHODS[t.method].loss, models, tx, learning_rate(t))
     names = sweep.members(cfg)
     if names is not None:  # the members' states stacked, as the run holds them
         shardings = sweep.stacked_shardings(shardings)
         state = _placed(jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(names), *x.shape),
                                                                     x.dtype), state),
                         shardings)
-    batch = offline_batch(cfg, mesh)
-    jitted = jit_train_step(step, shardings, None if ref is None else param_shardings(ref, mesh),
-                            mesh)
-    specs = [Spec("train_step", jitted, (state, ref, batch),
-                  dict(params=state.params, optimizer=state.opt_state, reference=ref, batch=batch))]
-    if cfg.loss.precompute_ref_logps:
-        ref_fn = jax.jit(lambda p, b: methods.pair_logps(nnx.merge(graphdef, p), b)[:2])
-        ref = _frozen(params, cfg, mesh)
-        specs.append(Spec("reference_logps", ref_fn,
-                          (ref, batch._replace(ref_chosen_logps_B=None,
-                                               ref_rejected_logps_B=None)),
-                          dict(reference=ref, batch=batch)))
+    jitted = jit_train_step(step, shardings, _shardings(frozen), mesh)
+    specs.insert(0, Spec("train_step", jitted, (state, frozen, batch),
+                         dict(params=state.params, optimizer=state.opt_state, base=frozen.base,
+                              reference=_reference_bytes(models, frozen), batch=batch)))
     return specs
+
+
+def _shardings(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _reference_bytes(models: Models, frozen: Frozen):
+    """The reference's own parameters: none when it is the LoRA base with the adapters off."""
+    return 0 if models.base_is_reference else frozen.reference
 
 
 def _rollout(cfg: RunConfig, mesh: Mesh, rows: int, is_ppo: bool) -> online.Rollout:
@@ -254,24 +296,30 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     is_ppo = t.method == "ppo"
     policy_config = _decoder_config(cfg, None)
     make_policy = make_model = decoder_factory(cfg, policy_config, mesh)
+    make_base = decoder_factory(cfg, policy_config, mesh, adapters=False)
     if is_ppo:
-        make_value = decoder_factory(cfg, _decoder_config(cfg, rl.critic or rl.reward_model), mesh,
-                                     with_scalar_head=True)
-        make_model = lambda rngs: online.ActorCritic(make_policy(rngs), make_value(rngs))  # noqa: E731
-    graphdef, params = _abstract_params(make_model, mesh)
+        value_config = _decoder_config(cfg, rl.critic or rl.reward_model)
+        make_model = online.actor_critic(make_policy, decoder_factory(
+            cfg, value_config, mesh, with_scalar_head=True))
+        make_base = online.actor_critic(make_base, decoder_factory(
+            cfg, value_config, mesh, with_scalar_head=True, adapters=False))
     tx, schedule = rollout_optimizer(cfg)
-    state, shardings = _abstract_state(params, tx, mesh)
+    models, state, shardings, frozen = _abstract_models(cfg, mesh, tx, make_model, make_base)
     rows = t.batch_size * rl.num_generations
     if rows % rl.mini_batches:
         raise ConfigError(f"rl.mini_batches={rl.mini_batches} does not divide the rollout's "
                           f"{rows} rows")
     mini = _rollout(cfg, mesh, rows // rl.mini_batches, is_ppo)
-    step = make_train_step(online.ppo if is_ppo else online.grpo, graphdef, tx, rl, t.micro_batches,
+    step = make_train_step(online.ppo if is_ppo else online.grpo, models, tx, rl, t.micro_batches,
                            schedule)
-    specs = [Spec("update_step", jit_train_step(step, shardings, None, mesh), (state, None, mini),
-                  dict(params=state.params, optimizer=state.opt_state, batch=mini))]
+    specs = [Spec("update_step", jit_train_step(step, shardings, _shardings(frozen), mesh),
+                  (state, frozen, mini),
+                  dict(params=state.params, optimizer=state.opt_state, base=frozen.base,
+                       batch=mini))]
 
-    policy_graphdef, policy_params = _abstract_params(make_policy, mesh)
+    policy_of = (lambda m: m.policy) if is_ppo else (lambda m: m)  # noqa: E731
+    # the sampler's parameters: the policy's (with LoRA, its adapters and the frozen base)
+    policy_graphdef, policy_params = nnx.split(policy_of(models.model(state.params, frozen)))
     prompts = _arrays(mesh, ids=((t.batch_size, cfg.data.max_length), jnp.int32),
                       mask=((t.batch_size, cfg.data.max_length), jnp.bool_))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
@@ -286,17 +334,27 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
 
     full = _rollout(cfg, mesh, rows, is_ppo)
     if is_ppo or rl.beta != 0.0:
-        ref_fn = jax.jit(lambda p, r: online.policy_outputs(nnx.merge(policy_graphdef, p), r,
+        if frozen.base is not None and cfg.reference is None:  # the base, adapters off
+            ref_graphdef = nnx.split(policy_of(nnx.eval_shape(lambda: make_base(nnx.Rngs(0)))))[0]
+            ref = frozen.base["policy"] if is_ppo else frozen.base
+            inputs = dict(base=ref, reference=0, batch=full)
+        else:
+            make_reference = decoder_factory(cfg, policy_config, mesh, adapters=False,
+                                             quantized=False)
+            ref_graphdef, ref = _abstract_params(make_reference, mesh)
+            ref = _frozen(ref, cfg, mesh)
+            inputs = dict(reference=ref, batch=full)
+        ref_fn = jax.jit(lambda p, r: online.policy_outputs(nnx.merge(ref_graphdef, p), r,
                                                             rl.temperature)[0])
-        ref = _frozen(policy_params, cfg, mesh)
-        specs.append(Spec("reference_logps", ref_fn, (ref, full), dict(reference=ref, batch=full)))
+        specs.append(Spec("reference_logps", ref_fn, (ref, full), inputs))
     if is_ppo:
-        values = jax.jit(lambda p, r: online.critic_values(nnx.merge(graphdef, p).value, r))
-        specs.append(Spec("critic_values", values, (state.params, full),
-                          dict(params=state.params, batch=full)))
+        values = jax.jit(lambda p, f, r: online.critic_values(models.model(p, f).value, r))
+        specs.append(Spec("critic_values", values, (state.params, frozen, full),
+                          dict(params=state.params, base=frozen.base, batch=full)))
     if rl.reward_model:
         make_reward_model = decoder_factory(cfg, read_config(rl.reward_model), mesh,
-                                            with_scalar_head=True)
+                                            with_scalar_head=True, adapters=False,
+                                            quantized=False)
         rm_graphdef, rm_params = _abstract_params(make_reward_model, mesh)
         rm_params = _frozen(rm_params, cfg, mesh)
         seq = _arrays(mesh, ids=((rows, cfg.data.max_length + rl.max_new_tokens), jnp.int32),
@@ -478,6 +536,15 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.3g}"
 
 
+def _input_cell(p: Program, group: str) -> str:
+    """GiB of an input group; "base" where the reference is the LoRA base with adapters off."""
+    if group not in p.inputs:
+        return "-"
+    if group == "reference" and p.inputs[group] == 0 and "base" in p.inputs:
+        return "base"
+    return _gib(p.inputs[group])
+
+
 def format_plan(result: Plan) -> str:
     """A table of the programs, one row each."""
     head = (f"{result.topology}: {result.num_devices} × {result.device_kind}, "
@@ -485,12 +552,12 @@ def format_plan(result: Plan) -> str:
             f"{result.peak_flops_per_device / 1e12:.0f} bf16 TFLOP/s, "
             f"{result.hbm_bandwidth_per_device / 1e9:.0f} GB/s per device; mesh "
             + " ".join(f"{k}={v}" for k, v in result.mesh.items()))
-    groups = ("params", "optimizer", "reference", "reward_model", "kv_cache", "batch")
+    groups = ("params", "optimizer", "base", "reference", "reward_model", "kv_cache", "batch")
     columns = ["program", *groups, "temporaries", "peak", "fits", "TFLOP", "compile s",
                "roofline s", "MFU"]
     rows = []
     for p in result.programs:
-        named = [_gib(p.inputs[g]) if g in p.inputs else "-" for g in groups]
+        named = [_input_cell(p, g) for g in groups]
         compiled = ([_gib(p.temp_bytes), _gib(p.peak_bytes)] if p.error is None
                     else ["-", "-" if p.needed_bytes is None else f">{_gib(p.needed_bytes)}"])
         cost = ([f"{p.flops / 1e12:.3f}", f"{p.compile_seconds:.1f}", f"{p.roofline_seconds:.4f}",

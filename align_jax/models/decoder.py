@@ -26,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from align_jax.models.config import DecoderConfig
 from align_jax.models.kernels import kernel_attention
+from align_jax.models.lora import PROJECTIONS, Linear
 
 Array = jax.Array
 
@@ -70,10 +71,19 @@ def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype=jnp.flo
     return KVCache(zeros, zeros, jnp.zeros((batch, max_length), bool), jnp.zeros((), jnp.int32))
 
 
-def _dense(rngs, d_in, d_out, names, *, bias=False, dtype, param_dtype):
-    init = nnx.with_partitioning(nnx.initializers.normal(0.02), names)
-    return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=init, dtype=dtype,
-                      param_dtype=param_dtype, rngs=rngs)
+def _dense(rngs, d_in, d_out, names, *, bias=False, dtype, param_dtype, name=None, lora=None,
+           quant=None):
+    """A Linear layer; a block's projection (`name` in `PROJECTIONS`) stores its kernel as `quant`
+    says and carries a LoRA adapter when `lora` targets it."""
+    targeted = lora is not None and name in lora.targets
+    return Linear(d_in, d_out, names, rngs=rngs, dtype=dtype, param_dtype=param_dtype, bias=bias,
+                  quant=quant if name in PROJECTIONS else None, lora=lora if targeted else None)
+
+
+def _key(dropout_key: Array | None, name: str) -> Array | None:
+    """The dropout key of projection `name` in a layer whose key is `dropout_key`."""
+    return None if dropout_key is None else jax.random.fold_in(dropout_key,
+                                                               PROJECTIONS.index(name))
 
 
 class RMSNorm(nnx.Module):
@@ -145,31 +155,34 @@ def attention(q_BxTxQxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: 
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype):
-        c, kw = config, dict(dtype=dtype, param_dtype=param_dtype)
+    def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype, lora=None, quant=None):
+        c, kw = config, dict(dtype=dtype, param_dtype=param_dtype, lora=lora, quant=quant)
         self.config = c
         self.q_proj = _dense(rngs, c.hidden_size, c.num_heads * c.head_dim, ("embed", "heads"),
-                             bias=c.attention_bias, **kw)
+                             bias=c.attention_bias, name="q_proj", **kw)
         self.k_proj = _dense(rngs, c.hidden_size, c.num_kv_heads * c.head_dim,
-                             ("embed", "kv_heads"), bias=c.attention_bias, **kw)
+                             ("embed", "kv_heads"), bias=c.attention_bias, name="k_proj", **kw)
         self.v_proj = _dense(rngs, c.hidden_size, c.num_kv_heads * c.head_dim,
-                             ("embed", "kv_heads"), bias=c.attention_bias, **kw)
+                             ("embed", "kv_heads"), bias=c.attention_bias, name="v_proj", **kw)
         self.o_proj = _dense(rngs, c.num_heads * c.head_dim, c.hidden_size, ("heads", "embed"),
-                             **kw)
+                             name="o_proj", **kw)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype,
                                   axis_name="head_dim")
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype,
                                   axis_name="head_dim")
 
-    def __call__(self, x_RxD, cos_sin, attend, kv_cache):
+    def __call__(self, x_RxD, cos_sin, attend, kv_cache, dropout_key=None):
         """x_RxD holds the R = B·T tokens of the batch as rows (see `Decoder.hidden_states`);
-        `attend(q, k, v)` is attention under the batch's mask."""
+        `attend(q, k, v)` is attention under the batch's mask; `dropout_key` draws the LoRA
+        adapters' dropout masks."""
         c = self.config
         B, T = cos_sin[0].shape[:2]
-        q = self.q_proj(x_RxD).reshape(B, T, c.num_heads, c.head_dim)
-        k = self.k_proj(x_RxD).reshape(B, T, c.num_kv_heads, c.head_dim)
-        v = self.v_proj(x_RxD).reshape(B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
+        q = self.q_proj(x_RxD, _key(dropout_key, "q_proj")).reshape(B, T, c.num_heads, c.head_dim)
+        k = self.k_proj(x_RxD, _key(dropout_key, "k_proj")).reshape(B, T, c.num_kv_heads,
+                                                                   c.head_dim)
+        v = self.v_proj(x_RxD, _key(dropout_key, "v_proj")).reshape(
+            B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos_sin)
@@ -182,28 +195,31 @@ class Attention(nnx.Module):
                                                   (layer, 0, 0, index, 0))
             k, v, kv_cache = keys[layer], values[layer], (keys, values)
         out = attend(q, k.astype(q.dtype), v.astype(q.dtype))
-        return self.o_proj(out.reshape(B * T, c.num_heads * c.head_dim)), kv_cache
+        return (self.o_proj(out.reshape(B * T, c.num_heads * c.head_dim),
+                            _key(dropout_key, "o_proj")), kv_cache)
 
 
 class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) · up(x))."""
 
-    def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype):
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
+    def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype, lora=None, quant=None):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, quant=quant)
         self.gate_proj = _dense(rngs, config.hidden_size, config.intermediate_size,
-                                ("embed", "mlp"), **kw)
+                                ("embed", "mlp"), name="gate_proj", **kw)
         self.up_proj = _dense(rngs, config.hidden_size, config.intermediate_size,
-                              ("embed", "mlp"), **kw)
+                              ("embed", "mlp"), name="up_proj", **kw)
         self.down_proj = _dense(rngs, config.intermediate_size, config.hidden_size,
-                                ("mlp", "embed"), **kw)
+                                ("mlp", "embed"), name="down_proj", **kw)
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, dropout_key=None):
+        gate = self.gate_proj(x, _key(dropout_key, "gate_proj"))
+        up = self.up_proj(x, _key(dropout_key, "up_proj"))
+        return self.down_proj(jax.nn.silu(gate) * up, _key(dropout_key, "down_proj"))
 
 
 class Block(nnx.Module):
-    def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype, lora=None, quant=None):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, lora=lora, quant=quant)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
                                        param_dtype=param_dtype)
         self.self_attn = Attention(config, **kw)
@@ -211,33 +227,33 @@ class Block(nnx.Module):
                                                 param_dtype=param_dtype)
         self.mlp = MLP(config, **kw)
 
-    def __call__(self, x, cos_sin, attend, kv_cache):
+    def __call__(self, x, cos_sin, attend, kv_cache, dropout_key=None):
         x = checkpoint_name(x, "block_input")
-        attn, kv_cache = self.self_attn(self.input_layernorm(x), cos_sin, attend, kv_cache)
+        attn, kv_cache = self.self_attn(self.input_layernorm(x), cos_sin, attend, kv_cache,
+                                        dropout_key)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+        return x + self.mlp(self.post_attention_layernorm(x), dropout_key), kv_cache
 
 
-def stacked_blocks(config: DecoderConfig, *, rngs, dtype, param_dtype) -> Block:
-    """L blocks as one Block whose parameters have a leading "layers" axis of size L."""
+def stacked_blocks(config: DecoderConfig, *, rngs, **kw) -> Block:
+    """L blocks as one Block whose parameters have a leading "layers" axis of size L (`kw`: the
+    Block's dtypes, LoRA and quantization)."""
 
     @nnx.split_rngs(splits=config.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(rngs):
-        return Block(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        return Block(config, rngs=rngs, **kw)
 
     return make(rngs)
 
 
-def separate_blocks(config: DecoderConfig, *, rngs, dtype, param_dtype) -> nnx.List:
+def separate_blocks(config: DecoderConfig, *, rngs, **kw) -> nnx.List:
     """L Blocks holding the rows of `stacked_blocks`' parameters: a model initialises to the
     same weights whichever layout it has."""
-    stacked = nnx.to_pure_dict(nnx.state(stacked_blocks(config, rngs=rngs, dtype=dtype,
-                                                         param_dtype=param_dtype)))
+    stacked = nnx.to_pure_dict(nnx.state(stacked_blocks(config, rngs=rngs, **kw)))
     blocks = nnx.List()
     for layer in range(config.num_layers):
-        block = nnx.eval_shape(lambda: Block(config, rngs=nnx.Rngs(0), dtype=dtype,
-                                             param_dtype=param_dtype))
+        block = nnx.eval_shape(lambda: Block(config, rngs=nnx.Rngs(0), **kw))
         state = nnx.state(block)
         nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x[layer], stacked))
         nnx.update(block, state)
@@ -256,7 +272,7 @@ def pin_rows(x_RxD: Array, sharding: jax.sharding.NamedSharding | None) -> Array
 
 
 def run_blocks(blocks: Block | nnx.List, x_RxD, cos_sin, attend, cache_kv, index, *,
-               remat: str, activation_sharding=None):
+               remat: str, activation_sharding=None, dropout_key=None):
     """x ← block_l(x) for l = 1…L: one `lax.scan` over stacked parameters (`blocks` a Block), or
     a Python loop over L Blocks (`blocks` an `nnx.List`).
 
@@ -265,13 +281,15 @@ def run_blocks(blocks: Block | nnx.List, x_RxD, cos_sin, attend, cache_kv, index
     outside `value_and_grad`). `remat` names a policy of `REMAT_POLICIES` for `jax.checkpoint`
     around it. With a cache, the stacked keys and values ride in the carry and each layer writes
     its new tokens in place. Each block's input is pinned to `activation_sharding` (`pin_rows`).
+    Layer l draws its LoRA dropout masks from `dropout_key` folded with l.
     """
     def layer_fn(graphdef):
         def body(carry, xs):
             (x, kv), (params, layer) = carry, xs
             kv = None if kv is None else (*kv, layer, index)
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
             x = pin_rows(x, activation_sharding)
-            x, kv = nnx.merge(graphdef, params)(x, cos_sin, attend, kv)
+            x, kv = nnx.merge(graphdef, params)(x, cos_sin, attend, kv, key)
             return (x, kv), None
         if remat == "none":
             return body
@@ -300,15 +318,22 @@ class Decoder(nnx.Module):
     trainer's log-prob functions (`ops.head_token_stats`) to run the LM head over that many
     positions at a time, forward and backward, instead of forming [B, T, V] logits;
     `scan_layers` stacks the blocks' parameters and scans over them (`run_blocks`).
+
+    `lora` (a `config.LoRAConfig`) adds adapters to the projections it targets, and `quant`
+    ("int8" | "nf4") stores every projection's kernel quantized (`models.lora.Linear`);
+    `lora_dropout_key`, set on a model for a training forward pass (`lora.set_dropout_key`), draws
+    the adapters' dropout masks.
     """
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: str | bool = "none",
                  logits_chunk: int | None = None, with_scalar_head: bool = False,
                  activation_sharding: jax.sharding.NamedSharding | None = None,
-                 attention: str = "xla", scan_layers: bool = True):
+                 attention: str = "xla", scan_layers: bool = True, lora=None,
+                 quant: str | None = None):
         self.config, self.dtype, self.logits_chunk = config, dtype, logits_chunk
         self.scan_layers = scan_layers
+        self.lora_dropout_key = None
         self.remat = remat_policy(remat)
         self.activation_sharding = activation_sharding
         if attention not in ATTENTION:
@@ -317,15 +342,16 @@ class Decoder(nnx.Module):
         # Logical axis names stay metadata; the trainer places parameters on its mesh with
         # jit(init, out_shardings=...), so no variable is sharded eagerly at construction.
         with nnx.use_eager_sharding(False):
-            self._build(config, rngs, dtype, param_dtype, with_scalar_head)
+            self._build(config, rngs, dtype, param_dtype, with_scalar_head, lora, quant)
 
-    def _build(self, config, rngs, dtype, param_dtype, with_scalar_head):
+    def _build(self, config, rngs, dtype, param_dtype, with_scalar_head, lora, quant):
         embed_init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"))
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size,
                                       embedding_init=embed_init,
                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         blocks = stacked_blocks if self.scan_layers else separate_blocks
-        self.layers = blocks(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.layers = blocks(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, lora=lora,
+                             quant=quant)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = _dense(rngs, config.hidden_size, config.vocab_size, ("embed", "vocab"),
@@ -384,7 +410,8 @@ class Decoder(nnx.Module):
         x, kv = run_blocks(self.layers, x, cos_sin, self._attend(mask_BxTxS, new_mask,
                                                                  segment_ids_BxT, cache),
                            kv, index, remat=self.remat,
-                           activation_sharding=self.activation_sharding)
+                           activation_sharding=self.activation_sharding,
+                           dropout_key=self.lora_dropout_key)
         x = self.norm(x).reshape(B, T, -1)
         if cache is None:
             return x, None

@@ -36,6 +36,7 @@ from align_jax.data import DataError, synthetic
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.models import Decoder, DecoderConfig, load_pretrained
 from align_jax.models.decoder import ATTENTION, remat_policy
+from align_jax.models.quant import QUANTIZED
 from align_jax.train.mesh import activation_sharding
 
 log = logging.getLogger(__name__)
@@ -88,15 +89,20 @@ def data_source(path: str | None, cfg: RunConfig, seed_offset: int):
 
 def build_model(cfg: RunConfig, mesh: Mesh, *, with_scalar_head: bool = False,
                 path: str | None = None):
-    """(make_model, pretrained params or None): a model's constructor (`decoder_factory`) and its
-    starting weights, from `path` (default `model.path`) or `model.init` from scratch."""
+    """(make_model, make_base, pretrained params or None): the constructors (`decoder_factory`)
+    of the model the run trains and of its frozen base (the same without LoRA adapters; the same
+    model when there are none), and the starting weights, from `path` (default `model.path`) or
+    `model.init` from scratch."""
     pretrained = None
     path = path or cfg.model.path
     if path is not None:
         config, pretrained = pretrained_params(cfg, path)
     else:
         config = DecoderConfig.from_hf(transformers.LlamaConfig(**cfg.model.init))
-    return decoder_factory(cfg, config, mesh, with_scalar_head), pretrained
+    make_model = decoder_factory(cfg, config, mesh, with_scalar_head)
+    make_base = (make_model if cfg.model.lora is None
+                 else decoder_factory(cfg, config, mesh, with_scalar_head, adapters=False))
+    return make_model, make_base, pretrained
 
 
 def pretrained_params(cfg: RunConfig, path: str) -> tuple[DecoderConfig, nnx.State]:
@@ -120,9 +126,11 @@ def frozen_params(params: nnx.State, cfg: RunConfig) -> nnx.State:
 
 
 def decoder_factory(cfg: RunConfig, config: DecoderConfig, mesh: Mesh,
-                    with_scalar_head: bool = False):
-    """rngs -> a Decoder of `config` with the run's compute dtype, remat, LM-head chunking and
-    activation sharding on `mesh`."""
+                    with_scalar_head: bool = False, *, adapters: bool = True,
+                    quantized: bool = True):
+    """rngs -> a Decoder of `config` with the run's compute dtype, remat, LM-head chunking,
+    activation sharding on `mesh`, and its LoRA adapters (unless not `adapters`) and quantized
+    base projections (unless not `quantized`) when `model.lora` asks for them."""
     dtype = compute_dtype(cfg)
     if cfg.model.logits_chunk is not None and cfg.model.logits_chunk < 1:
         raise ConfigError(f"model.logits_chunk must be a positive number of positions, got "
@@ -136,12 +144,16 @@ def decoder_factory(cfg: RunConfig, config: DecoderConfig, mesh: Mesh,
     if cfg.model.attention == "cudnn" and cfg.model.dtype != "bfloat16":
         raise ConfigError("model.attention=cudnn needs model.dtype=bfloat16 (cuDNN's fused "
                           "attention takes bf16 or fp16)")
+    lora = cfg.model.lora
+    quant = lora.base_dtype if lora is not None and lora.base_dtype in QUANTIZED else None
     return lambda rngs: Decoder(config, rngs=rngs, dtype=dtype, remat=remat,
                                 logits_chunk=cfg.model.logits_chunk,
                                 with_scalar_head=with_scalar_head,
                                 activation_sharding=activation_sharding(mesh),
                                 attention=cfg.model.attention,
-                                scan_layers=cfg.model.scan_layers)
+                                scan_layers=cfg.model.scan_layers,
+                                lora=cfg.model.lora if adapters else None,
+                                quant=quant if quantized else None)
 
 
 def gather_to_host(tree):

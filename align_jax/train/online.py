@@ -45,6 +45,11 @@ class ActorCritic(nnx.Module):
         self.policy, self.value = policy, value
 
 
+def actor_critic(make_policy, make_value):
+    """rngs -> ActorCritic(make_policy(rngs), make_value(rngs))."""
+    return lambda rngs: ActorCritic(make_policy(rngs), make_value(rngs))
+
+
 def _sequence(r: Rollout) -> tuple[Array, Array]:
     ids = jnp.concatenate([r.prompt_ids_BxP, r.completion_ids_BxC], axis=1)
     mask = jnp.concatenate([r.prompt_mask_BxP, r.completion_mask_BxC], axis=1).astype(bool)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from align_jax import losses, rewards
 from align_jax.config import ConfigError, RunConfig
 from align_jax.data import LoaderState, batches, bucket, default_buckets, synthetic
-from align_jax.models import load_pretrained, save_pretrained
+from align_jax.models import load_pretrained
 from align_jax.sampling import SamplingConfig, generate
 from align_jax.train import methods, online
 from align_jax.train.host import (
@@ -42,8 +42,9 @@ from align_jax.train.host import (
     record_config,
 )
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
+from align_jax.train.models import export, init_models
 from align_jax.train.run import load_data
-from align_jax.train.state import init_train_state, learning_rate, make_optimizer
+from align_jax.train.state import learning_rate, make_optimizer
 from align_jax.train.step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -158,28 +159,35 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     completion_buckets = default_buckets(rl.max_new_tokens, smallest=8)
 
     # Models: the policy (with PPO, a policy + critic pair), the frozen reference and reward model.
-    make_policy, pretrained = build_model(cfg, mesh)
+    make_model, make_base, pretrained = build_model(cfg, mesh)
     reward_model = load_pretrained(rl.reward_model) if rl.reward_model else None
-    make_model = make_policy
     if is_ppo:  # the critic starts from the reward model (or rl.critic), as Huang et al. 2024
         # do; with neither, from the policy's starting weights with a new scalar head
-        make_value, value_state = build_model(cfg, mesh, with_scalar_head=True,
-                                              path=rl.critic or rl.reward_model)
-        make_model = lambda rngs: online.ActorCritic(make_policy(rngs), make_value(rngs))  # noqa: E731
+        make_value, make_value_base, value_state = build_model(
+            cfg, mesh, with_scalar_head=True, path=rl.critic or rl.reward_model)
+        make_model = online.actor_critic(make_model, make_value)
+        make_base = online.actor_critic(make_base, make_value_base)
         parts = {"policy": pretrained, "value": value_state}
         pretrained = nnx.State({k: v for k, v in parts.items() if v is not None}) or None
     updates_per_rollout = rl.num_iterations * rl.mini_batches
     tx, schedule = rollout_optimizer(cfg)
-    graphdef, state, shardings = init_train_state(make_model, tx, mesh, t.seed, pretrained)
+    models, state, shardings, frozen, frozen_shardings = init_models(
+        cfg, mesh, tx, make_model, make_base, pretrained,
+        adapter_prefix=("policy",) if is_ppo else ())
     policy_of = (lambda m: m.policy) if is_ppo else (lambda m: m)  # noqa: E731
 
     ref_logps_fn = None
     if is_ppo or rl.beta != 0.0:
-        source = (load_pretrained(cfg.reference) if cfg.reference
-                  else policy_of(nnx.merge(graphdef, state.params)))
-        ref_graphdef, ref_params = nnx.split(source)
-        ref_params = frozen_params(ref_params, cfg)
-        ref_params = jax.device_put(ref_params, param_shardings(ref_params, mesh))
+        if cfg.reference is None and models.base_graphdef is not None:
+            # LoRA: the base with the adapters off, from the frozen base itself
+            ref_graphdef = nnx.split(policy_of(nnx.eval_shape(lambda: make_base(nnx.Rngs(0)))))[0]
+            ref_params = frozen.base["policy"] if is_ppo else frozen.base
+        else:
+            source = (load_pretrained(cfg.reference) if cfg.reference
+                      else policy_of(models.model(state.params, frozen)))
+            ref_graphdef, ref_params = nnx.split(source)
+            ref_params = frozen_params(ref_params, cfg)
+            ref_params = jax.device_put(ref_params, param_shardings(ref_params, mesh))
         ref_logps_fn = jax.jit(lambda p, r: online.policy_outputs(nnx.merge(ref_graphdef, p), r,
                                                                   rl.temperature)[0])
     score_fn = None
@@ -197,13 +205,13 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         raise ConfigError("GRPO needs at least one reward function in rl.reward_funcs")
     trains_on_funcs = score_fn is None or not is_ppo
     if is_ppo:
-        values_fn = jax.jit(lambda p, r: online.critic_values(nnx.merge(graphdef, p).value, r))
+        values_fn = jax.jit(lambda p, f, r: online.critic_values(models.model(p, f).value, r))
         targets_fn = jax.jit(lambda *args: online.ppo_targets(*args, rl))
 
     loss_fn = online.ppo if is_ppo else online.grpo
-    train_step = jit_train_step(make_train_step(loss_fn, graphdef, tx, rl, t.micro_batches,
+    train_step = jit_train_step(make_train_step(loss_fn, models, tx, rl, t.micro_batches,
                                                 schedule),
-                                shardings, None, mesh)
+                                shardings, frozen_shardings, mesh)
     sampling = SamplingConfig(max_new_tokens=rl.max_new_tokens, num_samples=G,
                               temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
                               stop_token_ids=(tokenizer.eos_token_id,), pad_token_id=pad_id)
@@ -231,7 +239,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         nonlocal loader
         loader, batch = next(stream)
         key = jax.random.fold_in(jax.random.key(t.seed), rollout * rl.max_sampling_rounds + round_)
-        policy = policy_of(nnx.merge(graphdef, state.params))
+        policy = policy_of(models.model(state.params, frozen))
         done = gather_to_host(generate(policy, *place((batch.ids_BxP, batch.mask_BxP)), key,
                                        sampling))
         C = bucket(max(int(done.lengths_B.max()), 1), completion_buckets)
@@ -319,7 +327,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
             rollout = rollout._replace(
                 ref_logps_BxC=gather_to_host(ref_logps_fn(ref_params, placed)))
         if is_ppo:
-            values = gather_to_host(values_fn(state.params, placed))
+            values = gather_to_host(values_fn(state.params, frozen, placed))
             ids = np.concatenate([rollout.prompt_ids_BxP, rollout.completion_ids_BxC], 1)
             mask = np.concatenate([rollout.prompt_mask_BxP, rollout.completion_mask_BxC], 1)
             scores = (gather_to_host(score_fn(*place((ids, mask)))) if score_fn is not None
@@ -342,7 +350,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
             order = rng.permutation(B)
             for rows in np.split(order, rl.mini_batches):
                 state, metrics = train_step(
-                    state, None, place(jax.tree.map(lambda x: x[np.sort(rows)], rollout)))
+                    state, frozen, place(jax.tree.map(lambda x: x[np.sort(rows)], rollout)))
                 check_finite(metrics, int(gather_to_host(state.step)) + 1, f"rollout {index + 1}")
                 all_metrics.append(gather_to_host(metrics))
         mean = {k: float(np.mean([m[k] for m in all_metrics])) for k in all_metrics[0]}
@@ -389,9 +397,9 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
                     rollout_index, t.steps)
         return last
     # every process gathers; the first one writes
-    model = nnx.merge(graphdef, gather_to_host(state.params))
+    model = models.model(*gather_to_host((state.params, frozen)))
     if primary:
-        save_pretrained(policy_of(model), out / "model", tokenizer=tokenizer)
+        export(cfg, policy_of(model), out, tokenizer)
         if is_ppo:
-            save_pretrained(model.value, out / "value_model", tokenizer=tokenizer)
+            export(cfg, model.value, out, tokenizer, name="value_model")
     return last

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from align_jax.config import ConfigError, RunConfig
@@ -33,7 +32,6 @@ from align_jax.data import (
     encode,
     truncate,
 )
-from align_jax.models import save_pretrained
 from align_jax.train import methods, sweep
 from align_jax.train.host import (
     Checkpoints,
@@ -43,14 +41,13 @@ from align_jax.train.host import (
     build_model,
     check_finite,
     data_source,
-    frozen_params,
     gather_to_host,
     load_tokenizer,
-    pretrained_params,
     record_config,
 )
-from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
-from align_jax.train.state import init_train_state, learning_rate, make_optimizer
+from align_jax.train.mesh import make_mesh, shard_batch
+from align_jax.train.models import Models, add_reference, drop_reference, export, init_models
+from align_jax.train.state import learning_rate, make_optimizer
 from align_jax.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -76,7 +73,7 @@ def load_data(cfg: RunConfig, tokenizer, kind: str):
 
 
 def _attach_reference_logps(data, ref_fn, width: int, pad_id, buckets, share_prompt, mesh,
-                            ref_params):
+                            frozen):
     """Precompute: reference log-probs of every pair, once, in batches of `width`, stored on the
     examples."""
     rows = data.examples
@@ -87,20 +84,20 @@ def _attach_reference_logps(data, ref_fn, width: int, pad_id, buckets, share_pro
         mine = chunk[jax.process_index() * local:(jax.process_index() + 1) * local]
         batch = collate(mine, "preference", buckets, pad_id,
                         bucket_width(chunk, "preference", buckets, share_prompt), share_prompt)
-        chosen, rejected = gather_to_host(ref_fn(ref_params, shard_batch(batch, mesh)))
+        chosen, rejected = gather_to_host(ref_fn(frozen, shard_batch(batch, mesh)))
         for i, example in enumerate(chunk[: len(rows) - start]):
             example["ref_chosen_logps"], example["ref_rejected_logps"] = (float(chosen[i]),
                                                                           float(rejected[i]))
 
 
-def step_functions(cfg: RunConfig, loss_fn, graphdef, tx, schedule):
+def step_functions(cfg: RunConfig, loss_fn, models: Models, tx, schedule):
     """(train step, eval step) of an offline run; with a sweep, vmapped over the members' stacked
     states, member k with `loss.<sweep.field>` = `sweep.values[k]`."""
     def make_step(loss_cfg):
-        return make_train_step(loss_fn, graphdef, tx, loss_cfg, cfg.train.micro_batches, schedule)
+        return make_train_step(loss_fn, models, tx, loss_cfg, cfg.train.micro_batches, schedule)
 
     def make_eval(loss_cfg):
-        return make_eval_step(loss_fn, graphdef, loss_cfg, cfg.train.micro_batches)
+        return make_eval_step(loss_fn, models, loss_cfg, cfg.train.micro_batches)
 
     if cfg.sweep.field is None:
         return make_step(cfg.loss), make_eval(cfg.loss)
@@ -150,32 +147,29 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
             raise DataError(f"{data.source}: the {name} split has {len(data.examples)} rows after "
                             f"truncation, fewer than train.batch_size={t.batch_size}")
 
-    make_model, pretrained = build_model(cfg, mesh, with_scalar_head=t.method == "reward")
     tx, schedule = make_optimizer(t), learning_rate(t)
-    graphdef, state, shardings = init_train_state(make_model, tx, mesh, t.seed, pretrained)
+    models, state, shardings, frozen, frozen_shardings = init_models(
+        cfg, mesh, tx, *build_model(cfg, mesh, with_scalar_head=t.method == "reward"))
     loss_fn = methods.METHODS[t.method].loss
-    needs_ref = methods.needs_reference(t.method, cfg.loss)
-    ref_params, ref_shardings = None, None
-    if needs_ref or cfg.loss.precompute_ref_logps:
-        ref_params = frozen_params(pretrained_params(cfg, cfg.reference)[1] if cfg.reference
-                                   else state.params, cfg)
-        ref_shardings = param_shardings(ref_params, mesh)
-        ref_params = jax.device_put(ref_params, ref_shardings)
+    if methods.needs_reference(t.method, cfg.loss) or cfg.loss.precompute_ref_logps:
+        models, frozen, frozen_shardings = add_reference(cfg, mesh, models, state, frozen,
+                                                         frozen_shardings)
     if cfg.loss.precompute_ref_logps:
         if t.method != "dpo":
             raise ValueError("loss.precompute_ref_logps applies to train.method=dpo")
-        ref_fn = jax.jit(lambda p, b: methods.pair_logps(nnx.merge(graphdef, p), b)[:2])
+        ref_fn = jax.jit(lambda f, b: methods.pair_logps(models.reference(f), b)[:2])
         for data in filter(None, (train_data, eval_data)):
             _attach_reference_logps(data, ref_fn, t.batch_size, pad_id, buckets, share_prompt, mesh,
-                                    ref_params)
-        ref_params = ref_shardings = None  # no reference model from here on
+                                    frozen)
+        # no reference model from here on
+        models, frozen, frozen_shardings = drop_reference(models, frozen, frozen_shardings)
 
-    train_fn, eval_fn = step_functions(cfg, loss_fn, graphdef, tx, schedule)
+    train_fn, eval_fn = step_functions(cfg, loss_fn, models, tx, schedule)
     if names is not None:  # the members' states stacked on a leading axis, one lane each
         shardings = sweep.stacked_shardings(shardings)
         state = sweep.stack(state, len(names), shardings)
-    train_step = jit_train_step(train_fn, shardings, ref_shardings, mesh)
-    eval_step = jit_eval_step(eval_fn, shardings.params, ref_shardings, mesh)
+    train_step = jit_train_step(train_fn, shardings, frozen_shardings, mesh)
+    eval_step = jit_eval_step(eval_fn, shardings.params, frozen_shardings, mesh)
     member_dirs = [out] if names is None else [out / name for name in names]
 
     checkpoints = Checkpoints(out, t.keep_checkpoints, resume)
@@ -192,7 +186,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         stream = batches(eval_data, batch_size=t.batch_size, seed=0, pad_id=pad_id, buckets=buckets,
                          epochs=1, process_index=jax.process_index(),
                          process_count=jax.process_count(), share_prompt=share_prompt)
-        results = [gather_to_host(eval_step(state.params, ref_params, shard_batch(b, mesh)))
+        results = [gather_to_host(eval_step(state.params, frozen, shard_batch(b, mesh)))
                    for _, (_, b) in zip(range(t.eval_batches), stream)]
         means = by_member({k: np.mean([r[k] for r in results], axis=0) for k in results[0]})
         for log_, mean in zip(metric_logs, means):
@@ -219,7 +213,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         stop_at = t.steps if max_updates is None else min(t.steps, step + max_updates)
         while step < stop_at and not stop.requested:
             before, (loader, host_batch) = loader, next(stream)
-            state, metrics = train_step(state, ref_params, shard_batch(host_batch, mesh))
+            state, metrics = train_step(state, frozen, shard_batch(host_batch, mesh))
             try:
                 check_finite(metrics, step + 1, str(loader))
             except NonFiniteError:
@@ -250,10 +244,9 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         log_.close()
     if step == t.steps:
         # every process takes part in the gather; the first one writes
-        params = gather_to_host(state.params)
+        params, host_frozen = gather_to_host((state.params, frozen))
         for i, d in enumerate(member_dirs):
             if primary:
-                save_pretrained(nnx.merge(graphdef,
-                                          params if names is None else sweep.member(params, i)),
-                                d / "model", tokenizer=tokenizer)
+                export(cfg, models.model(params if names is None else sweep.member(params, i),
+                                         host_frozen), d, tokenizer)
     return last[0] if names is None else dict(zip(names, last))

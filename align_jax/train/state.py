@@ -67,15 +67,21 @@ def fresh_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) 
 
 
 def init_train_state(make_model: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
-                     mesh: Mesh, seed: int, pretrained: nnx.State | None = None
+                     mesh: Mesh, seed: int, pretrained: nnx.State | None = None,
+                     trainable: nnx.filterlib.Filter = ...
                      ) -> tuple[nnx.GraphDef, TrainState, TrainState]:
     """(graphdef, sharded state, its shardings). `pretrained` params (e.g. from `load_pretrained`)
-    replace the freshly initialised ones they name; others (a new scalar head) keep their init."""
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(seed))))
+    replace the freshly initialised ones they name; others (a new scalar head) keep their init.
+
+    `trainable` filters the parameters the state holds (default: all of them); with another filter
+    the graphdef splits the model into (trainable, the rest), which the caller holds apart."""
+    filters = (...,) if trainable is ... else (trainable, ...)
+    graphdef, abstract, *_ = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(seed))),
+                                       *filters)
     shardings = state_shardings(abstract, tx, mesh)
 
     def init(pretrained):
-        _, params = nnx.split(make_model(nnx.Rngs(seed)))
+        _, params, *_ = nnx.split(make_model(nnx.Rngs(seed)), *filters)
         if pretrained is not None:
             params = nnx.merge_state(params, pretrained)
         return fresh_state(params, tx, seed)

@@ -1,4 +1,6 @@
-"""The pure train and eval steps: `(state, ref_params, batch) -> (state, metrics)`.
+"""The pure train and eval steps: `(state, frozen, batch) -> (state, metrics)`, where `frozen`
+holds the parameters the step reads and never updates (`models.Frozen`: a reference, a LoRA base)
+and `models.Models` says how the trained and reference models are built from them.
 
 A batch of B examples is split into M micro-batches scanned with `lax.scan`, carrying
 (Σ ∇numerator, Σ numerator, Σ denominator); the update uses ∇(Σ num)/Σ den, which is exactly the
@@ -18,11 +20,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from jax.sharding import Mesh
 
 from align_jax.config import LossConfig, RLConfig
 from align_jax.train.mesh import batch_sharding, replicated
+from align_jax.train.models import Frozen, Models, dropout_key
 from align_jax.train.state import TrainState
 
 
@@ -35,15 +37,20 @@ def _split_micro(batch, micro_batches: int):
     return jax.tree.map(split, batch)
 
 
-def _accumulate(loss_fn: Callable, graphdef, params, ref_model, batch, cfg: LossConfig | RLConfig,
-                micro_batches: int, with_grad: bool):
-    def objective(p, micro):
-        num, den, metrics = loss_fn(nnx.merge(graphdef, p), ref_model, micro, cfg)
+def _accumulate(loss_fn: Callable, models: Models, params, frozen: Frozen, batch,
+                cfg: LossConfig | RLConfig, micro_batches: int, with_grad: bool, dropout_key=None):
+    """(gradients or None, loss, metrics) of the batch; micro-batch i draws LoRA dropout masks
+    from `dropout_key` folded with i."""
+    ref_model = models.reference(frozen)
+
+    def objective(p, micro, index):
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+        num, den, metrics = loss_fn(models.model(p, frozen, key), ref_model, micro, cfg)
         return num, (den, metrics)
 
     if micro_batches == 1:  # the mean itself: den is a count, constant in p
         def mean_objective(p, micro):
-            num, (den, metrics) = objective(p, micro)
+            num, (den, metrics) = objective(p, micro, 0)
             return num / jax.lax.stop_gradient(den), metrics
 
         if with_grad:
@@ -52,28 +59,28 @@ def _accumulate(loss_fn: Callable, graphdef, params, ref_model, batch, cfg: Loss
         loss, metrics = mean_objective(params, batch)
         return None, loss, metrics
 
-    def body(carry, micro):
+    def body(carry, xs):
         if with_grad:
-            (n, (d, metrics)), g = jax.value_and_grad(objective, has_aux=True)(params, micro)
+            (n, (d, metrics)), g = jax.value_and_grad(objective, has_aux=True)(params, *xs)
         else:
-            g, (n, (d, metrics)) = None, objective(params, micro)
+            g, (n, (d, metrics)) = None, objective(params, *xs)
         return jax.tree.map(jnp.add, carry, (g, n, d)), metrics
 
     zeros = jax.tree.map(jnp.zeros_like, params) if with_grad else None
-    (grads, num, den), metrics = jax.lax.scan(body, (zeros, 0.0, 0.0),
-                                              _split_micro(batch, micro_batches))
+    (grads, num, den), metrics = jax.lax.scan(
+        body, (zeros, 0.0, 0.0), (_split_micro(batch, micro_batches), jnp.arange(micro_batches)))
     # micro-batches hold equal counts
     metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
     grads = jax.tree.map(lambda g: g / den, grads) if with_grad else None
     return grads, num / den, metrics
 
 
-def make_train_step(loss_fn: Callable, graphdef, tx: optax.GradientTransformation,
+def make_train_step(loss_fn: Callable, models: Models, tx: optax.GradientTransformation,
                     cfg: LossConfig | RLConfig, micro_batches: int, schedule: optax.Schedule):
-    def step(state: TrainState, ref_params, batch) -> tuple[TrainState, dict]:
-        ref_model = None if ref_params is None else nnx.merge(graphdef, ref_params)
-        grads, loss, metrics = _accumulate(loss_fn, graphdef, state.params, ref_model, batch, cfg,
-                                           micro_batches, with_grad=True)
+    def step(state: TrainState, frozen: Frozen, batch) -> tuple[TrainState, dict]:
+        key = dropout_key(state) if models.dropout else None
+        grads, loss, metrics = _accumulate(loss_fn, models, state.params, frozen, batch, cfg,
+                                           micro_batches, with_grad=True, dropout_key=key)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         def update(params, opt_state):
@@ -90,24 +97,24 @@ def make_train_step(loss_fn: Callable, graphdef, tx: optax.GradientTransformatio
     return step
 
 
-def make_eval_step(loss_fn: Callable, graphdef, cfg: LossConfig | RLConfig, micro_batches: int):
-    def step(params, ref_params, batch) -> dict:
-        ref_model = None if ref_params is None else nnx.merge(graphdef, ref_params)
-        _, loss, metrics = _accumulate(loss_fn, graphdef, params, ref_model, batch, cfg,
-                                       micro_batches, with_grad=False)
+def make_eval_step(loss_fn: Callable, models: Models, cfg: LossConfig | RLConfig,
+                   micro_batches: int):
+    def step(params, frozen: Frozen, batch) -> dict:
+        _, loss, metrics = _accumulate(loss_fn, models, params, frozen, batch, cfg, micro_batches,
+                                       with_grad=False)
         return dict(metrics, loss=loss)
 
     return step
 
 
-def jit_train_step(step, shardings: TrainState, ref_shardings, mesh: Mesh):
-    """Jitted with the state's shardings in and out, batches split over the data axes, and the old
-    state's buffers donated to the new one."""
-    return jax.jit(step, in_shardings=(shardings, ref_shardings, batch_sharding(mesh)),
+def jit_train_step(step, shardings: TrainState, frozen_shardings: Frozen, mesh: Mesh):
+    """Jitted with the state's shardings in and out, the frozen parameters' in, batches split over
+    the data axes, and the old state's buffers donated to the new one."""
+    return jax.jit(step, in_shardings=(shardings, frozen_shardings, batch_sharding(mesh)),
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=0)
 
 
-def jit_eval_step(step, param_shardings, ref_shardings, mesh: Mesh):
-    return jax.jit(step, in_shardings=(param_shardings, ref_shardings, batch_sharding(mesh)),
+def jit_eval_step(step, param_shardings, frozen_shardings: Frozen, mesh: Mesh):
+    return jax.jit(step, in_shardings=(param_shardings, frozen_shardings, batch_sharding(mesh)),
                    out_shardings=replicated(mesh))
 

@@ -4,8 +4,9 @@ n members that differ only in one float of the loss config (DPO's β, SimPO's γ
 are the lanes of `jax.vmap` over the ordinary pure step: step(stacked states, ref, batch) =
 vmap_i step_{cfg with field = values[i]}(state_i, ref, batch). Their train states are stacked on a
 new leading axis that is not sharded (each member is laid out on the mesh as a single state is);
-the batch and the reference parameters are shared, so the data pipeline runs once and the program
-is compiled once. On an accelerator the n small updates fill the device together; on a CPU the
+the batch and the frozen parameters (reference, LoRA base) are shared, so the data pipeline runs
+once, the program is compiled once, and a LoRA sweep holds one base for K members' adapters. On an
+accelerator the n small updates fill the device together; on a CPU the
 work is n times one member's, in one program.
 """
 
@@ -64,12 +65,13 @@ def member(tree, i: int):
 def vmap_step(make_step: Callable[[LossConfig], Callable], cfg: LossConfig, field: str,
               values) -> Callable:
     """A step over stacked states (or params): member i runs `make_step(cfg with field = values[i])`
-    on its own lane, with the reference and the batch shared. The values are constants of the
-    program; the step's signature is the unswept one's, so it is jitted the same way."""
+    on its own lane, with the frozen parameters (reference, LoRA base) and the batch shared. The
+    values are constants of the program; the step's signature is the unswept one's, so it is
+    jitted the same way."""
     values = jnp.asarray(values, jnp.float32)
 
-    def one(stacked, ref_params, batch, value):
-        return make_step(dataclasses.replace(cfg, **{field: value}))(stacked, ref_params, batch)
+    def one(stacked, frozen, batch, value):
+        return make_step(dataclasses.replace(cfg, **{field: value}))(stacked, frozen, batch)
 
     vmapped = jax.vmap(one, in_axes=(0, None, None, 0))
-    return lambda stacked, ref_params, batch: vmapped(stacked, ref_params, batch, values)
+    return lambda stacked, frozen, batch: vmapped(stacked, frozen, batch, values)

@@ -42,6 +42,7 @@ from align_jax.data import collate, default_buckets
 from align_jax.models import load_pretrained
 from align_jax.train import methods
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch
+from align_jax.train.models import Frozen, Models
 from align_jax.train.state import init_train_state, make_optimizer
 from align_jax.train.step import jit_train_step, make_train_step
 from experiments.benchmarks.rounds import alternate, measure, same_round_ratios
@@ -93,9 +94,10 @@ def ours(hf, tokenizer, rows, steps: int, share_prompt: bool, scan_layers: bool 
     tx = make_optimizer(tcfg)
     graphdef, state, shardings = init_train_state(
         lambda r: model_cls(config, rngs=r, scan_layers=scan_layers), tx, mesh, 0, pretrained)
-    ref_shardings = param_shardings(pretrained, mesh)
-    ref = jax.device_put(pretrained, ref_shardings)
-    step = jit_train_step(make_train_step(methods.dpo, graphdef, tx, LossConfig(beta=0.1), 1,
+    ref_shardings = Frozen(reference=param_shardings(pretrained, mesh))
+    ref = Frozen(reference=jax.device_put(pretrained, ref_shardings.reference))
+    step = jit_train_step(make_train_step(methods.dpo, Models(graphdef), tx, LossConfig(beta=0.1),
+                                          1,
                                           optax.constant_schedule(tcfg.lr)),
                           shardings, ref_shardings, mesh)
     batch = shard_batch(batch, mesh)

@@ -36,6 +36,7 @@ from align_jax.models import load_pretrained
 from align_jax.sampling import SamplingConfig, generate
 from align_jax.train import online
 from align_jax.train.mesh import make_mesh, shard_batch
+from align_jax.train.models import Frozen, Models
 from align_jax.train.state import init_train_state, make_optimizer
 from align_jax.train.step import jit_train_step, make_train_step
 from experiments.benchmarks.rounds import alternate, measure, same_round_ratios, spread
@@ -73,9 +74,9 @@ def ours(hf, tokenizer, texts, steps: int) -> dict[str, float]:
     tx = make_optimizer(tcfg)
     graphdef, state, shardings = init_train_state(lambda r: type(loaded)(loaded.config, rngs=r), tx,
                                                   mesh, 0, nnx.split(loaded)[1])
-    step = jit_train_step(make_train_step(online.grpo, graphdef, tx, cfg, 1,
+    step = jit_train_step(make_train_step(online.grpo, Models(graphdef), tx, cfg, 1,
                                           optax.constant_schedule(tcfg.lr)),
-                          shardings, None, mesh)
+                          shardings, Frozen(), mesh)
     prompt_ids = np.asarray([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts],
                             np.int32)
     sampling = SamplingConfig(max_new_tokens=NEW, num_samples=G,
@@ -98,7 +99,7 @@ def ours(hf, tokenizer, texts, steps: int) -> dict[str, float]:
         rollout = online.Rollout(np.repeat(prompt_ids, G, 0), np.ones((PROMPTS * G, PROMPT), bool),
                                  done.ids_BxC, done.mask_BxC, done.mask_BxC, done.logps_BxC,
                                  np.asarray(advantages))
-        state, metrics = step(state, None, shard_batch(rollout, mesh))
+        state, metrics = step(state, Frozen(), shard_batch(rollout, mesh))
         jax.block_until_ready(metrics)
         phases["update"].append(time.perf_counter() - clock)
     return {k: float(np.median(v[1:])) for k, v in phases.items()}

@@ -21,6 +21,7 @@ from align_jax.models import Decoder, DecoderConfig  # noqa: E402
 from align_jax.sampling import SamplingConfig, generate  # noqa: E402
 from align_jax.train import methods, online  # noqa: E402
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch  # noqa: E402
+from align_jax.train.models import Frozen, Models  # noqa: E402
 from align_jax.train.state import init_train_state  # noqa: E402
 from align_jax.train.step import jit_train_step, make_train_step  # noqa: E402
 
@@ -68,12 +69,13 @@ def main():
         mesh = make_mesh(*shape) if shape else make_mesh(devices=jax.devices()[:1])
         for method, batch in batches.items():
             graphdef, state, shardings = init_train_state(make_model, tx, mesh, 0, pretrained)
-            ref, ref_shardings = None, None
+            ref, ref_shardings = Frozen(), Frozen()
             if method == "dpo":
-                ref_shardings = param_shardings(state.params, mesh)
-                ref = jax.device_put(jax.tree.map(lambda x: x * 1.01, pretrained), ref_shardings)
+                ref_shardings = Frozen(reference=param_shardings(state.params, mesh))
+                ref = Frozen(reference=jax.device_put(jax.tree.map(lambda x: x * 1.01, pretrained),
+                                                      ref_shardings.reference))
             loss_fn, cfg = losses[method]
-            step = jit_train_step(make_train_step(loss_fn, graphdef, tx, cfg, 2,
+            step = jit_train_step(make_train_step(loss_fn, Models(graphdef), tx, cfg, 2,
                                                   optax.constant_schedule(0.5)),
                                   shardings, ref_shardings, mesh)
             for _ in range(2):

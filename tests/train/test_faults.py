@@ -235,13 +235,13 @@ def poison_step(monkeypatch, k: int):
     def jit_train_step(*args, **kwargs):
         step_fn, calls = real(*args, **kwargs), [0]
 
-        def poisoned(state, ref_params, batch):
+        def poisoned(state, frozen, batch):
             calls[0] += 1
             if calls[0] == k:
                 mask = batch.completion_mask_BxT
                 batch = batch._replace(completion_mask_BxT=jax.device_put(
                     np.zeros(mask.shape, mask.dtype), mask.sharding))
-            return step_fn(state, ref_params, batch)
+            return step_fn(state, frozen, batch)
         return poisoned
 
     monkeypatch.setattr(run, "jit_train_step", jit_train_step)

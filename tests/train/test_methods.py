@@ -15,6 +15,7 @@ from align_jax.data import PreferenceBatch, SequenceBatch, UnpairedBatch, collat
 from align_jax.models import Decoder, load_pretrained
 from align_jax.train import methods
 from align_jax.train.mesh import make_mesh
+from align_jax.train.models import Frozen, Models
 from align_jax.train.state import init_train_state
 from align_jax.train.step import make_train_step
 from tests.models.test_hf_parity import hf_logits, tiny_hf_model
@@ -172,8 +173,8 @@ def test_micro_batches_give_the_full_batch_update(method, policy_and_reference):
     for micro in (1, 4):
         graphdef, state, _ = init_train_state(lambda r: type(model)(model.config, rngs=r), tx,
                                               mesh, 0, pretrained)
-        ref = jax.tree.map(jnp.copy, state.params) if method == "dpo" else None
-        step = jax.jit(make_train_step(loss_fn, graphdef, tx, cfg, micro,
+        ref = Frozen(reference=jax.tree.map(jnp.copy, state.params) if method == "dpo" else None)
+        step = jax.jit(make_train_step(loss_fn, Models(graphdef), tx, cfg, micro,
                                        optax.constant_schedule(0.0)))
         for _ in range(2):  # the second step sees a moved policy, so DPO's loss is not ln 2
             state, metrics = step(state, ref, batch)

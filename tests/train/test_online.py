@@ -26,6 +26,7 @@ from align_jax.models.hf import to_tensors
 from align_jax.sampling import SamplingConfig, generate_text
 from align_jax.train import online, train
 from align_jax.train.mesh import make_mesh
+from align_jax.train.models import Frozen, Models
 from align_jax.train.state import init_train_state
 from align_jax.train.step import make_train_step
 from tests.models.test_hf_parity import tiny_hf_model
@@ -102,13 +103,14 @@ def test_second_iteration_ratios_and_clipping_are_as_defined():
         online.policy_outputs(model, jax.tree.map(jnp.asarray, r), 1.0)[0]))
     tx = optax.sgd(3.0)
     graphdef, state, _ = init_train_state(lambda rngs: load_pretrained(hf), tx, make_mesh(), 0)
-    step = jax.jit(make_train_step(online.grpo, graphdef, tx, cfg, 1, optax.constant_schedule(3.0)))
+    step = jax.jit(make_train_step(online.grpo, Models(graphdef), tx, cfg, 1,
+                                   optax.constant_schedule(3.0)))
     batch = jax.tree.map(jnp.asarray, r)
-    state, first = step(state, None, batch)
+    state, first = step(state, Frozen(), batch)
     assert abs(float(first["clip_ratio/region_mean"])) == 0.0  # ρ = 1 before any update
     new_logps = np.asarray(online.policy_outputs(nnx.merge(graphdef, state.params), batch, 1.0)[0],
                            np.float64)
-    state, second = step(state, None, batch)
+    state, second = step(state, Frozen(), batch)
 
     mask, adv = r.completion_mask_BxC, r.advantages[:, None]
     ratio = np.exp(new_logps - r.old_logps_BxC)

@@ -1,0 +1,220 @@
+"""The models a step trains and the ones it only reads: full fine-tuning, or LoRA adapters on a
+frozen (possibly quantized) base.
+
+Full fine-tuning trains every parameter; the reference, when a method needs one, is a frozen copy
+(`Frozen.reference`). With `model.lora`, the train state holds the adapters (and a reward model's
+or critic's scalar head: `lora.TRAINABLE`) and their optimizer state only; the base is frozen
+(`Frozen.base`), held in the compute dtype or quantized (`model.lora.base_dtype`), and the
+reference is that same base with the adapters off: the base's parameters merged into the model
+built without adapters, no second copy. A sweep's members are stacked adapters over one base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from align_jax import ops
+from align_jax.config import ConfigError, RunConfig
+from align_jax.models import save_pretrained
+from align_jax.models.lora import PROJECTIONS, TRAINABLE, set_dropout_key
+from align_jax.models.peft import merge_adapters, read_adapter, write_adapter
+from align_jax.models.quant import BASE_DTYPES, QUANTIZED, quantize
+from align_jax.train.host import decoder_factory, frozen_params, pretrained_params
+from align_jax.train.mesh import param_shardings
+from align_jax.train.state import TrainState, init_train_state
+
+
+class Frozen(NamedTuple):
+    """The parameters a step reads and never updates."""
+
+    base: nnx.State | None = None  # LoRA: the base the adapters sit on
+    reference: nnx.State | None = None  # a reference model held on its own
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """How a step builds its models from the train state's parameters and the frozen ones.
+
+    `graphdef` is the trained model's (under LoRA, split into adapters and base); `base_graphdef`
+    the same model without adapters, whose parameters are `Frozen.base`; `reference_graphdef` that
+    of `Frozen.reference` (default: `graphdef`). `base_is_reference`: the reference is the base
+    with the adapters off. `dropout`: training passes draw LoRA dropout masks."""
+
+    graphdef: nnx.GraphDef
+    base_graphdef: nnx.GraphDef | None = None
+    reference_graphdef: nnx.GraphDef | None = None
+    base_is_reference: bool = False
+    dropout: bool = False
+
+    def model(self, params: nnx.State, frozen: Frozen, dropout_key: jax.Array | None = None):
+        model = (nnx.merge(self.graphdef, params) if frozen.base is None
+                 else nnx.merge(self.graphdef, params, frozen.base))
+        if self.dropout and dropout_key is not None:
+            set_dropout_key(model, dropout_key)
+        return model
+
+    def reference(self, frozen: Frozen):
+        """The frozen reference model, or None when the run holds none."""
+        if frozen.reference is not None:
+            return nnx.merge(self.reference_graphdef or self.graphdef, frozen.reference)
+        if self.base_is_reference:
+            return nnx.merge(self.base_graphdef, frozen.base)
+        return None
+
+
+def check_lora(cfg: RunConfig) -> None:
+    """ConfigError naming the `model.lora` key that is out of range."""
+    lora = cfg.model.lora
+    if lora.rank <= 0:
+        raise ConfigError(f"model.lora.rank={lora.rank}: the adapters' rank must be positive")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"model.lora.dropout={lora.dropout}: expected 0 <= dropout < 1")
+    unknown = [t for t in lora.targets if t not in PROJECTIONS]
+    if unknown or not lora.targets:
+        raise ConfigError(f"model.lora.targets: {unknown or 'none'} match no module; targets are "
+                          f"names of {list(PROJECTIONS)}")
+    base = lora.base_dtype or cfg.model.dtype
+    if base not in BASE_DTYPES:
+        raise ConfigError(f"model.lora.base_dtype={base!r}: expected one of {BASE_DTYPES}")
+    if base not in QUANTIZED and base != cfg.model.dtype:
+        raise ConfigError(f"model.lora.base_dtype={base}: a floating-point base is held in the "
+                          f"compute dtype, model.dtype={cfg.model.dtype}")
+
+
+def to_base(params: nnx.State, abstract_base: nnx.State, quant: str | None, dtype) -> nnx.State:
+    """A model's parameters (floating point, without adapters or scalar head) as the frozen base:
+    every projection's kernel quantized when `quant` says so (from the float32 weights), every
+    floating-point array then in the compute `dtype`, laid out as `abstract_base`."""
+    tree = nnx.to_pure_dict(params)
+
+    def visit(node: dict):
+        for name, child in node.items():
+            if name in PROJECTIONS and quant is not None:
+                child["kernel"], child["kernel_scale"] = quantize(child["kernel"], quant)
+            elif isinstance(child, dict):
+                visit(child)
+
+    visit(tree)
+    base = jax.tree.map(lambda x: x, abstract_base)
+    nnx.replace_by_pure_dict(base, ops.cast_floating(tree, dtype))
+    return base
+
+
+def init_lora(make_model: Callable, make_base: Callable, tx: optax.GradientTransformation,
+              mesh: Mesh, seed: int, pretrained: nnx.State | None, adapters: nnx.State | None,
+              quant: str | None, dtype) -> tuple[Models, TrainState, TrainState, Frozen, Frozen]:
+    """(models, train state of the adapters, its shardings, the frozen base, its shardings).
+
+    The base is `pretrained` (its scalar head, if any, goes to the train state) or, without it,
+    `make_model`'s own initial weights; `adapters` (from a PEFT directory) replace the new ones."""
+    trained = None
+    if pretrained is not None:
+        head, pretrained = nnx.split_state(pretrained, TRAINABLE, ...)
+        trained = nnx.merge_state(head, adapters) if adapters is not None else head
+    elif adapters is not None:
+        trained = adapters
+    graphdef, state, shardings = init_train_state(make_model, tx, mesh, seed, trained or None,
+                                                  trainable=TRAINABLE)
+    # the base: what the trained model holds besides its trainable parameters
+    abstract_base = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(seed))), TRAINABLE,
+                              ...)[2]
+    base_graphdef = nnx.split(nnx.eval_shape(lambda: make_base(nnx.Rngs(seed))))[0]
+    base_shardings = param_shardings(abstract_base, mesh)
+    if pretrained is not None:
+        pretrained = jax.device_put(pretrained, param_shardings(pretrained, mesh))
+        base = jax.jit(lambda p: to_base(p, abstract_base, quant, dtype),
+                       out_shardings=base_shardings)(pretrained)
+    else:  # the model's initialisation, whose projections Linear quantized already
+        def init():
+            _, _, base = nnx.split(make_model(nnx.Rngs(seed)), TRAINABLE, ...)
+            return ops.cast_floating(base, dtype)
+        base = jax.jit(init, out_shardings=base_shardings)()
+    models = Models(graphdef, base_graphdef)
+    return models, state, shardings, Frozen(base=base), Frozen(base=base_shardings)
+
+
+def dropout_key(state: TrainState) -> jax.Array:
+    """The key of a training step's LoRA dropout: the state's rng folded with its step."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
+
+def init_models(cfg: RunConfig, mesh: Mesh, tx: optax.GradientTransformation, make_model,
+                make_base, pretrained: nnx.State | None, *, adapter_prefix: tuple = ()
+                ) -> tuple[Models, TrainState, TrainState, Frozen, Frozen]:
+    """(models, train state, its shardings, frozen parameters, their shardings) of a run that
+    trains `make_model` from `pretrained` (`host.build_model`): every parameter, or with
+    `model.lora` adapters on the frozen base `make_base` builds (continued from the PEFT adapter
+    `model.lora.init_from`, placed at `adapter_prefix` of the model: ("policy",) in PPO's
+    actor-critic pair)."""
+    seed = cfg.train.seed
+    if cfg.model.lora is None:
+        graphdef, state, shardings = init_train_state(make_model, tx, mesh, seed, pretrained)
+        return Models(graphdef), state, shardings, Frozen(), Frozen()
+    check_lora(cfg)
+    lora = cfg.model.lora
+    adapters = None
+    if lora.init_from is not None:
+        abstract = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(seed))), nnx.LoRAParam,
+                             ...)[1]
+        for key in adapter_prefix:
+            abstract = abstract[key]
+        adapters = read_adapter(lora.init_from, abstract, lora)
+        for key in reversed(adapter_prefix):
+            adapters = nnx.State({key: adapters})
+    quant = lora.base_dtype if lora.base_dtype in QUANTIZED else None
+    models, state, shardings, frozen, frozen_shardings = init_lora(
+        make_model, make_base, tx, mesh, seed, pretrained, adapters, quant,
+        jnp.dtype(cfg.model.dtype))
+    return (dataclasses.replace(models, dropout=lora.dropout > 0), state, shardings, frozen,
+            frozen_shardings)
+
+
+def add_reference(cfg: RunConfig, mesh: Mesh, models: Models, state: TrainState, frozen: Frozen,
+                  frozen_shardings: Frozen) -> tuple[Models, Frozen, Frozen]:
+    """The run's models and frozen parameters with the reference of DPO, KTO, GRPO (β > 0) and
+    PPO: the checkpoint `reference` names, else the base with the adapters off (LoRA), else a
+    frozen copy of the starting weights."""
+    if cfg.reference is None and models.base_graphdef is not None:
+        return dataclasses.replace(models, base_is_reference=True), frozen, frozen_shardings
+    if cfg.reference is not None:
+        config, params = pretrained_params(cfg, cfg.reference)
+        graphdef = None
+        if models.base_graphdef is not None:  # the reference has no adapters and is not quantized
+            make = decoder_factory(cfg, config, mesh, adapters=False, quantized=False)
+            graphdef = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))[0]
+        models = dataclasses.replace(models, reference_graphdef=graphdef)
+    else:
+        params = state.params
+    params = frozen_params(params, cfg)
+    shardings = param_shardings(params, mesh)
+    return (models, frozen._replace(reference=jax.device_put(params, shardings)),
+            frozen_shardings._replace(reference=shardings))
+
+
+def drop_reference(models: Models, frozen: Frozen, frozen_shardings: Frozen
+                   ) -> tuple[Models, Frozen, Frozen]:
+    """The same without a reference (DPO's reference log-probs precomputed)."""
+    return (dataclasses.replace(models, base_is_reference=False),
+            frozen._replace(reference=None), frozen_shardings._replace(reference=None))
+
+
+def export(cfg: RunConfig, model, out: Path, tokenizer, name: str = "model") -> None:
+    """The trained model as a Hugging Face directory `out/<name>/`; after a LoRA run, `<name>/`
+    holds the adapters merged into the base, and the policy's adapters are also written as a PEFT
+    directory `out/adapter/`."""
+    lora = cfg.model.lora
+    if lora is None:
+        save_pretrained(model, out / name, tokenizer=tokenizer)
+        return
+    if name == "model":
+        write_adapter(model, lora, out / "adapter", base_model=cfg.model.path)
+    save_pretrained(merge_adapters(model, lora), out / name, tokenizer=tokenizer)
