@@ -49,7 +49,9 @@ class Linear(nnx.Module):
         else:  # placeholders of the right types: the base's weights are quantized into them
             codes, scale = quantize(kernel, quant)
             self.kernel = nnx.Param(codes, out_sharding=names)
-            self.kernel_scale = nnx.Param(scale, out_sharding=names)
+            # int8's scales are one row per kernel; nf4's absmax one row per block of inputs
+            scale_names = (names[0] if quant == "nf4" else None, names[1])
+            self.kernel_scale = nnx.Param(scale, out_sharding=scale_names)
         if bias:
             rngs.params()  # as nnx.Linear, which draws a key for its (zero) bias
             self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype), out_sharding=names[1:])

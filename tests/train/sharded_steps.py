@@ -1,7 +1,9 @@
-"""Run by test_sharding.py in a fresh process with 8 host devices: SFT, DPO (on packed pairs) and
-GRPO updates on several meshes, and sampling from the updated sharded parameters, compared with one
+"""Run by test_sharding.py in a fresh process with 8 host devices: SFT, DPO (on packed pairs),
+QLoRA DPO (adapters on an int8 base that is also the reference) and GRPO updates on several meshes,
+and sampling from the updated sharded parameters (with and without adapters), compared with one
 device. Prints a JSON report."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -15,16 +17,17 @@ import optax  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from align_jax.config import LossConfig, RLConfig  # noqa: E402
+from align_jax.config import LoRAConfig, LossConfig, RLConfig  # noqa: E402
 from align_jax.data import SequenceBatch, collate  # noqa: E402
 from align_jax.models import Decoder, DecoderConfig  # noqa: E402
 from align_jax.sampling import SamplingConfig, generate  # noqa: E402
 from align_jax.train import methods, online  # noqa: E402
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch  # noqa: E402
-from align_jax.train.models import Frozen, Models  # noqa: E402
+from align_jax.train.models import Frozen, Models, init_lora  # noqa: E402
 from align_jax.train.state import init_train_state  # noqa: E402
 from align_jax.train.step import jit_train_step, make_train_step  # noqa: E402
 
+LORA = LoRAConfig(rank=4, alpha=8.0)
 MESHES = {"one_device": None, "data": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (1, 1, 8),
           "data_x_fsdp_x_tensor": (2, 2, 2)}
 
@@ -64,30 +67,40 @@ def main():
                                       rng.normal(size=8).astype(np.float32), old_logps + 0.1)}
     losses = {"sft": (methods.sft, LossConfig()), "dpo": (methods.dpo, LossConfig(beta=0.5)),
               "grpo": (online.grpo, RLConfig(beta=0.04, entropy_coef=0.01, max_new_tokens=10))}
+    losses["dpo_lora"], batches["dpo_lora"] = losses["dpo"], batches["dpo"]
     report = {}
     for name, shape in MESHES.items():
         mesh = make_mesh(*shape) if shape else make_mesh(devices=jax.devices()[:1])
         for method, batch in batches.items():
-            graphdef, state, shardings = init_train_state(make_model, tx, mesh, 0, pretrained)
-            ref, ref_shardings = Frozen(), Frozen()
+            if method == "dpo_lora":  # int8 base, adapters, the base as reference
+                models, state, shardings, frozen, frozen_shardings = init_lora(
+                    lambda r: Decoder(config, rngs=r, lora=LORA, quant="int8"),
+                    lambda r: Decoder(config, rngs=r, quant="int8"), tx, mesh, 0, pretrained, None,
+                    "int8", np.float32)
+                models = dataclasses.replace(models, base_is_reference=True)
+            else:
+                graphdef, state, shardings = init_train_state(make_model, tx, mesh, 0, pretrained)
+                models, frozen, frozen_shardings = Models(graphdef), Frozen(), Frozen()
             if method == "dpo":
-                ref_shardings = Frozen(reference=param_shardings(state.params, mesh))
-                ref = Frozen(reference=jax.device_put(jax.tree.map(lambda x: x * 1.01, pretrained),
-                                                      ref_shardings.reference))
+                frozen_shardings = Frozen(reference=param_shardings(state.params, mesh))
+                frozen = Frozen(reference=jax.device_put(
+                    jax.tree.map(lambda x: x * 1.01, pretrained), frozen_shardings.reference))
             loss_fn, cfg = losses[method]
-            step = jit_train_step(make_train_step(loss_fn, Models(graphdef), tx, cfg, 2,
+            step = jit_train_step(make_train_step(loss_fn, models, tx, cfg, 2,
                                                   optax.constant_schedule(0.5)),
-                                  shardings, ref_shardings, mesh)
+                                  shardings, frozen_shardings, mesh)
             for _ in range(2):
-                state, metrics = step(state, ref, shard_batch(batch, mesh))
-            if method == "sft":  # the sampler on the same sharded parameters
+                state, metrics = step(state, frozen, shard_batch(batch, mesh))
+            if method in ("sft", "dpo_lora"):  # the sampler on the same sharded parameters
                 prompts = sequences(3)
-                out = generate(nnx.merge(graphdef, state.params), prompts.ids_BxT[:, :6],
+                out = generate(models.model(state.params, frozen), prompts.ids_BxT[:, :6],
                                prompts.attention_mask_BxT[:, :6], jax.random.key(0),
                                SamplingConfig(max_new_tokens=5, num_samples=2))
-                report[f"{name}/sample"] = {"ids": np.asarray(out.ids_BxC).tolist(),
-                                            "logps": np.asarray(out.logps_BxC).tolist()}
-            kernel = state.params["layers"]["mlp"]["up_proj"]["kernel"][...]
+                report[f"{name}/sample{'_lora' if method == 'dpo_lora' else ''}"] = {
+                    "ids": np.asarray(out.ids_BxC).tolist(),
+                    "logps": np.asarray(out.logps_BxC).tolist()}
+            kernel = (frozen.base if method == "dpo_lora" else state.params)[
+                "layers"]["mlp"]["up_proj"]["kernel"][...]
             report[f"{name}/{method}"] = {
                 "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                 "params": [np.asarray(x).ravel()[:64].tolist()

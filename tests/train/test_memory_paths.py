@@ -3,7 +3,8 @@ speed, never the numbers: every method's run with a remat policy (a different on
 every policy runs in a real training loop), or with `model.logits_chunk=5` (the LM head over 5
 positions at a time, padding the last chunk), SFT and DPO with splash attention, and DPO and GRPO
 (sampling included) with `model.scan_layers=false`, follow the loss curve of the same run without
-it, with or without a frozen reference model."""
+it, with or without a frozen reference model. A LoRA run of each method starts from the plain
+run's model."""
 
 import json
 from pathlib import Path
@@ -44,6 +45,7 @@ CASES += [("sft", "splash"), ("dpo", "splash")]
 CASES += [("dpo", "unscanned"), ("grpo_with_reference", "unscanned")]
 # one worker runs a method's cases, so its plain run is made once (`-n 2 --dist loadgroup`)
 CASES = [pytest.param(m, v, marks=pytest.mark.xdist_group(f"memory_paths_{m}")) for m, v in CASES]
+LORA = [pytest.param(m, marks=pytest.mark.xdist_group(f"memory_paths_{m}")) for m in RUNS]
 
 
 def losses(out: Path, method: str, *variant: str) -> list[float]:
@@ -77,3 +79,13 @@ def test_memory_path_follows_the_plain_loss_curve(method, variant, plain_losses,
     override = {"remat": f"model.remat={REMAT.get(method)}", "chunked_head": "model.logits_chunk=5",
                 "splash": "model.attention=splash", "unscanned": "model.scan_layers=false"}[variant]
     np.testing.assert_allclose(losses(tmp_path, method, override), plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", LORA)
+def test_lora_run_starts_from_the_plain_model_and_trains(method, plain_losses, tmp_path):
+    """With adapters (B = 0 at the start) every method's first loss is the plain run's; then the
+    adapters, not the weights, are trained, so the curves part."""
+    plain = plain_losses(method)
+    lora = losses(tmp_path, method, "model.lora.rank=4", "model.lora.alpha=8")
+    np.testing.assert_allclose(lora[0], plain[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(lora[1:], plain[1:], rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
-"""An SFT, DPO or GRPO step on data-parallel, FSDP, tensor-parallel and combined meshes of 8 CPU
-devices gives the one-device loss, gradient norm and updated parameters, and the sampler on those
-sharded parameters the one-device tokens and log-probs (JAX's own SPMD runtime, in a subprocess)."""
+"""An SFT, DPO, QLoRA DPO or GRPO step on data-parallel, FSDP, tensor-parallel and combined meshes
+of 8 CPU devices gives the one-device loss, gradient norm and updated parameters, and the sampler
+on those sharded parameters (with and without adapters) the one-device tokens and log-probs (JAX's
+own SPMD runtime, in a subprocess)."""
 
 import json
 import os
@@ -27,7 +28,7 @@ def report():
 
 
 @pytest.mark.parametrize("mesh", ["data", "fsdp", "tensor", "data_x_fsdp_x_tensor"])
-@pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("method", ["sft", "dpo", "dpo_lora", "grpo"])
 def test_sharded_step_equals_one_device(report, mesh, method):
     one, many = report[f"one_device/{method}"], report[f"{mesh}/{method}"]
     np.testing.assert_allclose(many["loss"], one["loss"], rtol=1e-5)
@@ -36,17 +37,21 @@ def test_sharded_step_equals_one_device(report, mesh, method):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_parameters_are_really_sharded(report):
-    # layers.mlp.up_proj.kernel is [1 (layers), 64 (embed → fsdp), 128 (mlp → tensor)].
-    shards = {mesh: report[f"{mesh}/sft"]["kernel_shard"] for mesh in
+@pytest.mark.parametrize("method", ["sft", "dpo_lora"])
+def test_parameters_are_really_sharded(report, method):
+    # layers.mlp.up_proj.kernel is [1 (layers), 64 (embed → fsdp), 128 (mlp → tensor)], trained
+    # (sft) or the int8 codes of a frozen LoRA base
+    shards = {mesh: report[f"{mesh}/{method}"]["kernel_shard"] for mesh in
               ("one_device", "data", "fsdp", "tensor", "data_x_fsdp_x_tensor")}
     assert shards == {"one_device": [1, 64, 128], "data": [1, 64, 128], "fsdp": [1, 8, 128],
                       "tensor": [1, 64, 16], "data_x_fsdp_x_tensor": [1, 32, 64]}
-    assert report["one_device/sft"]["devices"] == 1 and report["data/sft"]["devices"] == 8
+    assert report[f"one_device/{method}"]["devices"] == 1
+    assert report[f"data/{method}"]["devices"] == 8
 
 
 @pytest.mark.parametrize("mesh", ["data", "fsdp", "tensor", "data_x_fsdp_x_tensor"])
-def test_sampling_from_sharded_parameters_equals_one_device(report, mesh):
-    one, many = report["one_device/sample"], report[f"{mesh}/sample"]
+@pytest.mark.parametrize("sample", ["sample", "sample_lora"])
+def test_sampling_from_sharded_parameters_equals_one_device(report, mesh, sample):
+    one, many = report[f"one_device/{sample}"], report[f"{mesh}/{sample}"]
     assert many["ids"] == one["ids"]  # same key, same tokens
     np.testing.assert_allclose(many["logps"], one["logps"], rtol=1e-5, atol=1e-5)
