@@ -46,7 +46,7 @@ from align_jax.topology import GiB, Target, target
 from align_jax.train import methods, online, sweep
 from align_jax.train.host import compute_dtype, decoder_factory, frozen_params
 from align_jax.train.mesh import batch_sharding, make_mesh, param_shardings, replicated
-from align_jax.train.models import Frozen, Models, check_lora
+from align_jax.train.models import Frozen, Models
 from align_jax.train.rl import rollout_optimizer
 from align_jax.train.run import step_functions
 from align_jax.train.state import (
@@ -167,7 +167,6 @@ def _abstract_models(cfg: RunConfig, mesh: Mesh, tx, make_model, make_base):
         graphdef, params = _abstract_params(make_model, mesh)
         state, shardings = _abstract_state(params, tx, mesh)
         return Models(graphdef), state, shardings, Frozen()
-    check_lora(cfg)
     graphdef, adapters, base = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(0))),
                                          TRAINABLE, ...)
     state, shardings = _abstract_state(_placed(adapters, param_shardings(adapters, mesh)), tx,

@@ -34,7 +34,10 @@ _PREFIX = "base_model.model."
 _SCORE = _PREFIX + "score.weight"
 # adapter_config.json keys whose non-default values change the model in ways we do not build
 _UNSUPPORTED = {"use_dora": False, "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
-                "layers_to_transform": None, "fan_in_fan_out": False, "lora_bias": False}
+                "layers_to_transform": None, "fan_in_fan_out": False, "lora_bias": False,
+                "layer_replication": None, "trainable_token_indices": None}
+# initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ)
+_BASE_CHANGING_INITS = ("olora", "corda", "loftq")
 
 
 def adapter_names(num_layers: int, targets, scan_layers: bool
@@ -96,15 +99,21 @@ def write_adapter(model, lora: LoRAConfig, path, *, base_model: str | None = Non
     return path
 
 
-def _check_config(file: Path, found: dict, lora: LoRAConfig) -> None:
+def _check_config(file: Path, found, lora: LoRAConfig) -> None:
     """ConfigError naming the file and key where a PEFT config differs from `model.lora` or asks
     for a variant we do not build."""
+    if not isinstance(found, dict):
+        raise ConfigError(f"{file}: expected a JSON object")
     if found.get("peft_type") != "LORA":
         raise ConfigError(f"{file}: peft_type={found.get('peft_type')!r}, expected 'LORA'")
     for key, default in _UNSUPPORTED.items():
         if found.get(key) is not None and found[key] != default:
             raise ConfigError(f"{file}: {key}={found[key]!r} is not supported (expected "
                               f"{default!r})")
+    if found.get("init_lora_weights") in _BASE_CHANGING_INITS or str(
+            found.get("init_lora_weights")).startswith("pissa"):
+        raise ConfigError(f"{file}: init_lora_weights={found['init_lora_weights']!r} changes the "
+                          "base weights, which a PEFT adapter directory does not hold")
     expected = {"r": (lora.rank, "rank"), "lora_alpha": (lora.alpha, "alpha"),
                 "use_rslora": (lora.rslora, "rslora")}
     for key, (ours, name) in expected.items():
@@ -117,12 +126,12 @@ def _check_config(file: Path, found: dict, lora: LoRAConfig) -> None:
                           f"{list(lora.targets)}")
 
 
-def read_adapter(path, abstract: nnx.State, lora: LoRAConfig) -> nnx.State:
-    """The adapters of the PEFT directory `path` laid out as `abstract` (a model's LoRAParams);
-    ConfigError naming the file and key or tensor when they do not fit it."""
+def _read(directory: Path) -> tuple[Path, object, Path, dict]:
+    """(config file, its JSON, weights file, its tensors) of a PEFT directory; ConfigError naming
+    the file that is missing or unreadable."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    directory = Path(path)
     config_file = directory / "adapter_config.json"
     weights = directory / "adapter_model.safetensors"
     for file in (config_file, weights):
@@ -133,9 +142,23 @@ def read_adapter(path, abstract: nnx.State, lora: LoRAConfig) -> nnx.State:
         found = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{config_file}: invalid JSON ({e})") from None
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{weights}: not a readable safetensors file ({e})") from None
+    return config_file, found, weights, tensors
+
+
+def read_adapter(path, abstract: nnx.State, lora: LoRAConfig) -> nnx.State:
+    """The adapters of the PEFT directory `path` laid out as `abstract` (a model's trainable
+    parameters: its LoRAParams and a scalar head's `score_head`), with the head's weights when the
+    adapter holds them (PEFT's `modules_to_save`); ConfigError naming the file and key or tensor
+    when they do not fit the model."""
+    config_file, found, weights, tensors = _read(Path(path))
     _check_config(config_file, found, lora)
-    tensors = {k: v for k, v in load_file(str(weights)).items() if k != _SCORE}
-    tree = nnx.to_pure_dict(abstract)
+    score = tensors.pop(_SCORE, None)
+    adapters, head = nnx.split_state(abstract, nnx.LoRAParam, ...)
+    tree = nnx.to_pure_dict(adapters)
     stacked = not any(isinstance(key, int) for key in tree["layers"])  # else one per layer
     num_layers = (next(iter(jax.tree.leaves(tree))).shape[0] if stacked
                   else len(tree["layers"]))
@@ -143,20 +166,34 @@ def read_adapter(path, abstract: nnx.State, lora: LoRAConfig) -> nnx.State:
     for name, where, layer in adapter_names(num_layers, lora.targets, stacked):
         if name not in tensors:
             raise ConfigError(f"{weights}: no tensor {name!r}; the adapter is for another model")
-        shape = _get(tree, where).shape[0 if layer is None else 1:]
-        array = tensors.pop(name)
-        if tuple(array.shape[::-1]) != tuple(shape):
-            raise ConfigError(f"{weights}: tensor {name!r} has shape {tuple(array.shape)}, "
-                              f"expected {tuple(shape[::-1])}: the adapter is for another base")
-        slices.setdefault(where, []).append(jnp.asarray(array.T, jnp.float32))
+        slices.setdefault(where, []).append(
+            _tensor(weights, name, tensors.pop(name), _get(tree, where).shape[0 if layer is None else 1:]))
     if tensors:
         raise ConfigError(f"{weights}: unexpected tensors {sorted(tensors)[:3]}; the adapter is "
                           "for another model")
     for where, arrays in slices.items():
         _set(tree, where, jnp.stack(arrays) if stacked else arrays[0])
-    state = jax.tree.map(lambda x: x, abstract)
+    state = jax.tree.map(lambda x: x, adapters)
     nnx.replace_by_pure_dict(state, tree)
-    return state
+    if score is None:
+        return state
+    head_tree = nnx.to_pure_dict(head)
+    if "score_head" not in head_tree:
+        raise ConfigError(f"{weights}: holds a sequence classifier's head ({_SCORE!r}) but the "
+                          "model has no scalar head")
+    kernel = head_tree["score_head"]["kernel"]
+    head_tree["score_head"]["kernel"] = _tensor(weights, _SCORE, score, kernel.shape)
+    head = jax.tree.map(lambda x: x, head)
+    nnx.replace_by_pure_dict(head, head_tree)
+    return nnx.merge_state(state, head)
+
+
+def _tensor(file: Path, name: str, array: np.ndarray, shape: tuple) -> jax.Array:
+    """Our [in, out] layout of a torch [out, in] tensor, checked against `shape`."""
+    if tuple(array.shape[::-1]) != tuple(shape):
+        raise ConfigError(f"{file}: tensor {name!r} has shape {tuple(array.shape)}, expected "
+                          f"{tuple(shape[::-1])}: the adapter is for another base")
+    return jnp.asarray(array.T, jnp.float32)
 
 
 def merged_params(model, lora: LoRAConfig) -> dict:

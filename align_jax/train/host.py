@@ -36,7 +36,8 @@ from align_jax.data import DataError, synthetic
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.models import Decoder, DecoderConfig, load_pretrained
 from align_jax.models.decoder import ATTENTION, remat_policy
-from align_jax.models.quant import QUANTIZED
+from align_jax.models.lora import PROJECTIONS
+from align_jax.models.quant import BASE_DTYPES, QUANTIZED
 from align_jax.train.mesh import activation_sharding
 
 log = logging.getLogger(__name__)
@@ -87,12 +88,38 @@ def data_source(path: str | None, cfg: RunConfig, seed_offset: int):
     return synthetic.TASKS[cfg.data.synthetic](**args)
 
 
+def check_lora(cfg: RunConfig) -> None:
+    """ConfigError naming the `model.lora` key that is out of range."""
+    lora = cfg.model.lora
+    if lora.rank <= 0:
+        raise ConfigError(f"model.lora.rank={lora.rank}: the adapters' rank must be positive")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"model.lora.dropout={lora.dropout}: expected 0 <= dropout < 1")
+    unknown = [t for t in lora.targets if t not in PROJECTIONS]
+    if unknown or not lora.targets:
+        raise ConfigError(f"model.lora.targets: {unknown or 'none'} match no module; targets are "
+                          f"names of {list(PROJECTIONS)}")
+    if len(set(lora.targets)) != len(lora.targets):
+        raise ConfigError(f"model.lora.targets: {list(lora.targets)} names a module twice")
+    if lora.dropout and cfg.train.method in ("grpo", "ppo"):
+        raise ConfigError("model.lora.dropout must be 0 for online methods: the sampler's "
+                          "log-probs are the behaviour policy's, and the trainer's must equal them")
+    base = lora.base_dtype or cfg.model.dtype
+    if base not in BASE_DTYPES:
+        raise ConfigError(f"model.lora.base_dtype={base!r}: expected one of {BASE_DTYPES}")
+    if base not in QUANTIZED and base != cfg.model.dtype:
+        raise ConfigError(f"model.lora.base_dtype={base}: a floating-point base is held in the "
+                          f"compute dtype, model.dtype={cfg.model.dtype}")
+
+
 def build_model(cfg: RunConfig, mesh: Mesh, *, with_scalar_head: bool = False,
                 path: str | None = None):
     """(make_model, make_base, pretrained params or None): the constructors (`decoder_factory`)
     of the model the run trains and of its frozen base (the same without LoRA adapters; the same
     model when there are none), and the starting weights, from `path` (default `model.path`) or
     `model.init` from scratch."""
+    if cfg.model.lora is not None:
+        check_lora(cfg)
     pretrained = None
     path = path or cfg.model.path
     if path is not None:
@@ -145,6 +172,8 @@ def decoder_factory(cfg: RunConfig, config: DecoderConfig, mesh: Mesh,
         raise ConfigError("model.attention=cudnn needs model.dtype=bfloat16 (cuDNN's fused "
                           "attention takes bf16 or fp16)")
     lora = cfg.model.lora
+    if lora is not None:
+        check_lora(cfg)
     quant = lora.base_dtype if lora is not None and lora.base_dtype in QUANTIZED else None
     return lambda rngs: Decoder(config, rngs=rngs, dtype=dtype, remat=remat,
                                 logits_chunk=cfg.model.logits_chunk,

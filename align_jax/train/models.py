@@ -22,11 +22,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from align_jax import ops
-from align_jax.config import ConfigError, RunConfig
+from align_jax.config import RunConfig
 from align_jax.models import save_pretrained
 from align_jax.models.lora import PROJECTIONS, TRAINABLE, set_dropout_key
 from align_jax.models.peft import merge_adapters, read_adapter, write_adapter
-from align_jax.models.quant import BASE_DTYPES, QUANTIZED, quantize
+from align_jax.models.quant import QUANTIZED, quantize
 from align_jax.train.host import decoder_factory, frozen_params, pretrained_params
 from align_jax.train.mesh import param_shardings
 from align_jax.train.state import TrainState, init_train_state
@@ -70,41 +70,41 @@ class Models:
         return None
 
 
-def check_lora(cfg: RunConfig) -> None:
-    """ConfigError naming the `model.lora` key that is out of range."""
-    lora = cfg.model.lora
-    if lora.rank <= 0:
-        raise ConfigError(f"model.lora.rank={lora.rank}: the adapters' rank must be positive")
-    if not 0 <= lora.dropout < 1:
-        raise ConfigError(f"model.lora.dropout={lora.dropout}: expected 0 <= dropout < 1")
-    unknown = [t for t in lora.targets if t not in PROJECTIONS]
-    if unknown or not lora.targets:
-        raise ConfigError(f"model.lora.targets: {unknown or 'none'} match no module; targets are "
-                          f"names of {list(PROJECTIONS)}")
-    base = lora.base_dtype or cfg.model.dtype
-    if base not in BASE_DTYPES:
-        raise ConfigError(f"model.lora.base_dtype={base!r}: expected one of {BASE_DTYPES}")
-    if base not in QUANTIZED and base != cfg.model.dtype:
-        raise ConfigError(f"model.lora.base_dtype={base}: a floating-point base is held in the "
-                          f"compute dtype, model.dtype={cfg.model.dtype}")
+_quantize = jax.jit(quantize, static_argnames="kind")
 
 
-def to_base(params: nnx.State, abstract_base: nnx.State, quant: str | None, dtype) -> nnx.State:
-    """A model's parameters (floating point, without adapters or scalar head) as the frozen base:
-    every projection's kernel quantized when `quant` says so (from the float32 weights), every
-    floating-point array then in the compute `dtype`, laid out as `abstract_base`."""
-    tree = nnx.to_pure_dict(params)
+def to_base(pretrained: nnx.State, shardings: nnx.State, quant: str | None, dtype,
+            init: Callable[[], nnx.State]) -> nnx.State:
+    """The frozen base, laid out as `shardings`: `pretrained`'s weights (floating point, without
+    adapters or scalar head) placed one array at a time, every projection's kernel quantized from
+    its float32 weights when `quant` says so, every floating-point array in the compute `dtype`;
+    what `pretrained` lacks (a critic's base when only the policy is given) from `init()`.
+    Placing one array at a time keeps the whole float32 model off the devices."""
+    where = nnx.to_pure_dict(shardings)
+    tree = jax.tree.map(lambda _: None, where)
 
-    def visit(node: dict):
-        for name, child in node.items():
-            if name in PROJECTIONS and quant is not None:
-                child["kernel"], child["kernel_scale"] = quantize(child["kernel"], quant)
+    def put(node: dict, given: dict, where: dict):
+        for name, child in given.items():
+            if isinstance(child, dict) and name in PROJECTIONS and quant is not None:
+                child = dict(child)
+                codes, scale = _quantize(jax.device_put(child.pop("kernel"),
+                                                        where[name]["kernel"]), kind=quant)
+                node[name]["kernel"] = jax.device_put(codes, where[name]["kernel"])
+                node[name]["kernel_scale"] = jax.device_put(scale.astype(dtype),
+                                                            where[name]["kernel_scale"])
+                put(node[name], child, where[name])
             elif isinstance(child, dict):
-                visit(child)
+                put(node[name], child, where[name])
+            else:
+                node[name] = ops.cast_floating(jax.device_put(child, where[name]), dtype)
 
-    visit(tree)
-    base = jax.tree.map(lambda x: x, abstract_base)
-    nnx.replace_by_pure_dict(base, ops.cast_floating(tree, dtype))
+    put(tree, nnx.to_pure_dict(pretrained), where)
+    if any(x is None for x in jax.tree.leaves(tree, is_leaf=lambda x: x is None)):
+        initial = nnx.to_pure_dict(jax.jit(init, out_shardings=shardings)())
+        tree = jax.tree.map(lambda x, y: y if x is None else x, tree, initial,
+                            is_leaf=lambda x: x is None)
+    base = jax.tree.map(lambda x: x, shardings)
+    nnx.replace_by_pure_dict(base, tree)
     return base
 
 
@@ -128,15 +128,13 @@ def init_lora(make_model: Callable, make_base: Callable, tx: optax.GradientTrans
                               ...)[2]
     base_graphdef = nnx.split(nnx.eval_shape(lambda: make_base(nnx.Rngs(seed))))[0]
     base_shardings = param_shardings(abstract_base, mesh)
-    if pretrained is not None:
-        pretrained = jax.device_put(pretrained, param_shardings(pretrained, mesh))
-        base = jax.jit(lambda p: to_base(p, abstract_base, quant, dtype),
-                       out_shardings=base_shardings)(pretrained)
-    else:  # the model's initialisation, whose projections Linear quantized already
-        def init():
-            _, _, base = nnx.split(make_model(nnx.Rngs(seed)), TRAINABLE, ...)
-            return ops.cast_floating(base, dtype)
-        base = jax.jit(init, out_shardings=base_shardings)()
+
+    def init():  # the model's initialisation, whose projections Linear quantized already
+        _, _, base = nnx.split(make_model(nnx.Rngs(seed)), TRAINABLE, ...)
+        return ops.cast_floating(base, dtype)
+
+    base = (jax.jit(init, out_shardings=base_shardings)() if pretrained is None
+            else to_base(pretrained, base_shardings, quant, dtype, init))
     models = Models(graphdef, base_graphdef)
     return models, state, shardings, Frozen(base=base), Frozen(base=base_shardings)
 
@@ -144,7 +142,6 @@ def init_lora(make_model: Callable, make_base: Callable, tx: optax.GradientTrans
 def dropout_key(state: TrainState) -> jax.Array:
     """The key of a training step's LoRA dropout: the state's rng folded with its step."""
     return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
 
 
 def init_models(cfg: RunConfig, mesh: Mesh, tx: optax.GradientTransformation, make_model,
@@ -159,11 +156,10 @@ def init_models(cfg: RunConfig, mesh: Mesh, tx: optax.GradientTransformation, ma
     if cfg.model.lora is None:
         graphdef, state, shardings = init_train_state(make_model, tx, mesh, seed, pretrained)
         return Models(graphdef), state, shardings, Frozen(), Frozen()
-    check_lora(cfg)
     lora = cfg.model.lora
     adapters = None
     if lora.init_from is not None:
-        abstract = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(seed))), nnx.LoRAParam,
+        abstract = nnx.split(nnx.eval_shape(lambda: make_model(nnx.Rngs(seed))), TRAINABLE,
                              ...)[1]
         for key in adapter_prefix:
             abstract = abstract[key]

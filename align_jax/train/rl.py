@@ -397,7 +397,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
                     rollout_index, t.steps)
         return last
     # every process gathers; the first one writes
-    model = models.model(*gather_to_host((state.params, frozen)))
+    model = models.model(*gather_to_host((state.params, frozen._replace(reference=None))))
     if primary:
         export(cfg, policy_of(model), out, tokenizer)
         if is_ppo:

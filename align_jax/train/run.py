@@ -244,7 +244,7 @@ def train(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
         log_.close()
     if step == t.steps:
         # every process takes part in the gather; the first one writes
-        params, host_frozen = gather_to_host((state.params, frozen))
+        params, host_frozen = gather_to_host((state.params, frozen._replace(reference=None)))
         for i, d in enumerate(member_dirs):
             if primary:
                 export(cfg, models.model(params if names is None else sweep.member(params, i),

@@ -153,3 +153,32 @@ def test_adapter_dropout_is_inverted_dropout_on_the_adapter_input():
                                xn @ w + 2.0 * ((keep * xn / 0.5) @ a @ b), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(layer(x)), xn @ w + 2.0 * (xn @ a @ b), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_reward_model_adapter_carries_its_head_both_ways(tmp_path):
+    """A reward model's adapter holds its scalar head (`score.weight`, PEFT's modules_to_save):
+    PEFT's sequence classifier with it scores as ours does, and reading it back restores both."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    hf = transformers.LlamaForSequenceClassification(config).eval()
+    base = load_pretrained(hf)
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=TARGETS)
+    model = nnx.eval_shape(lambda: Decoder(base.config, rngs=nnx.Rngs(0), lora=lora,
+                                           with_scalar_head=True))
+    graphdef, trained, rest = nnx.split(model, TRAINABLE, ...)
+    keys = iter(jax.random.split(jax.random.key(4), 64))
+    trained = jax.tree.map(lambda x: 0.1 * jax.random.normal(next(keys), x.shape), trained)
+    nnx.replace_by_pure_dict(rest, nnx.to_pure_dict(nnx.split(base, TRAINABLE, ...)[2]))
+    model = nnx.merge(graphdef, trained, rest)
+    write_adapter(model, lora, tmp_path)
+    ids = np.array([[5, 17, 3, 99, 42, 8]])
+    ours = np.asarray(model.score(ids, np.ones_like(ids)))
+    theirs = peft.PeftModel.from_pretrained(hf, str(tmp_path)).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(theirs(input_ids=torch.tensor(ids)).logits[:, 0].numpy(), ours,
+                                   atol=1e-4)
+    read = read_adapter(tmp_path, jax.tree.map(jnp.zeros_like, trained), lora)
+    for x, y in zip(jax.tree.leaves(read), jax.tree.leaves(trained), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
