@@ -38,9 +38,9 @@ OmegaConf.register_resolver("package_file", package_file, replace=True)
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    """Low-rank adapters (Hu et al. 2021): W x + (alpha / rank) · B A dropout(x) on the `targets`
-    projections, A [rank, in] and B [out, rank] trained, B starting at zero, the base frozen; the
-    reference of DPO, KTO, GRPO and PPO is the base with the adapters off."""
+    """Low-rank adapters (Hu et al. 2021): x·W + (alpha / rank) · dropout(x)·A·B on the `targets`
+    projections, A [in, rank] and B [rank, out] trained, B starting at zero, the base frozen; the
+    reference of DPO, KTO, GRPO and PPO is the base with the adapters off (docs/lora.md)."""
 
     rank: int = 8
     alpha: float = 16.0

@@ -5,6 +5,7 @@ Loading never executes pickled code: weights come from safetensors or GGUF only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -240,6 +241,23 @@ def load_pretrained(source, *, dtype=jnp.float32, scan_layers: bool = True) -> D
                         source=str(path), scan_layers=scan_layers)
 
 
+@contextlib.contextmanager
+def written_atomically(path) -> Iterator[Path]:
+    """A staging directory next to `path`, renamed into place (replacing a directory there) when
+    the block ends, removed when it raises: a crash never leaves a half-written directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield staging
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def save_pretrained(model: Decoder, path, *, tokenizer=None) -> Path:
     """Write an HF directory (config.json, model.safetensors, tokenizer files) atomically.
 
@@ -251,10 +269,7 @@ def save_pretrained(model: Decoder, path, *, tokenizer=None) -> Path:
     """
     from safetensors.flax import save_file  # keeps bfloat16 weights as bfloat16
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with written_atomically(path) as staging:
         config = model.config.to_hf()
         config["torch_dtype"] = str(np.dtype(model.embed_tokens.embedding.get_value().dtype))
         tensors = {k: jnp.asarray(v) for k, v in to_tensors(model).items()}
@@ -268,10 +283,4 @@ def save_pretrained(model: Decoder, path, *, tokenizer=None) -> Path:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return path
+    return Path(path)

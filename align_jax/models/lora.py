@@ -84,9 +84,10 @@ class Linear(nnx.Module):
         if dropout_key is not None and self.lora_dropout:
             keep = jax.random.bernoulli(dropout_key, 1 - self.lora_dropout, x.shape)
             h = jnp.where(keep, x / (1 - self.lora_dropout), 0).astype(self.dtype)
-        low = h @ self.lora_a[...].astype(self.dtype)
-        return y + (low @ self.lora_b[...].astype(self.dtype)) * jnp.asarray(self.lora_scale,
-                                                                             self.dtype)
+        # s scales the [rows, R] product, not the [rows, O] one: a small array, no extra
+        # [rows, O] buffer to keep for the backward pass
+        low = (h @ self.lora_a[...].astype(self.dtype)) * jnp.asarray(self.lora_scale, self.dtype)
+        return y + low @ self.lora_b[...].astype(self.dtype)
 
 
 def set_dropout_key(model: nnx.Module, key: jax.Array | None) -> None:

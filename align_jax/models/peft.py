@@ -12,9 +12,6 @@ reads what PEFT saves.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +22,7 @@ from flax import nnx
 
 from align_jax.config import ConfigError, LoRAConfig
 from align_jax.models.decoder import Decoder
+from align_jax.models.hf import written_atomically
 from align_jax.models.lora import lora_scale
 from align_jax.models.quant import dequantize
 
@@ -84,19 +82,10 @@ def write_adapter(model, lora: LoRAConfig, path, *, base_model: str | None = Non
               "modules_to_save": ["score"] if scalar else None,
               "base_model_name_or_path": base_model,
               "inference_mode": True, "init_lora_weights": True, **_UNSUPPORTED}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with written_atomically(path) as staging:
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2))
         save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return path
+    return Path(path)
 
 
 def _check_config(file: Path, found, lora: LoRAConfig) -> None:
@@ -166,8 +155,8 @@ def read_adapter(path, abstract: nnx.State, lora: LoRAConfig) -> nnx.State:
     for name, where, layer in adapter_names(num_layers, lora.targets, stacked):
         if name not in tensors:
             raise ConfigError(f"{weights}: no tensor {name!r}; the adapter is for another model")
-        slices.setdefault(where, []).append(
-            _tensor(weights, name, tensors.pop(name), _get(tree, where).shape[0 if layer is None else 1:]))
+        shape = _get(tree, where).shape[0 if layer is None else 1:]
+        slices.setdefault(where, []).append(_tensor(weights, name, tensors.pop(name), shape))
     if tensors:
         raise ConfigError(f"{weights}: unexpected tensors {sorted(tensors)[:3]}; the adapter is "
                           "for another model")

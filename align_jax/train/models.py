@@ -44,9 +44,10 @@ class Models:
     """How a step builds its models from the train state's parameters and the frozen ones.
 
     `graphdef` is the trained model's (under LoRA, split into adapters and base); `base_graphdef`
-    the same model without adapters, whose parameters are `Frozen.base`; `reference_graphdef` that
-    of `Frozen.reference` (default: `graphdef`). `base_is_reference`: the reference is the base
-    with the adapters off. `dropout`: training passes draw LoRA dropout masks."""
+    the same model without adapters, which `Frozen.base` completes when the model has no scalar
+    head (a policy); `reference_graphdef` that of `Frozen.reference` (default: `graphdef`).
+    `base_is_reference`: the reference is the base with the adapters off. `dropout`: training
+    passes draw LoRA dropout masks."""
 
     graphdef: nnx.GraphDef
     base_graphdef: nnx.GraphDef | None = None

@@ -1,5 +1,7 @@
 """LoRA adapters and quantized bases against the plain decoder, PEFT and transformers."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +113,16 @@ def test_adapter_errors_name_the_file_and_key(tmp_path):
         read_adapter(tmp_path / "adapter", abstract, LoRAConfig(rank=4, alpha=8.0))
     with pytest.raises(ConfigError, match=r"does not exist"):
         read_adapter(tmp_path / "nowhere", abstract, lora)
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    written = json.loads(config_file.read_text())
+    for key, value, message in [("use_dora", True, r"use_dora=True is not supported"),
+                                ("init_lora_weights", "pissa_niter_4",
+                                 r"init_lora_weights=.pissa_niter_4. changes the base"),
+                                ("peft_type", "IA3", r"peft_type='IA3', expected 'LORA'")]:
+        config_file.write_text(json.dumps({**written, key: value}))
+        with pytest.raises(ConfigError, match=rf"adapter_config.json: {message}"):
+            read_adapter(tmp_path / "adapter", abstract, lora)
+    config_file.write_text(json.dumps(written))
     # an adapter of a wider base
     wide = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=101, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
