@@ -69,10 +69,10 @@ def state_bytes(config: str, overrides: list[str]) -> int:
     return 3 * 4 * sum(x.size for x in jax.tree.leaves(trained))
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6, help="steps (rollouts) per run, >= 3")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     lines = ["| run | s / step | peak RSS GiB | train state MiB |", "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, (config, overrides)) in enumerate(RUNS.items()):

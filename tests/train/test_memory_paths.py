@@ -92,7 +92,8 @@ def test_lora_run_starts_from_the_plain_model_and_trains(method, plain_rows, tmp
     loss (PPO logs the mean over its two passes, so there the rollout's reward and KL, measured
     before any update); then the adapters, not the weights, are trained, so the curves part."""
     plain, lora = plain_rows(method), train_rows(tmp_path, method, "model.lora.rank=4",
-                                                 "model.lora.alpha=8", "train.steps=2")
+                                                 "model.lora.alpha=8")
     for key in ("objective/rlhf_reward", "objective/kl") if method == "ppo" else ("loss",):
         np.testing.assert_allclose(lora[0][key], plain[0][key], rtol=1e-5, atol=1e-6)
-    assert not np.isclose(lora[1]["loss"], plain[1]["loss"], rtol=1e-3, atol=0)
+    assert not np.allclose([r["loss"] for r in lora[1:]], [r["loss"] for r in plain[1:]],
+                           rtol=1e-3, atol=0)
