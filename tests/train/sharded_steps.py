@@ -28,6 +28,7 @@ from align_jax.train.state import init_train_state  # noqa: E402
 from align_jax.train.step import jit_train_step, make_train_step  # noqa: E402
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
+LORA_MESHES = ("one_device", "fsdp", "data_x_fsdp_x_tensor")  # the last splits every axis
 MESHES = {"one_device": None, "data": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (1, 1, 8),
           "data_x_fsdp_x_tensor": (2, 2, 2)}
 
@@ -72,6 +73,8 @@ def main():
     for name, shape in MESHES.items():
         mesh = make_mesh(*shape) if shape else make_mesh(devices=jax.devices()[:1])
         for method, batch in batches.items():
+            if method == "dpo_lora" and name not in LORA_MESHES:
+                continue
             if method == "dpo_lora":  # int8 base, adapters, the base as reference
                 models, state, shardings, frozen, frozen_shardings = init_lora(
                     lambda r: Decoder(config, rngs=r, lora=LORA, quant="int8"),

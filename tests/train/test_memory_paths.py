@@ -3,8 +3,8 @@ speed, never the numbers: every method's run with a remat policy (a different on
 every policy runs in a real training loop), or with `model.logits_chunk=5` (the LM head over 5
 positions at a time, padding the last chunk), SFT and DPO with splash attention, and DPO and GRPO
 (sampling included) with `model.scan_layers=false`, follow the loss curve of the same run without
-it, with or without a frozen reference model. A LoRA run of each method starts from the plain
-run's model."""
+it, with or without a frozen reference model. A LoRA run of SFT, a reward model, KTO and PPO
+starts from the plain run's model."""
 
 import json
 from pathlib import Path
@@ -45,7 +45,9 @@ CASES += [("sft", "splash"), ("dpo", "splash")]
 CASES += [("dpo", "unscanned"), ("grpo_with_reference", "unscanned")]
 # one worker runs a method's cases, so its plain run is made once (`-n 2 --dist loadgroup`)
 CASES = [pytest.param(m, v, marks=pytest.mark.xdist_group(f"memory_paths_{m}")) for m, v in CASES]
-LORA = [pytest.param(m, marks=pytest.mark.xdist_group(f"memory_paths_{m}")) for m in RUNS]
+# LoRA for the methods tests/train/test_lora.py does not run (it runs DPO and GRPO)
+LORA = [pytest.param(m, marks=pytest.mark.xdist_group(f"memory_paths_{m}"))
+        for m in ("sft", "reward", "kto", "ppo")]
 
 
 def train_rows(out: Path, method: str, *variant: str) -> list[dict]:
@@ -95,5 +97,6 @@ def test_lora_run_starts_from_the_plain_model_and_trains(method, plain_rows, tmp
                                                  "model.lora.alpha=8")
     for key in ("objective/rlhf_reward", "objective/kl") if method == "ppo" else ("loss",):
         np.testing.assert_allclose(lora[0][key], plain[0][key], rtol=1e-5, atol=1e-6)
-    assert not np.allclose([r["loss"] for r in lora[1:]], [r["loss"] for r in plain[1:]],
-                           rtol=1e-3, atol=0)
+    # after updates (the first may be at a warmup learning rate of 0), beyond the tolerance
+    # within which the memory paths agree
+    assert not np.isclose(lora[-1]["loss"], plain[-1]["loss"], rtol=1e-5, atol=0)

@@ -27,8 +27,13 @@ def report():
     return json.loads(out.stdout)
 
 
-@pytest.mark.parametrize("mesh", ["data", "fsdp", "tensor", "data_x_fsdp_x_tensor"])
-@pytest.mark.parametrize("method", ["sft", "dpo", "dpo_lora", "grpo"])
+MESHES = ["data", "fsdp", "tensor", "data_x_fsdp_x_tensor"]
+LORA_MESHES = ["fsdp", "data_x_fsdp_x_tensor"]  # as in sharded_steps.py
+CASES = [(mesh, method) for mesh in MESHES for method in ("sft", "dpo", "grpo")]
+CASES += [(mesh, "dpo_lora") for mesh in LORA_MESHES]
+
+
+@pytest.mark.parametrize("mesh, method", CASES)
 def test_sharded_step_equals_one_device(report, mesh, method):
     one, many = report[f"one_device/{method}"], report[f"{mesh}/{method}"]
     np.testing.assert_allclose(many["loss"], one["loss"], rtol=1e-5)
@@ -37,20 +42,23 @@ def test_sharded_step_equals_one_device(report, mesh, method):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo_lora"])
-def test_parameters_are_really_sharded(report, method):
+SHARDS = {"one_device": [1, 64, 128], "data": [1, 64, 128], "fsdp": [1, 8, 128],
+          "tensor": [1, 64, 16], "data_x_fsdp_x_tensor": [1, 32, 64]}
+
+
+@pytest.mark.parametrize("method, meshes", [("sft", list(SHARDS)),
+                                            ("dpo_lora", ["one_device", *LORA_MESHES])])
+def test_parameters_are_really_sharded(report, method, meshes):
     # layers.mlp.up_proj.kernel is [1 (layers), 64 (embed → fsdp), 128 (mlp → tensor)], trained
     # (sft) or the int8 codes of a frozen LoRA base
-    shards = {mesh: report[f"{mesh}/{method}"]["kernel_shard"] for mesh in
-              ("one_device", "data", "fsdp", "tensor", "data_x_fsdp_x_tensor")}
-    assert shards == {"one_device": [1, 64, 128], "data": [1, 64, 128], "fsdp": [1, 8, 128],
-                      "tensor": [1, 64, 16], "data_x_fsdp_x_tensor": [1, 32, 64]}
+    assert {m: report[f"{m}/{method}"]["kernel_shard"] for m in meshes} == {m: SHARDS[m]
+                                                                            for m in meshes}
     assert report[f"one_device/{method}"]["devices"] == 1
-    assert report[f"data/{method}"]["devices"] == 8
+    assert report[f"fsdp/{method}"]["devices"] == 8
 
 
-@pytest.mark.parametrize("mesh", ["data", "fsdp", "tensor", "data_x_fsdp_x_tensor"])
-@pytest.mark.parametrize("sample", ["sample", "sample_lora"])
+@pytest.mark.parametrize("mesh, sample", [(m, "sample") for m in MESHES]
+                         + [(m, "sample_lora") for m in LORA_MESHES])
 def test_sampling_from_sharded_parameters_equals_one_device(report, mesh, sample):
     one, many = report[f"one_device/{sample}"], report[f"{mesh}/{sample}"]
     assert many["ids"] == one["ids"]  # same key, same tokens
