@@ -23,7 +23,7 @@ from flax import nnx
 from align_jax.config import ConfigError, LoRAConfig
 from align_jax.models.decoder import Decoder
 from align_jax.models.hf import written_atomically
-from align_jax.models.lora import lora_scale
+from align_jax.models.lora import TRAINABLE, lora_scale
 from align_jax.models.quant import dequantize
 
 _GROUP = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
@@ -65,8 +65,8 @@ def write_adapter(model, lora: LoRAConfig, path, *, base_model: str | None = Non
     """Write `model`'s adapters (and scalar head) as a PEFT LoRA directory, atomically."""
     from safetensors.numpy import save_file
 
-    tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    host = jax.device_get(tree)
+    # only what is written: the adapters and a scalar head, not the base
+    host = jax.device_get(nnx.to_pure_dict(nnx.state(model, TRAINABLE)))
     tensors = {}
     for name, where, layer in adapter_names(model.config.num_layers, lora.targets,
                                             model.scan_layers):
