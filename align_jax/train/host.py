@@ -112,6 +112,12 @@ def check_lora(cfg: RunConfig) -> None:
                           f"compute dtype, model.dtype={cfg.model.dtype}")
 
 
+def base_quant(cfg: RunConfig) -> str | None:
+    """How a LoRA run stores its frozen base's projections: "int8", "nf4", or None (as floats)."""
+    lora = cfg.model.lora
+    return lora.base_dtype if lora is not None and lora.base_dtype in QUANTIZED else None
+
+
 def build_model(cfg: RunConfig, mesh: Mesh, *, with_scalar_head: bool = False,
                 path: str | None = None):
     """(make_model, make_base, pretrained params or None): the constructors (`decoder_factory`)
@@ -171,10 +177,9 @@ def decoder_factory(cfg: RunConfig, config: DecoderConfig, mesh: Mesh,
     if cfg.model.attention == "cudnn" and cfg.model.dtype != "bfloat16":
         raise ConfigError("model.attention=cudnn needs model.dtype=bfloat16 (cuDNN's fused "
                           "attention takes bf16 or fp16)")
-    lora = cfg.model.lora
-    if lora is not None:
+    if cfg.model.lora is not None:
         check_lora(cfg)
-    quant = lora.base_dtype if lora is not None and lora.base_dtype in QUANTIZED else None
+    quant = base_quant(cfg)
     return lambda rngs: Decoder(config, rngs=rngs, dtype=dtype, remat=remat,
                                 logits_chunk=cfg.model.logits_chunk,
                                 with_scalar_head=with_scalar_head,

@@ -26,8 +26,8 @@ from align_jax.config import RunConfig
 from align_jax.models import save_pretrained
 from align_jax.models.lora import PROJECTIONS, TRAINABLE, set_dropout_key
 from align_jax.models.peft import merge_adapters, read_adapter, write_adapter
-from align_jax.models.quant import QUANTIZED, quantize
-from align_jax.train.host import decoder_factory, frozen_params, pretrained_params
+from align_jax.models.quant import quantize
+from align_jax.train.host import base_quant, decoder_factory, frozen_params, pretrained_params
 from align_jax.train.mesh import param_shardings
 from align_jax.train.state import TrainState, init_train_state
 
@@ -167,9 +167,8 @@ def init_models(cfg: RunConfig, mesh: Mesh, tx: optax.GradientTransformation, ma
         adapters = read_adapter(lora.init_from, abstract, lora)
         for key in reversed(adapter_prefix):
             adapters = nnx.State({key: adapters})
-    quant = lora.base_dtype if lora.base_dtype in QUANTIZED else None
     models, state, shardings, frozen, frozen_shardings = init_lora(
-        make_model, make_base, tx, mesh, seed, pretrained, adapters, quant,
+        make_model, make_base, tx, mesh, seed, pretrained, adapters, base_quant(cfg),
         jnp.dtype(cfg.model.dtype))
     return (dataclasses.replace(models, dropout=lora.dropout > 0), state, shardings, frozen,
             frozen_shardings)
