@@ -1,6 +1,7 @@
-"""Flax NNX decoder for the Llama family, KV cache, and Hugging Face checkpoint I/O."""
+"""A Flax NNX decoder for the Llama and Gemma families (`registry`), its KV cache, and Hugging Face
+checkpoint I/O."""
 
-from align_jax.models.config import SUPPORTED_MODEL_TYPES, DecoderConfig
+from align_jax.models.config import DecoderConfig
 from align_jax.models.decoder import Decoder, KVCache, init_cache
 from align_jax.models.hf import (
     from_tensors,
@@ -9,9 +10,10 @@ from align_jax.models.hf import (
     save_pretrained,
     to_tensors,
 )
+from align_jax.models.registry import FAMILIES
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES",
+    "FAMILIES",
     "Decoder",
     "DecoderConfig",
     "KVCache",

@@ -1,18 +1,21 @@
-"""DecoderConfig: one dataclass for the Llama family, built from a Hugging Face config.json."""
+"""DecoderConfig: the hyperparameters of every supported decoder, and the config.json fields that
+all families share. Each family (`models.llama`, `models.gemma`) reads and writes its own fields;
+`models.registry` maps a config.json's `model_type` to its family."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-SUPPORTED_ACTIVATIONS = ("silu",)
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")  # SwiGLU (Llama) and GeGLU with tanh GELU (Gemma)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-    """Hyperparameters of a decoder-only transformer (Llama 2/3, Mistral, SmolLM, Qwen2/2.5/3)."""
+    """Hyperparameters of a decoder-only transformer (Llama 2/3, Mistral, SmolLM, Qwen2/2.5/3,
+    Gemma 2, Gemma 3)."""
 
     vocab_size: int
     hidden_size: int
@@ -31,8 +34,19 @@ class DecoderConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: bias on q, k, v (not o)
-    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
-    sliding_window: int | None = None  # Mistral v0.1: attend to the last `sliding_window` keys
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim on q and k before RoPE
+    sliding_window: int | None = None  # a windowed layer attends to the last `sliding_window` keys
+    # which layers are windowed, "sliding_attention" | "full_attention" per layer (Gemma 2, 3);
+    # None: every layer is windowed when `sliding_window` is set (Mistral v0.1)
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None  # Gemma 3: the windowed layers' RoPE base (unscaled)
+    hidden_act: str = "silu"  # the MLP's gate activation, one of ACTIVATIONS
+    norm_unit_offset: bool = False  # Gemma: RMSNorm weights w act as (1 + w), applied in float32
+    sandwich_norm: bool = False  # Gemma 2, 3: RMSNorm on the attention's and the MLP's outputs too
+    embed_scale: bool = False  # Gemma: token embeddings × √hidden_size
+    query_pre_attn_scalar: float | None = None  # Gemma: scores × this^-1/2 (default head_dim)
+    attn_logit_softcap: float | None = None  # Gemma 2: scores ← c·tanh(scores / c)
+    final_logit_softcap: float | None = None  # Gemma 2: logits ← c·tanh(logits / c)
     model_type: str = "llama"
 
     def __post_init__(self):
@@ -43,96 +57,100 @@ class DecoderConfig:
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope_type {self.rope_type!r} unsupported; "
                              f"expected {SUPPORTED_ROPE_TYPES}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; "
+                             f"expected one of {ACTIVATIONS}")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            unknown = set(self.layer_types) - set(LAYER_TYPES)
+            if len(self.layer_types) != self.num_layers or unknown:
+                raise ValueError(f"layer_types={list(self.layer_types)}: expected one of "
+                                 f"{LAYER_TYPES} for each of the {self.num_layers} layers")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window "
+                                 "is not set")
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor on q·k: query_pre_attn_scalar^-1/2 (Gemma), else head_dim^-1/2."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def windowed_layers(self) -> tuple[bool, ...]:
+        """Whether each layer attends within `sliding_window`."""
+        if self.layer_types is None:
+            return (self.sliding_window is not None,) * self.num_layers
+        return tuple(t == "sliding_attention" for t in self.layer_types)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any] | Any, *, source: str = "config") -> "DecoderConfig":
-        """From a transformers config (object or config.json dict); unsupported features are errors.
+        """From a transformers config (object or config.json dict) of a registered family
+        (`models.registry`); unsupported features are errors naming `source` and the feature."""
+        from align_jax.models.registry import config_from_hf
 
-        `source` names the file or object in error messages.
-        """
-        hf = hf if isinstance(hf, dict) else hf.to_dict()
-        model_type = hf.get("model_type")
-        where = f"{source}: model_type={model_type!r}"
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{where} is not supported; "
-                             f"align_jax supports {SUPPORTED_MODEL_TYPES}")
-        act = hf.get("hidden_act", "silu")
-        if act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"{where}: hidden_act={act!r} is not supported "
-                             f"(only SwiGLU with silu)")
-        if hf.get("mlp_bias"):
-            raise ValueError(f"{where}: mlp_bias=True is not supported")
-        if model_type == "llama" and hf.get("attention_bias"):
-            raise ValueError(f"{where}: attention_bias=True on llama is not supported")
-        try:
-            rope = _rope_fields(hf.get("rope_scaling") or hf.get("rope_parameters"), where)
-            num_heads = hf["num_attention_heads"]
-            return cls(
-                vocab_size=hf["vocab_size"],
-                hidden_size=hf["hidden_size"],
-                intermediate_size=hf["intermediate_size"],
-                num_layers=hf["num_hidden_layers"],
-                num_heads=num_heads,
-                num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-                head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-                rope_theta=_rope_theta(hf),
-                max_position_embeddings=hf.get("max_position_embeddings", 4096),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=model_type == "qwen2",
-                qk_norm=model_type == "qwen3",
-                sliding_window=_sliding_window(hf, model_type),
-                model_type=model_type,
-                **rope,
-            )
-        except KeyError as e:
-            raise ValueError(f"{where}: missing key {e.args[0]!r}") from None
+        return config_from_hf(hf, source=source)
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json dict that transformers loads into the matching architecture."""
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
-        out = {
-            "architectures": [arch],
-            "model_type": self.model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "torch_dtype": "float32",
+        from align_jax.models.registry import config_to_hf
+
+        return config_to_hf(self)
+
+
+def common_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
+    """The DecoderConfig fields every family reads the same way from config.json."""
+    num_heads = hf["num_attention_heads"]
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        rope_theta=rope_theta(hf.get("rope_parameters"), hf),
+        **rope_fields(hf.get("rope_scaling") or hf.get("rope_parameters"), where),
+    )
+
+
+def common_hf(config: DecoderConfig) -> dict[str, Any]:
+    """The config.json entries every family writes the same way."""
+    out = {
+        "model_type": config.model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": config.hidden_act,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "torch_dtype": "float32",
+    }
+    if config.rope_type == "linear":
+        out["rope_scaling"] = {"rope_type": "linear", "factor": config.rope_factor}
+    elif config.rope_type == "llama3":
+        out["rope_scaling"] = {
+            "rope_type": "llama3", "factor": config.rope_factor,
+            "low_freq_factor": config.rope_low_freq_factor,
+            "high_freq_factor": config.rope_high_freq_factor,
+            "original_max_position_embeddings": config.rope_original_max_position,
         }
-        if self.rope_type == "linear":
-            out["rope_scaling"] = {"rope_type": "linear", "factor": self.rope_factor}
-        elif self.rope_type == "llama3":
-            out["rope_scaling"] = {
-                "rope_type": "llama3", "factor": self.rope_factor,
-                "low_freq_factor": self.rope_low_freq_factor,
-                "high_freq_factor": self.rope_high_freq_factor,
-                "original_max_position_embeddings": self.rope_original_max_position,
-            }
-        if self.model_type == "llama":
-            out["attention_bias"] = False
-        if self.model_type in ("mistral", "qwen2", "qwen3"):
-            out["sliding_window"] = self.sliding_window
-            if self.model_type != "mistral":
-                out["use_sliding_window"] = self.sliding_window is not None
-        return out
+    return out
 
 
-def _rope_theta(hf):
-    params = hf.get("rope_parameters") or {}
-    return float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+def rope_theta(params: dict | None, hf: dict[str, Any], default: float = 10_000.0) -> float:
+    """The RoPE base: `rope_parameters.rope_theta` (transformers 5) or `rope_theta`."""
+    return float((params or {}).get("rope_theta", hf.get("rope_theta", default)))
 
 
-def _rope_fields(scaling: dict | None, where: str) -> dict[str, Any]:
+def rope_fields(scaling: dict | None, where: str) -> dict[str, Any]:
+    """DecoderConfig's rope_type and its factors from `rope_scaling` / `rope_parameters`."""
     if not scaling:
         return {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -150,12 +168,3 @@ def _rope_fields(scaling: dict | None, where: str) -> dict[str, Any]:
         }
     raise ValueError(f"{where}: rope_scaling type {rope_type!r} is not supported; "
                      f"supported: {SUPPORTED_ROPE_TYPES}")
-
-
-def _sliding_window(hf, model_type):
-    if model_type == "mistral":
-        return hf.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
-        raise ValueError(f"model_type={model_type!r}: use_sliding_window=True (per-layer windows) "
-                         "is not supported")
-    return None

@@ -87,22 +87,43 @@ def _key(dropout_key: Array | None, name: str) -> Array | None:
 
 
 class RMSNorm(nnx.Module):
-    """y = w · x / sqrt(mean(x²) + ε), computed in float32 and cast back (as transformers)."""
+    """y = w · x / sqrt(mean(x²) + ε), normalised in float32, then cast back and scaled (Llama);
+    with `unit_offset`, y = (1 + w) · x / sqrt(mean(x²) + ε) all in float32, then cast back
+    (Gemma, whose w starts at 0)."""
 
-    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, axis_name="embed"):
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis_name,))
-        self.eps = eps
+    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, axis_name="embed",
+                 unit_offset: bool = False):
+        init = jnp.zeros if unit_offset else jnp.ones
+        self.weight = nnx.Param(init((dim,), param_dtype), out_sharding=(axis_name,))
+        self.eps, self.unit_offset = eps, unit_offset
 
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        if self.unit_offset:
+            return (x32 * (1 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope_inv_freq(config: DecoderConfig) -> Array:
-    """Inverse frequencies θ^(-2i/d), with linear or Llama-3.1 frequency-dependent scaling."""
+def rms_norm(config: DecoderConfig, dim: int, param_dtype, axis_name: str = "embed") -> RMSNorm:
+    """The RMSNorm of `config`'s family over `dim` features."""
+    return RMSNorm(dim, config.rms_norm_eps, param_dtype=param_dtype, axis_name=axis_name,
+                   unit_offset=config.norm_unit_offset)
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+    """cap · tanh(x / cap) (Gemma 2's soft-capping), or x when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def rope_inv_freq(config: DecoderConfig, local: bool = False) -> Array:
+    """Inverse frequencies θ^(-2i/d), with linear or Llama-3.1 frequency-dependent scaling; with
+    `local`, those of the windowed layers' unscaled base `rope_local_theta` (Gemma 3)."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if local:
+        return inv_freq
     if config.rope_type == "linear":
         return inv_freq / config.rope_factor
     if config.rope_type == "llama3":
@@ -134,8 +155,10 @@ def apply_rope(x: Array, cos_sin: tuple[Array, Array]) -> Array:
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def attention(q_BxTxQxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: Array) -> Array:
-    """softmax(q·kᵀ/√H + mask)·v with Q query heads sharing K key/value heads (Q = K·J).
+def attention(q_BxTxQxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: Array, *,
+              scale: float | None = None, logit_softcap: float | None = None) -> Array:
+    """softmax(softcap(c·q·kᵀ) + mask)·v with Q query heads sharing K key/value heads (Q = K·J);
+    c = `scale` (default 1/√H), softcap(s) = `logit_softcap`·tanh(s / `logit_softcap`) when given.
 
     Queries are laid out heads-major, [B, K, J, T, H], so both products contract the trailing axis
     of contiguous [T, H] and [S, H] blocks and keys and values are never repeated (about 17% less
@@ -147,7 +170,8 @@ def attention(q_BxTxQxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: 
     K = k_BxKxSxH.shape[1]
     q_BxKxJxTxH = q_BxTxQxH.reshape(B, T, K, Q // K, H).transpose(0, 2, 3, 1, 4)
     scores = jnp.einsum("bkjth,bksh->bkjts", q_BxKxJxTxH, k_BxKxSxH,
-                        preferred_element_type=jnp.float32) * H**-0.5
+                        preferred_element_type=jnp.float32) * (scale or H**-0.5)
+    scores = softcap(scores, logit_softcap)
     scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
     out_BxKxJxTxH = jnp.einsum("bkjts,bksh->bkjth", probs, v_BxKxSxH)
@@ -167,10 +191,8 @@ class Attention(nnx.Module):
         self.o_proj = _dense(rngs, c.num_heads * c.head_dim, c.hidden_size, ("heads", "embed"),
                              name="o_proj", **kw)
         if c.qk_norm:
-            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype,
-                                  axis_name="head_dim")
-            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, param_dtype=param_dtype,
-                                  axis_name="head_dim")
+            self.q_norm = rms_norm(c, c.head_dim, param_dtype, "head_dim")
+            self.k_norm = rms_norm(c, c.head_dim, param_dtype, "head_dim")
 
     def __call__(self, x_RxD, cos_sin, attend, kv_cache, dropout_key=None):
         """x_RxD holds the R = B·T tokens of the batch as rows (see `Decoder.hidden_states`);
@@ -199,11 +221,16 @@ class Attention(nnx.Module):
                             _key(dropout_key, "o_proj")), kv_cache)
 
 
+ACTIVATION_FNS = {"silu": jax.nn.silu,
+                  "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) · up(x))."""
+    """down(act(gate(x)) · up(x)): SwiGLU (act = silu) or GeGLU (act = tanh-approximate GELU)."""
 
     def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype, lora=None, quant=None):
         kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, quant=quant)
+        self.act = ACTIVATION_FNS[config.hidden_act]
         self.gate_proj = _dense(rngs, config.hidden_size, config.intermediate_size,
                                 ("embed", "mlp"), name="gate_proj", **kw)
         self.up_proj = _dense(rngs, config.hidden_size, config.intermediate_size,
@@ -214,25 +241,30 @@ class MLP(nnx.Module):
     def __call__(self, x, dropout_key=None):
         gate = self.gate_proj(x, _key(dropout_key, "gate_proj"))
         up = self.up_proj(x, _key(dropout_key, "up_proj"))
-        return self.down_proj(jax.nn.silu(gate) * up, _key(dropout_key, "down_proj"))
+        return self.down_proj(self.act(gate) * up, _key(dropout_key, "down_proj"))
 
 
 class Block(nnx.Module):
+    """x + Attn(norm(x)), then x + MLP(norm(x)); with `sandwich_norm` (Gemma) the attention's and
+    the MLP's outputs are normalised too before they are added."""
+
     def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype, lora=None, quant=None):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, lora=lora, quant=quant)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                                       param_dtype=param_dtype)
+        self.attn_norm = rms_norm(config, config.hidden_size, param_dtype)
         self.self_attn = Attention(config, **kw)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps,
-                                                param_dtype=param_dtype)
+        self.mlp_norm = rms_norm(config, config.hidden_size, param_dtype)
         self.mlp = MLP(config, **kw)
+        if config.sandwich_norm:
+            self.attn_out_norm = rms_norm(config, config.hidden_size, param_dtype)
+            self.mlp_out_norm = rms_norm(config, config.hidden_size, param_dtype)
+        self.sandwich = config.sandwich_norm
 
     def __call__(self, x, cos_sin, attend, kv_cache, dropout_key=None):
         x = checkpoint_name(x, "block_input")
-        attn, kv_cache = self.self_attn(self.input_layernorm(x), cos_sin, attend, kv_cache,
-                                        dropout_key)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x), dropout_key), kv_cache
+        attn, kv_cache = self.self_attn(self.attn_norm(x), cos_sin, attend, kv_cache, dropout_key)
+        x = x + (self.attn_out_norm(attn) if self.sandwich else attn)
+        mlp = self.mlp(self.mlp_norm(x), dropout_key)
+        return x + (self.mlp_out_norm(mlp) if self.sandwich else mlp), kv_cache
 
 
 def stacked_blocks(config: DecoderConfig, *, rngs, **kw) -> Block:
@@ -271,17 +303,19 @@ def pin_rows(x_RxD: Array, sharding: jax.sharding.NamedSharding | None) -> Array
     return x_RxD if x_RxD.shape[0] % shards else jax.lax.with_sharding_constraint(x_RxD, sharding)
 
 
-def run_blocks(blocks: Block | nnx.List, x_RxD, cos_sin, attend, cache_kv, index, *,
+def run_blocks(blocks: Block | nnx.List, x_RxD, context, cache_kv, index, *,
                remat: str, activation_sharding=None, dropout_key=None):
     """x ← block_l(x) for l = 1…L: one `lax.scan` over stacked parameters (`blocks` a Block), or
     a Python loop over L Blocks (`blocks` an `nnx.List`).
 
-    Each layer runs as a pure function of (graphdef, parameters), so the body never writes back to
-    the module it came from (which may belong to another trace, e.g. a frozen reference merged
-    outside `value_and_grad`). `remat` names a policy of `REMAT_POLICIES` for `jax.checkpoint`
-    around it. With a cache, the stacked keys and values ride in the carry and each layer writes
-    its new tokens in place. Each block's input is pinned to `activation_sharding` (`pin_rows`).
-    Layer l draws its LoRA dropout masks from `dropout_key` folded with l.
+    `context(l)` gives layer l's RoPE (cos, sin) and its `attend(q, k, v)` (attention under its
+    mask, global or windowed). Each layer runs as a pure function of (graphdef, parameters), so
+    the body never writes back to the module it came from (which may belong to another trace, e.g.
+    a frozen reference merged outside `value_and_grad`). `remat` names a policy of
+    `REMAT_POLICIES` for `jax.checkpoint` around it. With a cache, the stacked keys and values ride
+    in the carry and each layer writes its new tokens in place. Each block's input is pinned to
+    `activation_sharding` (`pin_rows`). Layer l draws its LoRA dropout masks from `dropout_key`
+    folded with l.
     """
     def layer_fn(graphdef):
         def body(carry, xs):
@@ -289,7 +323,7 @@ def run_blocks(blocks: Block | nnx.List, x_RxD, cos_sin, attend, cache_kv, index
             kv = None if kv is None else (*kv, layer, index)
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
             x = pin_rows(x, activation_sharding)
-            x, kv = nnx.merge(graphdef, params)(x, cos_sin, attend, kv, key)
+            x, kv = nnx.merge(graphdef, params)(x, *context(layer), kv, key)
             return (x, kv), None
         if remat == "none":
             return body
@@ -338,6 +372,10 @@ class Decoder(nnx.Module):
         self.activation_sharding = activation_sharding
         if attention not in ATTENTION:
             raise ValueError(f"attention={attention!r}: expected one of {ATTENTION}")
+        if attention == "cudnn" and config.attn_logit_softcap is not None:
+            raise ValueError(f"attention='cudnn' cannot soft-cap attention scores "
+                             f"(model_type={config.model_type!r} caps them at "
+                             f"{config.attn_logit_softcap}); use xla")
         self.attention = attention
         # Logical axis names stay metadata; the trainer places parameters on its mesh with
         # jit(init, out_shardings=...), so no variable is sharded eagerly at construction.
@@ -352,7 +390,7 @@ class Decoder(nnx.Module):
         blocks = stacked_blocks if self.scan_layers else separate_blocks
         self.layers = blocks(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype, lora=lora,
                              quant=quant)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.norm = rms_norm(config, config.hidden_size, param_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = _dense(rngs, config.hidden_size, config.vocab_size, ("embed", "vocab"),
                                   dtype=dtype, param_dtype=param_dtype)
@@ -389,27 +427,27 @@ class Decoder(nnx.Module):
         key_slots = jnp.arange(key_mask.shape[1])
         allowed = key_slots[None, :] <= query_slots[:, None]
         mask_BxTxS = allowed[None] & key_mask[:, None, :]
-        window = self.config.sliding_window
         if segment_ids_BxT is None:
             positions = jnp.maximum(offset[:, None]
                                     + jnp.cumsum(new_mask, axis=1, dtype=jnp.int32) - 1, 0)
-            if window is not None:  # slots are consecutive positions here
-                mask_BxTxS &= (query_slots[:, None] - key_slots[None, :] < window)[None]
+            distance = (query_slots[:, None] - key_slots[None, :])[None]  # slots are positions
         else:
             seg_q, seg_k = segment_ids_BxT[:, :, None], segment_ids_BxT[:, None, :]
             mask_BxTxS &= (seg_k == 0) | (seg_k == seg_q)
             positions = jnp.maximum(jnp.sum(mask_BxTxS, axis=2, dtype=jnp.int32) - 1, 0)
-            if window is not None:
-                mask_BxTxS &= positions[:, :, None] - positions[:, None, :] < window
+            distance = positions[:, :, None] - positions[:, None, :]
+        window = self.config.sliding_window
+        window_BxTxS = None if window is None else mask_BxTxS & (distance < window)
 
         # Tokens go through the blocks as the rows of one [B·T, D] matrix: XLA's CPU backward of a
         # dense layer on [B, T, D] inputs transposes its activations (≈ 30% slower per layer).
         x = self.embed_tokens(input_ids_BxT.reshape(B * T))
-        cos_sin = rope_angles(positions, rope_inv_freq(self.config), x.dtype)
+        if self.config.embed_scale:
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, x.dtype)
+        context = self._layer_context(mask_BxTxS, window_BxTxS, positions, new_mask,
+                                      segment_ids_BxT, cache, x.dtype)
         kv = None if cache is None else (cache.keys_LxBxKxSxH, cache.values_LxBxKxSxH)
-        x, kv = run_blocks(self.layers, x, cos_sin, self._attend(mask_BxTxS, new_mask,
-                                                                 segment_ids_BxT, cache),
-                           kv, index, remat=self.remat,
+        x, kv = run_blocks(self.layers, x, context, kv, index, remat=self.remat,
                            activation_sharding=self.activation_sharding,
                            dropout_key=self.lora_dropout_key)
         x = self.norm(x).reshape(B, T, -1)
@@ -417,22 +455,52 @@ class Decoder(nnx.Module):
             return x, None
         return x, KVCache(*kv, key_mask, index + T)
 
-    def _attend(self, mask_BxTxS, key_mask_BxS, segment_ids_BxT, cache):
-        """attend(q, k, v): the einsum `attention` under the dense mask, or a fused kernel
+    def _layer_context(self, mask_BxTxS, window_BxTxS, positions_BxT, key_mask_BxS,
+                       segment_ids_BxT, cache, dtype):
+        """context(l) -> (RoPE cos and sin, attend(q, k, v)) of layer l: global or windowed
+        (`DecoderConfig.windowed_layers`), as a select on the layer index when the layers differ.
+        attend is the einsum `attention` under the dense mask, or a fused kernel
         (`kernels.kernel_attention`) for a forward pass without a cache."""
+        c = self.config
+        rope = rope_angles(positions_BxT, rope_inv_freq(c), dtype)
+        local_rope = (rope if c.rope_local_theta is None
+                      else rope_angles(positions_BxT, rope_inv_freq(c, local=True), dtype))
+        scores = dict(scale=c.attention_scale, logit_softcap=c.attn_logit_softcap)
         if self.attention == "xla" or cache is not None:
-            return lambda q, k, v: attention(q, k, v, mask_BxTxS)
-        mesh = None if self.activation_sharding is None else self.activation_sharding.mesh
-        platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-        return functools.partial(kernel_attention, self.attention, key_mask_BxS=key_mask_BxS,
-                                 segment_ids_BxT=segment_ids_BxT,
-                                 sliding_window=self.config.sliding_window, mesh=mesh,
-                                 interpret=self.attention == "splash" and platform != "tpu")
+            def attend(mask):
+                return functools.partial(attention, mask_BxTxS=mask, **scores)
+            windowed_attend, global_attend = attend(window_BxTxS), attend(mask_BxTxS)
+        else:
+            mesh = None if self.activation_sharding is None else self.activation_sharding.mesh
+            platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+
+            def attend(window):
+                return functools.partial(
+                    kernel_attention, self.attention, key_mask_BxS=key_mask_BxS,
+                    segment_ids_BxT=segment_ids_BxT, sliding_window=window, mesh=mesh,
+                    interpret=self.attention == "splash" and platform != "tpu", **scores)
+            windowed_attend, global_attend = attend(c.sliding_window), attend(None)
+        windowed = c.windowed_layers()
+        if len(set(windowed)) == 1:
+            fixed = (local_rope, windowed_attend) if windowed[0] else (rope, global_attend)
+            return lambda layer: fixed
+        flags_L = jnp.asarray(windowed)
+
+        def context(layer):
+            w = flags_L[layer]
+            cos_sin = jax.tree.map(functools.partial(jnp.where, w), local_rope, rope)
+            if self.attention == "xla" or cache is not None:
+                return cos_sin, attend(jnp.where(w, window_BxTxS, mask_BxTxS))
+            return cos_sin, lambda q, k, v: jax.lax.cond(w, windowed_attend, global_attend, q, k, v)
+        return context
 
     def logits(self, hidden_BxTxD: Array) -> Array:
+        """The LM head (soft-capped where the config says: Gemma 2)."""
         if self.config.tie_word_embeddings:
-            return self.embed_tokens.attend(hidden_BxTxD)
-        return self.lm_head(hidden_BxTxD)
+            logits = self.embed_tokens.attend(hidden_BxTxD)
+        else:
+            logits = self.lm_head(hidden_BxTxD)
+        return softcap(logits, self.config.final_logit_softcap)
 
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, cache=None, segment_ids_BxT=None):
         """Logits [B, T, V] (in the compute dtype; `ops.token_logps` normalises in float32)."""

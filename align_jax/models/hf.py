@@ -20,6 +20,7 @@ from flax import nnx
 
 from align_jax.models.config import DecoderConfig
 from align_jax.models.decoder import Decoder
+from align_jax.models.registry import FAMILIES
 
 # Buffers some checkpoints carry that are recomputed, not learned.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -37,21 +38,6 @@ class ParamName(NamedTuple):
     transposed: bool
 
 
-def _block_names(config: DecoderConfig) -> Iterator[tuple[str, tuple[str, ...], bool]]:
-    """(HF name inside a block, our path inside the stacked blocks, transposed)."""
-    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        yield f"self_attn.{proj}.weight", ("self_attn", proj, "kernel"), True
-        if config.attention_bias and proj != "o_proj":
-            yield f"self_attn.{proj}.bias", ("self_attn", proj, "bias"), False
-    if config.qk_norm:
-        for norm in ("q_norm", "k_norm"):
-            yield f"self_attn.{norm}.weight", ("self_attn", norm, "weight"), False
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        yield f"mlp.{proj}.weight", ("mlp", proj, "kernel"), True
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-        yield f"{norm}.weight", (norm, "weight"), False
-
-
 def hf_param_names(config: DecoderConfig, scalar_head: bool = False,
                    scan_layers: bool = True) -> Iterator[ParamName]:
     """Every HF tensor of a checkpoint of `config`, in transformers' order, for a Decoder with
@@ -61,7 +47,7 @@ def hf_param_names(config: DecoderConfig, scalar_head: bool = False,
     instead of an LM head."""
     yield ParamName("model.embed_tokens.weight", ("embed_tokens", "embedding"), None, False)
     for i in range(config.num_layers):
-        for name, path, transposed in _block_names(config):
+        for name, path, transposed in FAMILIES[config.model_type].block_names(config):
             where = ("layers", *path) if scan_layers else ("layers", i, *path)
             yield ParamName(f"model.layers.{i}.{name}", where, i if scan_layers else None,
                             transposed)
@@ -200,6 +186,9 @@ def _load_gguf(path: Path) -> tuple[DecoderConfig, dict[str, np.ndarray]]:
     import gguf
 
     config = read_config(path)
+    if not FAMILIES[config.model_type].gguf:
+        raise ValueError(f"{path}: GGUF files of model_type={config.model_type!r} are not read; "
+                         f"convert it to a safetensors directory")
     reader = gguf.GGUFReader(str(path))
     tensors = {}
     for t in reader.tensors:
@@ -261,7 +250,7 @@ def written_atomically(path) -> Iterator[Path]:
 def save_pretrained(model: Decoder, path, *, tokenizer=None) -> Path:
     """Write an HF directory (config.json, model.safetensors, tokenizer files) atomically.
 
-    A model with a scalar head is written as `<Arch>ForSequenceClassification` with one label
+    A model with a scalar head is written as its family's sequence classifier with one label
     (`score.weight`), which scores each sequence at its last non-pad token as `Decoder.score`
     does; the tokenizer's pad token id goes into the config for that. The directory is assembled
     next to `path` and renamed into place, so a crash never leaves a half-written checkpoint; an
@@ -274,8 +263,7 @@ def save_pretrained(model: Decoder, path, *, tokenizer=None) -> Path:
         config["torch_dtype"] = str(np.dtype(model.embed_tokens.embedding.get_value().dtype))
         tensors = {k: jnp.asarray(v) for k, v in to_tensors(model).items()}
         if hasattr(model, "score_head"):
-            config["architectures"] = [
-                config["architectures"][0].replace("ForCausalLM", "ForSequenceClassification")]
+            config["architectures"] = [FAMILIES[model.config.model_type].classifier]
             config["num_labels"] = 1
             if tokenizer is not None:
                 config["pad_token_id"] = tokenizer.pad_token_id

@@ -64,9 +64,10 @@ LANES = 128  # splash tiles the sequence in multiples of the TPU's 128 lanes
 def kernel_attention(implementation: str, q_BxTxQxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
                      *, key_mask_BxS: Array, segment_ids_BxT: Array | None = None,
                      sliding_window: int | None = None, num_segments: int = 3,
+                     scale: float | None = None, logit_softcap: float | None = None,
                      mesh: Mesh | None = None, batch_axes: str | tuple[str, ...] = ("data", "fsdp"),
                      head_axis: str | None = "tensor", interpret: bool = False) -> Array:
-    """softmax(q·kᵀ/√H + mask)·v, as `decoder.attention` under the mask of
+    """softmax(softcap(c·q·kᵀ) + mask)·v, as `decoder.attention` under the mask of
     `Decoder.hidden_states` without a cache, by a fused kernel: "splash" (TPU; `interpret` runs it
     in Pallas' interpreter on any backend; T is padded up to a multiple of 128 inside) or "cudnn"
     (GPU, bf16 or fp16).
@@ -77,16 +78,22 @@ def kernel_attention(implementation: str, q_BxTxQxH: Array, k_BxKxSxH: Array, v_
       segment_ids_BxT: packed rows [segment 0 | segment 1 | … | pads], ids in [0, num_segments);
         a token of segment s > 0 attends to segment 0 and to earlier tokens of s.
       sliding_window: a query attends to keys fewer than this many positions before it.
+      scale: c, the factor on q·kᵀ (default 1/√H).
+      logit_softcap: scores s become cap·tanh(s / cap) (splash only: cuDNN has no soft-capping).
       mesh: run the kernel on each device's rows and heads (`shard_map`; XLA cannot partition a
         Pallas call): rows split over `batch_axes`, query and kv heads over `head_axis`, as
         `train.mesh` splits them.
     Returns:
       [B, T, Q, H]; the rows of pad queries are finite and meaningless.
     """
+    scale = q_BxTxQxH.shape[-1] ** -0.5 if scale is None else scale
     if implementation == "splash":
-        causal = functools.partial(_splash_causal, interpret=interpret)
+        causal = functools.partial(_splash_causal, interpret=interpret, scale=scale,
+                                   logit_softcap=logit_softcap)
     elif implementation == "cudnn":
-        causal = functools.partial(_dot_product_causal, implementation="cudnn")
+        if logit_softcap is not None:
+            raise ValueError("cudnn attention cannot soft-cap scores")
+        causal = functools.partial(_dot_product_causal, implementation="cudnn", scale=scale)
     else:
         raise ValueError(f"attention implementation {implementation!r}: expected 'splash' or "
                          "'cudnn'")
@@ -150,16 +157,16 @@ def _inverse_permutation(perm_BxUxT: Array) -> Array:
     return jnp.vectorize(invert, signature="(t)->(t)")(perm_BxUxT)
 
 
-def _dot_product_causal(q_AxTxQxH, k_AxKxTxH, v_AxKxTxH, window, *, implementation):
+def _dot_product_causal(q_AxTxQxH, k_AxKxTxH, v_AxKxTxH, window, *, implementation, scale):
     """Causal attention by `jax.nn.dot_product_attention`: cuDNN's causal and sliding-window masks
     with implementation="cudnn", no bias; XLA's einsum with "xla"."""
     return jax.nn.dot_product_attention(
         q_AxTxQxH, k_AxKxTxH.swapaxes(1, 2), v_AxKxTxH.swapaxes(1, 2), is_causal=True,
-        local_window_size=None if window is None else (window - 1, 0),
+        local_window_size=None if window is None else (window - 1, 0), scale=scale,
         implementation=implementation)
 
 
-def _splash_causal(q_AxTxQxH, k_AxKxTxH, v_AxKxTxH, window, *, interpret):
+def _splash_causal(q_AxTxQxH, k_AxKxTxH, v_AxKxTxH, window, *, interpret, scale, logit_softcap):
     """Causal attention by splash's MQA kernel, mapped over the rows and the K kv heads, each with
     its J query heads. T is padded up to a multiple of 128 with slots after every real one, which
     no real query attends to; blocks are the largest of 512, 256, 128 that divide it."""
@@ -173,11 +180,11 @@ def _splash_causal(q_AxTxQxH, k_AxKxTxH, v_AxKxTxH, window, *, interpret):
         splash.MultiHeadMask([mask] * (Q // K)),
         block_sizes=splash.BlockSizes(block_q=block, block_kv=block, block_q_dkv=block,
                                       block_kv_dkv=block, use_fused_bwd_kernel=True),
-        interpret=interpret)
+        attn_logits_soft_cap=logit_softcap, interpret=interpret)
 
     def pad(x):
         return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, Tp - T), (0, 0)])
 
-    q_AxKxJxTxH = (q_AxTxQxH * H**-0.5).reshape(A, T, K, Q // K, H).transpose(0, 2, 3, 1, 4)
+    q_AxKxJxTxH = (q_AxTxQxH * scale).reshape(A, T, K, Q // K, H).transpose(0, 2, 3, 1, 4)
     out_AxKxJxTxH = jax.vmap(jax.vmap(kernel))(pad(q_AxKxJxTxH), pad(k_AxKxTxH), pad(v_AxKxTxH))
     return out_AxKxJxTxH[..., :T, :].transpose(0, 3, 1, 2, 4).reshape(A, T, Q, H)

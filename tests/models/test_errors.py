@@ -2,6 +2,7 @@
 problem."""
 
 import json
+import re
 
 import pytest
 import transformers
@@ -21,9 +22,15 @@ LLAMA = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size
     ({"num_key_value_heads": 3}, "num_heads=2 is not a multiple of num_kv_heads=3"),
     ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window=True"),
     ({"mlp_bias": True}, "mlp_bias=True is not supported"),
+    ({"model_type": "gemma3", "text_config": {}}, "model_type='gemma3': Gemma 3 with its vision "
+                                                 "tower (Gemma3ForConditionalGeneration)"),
+    ({"model_type": "gemma2", "hidden_activation": "gelu"}, "hidden_activation='gelu'"),
+    ({"model_type": "gemma3_text", "use_bidirectional_attention": True},
+     "use_bidirectional_attention=True is not supported"),
+    ({"model_type": "gemma2", "layer_types": ["full_attention"] * 2}, "layer_types="),
 ])
 def test_unsupported_configs_name_the_feature(change, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         DecoderConfig.from_hf({**LLAMA, **change}, source="x/config.json")
 
 
@@ -36,12 +43,32 @@ def test_missing_config_key_is_named():
 
 
 def test_hf_round_trip_of_config():
-    for hf in (transformers.LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"}),
-               transformers.Qwen3Config(vocab_size=10, hidden_size=8, intermediate_size=16,
-                                        num_hidden_layers=1, num_attention_heads=2,
-                                        num_key_value_heads=1, head_dim=4)):
+    sizes = {k: v for k, v in LLAMA.items() if k != "model_type"}
+    for hf in (transformers.LlamaConfig(**sizes), transformers.Qwen3Config(**sizes, head_dim=4),
+               transformers.Gemma2Config(**sizes, head_dim=4),
+               transformers.Gemma3TextConfig(**{**sizes, "num_hidden_layers": 7}, head_dim=4,
+                                             rope_scaling={"rope_type": "linear", "factor": 8.0})):
         config = DecoderConfig.from_hf(hf)
         assert DecoderConfig.from_hf(config.to_hf()) == config
+        reloaded = type(hf)(**{k: v for k, v in config.to_hf().items() if k != "architectures"})
+        assert DecoderConfig.from_hf(reloaded) == config
+
+
+def test_gemma_hub_config_files_read_as_transformers_reads_them():
+    """config.json as the Hub has it for Gemma 2 (no layer_types) and Gemma 3 (rope_scaling,
+    rope_local_base_freq, sliding_window_pattern): the layer pattern and both RoPE bases."""
+    gemma2 = DecoderConfig.from_hf({**LLAMA, "model_type": "gemma2", "num_hidden_layers": 4,
+                                    "sliding_window": 16, "query_pre_attn_scalar": 224})
+    assert gemma2.windowed_layers() == (True, False, True, False)
+    assert gemma2.attention_scale == 224 ** -0.5 and gemma2.tie_word_embeddings
+    assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap) == (None, None)
+    gemma3 = DecoderConfig.from_hf({**LLAMA, "model_type": "gemma3_text", "num_hidden_layers": 7,
+                                    "sliding_window_pattern": 6, "rope_theta": 1e6,
+                                    "rope_local_base_freq": 1e4,
+                                    "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    assert gemma3.windowed_layers() == (True,) * 5 + (False, True)
+    assert (gemma3.rope_theta, gemma3.rope_local_theta, gemma3.rope_factor) == (1e6, 1e4, 8.0)
+    assert gemma3.qk_norm and gemma3.rope_type == "linear"
 
 
 def test_broken_checkpoint_directories(tmp_path):

@@ -30,9 +30,9 @@ def decoder_mask(key_mask_BxT, segment_ids_BxT, sliding_window):
     def mask_of(key_mask_BxT, segment_ids_BxT):
         masks = []
 
-        def capture(q, k, v, mask_BxTxS):
+        def capture(q, k, v, mask_BxTxS, **scores):
             masks.append(mask_BxTxS)
-            return attention(q, k, v, mask_BxTxS)
+            return attention(q, k, v, mask_BxTxS, **scores)
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(decoder, "attention", capture)
@@ -69,7 +69,8 @@ IMPLEMENTATIONS = {
     "splash": functools.partial(kernels.kernel_attention, "splash", interpret=True),
     "cudnn_plumbing_on_xla": functools.partial(
         kernels._unpacked_attention,
-        functools.partial(kernels._dot_product_causal, implementation="xla"), num_segments=3),
+        functools.partial(kernels._dot_product_causal, implementation="xla", scale=H**-0.5),
+        num_segments=3),
 }
 
 
@@ -79,9 +80,10 @@ def output_and_grads(attend, q, k, v, cotangent):
 
 
 @functools.cache
-def reference(case):
+def reference(case, scale=None, logit_softcap=None):
     """Random q, k, v, a cotangent that is zero on pad queries (their outputs are never used), and
-    `decoder.attention`'s output and gradients under the decoder's mask."""
+    `decoder.attention`'s output and gradients under the decoder's mask (and with the given scale
+    and soft-cap on the scores)."""
     key_mask_BxT, segment_ids_BxT, window = CASES[case]
     B, T = key_mask_BxT.shape
     rng = np.random.default_rng(0)
@@ -89,17 +91,27 @@ def reference(case):
                           for shape in ((B, T, Q, H), (B, K, T, H), (B, K, T, H), (B, T, Q, H)))
     inputs = (q, k, v, cotangent * key_mask_BxT[:, :, None, None])
     mask_BxTxS = decoder_mask(key_mask_BxT, segment_ids_BxT, window)
-    attend = functools.partial(decoder.attention, mask_BxTxS=mask_BxTxS)
+    attend = functools.partial(decoder.attention, mask_BxTxS=mask_BxTxS, scale=scale,
+                               logit_softcap=logit_softcap)
     return inputs, jax.jit(output_and_grads, static_argnums=0)(attend, *inputs)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", CASES)
 def test_kernel_equals_the_decoder_attention(case, implementation):
+    check_kernel(case, IMPLEMENTATIONS[implementation])
+
+
+def test_splash_scales_and_soft_caps_scores_as_the_decoder():
+    """Gemma's scores: q·kᵀ × query_pre_attn_scalar^-1/2, then c·tanh(s / c)."""
+    check_kernel("packed_window", IMPLEMENTATIONS["splash"], scale=0.3, logit_softcap=2.0)
+
+
+def check_kernel(case, implementation, **scores):
     key_mask_BxT, segment_ids_BxT, window = CASES[case]
-    inputs, (ref, ref_grads) = reference(case)
-    attend = functools.partial(IMPLEMENTATIONS[implementation], key_mask_BxS=key_mask_BxT,
-                               segment_ids_BxT=segment_ids_BxT, sliding_window=window)
+    inputs, (ref, ref_grads) = reference(case, **scores)
+    attend = functools.partial(implementation, key_mask_BxS=key_mask_BxT,
+                               segment_ids_BxT=segment_ids_BxT, sliding_window=window, **scores)
 
     out, grads = jax.jit(output_and_grads, static_argnums=0)(attend, *inputs)
 
