@@ -58,7 +58,8 @@ class LoRAConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     path: Optional[str] = None  # an HF directory or .gguf file; None builds `init` from scratch
-    # transformers.LlamaConfig kwargs
+    # a transformers config's kwargs; model_type (default llama) names the family
+    # (models.registry.FAMILIES: llama, mistral, qwen2, qwen3, gemma2, gemma3_text)
     init: dict[str, Any] = dataclasses.field(default_factory=dict)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     # what each layer keeps for the backward pass, the rest recomputed: none | full | dots |

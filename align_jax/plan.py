@@ -26,7 +26,6 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.extend
 import jax.numpy as jnp
-import transformers
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -42,6 +41,7 @@ from align_jax.data import (
 from align_jax.models import DecoderConfig, init_cache, read_config
 from align_jax.models.decoder import remat_policy
 from align_jax.models.lora import TRAINABLE
+from align_jax.models.registry import config_from_init
 from align_jax.topology import GiB, Target, target
 from align_jax.train import methods, online, sweep
 from align_jax.train.host import compute_dtype, decoder_factory, frozen_params
@@ -144,8 +144,8 @@ def _decoder_config(cfg: RunConfig, path: str | None) -> DecoderConfig:
     try:
         if path is not None:
             return read_config(path)
-        return DecoderConfig.from_hf(transformers.LlamaConfig(**cfg.model.init))
-    except (OSError, ValueError) as e:
+        return config_from_init(cfg.model.init)
+    except (OSError, ValueError, TypeError) as e:
         raise ConfigError(f"model: {e}") from None
 
 

@@ -62,3 +62,17 @@ def config_to_hf(config: DecoderConfig) -> dict[str, Any]:
     """The config.json dict that transformers loads into the matching architecture."""
     family = FAMILIES[config.model_type]
     return {"architectures": [family.causal_lm], **common_hf(config), **family.hf_fields(config)}
+
+
+def config_from_init(init: dict[str, Any], *, source: str = "model.init") -> DecoderConfig:
+    """The DecoderConfig of a model built from scratch: `init` holds a transformers config's
+    keyword arguments, with `model_type` (default "llama") naming the family; what `init` leaves
+    out takes transformers' default for that family."""
+    import transformers
+
+    init = dict(init)
+    model_type = init.pop("model_type", "llama")
+    if model_type not in FAMILIES:  # named as a config.json of that type would be
+        return config_from_hf({"model_type": model_type}, source=source)
+    hf = transformers.AutoConfig.for_model(model_type, **init)
+    return config_from_hf(hf, source=source)

@@ -38,6 +38,7 @@ from align_jax.models import Decoder, DecoderConfig, load_pretrained
 from align_jax.models.decoder import ATTENTION, remat_policy
 from align_jax.models.lora import PROJECTIONS
 from align_jax.models.quant import BASE_DTYPES, QUANTIZED
+from align_jax.models.registry import config_from_init
 from align_jax.train.mesh import activation_sharding
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,10 @@ def build_model(cfg: RunConfig, mesh: Mesh, *, with_scalar_head: bool = False,
     if path is not None:
         config, pretrained = pretrained_params(cfg, path)
     else:
-        config = DecoderConfig.from_hf(transformers.LlamaConfig(**cfg.model.init))
+        try:
+            config = config_from_init(cfg.model.init)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
     make_model = decoder_factory(cfg, config, mesh, with_scalar_head)
     make_base = (make_model if cfg.model.lora is None
                  else decoder_factory(cfg, config, mesh, with_scalar_head, adapters=False))

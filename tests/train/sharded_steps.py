@@ -1,7 +1,7 @@
 """Run by test_sharding.py in a fresh process with 8 host devices: SFT, DPO (on packed pairs),
 QLoRA DPO (adapters on an int8 base that is also the reference) and GRPO updates on several meshes,
-and sampling from the updated sharded parameters (with and without adapters), compared with one
-device. Prints a JSON report."""
+sampling from the updated sharded parameters (with and without adapters), and each non-Llama
+family's forward pass on packed pairs, compared with one device. Prints a JSON report."""
 
 import dataclasses
 import json
@@ -20,6 +20,7 @@ from flax import nnx  # noqa: E402
 from align_jax.config import LoRAConfig, LossConfig, RLConfig  # noqa: E402
 from align_jax.data import SequenceBatch, collate  # noqa: E402
 from align_jax.models import Decoder, DecoderConfig  # noqa: E402
+from align_jax.models.registry import config_from_init  # noqa: E402
 from align_jax.sampling import SamplingConfig, generate  # noqa: E402
 from align_jax.train import methods, online  # noqa: E402
 from align_jax.train.mesh import make_mesh, param_shardings, shard_batch  # noqa: E402
@@ -31,6 +32,11 @@ LORA = LoRAConfig(rank=4, alpha=8.0)
 LORA_MESHES = ("one_device", "fsdp", "data_x_fsdp_x_tensor")  # the last splits every axis
 MESHES = {"one_device": None, "data": (8, 1, 1), "fsdp": (1, 8, 1), "tensor": (1, 1, 8),
           "data_x_fsdp_x_tensor": (2, 2, 2)}
+SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=64,
+             sliding_window=4)
+FAMILIES = {"gemma2": dict(attn_logit_softcapping=1.0, final_logit_softcapping=2.0),
+            "gemma3_text": dict(rope_local_base_freq=100.0)}
 
 
 def sequences(seed, B=8, L=16, vocab=128):
@@ -110,7 +116,28 @@ def main():
                            for x in jax.tree.leaves(state.params)],
                 "kernel_shard": list(kernel.sharding.shard_shape(kernel.shape)),
                 "devices": len(kernel.sharding.device_set)}
+    report.update(family_forwards())
     json.dump(report, sys.stdout)
+
+
+def family_forwards() -> dict:
+    """Logits of each family's model on packed pairs (segment ids, sliding windows), on one device
+    and on the data × fsdp × tensor mesh."""
+    batch = packed_pairs(2)
+    report = {}
+    for family, features in FAMILIES.items():
+        config = config_from_init({"model_type": family, **SIZES, **features})
+        make_model = lambda rngs: Decoder(config, rngs=rngs)  # noqa: E731
+        for name in ("one_device", "data_x_fsdp_x_tensor"):
+            shape = MESHES[name]
+            mesh = make_mesh(*shape) if shape else make_mesh(devices=jax.devices()[:1])
+            graphdef, state, _ = init_train_state(make_model, optax.sgd(0.1), mesh, 0)
+            placed = shard_batch(batch, mesh)
+            logits = jax.jit(lambda p, b: nnx.merge(graphdef, p)(
+                b.ids_BxT, b.attention_mask_BxT, segment_ids_BxT=b.segment_ids_BxT))(
+                    state.params, placed)
+            report[f"{name}/{family}"] = np.asarray(logits[..., :8]).tolist()
+    return report
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """An SFT, DPO, QLoRA DPO or GRPO step on data-parallel, FSDP, tensor-parallel and combined meshes
 of 8 CPU devices gives the one-device loss, gradient norm and updated parameters, and the sampler
-on those sharded parameters (with and without adapters) the one-device tokens and log-probs (JAX's
-own SPMD runtime, in a subprocess)."""
+on those sharded parameters (with and without adapters) the one-device tokens and log-probs, and
+each non-Llama family's forward pass the one-device logits (JAX's own SPMD runtime, in a
+subprocess)."""
 
 import json
 import os
@@ -63,3 +64,9 @@ def test_sampling_from_sharded_parameters_equals_one_device(report, mesh, sample
     one, many = report[f"one_device/{sample}"], report[f"{mesh}/{sample}"]
     assert many["ids"] == one["ids"]  # same key, same tokens
     np.testing.assert_allclose(many["logps"], one["logps"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_sharded_forward_of_each_family_equals_one_device(report, family):
+    np.testing.assert_allclose(report[f"data_x_fsdp_x_tensor/{family}"],
+                               report[f"one_device/{family}"], rtol=1e-5, atol=1e-6)
