@@ -42,6 +42,9 @@ FITS = [  # (model, config, topology, overrides)
                                      "rl.mini_batches=4", "rl.beta=0.04", "model.remat=full",
                                      "model.logits_chunk=512"]),
     ("llama-3.1-8b", DPO, "v5e:2x4", [*DPO_8B, "model.lora.rank=16", "model.lora.alpha=32"]),
+    # soft-capped scores through splash, 21 windowed and 21 global layers, a 256k vocabulary
+    ("gemma-2-9b", DPO, "v5e:4x4", [*DPO_8B, "model.remat=offload"]),
+    ("gemma-2-9b", DPO, "v5p:2x2x2", DPO_8B),
 ]
 SAVINGS = [  # (what changes, overrides added to Llama-3.2-1B DPO 8 × 1024 on v5e:2x2)
     ("float32 compute", ["model.dtype=float32"]),

@@ -1,7 +1,8 @@
-"""Every registered family trains: a DPO run and a GRPO run (sampling included) on a tiny random
-Gemma 2 and Gemma 3 built from `model.init`, through the CLI's `train`. DPO starts at ln 2 (the
-policy is its reference) and its exported model gives transformers the logits align_jax gives;
-GRPO's trainer scores the sampler's tokens with the sampler's log-probs."""
+"""Every registered family trains: a DPO run (full, and LoRA) and a GRPO run (sampling included)
+on a tiny random Gemma 2 and Gemma 3 built from `model.init`, through the CLI's `train`. DPO
+starts at ln 2 (the policy is its reference) and its exported model (adapters merged) gives
+transformers the logits align_jax gives; GRPO's trainer scores the sampler's tokens with the
+sampler's log-probs."""
 
 import json
 import math
@@ -38,9 +39,10 @@ RUNS = {
 }
 
 
-def run(out: Path, family: str, method: str) -> list[dict]:
+def run(out: Path, family: str, method: str, *variant: str) -> list[dict]:
     config, extra = RUNS[method]
     cfg = load_config(ROOT / "configs" / f"{config}.yaml", SIZES + FAMILIES[family] + extra + [
+        *variant,
         f"out_dir={out}", "train.steps=2", "train.log_every=1", "train.eval_every=0",
         "data.eval_fraction=0"])
     train(cfg, progress=False)
@@ -48,12 +50,14 @@ def run(out: Path, family: str, method: str) -> list[dict]:
     return [r for r in rows if r["split"] == "train"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_dpo_run_and_export(family, tmp_path):
-    rows = run(tmp_path, family, "dpo")
+@pytest.mark.parametrize("family, variant", [("gemma2", []),
+                                             ("gemma3_text", ["model.lora.rank=4"])])
+def test_dpo_run_and_export(family, variant, tmp_path):
+    rows = run(tmp_path, family, "dpo", *variant)
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert np.isfinite(rows[-1]["loss"]) and rows[-1]["loss"] != rows[0]["loss"]
     exported = tmp_path / "model"
+    assert (tmp_path / "adapter" / "adapter_config.json").exists() == bool(variant)
     assert json.loads((exported / "config.json").read_text())["model_type"] == family
     hf = transformers.AutoModelForCausalLM.from_pretrained(exported, attn_implementation="eager")
     ids = np.random.default_rng(0).integers(1, 384, size=(2, 12))
