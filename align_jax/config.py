@@ -71,6 +71,9 @@ class ModelConfig:
     # the LM head over chunks of this many positions, forward and backward, never a [B, T, V]
     # array of logits; None: all positions at once
     logits_chunk: Optional[int] = None
+    # a mixture-of-experts model's load-balancing loss weight (Switch Transformer's, logged as
+    # aux_loss); None: the checkpoint's router_aux_loss_coef
+    router_aux_coef: Optional[float] = None
     # the blocks as one lax.scan over stacked parameters (compile time independent of depth);
     # false: L separate blocks in one straight program (faster steps on a CPU)
     scan_layers: bool = True
@@ -202,6 +205,7 @@ class MeshConfig:
     data: int = -1  # -1: every device not used by the other axes
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1  # splits the batch and each MoE layer's experts (expert parallelism)
 
 
 @dataclasses.dataclass(frozen=True)

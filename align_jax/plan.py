@@ -45,7 +45,13 @@ from align_jax.models.registry import config_from_init
 from align_jax.topology import GiB, Target, target
 from align_jax.train import methods, online, sweep
 from align_jax.train.host import compute_dtype, decoder_factory, frozen_params
-from align_jax.train.mesh import batch_sharding, make_mesh, param_shardings, replicated
+from align_jax.train.mesh import (
+    BATCH_AXES,
+    batch_sharding,
+    make_mesh,
+    param_shardings,
+    replicated,
+)
 from align_jax.train.models import Frozen, Models
 from align_jax.train.rl import rollout_optimizer
 from align_jax.train.run import step_functions
@@ -285,7 +291,7 @@ def _kv_cache_bytes(cfg: RunConfig, config: DecoderConfig, mesh: Mesh) -> int:
     slots = cfg.data.max_length + cfg.rl.max_new_tokens
     cache = jax.eval_shape(lambda: init_cache(config, rows, slots, compute_dtype(cfg)))
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
-    return total // (mesh.shape["data"] * mesh.shape["fsdp"])
+    return total // (math.prod(mesh.shape[a] for a in BATCH_AXES))
 
 
 def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
@@ -479,10 +485,11 @@ def plan(cfg: RunConfig, topology: str) -> Plan:
     """Compile every program of the run `cfg` for `topology`; see the module docstring."""
     where = target(topology)
     try:
-        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=where.devices)
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=where.devices,
+                         expert=cfg.mesh.expert)
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
     if cfg.train.batch_size % shards:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over the mesh's "
                           f"{shards} batch shards (data × fsdp)")

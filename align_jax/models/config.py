@@ -15,7 +15,7 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
     """Hyperparameters of a decoder-only transformer (Llama 2/3, Mistral, SmolLM, Qwen2/2.5/3,
-    Gemma 2, Gemma 3)."""
+    Gemma 2, Gemma 3, Mixtral, Qwen3-MoE)."""
 
     vocab_size: int
     hidden_size: int
@@ -47,6 +47,11 @@ class DecoderConfig:
     query_pre_attn_scalar: float | None = None  # Gemma: scores × this^-1/2 (default head_dim)
     attn_logit_softcap: float | None = None  # Gemma 2: scores ← c·tanh(scores / c)
     final_logit_softcap: float | None = None  # Gemma 2: logits ← c·tanh(logits / c)
+    num_experts: int = 0  # Mixtral, Qwen3-MoE: every block's MLP is this many experts (0: dense)
+    num_experts_per_tok: int = 0  # k: the experts each token goes to
+    moe_intermediate_size: int = 0  # an expert's width
+    norm_topk_prob: bool = True  # renormalise the k router probabilities to sum to 1
+    router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight the checkpoint names
     model_type: str = "llama"
 
     def __post_init__(self):
@@ -69,6 +74,9 @@ class DecoderConfig:
             if "sliding_attention" in self.layer_types and self.sliding_window is None:
                 raise ValueError("layer_types has sliding_attention layers but sliding_window "
                                  "is not set")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok}: expected 1 to "
+                             f"num_experts={self.num_experts}")
 
     @property
     def attention_scale(self) -> float:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 from align_jax.models.config import DecoderConfig
 from align_jax.models.kernels import kernel_attention
 from align_jax.models.lora import PROJECTIONS, Linear
+from align_jax.models.moe import MoE, balance_loss, router_counts
 
 Array = jax.Array
 
@@ -244,27 +245,50 @@ class MLP(nnx.Module):
         return self.down_proj(self.act(gate) * up, _key(dropout_key, "down_proj"))
 
 
+class LayerContext(NamedTuple):
+    """What a block needs beyond its input and parameters."""
+
+    cos_sin: tuple[Array, Array]  # RoPE of this layer's kind
+    attend: Callable  # attend(q, k, v): attention under this layer's mask
+    token_mask_R: Array  # bool, the non-pad rows (the router's statistics count these)
+    mesh: jax.sharding.Mesh | None  # where experts run in parallel (`moe.expert_parallel`)
+    batch_axes: tuple[str, ...]  # the mesh axes that split the rows
+
+
 class Block(nnx.Module):
     """x + Attn(norm(x)), then x + MLP(norm(x)); with `sandwich_norm` (Gemma) the attention's and
-    the MLP's outputs are normalised too before they are added."""
+    the MLP's outputs are normalised too before they are added. The MLP is a sparse mixture of
+    experts when the config has experts (`models.moe`)."""
 
     def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype, lora=None, quant=None):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, lora=lora, quant=quant)
         self.attn_norm = rms_norm(config, config.hidden_size, param_dtype)
         self.self_attn = Attention(config, **kw)
         self.mlp_norm = rms_norm(config, config.hidden_size, param_dtype)
-        self.mlp = MLP(config, **kw)
+        if config.num_experts:
+            self.mlp = MoE(config, ACTIVATION_FNS[config.hidden_act], rngs=rngs, dtype=dtype,
+                           param_dtype=param_dtype)
+        else:
+            self.mlp = MLP(config, **kw)
         if config.sandwich_norm:
             self.attn_out_norm = rms_norm(config, config.hidden_size, param_dtype)
             self.mlp_out_norm = rms_norm(config, config.hidden_size, param_dtype)
         self.sandwich = config.sandwich_norm
 
-    def __call__(self, x, cos_sin, attend, kv_cache, dropout_key=None):
+    def __call__(self, x, ctx: LayerContext, kv_cache, dropout_key=None):
+        """(output, kv_cache, router counts): the counts `moe.router_counts` of an MoE block,
+        None for a dense one."""
         x = checkpoint_name(x, "block_input")
-        attn, kv_cache = self.self_attn(self.attn_norm(x), cos_sin, attend, kv_cache, dropout_key)
+        attn, kv_cache = self.self_attn(self.attn_norm(x), ctx.cos_sin, ctx.attend, kv_cache,
+                                        dropout_key)
         x = x + (self.attn_out_norm(attn) if self.sandwich else attn)
-        mlp = self.mlp(self.mlp_norm(x), dropout_key)
-        return x + (self.mlp_out_norm(mlp) if self.sandwich else mlp), kv_cache
+        counts = None
+        if isinstance(self.mlp, MoE):
+            mlp, routing = self.mlp(self.mlp_norm(x), ctx.mesh, ctx.batch_axes)
+            counts = router_counts(routing, ctx.token_mask_R)
+        else:
+            mlp = self.mlp(self.mlp_norm(x), dropout_key)
+        return x + (self.mlp_out_norm(mlp) if self.sandwich else mlp), kv_cache, counts
 
 
 def stacked_blocks(config: DecoderConfig, *, rngs, **kw) -> Block:
@@ -306,10 +330,11 @@ def pin_rows(x_RxD: Array, sharding: jax.sharding.NamedSharding | None) -> Array
 def run_blocks(blocks: Block | nnx.List, x_RxD, context, cache_kv, index, *,
                remat: str, activation_sharding=None, dropout_key=None):
     """x ← block_l(x) for l = 1…L: one `lax.scan` over stacked parameters (`blocks` a Block), or
-    a Python loop over L Blocks (`blocks` an `nnx.List`).
+    a Python loop over L Blocks (`blocks` an `nnx.List`). Returns (x, cache_kv, the MoE blocks'
+    router counts summed over layers, or None).
 
-    `context(l)` gives layer l's RoPE (cos, sin) and its `attend(q, k, v)` (attention under its
-    mask, global or windowed). Each layer runs as a pure function of (graphdef, parameters), so
+    `context(l)` gives layer l's `LayerContext` (its RoPE and its attention, global or
+    windowed). Each layer runs as a pure function of (graphdef, parameters), so
     the body never writes back to the module it came from (which may belong to another trace, e.g.
     a frozen reference merged outside `value_and_grad`). `remat` names a policy of
     `REMAT_POLICIES` for `jax.checkpoint` around it. With a cache, the stacked keys and values ride
@@ -319,19 +344,23 @@ def run_blocks(blocks: Block | nnx.List, x_RxD, context, cache_kv, index, *,
     """
     def layer_fn(graphdef):
         def body(carry, xs):
-            (x, kv), (params, layer) = carry, xs
+            (x, kv, total), (params, layer) = carry, xs
             kv = None if kv is None else (*kv, layer, index)
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer)
             x = pin_rows(x, activation_sharding)
-            x, kv = nnx.merge(graphdef, params)(x, *context(layer), kv, key)
-            return (x, kv), None
+            x, kv, counts = nnx.merge(graphdef, params)(x, context(layer), kv, key)
+            total = counts if total is None else jax.tree.map(jnp.add, total, counts)
+            return (x, kv, total), None
         if remat == "none":
             return body
         return jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
-    carry = (x_RxD, cache_kv)
+    carry = (x_RxD, cache_kv, None)
     if isinstance(blocks, Block):
         graphdef, state = nnx.split(blocks)
+        if isinstance(blocks.mlp, MoE):  # the scan's carry holds the counts from the start
+            E = blocks.mlp.router.get_value().shape[-1]
+            carry = (x_RxD, cache_kv, (jnp.zeros((E,), jnp.float32),) * 2)
         num_layers = jax.tree.leaves(state)[0].shape[0]
         carry, _ = jax.lax.scan(layer_fn(graphdef), carry, (state, jnp.arange(num_layers)))
     else:
@@ -356,7 +385,10 @@ class Decoder(nnx.Module):
     `lora` (a `config.LoRAConfig`) adds adapters to the projections it targets, and `quant`
     ("int8" | "nf4") stores every projection's kernel quantized (`models.lora.Linear`);
     `lora_dropout_key`, set on a model for a training forward pass (`lora.set_dropout_key`), draws
-    the adapters' dropout masks.
+    the adapters' dropout masks. With `collect_router_loss` set (`moe.collect_router_loss`), each
+    forward pass of a mixture-of-experts model sows its load-balancing loss
+    (`moe.balance_loss`, over its non-pad tokens) as an `nnx.Intermediate` "router_loss", and
+    that times `config.router_aux_loss_coef` as "router_loss_term", for `nnx.capture`.
     """
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
@@ -368,6 +400,7 @@ class Decoder(nnx.Module):
         self.config, self.dtype, self.logits_chunk = config, dtype, logits_chunk
         self.scan_layers = scan_layers
         self.lora_dropout_key = None
+        self.collect_router_loss = False
         self.remat = remat_policy(remat)
         self.activation_sharding = activation_sharding
         if attention not in ATTENTION:
@@ -447,9 +480,14 @@ class Decoder(nnx.Module):
         context = self._layer_context(mask_BxTxS, window_BxTxS, positions, new_mask,
                                       segment_ids_BxT, cache, x.dtype)
         kv = None if cache is None else (cache.keys_LxBxKxSxH, cache.values_LxBxKxSxH)
-        x, kv = run_blocks(self.layers, x, context, kv, index, remat=self.remat,
-                           activation_sharding=self.activation_sharding,
-                           dropout_key=self.lora_dropout_key)
+        x, kv, counts = run_blocks(self.layers, x, context, kv, index, remat=self.remat,
+                                   activation_sharding=self.activation_sharding,
+                                   dropout_key=self.lora_dropout_key)
+        if counts is not None and self.collect_router_loss:
+            rows = self.config.num_layers * jnp.sum(new_mask, dtype=jnp.float32)
+            loss = balance_loss(*counts, rows)
+            self.sow(nnx.Intermediate, "router_loss", loss)
+            self.sow(nnx.Intermediate, "router_loss_term", self.config.router_aux_loss_coef * loss)
         x = self.norm(x).reshape(B, T, -1)
         if cache is None:
             return x, None
@@ -457,7 +495,7 @@ class Decoder(nnx.Module):
 
     def _layer_context(self, mask_BxTxS, window_BxTxS, positions_BxT, key_mask_BxS,
                        segment_ids_BxT, cache, dtype):
-        """context(l) -> (RoPE cos and sin, attend(q, k, v)) of layer l: global or windowed
+        """context(l) -> the `LayerContext` of layer l: RoPE and attend(q, k, v), global or windowed
         (`DecoderConfig.windowed_layers`), as a select on the layer index when the layers differ.
         attend is the einsum `attention` under the dense mask, or a fused kernel
         (`kernels.kernel_attention`) for a forward pass without a cache."""
@@ -466,32 +504,41 @@ class Decoder(nnx.Module):
         local_rope = (rope if c.rope_local_theta is None
                       else rope_angles(positions_BxT, rope_inv_freq(c, local=True), dtype))
         scores = dict(scale=c.attention_scale, logit_softcap=c.attn_logit_softcap)
+        mesh = None if self.activation_sharding is None else self.activation_sharding.mesh
+        batch_axes = () if mesh is None else tuple(self.activation_sharding.spec[0])
+        token_mask_R = key_mask_BxS.reshape(-1)
+
+        def layer(cos_sin, attend):
+            return LayerContext(cos_sin, attend, token_mask_R, mesh, batch_axes)
+
         if self.attention == "xla" or cache is not None:
             def attend(mask):
                 return functools.partial(attention, mask_BxTxS=mask, **scores)
             windowed_attend, global_attend = attend(window_BxTxS), attend(mask_BxTxS)
         else:
-            mesh = None if self.activation_sharding is None else self.activation_sharding.mesh
             platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
 
             def attend(window):
                 return functools.partial(
                     kernel_attention, self.attention, key_mask_BxS=key_mask_BxS,
                     segment_ids_BxT=segment_ids_BxT, sliding_window=window, mesh=mesh,
+                    batch_axes=batch_axes or ("data", "fsdp"),
                     interpret=self.attention == "splash" and platform != "tpu", **scores)
             windowed_attend, global_attend = attend(c.sliding_window), attend(None)
         windowed = c.windowed_layers()
         if len(set(windowed)) == 1:
-            fixed = (local_rope, windowed_attend) if windowed[0] else (rope, global_attend)
-            return lambda layer: fixed
+            fixed = layer(local_rope, windowed_attend) if windowed[0] else layer(rope,
+                                                                                  global_attend)
+            return lambda index: fixed
         flags_L = jnp.asarray(windowed)
 
-        def context(layer):
-            w = flags_L[layer]
+        def context(index):
+            w = flags_L[index]
             cos_sin = jax.tree.map(functools.partial(jnp.where, w), local_rope, rope)
             if self.attention == "xla" or cache is not None:
-                return cos_sin, attend(jnp.where(w, window_BxTxS, mask_BxTxS))
-            return cos_sin, lambda q, k, v: jax.lax.cond(w, windowed_attend, global_attend, q, k, v)
+                return layer(cos_sin, attend(jnp.where(w, window_BxTxS, mask_BxTxS)))
+            return layer(cos_sin, lambda q, k, v: jax.lax.cond(w, windowed_attend, global_attend,
+                                                               q, k, v))
         return context
 
     def logits(self, hidden_BxTxD: Array) -> Array:

@@ -27,14 +27,14 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class ParamName(NamedTuple):
-    """An HF tensor and where it lives in a Decoder: the path of the NNX variable, the layer (the
-    index into a stacked "layers" axis; None outside the blocks and where the layers are separate
-    modules, whose index is in the path), and whether the HF tensor is the transpose of our
-    kernel."""
+    """An HF tensor and where it lives in a Decoder: the path of the NNX variable, its index into
+    the variable's stacked leading axes (the layer of a scanned block's "layers" axis, then the
+    expert of a stacked expert weight; () for a variable that is the whole tensor), and whether
+    the HF tensor is the transpose of ours."""
 
     hf: str
     path: tuple[str, ...]
-    layer: int | None
+    index: tuple[int, ...]
     transposed: bool
 
 
@@ -45,17 +45,17 @@ def hf_param_names(config: DecoderConfig, scalar_head: bool = False,
 
     With `scalar_head`, the layout of `…ForSequenceClassification` (one label): `score.weight`
     instead of an LM head."""
-    yield ParamName("model.embed_tokens.weight", ("embed_tokens", "embedding"), None, False)
+    yield ParamName("model.embed_tokens.weight", ("embed_tokens", "embedding"), (), False)
     for i in range(config.num_layers):
-        for name, path, transposed in FAMILIES[config.model_type].block_names(config):
+        for name, path, transposed, *expert in FAMILIES[config.model_type].block_names(config):
             where = ("layers", *path) if scan_layers else ("layers", i, *path)
-            yield ParamName(f"model.layers.{i}.{name}", where, i if scan_layers else None,
-                            transposed)
-    yield ParamName("model.norm.weight", ("norm", "weight"), None, False)
+            yield ParamName(f"model.layers.{i}.{name}", where,
+                            ((i,) if scan_layers else ()) + tuple(expert), transposed)
+    yield ParamName("model.norm.weight", ("norm", "weight"), (), False)
     if scalar_head:
-        yield ParamName("score.weight", ("score_head", "kernel"), None, True)
+        yield ParamName("score.weight", ("score_head", "kernel"), (), True)
     elif not config.tie_word_embeddings:
-        yield ParamName("lm_head.weight", ("lm_head", "kernel"), None, True)
+        yield ParamName("lm_head.weight", ("lm_head", "kernel"), (), True)
 
 
 def _variable(model: Decoder, path: tuple) -> nnx.Variable:
@@ -81,23 +81,23 @@ def from_tensors(config: DecoderConfig, tensors: dict[str, Any], *, dtype=jnp.fl
     tensors = dict(tensors)
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # some tied checkpoints still store a copy
-    missing, layers = [], {}  # layers: path -> the L slices of a stacked variable
-    for name, path, layer, transposed in hf_param_names(config, scalar_head, scan_layers):
+    missing, stacked = [], {}  # stacked: path -> {index: slice} of a stacked variable
+    for name, path, index, transposed in hf_param_names(config, scalar_head, scan_layers):
         if name not in tensors:
             missing.append(name)
             continue
         array = tensors.pop(name)
-        shape = _variable(model, path).get_value().shape[0 if layer is None else 1:]
+        shape = _variable(model, path).get_value().shape[len(index):]
         expected = tuple(reversed(shape)) if transposed else tuple(shape)
         if tuple(array.shape) != expected:
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, "
                              f"expected {expected} for this config")
         array = jnp.asarray(array, dtype=dtype)
         array = array.T if transposed else array
-        if layer is None:
-            _variable(model, path).set_value(array)
+        if index:
+            stacked.setdefault(path, {})[index] = array
         else:
-            layers.setdefault(path, []).append(array)
+            _variable(model, path).set_value(array)
     if missing:
         raise ValueError(f"{source}: missing tensors {missing[:5]}"
                          f"{' …' if len(missing) > 5 else ''}")
@@ -105,19 +105,22 @@ def from_tensors(config: DecoderConfig, tensors: dict[str, Any], *, dtype=jnp.fl
     if unexpected:
         raise ValueError(f"{source}: unexpected tensors {unexpected[:5]} for model_type="
                          f"{config.model_type!r}; the checkpoint does not match its config")
-    for path, slices in layers.items():
-        _variable(model, path).set_value(jnp.stack(slices))
+    for path, slices in stacked.items():  # row-major order of the indices, then reshaped
+        variable = _variable(model, path)
+        leading = variable.get_value().shape[:len(next(iter(slices)))]
+        rows = jnp.stack([slices[i] for i in sorted(slices)])
+        variable.set_value(rows.reshape(leading + rows.shape[1:]))
     return model
 
 
 def to_tensors(model: Decoder) -> dict[str, np.ndarray]:
     """HF-named numpy tensors of a Decoder (transformers' layouts and names)."""
-    out, host = {}, {}  # host: each variable fetched once, however many layers it stacks
-    for name, path, layer, transposed in hf_param_names(model.config, hasattr(model, "score_head"),
+    out, host = {}, {}  # host: each variable fetched once, however many slices it stacks
+    for name, path, index, transposed in hf_param_names(model.config, hasattr(model, "score_head"),
                                                         model.scan_layers):
         if path not in host:
             host[path] = np.asarray(jax.device_get(_variable(model, path).get_value()))
-        array = host[path] if layer is None else host[path][layer]
+        array = host[path][index]
         out[name] = np.ascontiguousarray(array.T if transposed else array)
     return out
 

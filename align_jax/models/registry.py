@@ -1,21 +1,23 @@
 """The model families align_jax runs, by the `model_type` of a Hugging Face config.json.
 
 Every family runs on the one `Decoder`, whose features (norm style, activation, sandwich norms,
-soft-capping, per-layer windows, …) are DecoderConfig fields. A family is a record of how to read
-its config.json into those fields, write them back, and name its tensors: adding one is a module
-with its records (`models.llama`, `models.gemma`) plus its parity test against transformers.
+soft-capping, per-layer windows, experts, …) are DecoderConfig fields. A family is a record of how
+to read its config.json into those fields, write them back, and name its tensors: adding one is a
+module with its records (`models.llama`, `models.gemma`, `models.mixtral`) plus its parity test
+against transformers.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator, NamedTuple
 
-from align_jax.models import gemma, llama
+from align_jax.models import gemma, llama, mixtral
 from align_jax.models.config import DecoderConfig, common_fields, common_hf
 
 # (HF tensor name inside block i, after "model.layers.{i}."; the path of our variable inside a
-# block; whether the HF tensor is the transpose of ours)
-BlockName = tuple[str, tuple[str, ...], bool]
+# block; whether the HF tensor is the transpose of ours[; the expert it is row e of, for a
+# stacked expert weight])
+BlockName = tuple
 
 
 class Family(NamedTuple):
@@ -28,7 +30,7 @@ class Family(NamedTuple):
 
 
 FAMILIES: dict[str, Family] = {}
-for _module in (llama, gemma):
+for _module in (llama, gemma, mixtral):
     for _type, (_lm, _classifier, _gguf) in _module.ARCHITECTURES.items():
         FAMILIES[_type] = Family(_lm, _classifier, _module.fields, _module.hf_fields,
                                  _module.block_names, _gguf)

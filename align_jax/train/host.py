@@ -52,7 +52,7 @@ RESUMABLE = ("train.steps", "train.lr", "train.schedule", "train.warmup_steps", 
              "train.eval_every", "train.eval_batches", "train.checkpoint_every",
              "train.keep_checkpoints", "train.wandb_project", "train.micro_batches", "model.remat",
              "model.attention", "model.logits_chunk", "mesh.data", "mesh.fsdp", "mesh.tensor",
-             "out_dir")
+             "mesh.expert", "out_dir")
 _ABSENT = "(absent)"
 
 
@@ -183,6 +183,9 @@ def decoder_factory(cfg: RunConfig, config: DecoderConfig, mesh: Mesh,
                           "attention takes bf16 or fp16)")
     if cfg.model.lora is not None:
         check_lora(cfg)
+        check_lora_experts(cfg, config)
+    if cfg.model.router_aux_coef is not None:
+        config = dataclasses.replace(config, router_aux_loss_coef=cfg.model.router_aux_coef)
     quant = base_quant(cfg)
     return lambda rngs: Decoder(config, rngs=rngs, dtype=dtype, remat=remat,
                                 logits_chunk=cfg.model.logits_chunk,
@@ -192,6 +195,20 @@ def decoder_factory(cfg: RunConfig, config: DecoderConfig, mesh: Mesh,
                                 scan_layers=cfg.model.scan_layers,
                                 lora=cfg.model.lora if adapters else None,
                                 quant=quant if quantized else None)
+
+
+def check_lora_experts(cfg: RunConfig, config: DecoderConfig) -> None:
+    """LoRA on a mixture-of-experts model adapts its attention; its experts stay as they are."""
+    if not config.num_experts:
+        return
+    experts = [t for t in cfg.model.lora.targets if t in ("gate_proj", "up_proj", "down_proj")]
+    if experts:
+        raise ConfigError(f"model.lora.targets: {experts} are the experts of a mixture-of-experts "
+                          f"model ({config.model_type}), which LoRA does not adapt; set "
+                          f"model.lora.targets=[q_proj,k_proj,v_proj,o_proj]")
+    if base_quant(cfg) is not None:
+        raise ConfigError(f"model.lora.base_dtype={cfg.model.lora.base_dtype}: a quantized base "
+                          f"of a mixture-of-experts model ({config.model_type}) is not supported")
 
 
 def gather_to_host(tree):

@@ -1,10 +1,12 @@
 """The device mesh and the one place where logical axis names become mesh axes.
 
 Mesh axes: `data` (replicas that split the batch), `fsdp` (also splits the batch, and shards
-parameters and optimizer state), `tensor` (shards heads and MLP width inside each layer).
-Batches are split over ("data", "fsdp"); a parameter dimension whose logical name maps to a mesh
-axis is sharded over it when its size divides evenly, else replicated with a warning. Between
-blocks, the decoder's activations are pinned to the batch sharding (`activation_sharding`).
+parameters and optimizer state), `expert` (splits the batch, and holds a share of each MoE
+layer's experts: expert parallelism, `models.moe`), `tensor` (shards heads and MLP width inside
+each layer). Batches are split over ("data", "fsdp", "expert"); a parameter dimension whose
+logical name maps to a mesh axis is sharded over it when its size divides evenly, else
+replicated with a warning. Between blocks, the decoder's activations are pinned to the batch
+sharding (`activation_sharding`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
 LOGICAL_RULES = {  # logical axis name (models/decoder.py) -> mesh axis
     "layers": None,
     "vocab": "tensor",
@@ -27,17 +29,20 @@ LOGICAL_RULES = {  # logical axis name (models/decoder.py) -> mesh axis
     "kv_heads": "tensor",
     "mlp": "tensor",
     "head_dim": None,
+    "expert": "expert",
 }
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices of all processes; -1 takes what is left."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *,
+              expert: int = 1) -> Mesh:
+    """A (data, fsdp, expert, tensor) mesh over all devices of all processes; -1 takes what is
+    left."""
     devices = np.asarray(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
+    sizes = [data, fsdp, expert, tensor]
     known = int(np.prod([s for s in sizes if s != -1]))
     if sizes.count(-1) > 1 or devices.size % known:
-        raise ValueError(f"mesh data={data} fsdp={fsdp} tensor={tensor} does not fit "
-                         f"{devices.size} devices")
+        raise ValueError(f"mesh data={data} fsdp={fsdp} expert={expert} tensor={tensor} does not "
+                         f"fit {devices.size} devices")
     sizes = [devices.size // known if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != devices.size:
         raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, "

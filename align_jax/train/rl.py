@@ -150,7 +150,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record_config(out, cfg, resume)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, expert=cfg.mesh.expert)
     tokenizer = load_tokenizer(cfg.tokenizer)
     pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
               else tokenizer.eos_token_id)

@@ -10,7 +10,8 @@ average examples across the batch are refused with M > 1 by `methods.check_micro
 M = 1 differentiates num / den directly: no scan, no zero accumulator and no extra pass over the
 gradients to divide them. A non-finite loss or gradient leaves params and optimizer state
 untouched and sets `metrics["nonfinite"]`, so the host loop can stop with the last good state
-intact.
+intact. A mixture-of-experts model adds its load-balancing loss times its coefficient to every
+method's loss (`models.moe.router_loss`; logged as `aux_loss`, as TRL does).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from jax.sharding import Mesh
 
 from align_jax.config import LossConfig, RLConfig
+from align_jax.models.moe import collect_router_loss, router_loss
 from align_jax.train.mesh import batch_sharding, replicated
 from align_jax.train.models import Frozen, Models, dropout_key
 from align_jax.train.state import TrainState
@@ -45,7 +48,15 @@ def _accumulate(loss_fn: Callable, models: Models, params, frozen: Frozen, batch
 
     def objective(p, micro, index):
         key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-        num, den, metrics = loss_fn(models.model(p, frozen, key), ref_model, micro, cfg)
+        model = models.model(p, frozen, key)
+        collect_router_loss(model)
+        (num, den, metrics), sown = nnx.capture(
+            lambda model, micro: loss_fn(model, ref_model, micro, cfg), nnx.Intermediate)(
+                model, micro)
+        router = router_loss(sown)
+        if router is not None:  # a mixture of experts: + coef · load-balancing loss, per row
+            num = num + router[0] * jax.lax.stop_gradient(den)
+            metrics = dict(metrics, aux_loss=router[1])
         return num, (den, metrics)
 
     if micro_batches == 1:  # the mean itself: den is a count, constant in p
