@@ -141,7 +141,7 @@ def test_a_fitting_plan_exits_0_and_writes_json(tmp_path, capsys):
                        "mesh.fsdp=2"])
     assert status == 0
     saved = json.loads(report.read_text())
-    assert saved["fits"] and saved["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert saved["fits"] and saved["mesh"] == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 1}
     assert 0 < saved["peak_bytes_per_device"] < saved["hbm_bytes_per_device"]
     assert math.isclose(saved["flops_per_device"], saved["programs"][0]["flops"])
     assert "train_step" in capsys.readouterr().out

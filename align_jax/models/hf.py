@@ -223,6 +223,8 @@ def load_pretrained(source, *, dtype=jnp.float32, scan_layers: bool = True) -> D
     if hasattr(source, "state_dict") and hasattr(source, "config"):
         config = DecoderConfig.from_hf(source.config, source=type(source).__name__)
         tensors = {k: v.detach().float().cpu().numpy() for k, v in source.state_dict().items()}
+        if FAMILIES[config.model_type].unfuse is not None:
+            tensors = FAMILIES[config.model_type].unfuse(tensors, config)
         return from_tensors(config, tensors, dtype=dtype, source=type(source).__name__,
                             scan_layers=scan_layers)
     path = Path(source)

@@ -76,3 +76,24 @@ def block_names(config: DecoderConfig):
             yield f"{block}.experts.{e}.{hf}.weight", ("mlp", ours), True, e
     yield "input_layernorm.weight", ("attn_norm", "weight"), False
     yield "post_attention_layernorm.weight", ("mlp_norm", "weight"), False
+
+
+def unfuse(tensors: dict[str, Any], config: DecoderConfig) -> dict[str, Any]:
+    """A transformers model's `state_dict()` under the checkpoint's per-expert names: in memory,
+    transformers 5 holds each layer's experts fused, `mlp.experts.gate_up_proj` [E, 2I, D] (gate
+    rows first) and `mlp.experts.down_proj` [E, D, I], and Mixtral's block under `mlp.`."""
+    block, (gate, up, down) = EXPERT_NAMES[config.model_type]
+    out = {}
+    for name, array in tensors.items():
+        prefix, _, kind = name.partition(".mlp.experts.")
+        if kind == "gate_up_proj":
+            width = array.shape[1] // 2
+            for e in range(array.shape[0]):
+                out[f"{prefix}.{block}.experts.{e}.{gate}.weight"] = array[e, :width]
+                out[f"{prefix}.{block}.experts.{e}.{up}.weight"] = array[e, width:]
+        elif kind == "down_proj":
+            for e in range(array.shape[0]):
+                out[f"{prefix}.{block}.experts.{e}.{down}.weight"] = array[e]
+        else:
+            out[name.replace(".mlp.gate.", f".{block}.gate.")] = array
+    return out

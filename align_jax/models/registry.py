@@ -27,13 +27,15 @@ class Family(NamedTuple):
     hf_fields: Callable[[DecoderConfig], dict[str, Any]]  # DecoderConfig -> config.json entries
     block_names: Callable[[DecoderConfig], Iterator[BlockName]]
     gguf: bool  # GGUF files load (llama.cpp's tensor names, `models.hf`)
+    # a transformers model's state_dict() -> the checkpoint's tensor names, where they differ
+    unfuse: Callable[[dict[str, Any], DecoderConfig], dict[str, Any]] | None
 
 
 FAMILIES: dict[str, Family] = {}
 for _module in (llama, gemma, mixtral):
     for _type, (_lm, _classifier, _gguf) in _module.ARCHITECTURES.items():
         FAMILIES[_type] = Family(_lm, _classifier, _module.fields, _module.hf_fields,
-                                 _module.block_names, _gguf)
+                                 _module.block_names, _gguf, getattr(_module, "unfuse", None))
 
 # model types that are close relatives of a family but need what the Decoder does not have
 REFUSED = {

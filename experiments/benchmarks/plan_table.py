@@ -7,7 +7,7 @@ every chip (fsdp). The MFU is the model's FLOPs (no recomputation) over the roof
 of peak FLOP/s: an upper bound for the step. DPO pairs are packed (prompt | chosen | rejected in
 one row of 2 × data.max_length tokens). GRPO: 256 prompt tokens, 4 mini-batches, β = 0.04 (a
 reference model). The LoRA row trains rank-16 adapters on every projection of a frozen bf16 base,
-which is also the reference.
+which is also the reference. The MoE row's FLOPs count the experts each token runs (k of E).
 
 The first table is the runs users ask about; the second takes one run, Llama-3.2-1B DPO on a
 v5e 2x2 slice, and adds one memory saving at a time. Writes experiments/results/plan_table.md.
@@ -45,6 +45,8 @@ FITS = [  # (model, config, topology, overrides)
     # soft-capped scores through splash, 21 windowed and 21 global layers, a 256k vocabulary
     ("gemma-2-9b", DPO, "v5e:4x4", [*DPO_8B, "model.remat=offload"]),
     ("gemma-2-9b", DPO, "v5p:2x2x2", DPO_8B),
+    # 128 experts, 8 per token: experts split 4 ways over the expert axis, the rest over fsdp
+    ("qwen3-30b-a3b", DPO, "v5p:2x2x4", [*DPO_8B, "mesh.fsdp=4", "mesh.expert=4"]),
 ]
 SAVINGS = [  # (what changes, overrides added to Llama-3.2-1B DPO 8 × 1024 on v5e:2x2)
     ("float32 compute", ["model.dtype=float32"]),

@@ -37,7 +37,14 @@ ARCHITECTURES = {
         **{**COMMON, "num_hidden_layers": 3}, head_dim=24, sliding_window=5,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_local_base_freq=100.0),
+    # 4 experts, 2 per token; Qwen3-MoE without renormalising the top-2 weights
+    "mixtral": lambda: transformers.MixtralConfig(**COMMON, num_local_experts=4,
+                                                  num_experts_per_tok=2),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **COMMON, head_dim=24, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+        norm_topk_prob=False),
 }
+MOE = ("mixtral", "qwen3_moe")
 
 
 def tiny_hf_model(name):
@@ -49,6 +56,8 @@ def tiny_hf_model(name):
         for pname, p in model.named_parameters():
             if "norm" in pname or pname.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
+            if pname.endswith("mlp.gate.weight"):  # a router with clear preferences: no
+                p.mul_(20)  # near-ties that rounding could resolve either way
     return model
 
 
@@ -79,7 +88,7 @@ def test_logits_match_transformers_on_left_padded_batch(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral_sliding_window", "qwen3_qk_norm", "gemma2",
-                                  "gemma3_text"])
+                                  "gemma3_text", *MOE])
 def test_packed_prompt_chosen_rejected_rows_match_separate_rows(name):
     """Segment ids pack prompt | chosen | rejected | pad into one row; each completion's logits
     equal transformers' on prompt + that completion as a row of its own (the window of 5 < 12 prompt
@@ -101,7 +110,7 @@ def test_packed_prompt_chosen_rejected_rows_match_separate_rows(name):
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral_sliding_window", "qwen3_qk_norm", "gemma2",
-                                  "gemma3_text"])
+                                  "gemma3_text", *MOE])
 def test_kv_cache_decoding_matches_full_forward_step_by_step(name):
     hf = tiny_hf_model(name)
     model = load_pretrained(hf)
@@ -123,7 +132,7 @@ def test_kv_cache_decoding_matches_full_forward_step_by_step(name):
 
 
 @pytest.mark.parametrize("name", ["llama", "smollm_tied", "qwen2_qkv_bias", "qwen3_qk_norm",
-                                  "gemma2", "gemma3_text"])
+                                  "gemma2", "gemma3_text", *MOE])
 def test_save_then_reload_in_transformers_gives_the_same_logits(name, tmp_path):
     hf = tiny_hf_model(name)
     model = load_pretrained(hf)
@@ -244,3 +253,22 @@ def test_separate_blocks_equal_the_scanned_stack(tmp_path):
         save_pretrained(separate, tmp_path / name)
         chex.assert_trees_all_equal(to_tensors(load_pretrained(tmp_path / name)),
                                     to_tensors(scanned))
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_load_balancing_loss_matches_transformers(name):
+    """Switch Transformer's loss as transformers pools it over layers and non-pad tokens
+    (`load_balancing_loss_func` with the attention mask)."""
+    from align_jax.models.moe import collect_router_loss, router_loss
+
+    hf = tiny_hf_model(name)
+    ids, mask = left_padded_batch(8)
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                      output_router_logits=True).aux_loss.item()
+    model = load_pretrained(hf)
+    collect_router_loss(model)
+    _, sown = nnx.capture(lambda m: m(jnp.asarray(ids), jnp.asarray(mask)), nnx.Intermediate)(model)
+    term, loss = router_loss(sown)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(term), hf.config.router_aux_loss_coef * expected, rtol=1e-5)

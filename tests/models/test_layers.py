@@ -39,7 +39,7 @@ def test_the_program_does_not_grow_with_depth():
 def test_a_parameter_that_does_not_divide_its_mesh_axis_is_named():
     abstract = nnx.state(nnx.eval_shape(lambda: Decoder(config(2, num_kv_heads=1),
                                                         rngs=nnx.Rngs(0))))
-    mesh = AbstractMesh((1, 2, 4), AXES)
+    mesh = AbstractMesh((1, 2, 1, 4), AXES)
     with pytest.warns(UserWarning) as caught:
         shardings = param_shardings(abstract, mesh)
     # One kv head of width 6 does not split over 4 tensor devices; 4 query heads of 6 do.

@@ -1,7 +1,8 @@
 """Run by test_sharding.py in a fresh process with 8 host devices: SFT, DPO (on packed pairs),
 QLoRA DPO (adapters on an int8 base that is also the reference) and GRPO updates on several meshes,
 sampling from the updated sharded parameters (with and without adapters), and each non-Llama
-family's forward pass on packed pairs, compared with one device. Prints a JSON report."""
+family's forward and backward pass on packed pairs (the mixture-of-experts families on a mesh with
+an expert axis, and their sampler too), compared with one device. Prints a JSON report."""
 
 import dataclasses
 import json
@@ -12,6 +13,7 @@ assert "--xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS",
     "set XLA_FLAGS first"
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import transformers  # noqa: E402
@@ -23,7 +25,12 @@ from align_jax.models import Decoder, DecoderConfig  # noqa: E402
 from align_jax.models.registry import config_from_init  # noqa: E402
 from align_jax.sampling import SamplingConfig, generate  # noqa: E402
 from align_jax.train import methods, online  # noqa: E402
-from align_jax.train.mesh import make_mesh, param_shardings, shard_batch  # noqa: E402
+from align_jax.train.mesh import (  # noqa: E402
+    activation_sharding,
+    make_mesh,
+    param_shardings,
+    shard_batch,
+)
 from align_jax.train.models import Frozen, Models, init_lora  # noqa: E402
 from align_jax.train.state import init_train_state  # noqa: E402
 from align_jax.train.step import jit_train_step, make_train_step  # noqa: E402
@@ -36,7 +43,10 @@ SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_l
              num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=64,
              sliding_window=4)
 FAMILIES = {"gemma2": dict(attn_logit_softcapping=1.0, final_logit_softcapping=2.0),
-            "gemma3_text": dict(rope_local_base_freq=100.0)}
+            "gemma3_text": dict(rope_local_base_freq=100.0),
+            "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+            "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)}
+MOE_MESH = dict(data=1, fsdp=2, expert=2, tensor=2)  # experts split 2 ways, their width 2 ways
 
 
 def sequences(seed, B=8, L=16, vocab=128):
@@ -121,22 +131,38 @@ def main():
 
 
 def family_forwards() -> dict:
-    """Logits of each family's model on packed pairs (segment ids, sliding windows), on one device
-    and on the data × fsdp × tensor mesh."""
+    """Logits and the gradient norm of Σ logits² of each family's model on packed pairs (segment
+    ids, sliding windows), on one device and on the data × fsdp × tensor mesh (the MoE families on
+    fsdp × expert × tensor, and their samplers)."""
     batch = packed_pairs(2)
     report = {}
     for family, features in FAMILIES.items():
         config = config_from_init({"model_type": family, **SIZES, **features})
-        make_model = lambda rngs: Decoder(config, rngs=rngs)  # noqa: E731
-        for name in ("one_device", "data_x_fsdp_x_tensor"):
-            shape = MESHES[name]
-            mesh = make_mesh(*shape) if shape else make_mesh(devices=jax.devices()[:1])
+        moe = config.num_experts > 0
+        for name in ("one_device", "expert_x_fsdp_x_tensor" if moe else "data_x_fsdp_x_tensor"):
+            mesh = (make_mesh(devices=jax.devices()[:1]) if name == "one_device"
+                    else make_mesh(**MOE_MESH) if moe else make_mesh(*MESHES[name]))
+            make_model = lambda rngs: Decoder(  # noqa: E731
+                config, rngs=rngs, activation_sharding=activation_sharding(mesh))
             graphdef, state, _ = init_train_state(make_model, optax.sgd(0.1), mesh, 0)
+
+            def logits(params, b):
+                return nnx.merge(graphdef, params)(b.ids_BxT, b.attention_mask_BxT,
+                                                   segment_ids_BxT=b.segment_ids_BxT)
             placed = shard_batch(batch, mesh)
-            logits = jax.jit(lambda p, b: nnx.merge(graphdef, p)(
-                b.ids_BxT, b.attention_mask_BxT, segment_ids_BxT=b.segment_ids_BxT))(
-                    state.params, placed)
-            report[f"{name}/{family}"] = np.asarray(logits[..., :8]).tolist()
+            out = jax.jit(logits)(state.params, placed)
+            grads = jax.jit(jax.grad(lambda p, b: jnp.sum(logits(p, b) ** 2)))(state.params, placed)
+            report[f"{name}/{family}"] = {"logits": np.asarray(out[..., :8]).tolist(),
+                                          "grad_norm": float(optax.tree.norm(grads))}
+            if moe:  # the experts' shards; 3 prompts × 2 samples: rows that do not split
+                gate = state.params["layers"]["mlp"]["gate_proj"][...]
+                report[f"{name}/{family}"]["expert_shard"] = list(
+                    gate.sharding.shard_shape(gate.shape))
+                prompts = sequences(3)
+                sample = generate(nnx.merge(graphdef, state.params), prompts.ids_BxT[:3, :6],
+                                  prompts.attention_mask_BxT[:3, :6], jax.random.key(0),
+                                  SamplingConfig(max_new_tokens=5, num_samples=2))
+                report[f"{name}/{family}"]["ids"] = np.asarray(sample.ids_BxC).tolist()
     return report
 
 

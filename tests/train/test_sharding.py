@@ -1,8 +1,9 @@
 """An SFT, DPO, QLoRA DPO or GRPO step on data-parallel, FSDP, tensor-parallel and combined meshes
 of 8 CPU devices gives the one-device loss, gradient norm and updated parameters, and the sampler
 on those sharded parameters (with and without adapters) the one-device tokens and log-probs, and
-each non-Llama family's forward pass the one-device logits (JAX's own SPMD runtime, in a
-subprocess)."""
+each non-Llama family's forward and backward pass the one-device logits and gradient norm (the
+mixture-of-experts families with their experts split over an expert axis; JAX's own SPMD runtime,
+in a subprocess)."""
 
 import json
 import os
@@ -66,7 +67,15 @@ def test_sampling_from_sharded_parameters_equals_one_device(report, mesh, sample
     np.testing.assert_allclose(many["logps"], one["logps"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
-def test_sharded_forward_of_each_family_equals_one_device(report, family):
-    np.testing.assert_allclose(report[f"data_x_fsdp_x_tensor/{family}"],
-                               report[f"one_device/{family}"], rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("family, mesh", [("gemma2", "data_x_fsdp_x_tensor"),
+                                          ("gemma3_text", "data_x_fsdp_x_tensor"),
+                                          ("mixtral", "expert_x_fsdp_x_tensor"),
+                                          ("qwen3_moe", "expert_x_fsdp_x_tensor")])
+def test_sharded_forward_of_each_family_equals_one_device(report, family, mesh):
+    one, many = report[f"one_device/{family}"], report[f"{mesh}/{family}"]
+    np.testing.assert_allclose(many["logits"], one["logits"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(many["grad_norm"], one["grad_norm"], rtol=1e-5)
+    assert many.get("ids") == one.get("ids")  # the MoE families' samplers
+    if "expert_shard" in one:  # [layers, experts, embed, expert width] over expert, fsdp, tensor
+        L, E, D, I = one["expert_shard"]  # noqa: E741
+        assert many["expert_shard"] == [L, E // 2, D // 2, I // 2]
