@@ -12,6 +12,7 @@ from tests.models.test_hf_parity import tiny_hf_model
 
 LLAMA = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+MOE = dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -28,6 +29,14 @@ LLAMA = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size
     ({"model_type": "gemma3_text", "use_bidirectional_attention": True},
      "use_bidirectional_attention=True is not supported"),
     ({"model_type": "gemma2", "layer_types": ["full_attention"] * 2}, "layer_types="),
+    ({**MOE, "mlp_only_layers": [0]}, "mlp_only_layers (dense layers between MoE ones) is not "
+                                      "supported"),
+    ({**MOE, "decoder_sparse_step": 2}, "decoder_sparse_step != 1"),
+    ({**MOE, "model_type": "mixtral", "router_jitter_noise": 0.1},
+     "router_jitter_noise is not supported"),
+    ({**MOE, "num_experts_per_tok": 5}, "num_experts_per_tok=5: expected 1 to num_experts=4"),
+    ({"model_type": "qwen2_moe"}, "Qwen2-MoE (mixture of experts with shared experts) is not "
+                                  "supported"),
 ])
 def test_unsupported_configs_name_the_feature(change, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -47,7 +56,11 @@ def test_hf_round_trip_of_config():
     for hf in (transformers.LlamaConfig(**sizes), transformers.Qwen3Config(**sizes, head_dim=4),
                transformers.Gemma2Config(**sizes, head_dim=4),
                transformers.Gemma3TextConfig(**{**sizes, "num_hidden_layers": 7}, head_dim=4,
-                                             rope_scaling={"rope_type": "linear", "factor": 8.0})):
+                                             rope_scaling={"rope_type": "linear", "factor": 8.0}),
+               transformers.MixtralConfig(**sizes, num_local_experts=4, num_experts_per_tok=2),
+               transformers.Qwen3MoeConfig(**sizes, head_dim=4, num_experts=4,
+                                           num_experts_per_tok=2, moe_intermediate_size=8,
+                                           norm_topk_prob=True)):
         config = DecoderConfig.from_hf(hf)
         assert DecoderConfig.from_hf(config.to_hf()) == config
         reloaded = type(hf)(**{k: v for k, v in config.to_hf().items() if k != "architectures"})

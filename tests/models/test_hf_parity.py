@@ -272,3 +272,30 @@ def test_load_balancing_loss_matches_transformers(name):
     term, loss = router_loss(sown)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     np.testing.assert_allclose(float(term), hf.config.router_aux_loss_coef * expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3_text", *MOE])
+def test_sequence_classifier_of_each_family_scores_like_transformers(name, tmp_path):
+    """A reward model or critic of each family: transformers' one-label classifier, saved, loaded
+    with its scalar head, scores each row at its last non-pad token; saved again, it reloads as
+    the family's classifier with the same scores."""
+    torch.manual_seed(0)
+    config = ARCHITECTURES[name]()
+    config._attn_implementation = "eager"
+    config.num_labels, config.pad_token_id = 1, 0
+    hf = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ids, mask = left_padded_batch(9)
+    ids = np.where(mask.astype(bool), np.maximum(ids, 1), 0)  # pad id 0 on pads only
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[:, 0]
+    model = load_pretrained(tmp_path / "hf")
+    np.testing.assert_allclose(model.score(jnp.asarray(ids), jnp.asarray(mask)), expected.numpy(),
+                               atol=1e-5)
+    save_pretrained(model, tmp_path / "ours")
+    again = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "ours", pad_token_id=0, attn_implementation="eager").eval()
+    assert type(again).__name__ == type(hf).__name__
+    with torch.no_grad():
+        rescored = again(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    np.testing.assert_allclose(rescored[:, 0].numpy(), expected.numpy(), atol=1e-5)

@@ -148,3 +148,29 @@ def test_bad_lora_settings_are_one_clear_error(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         train(dpo_config(tmp_path, "train.steps=1", override), progress=False)
 
+
+
+MIXTRAL = ["model.path=null", "model.init.model_type=mixtral", "model.init.vocab_size=384",
+           "model.init.hidden_size=32", "model.init.intermediate_size=32",
+           "model.init.num_hidden_layers=1", "model.init.num_attention_heads=4",
+           "model.init.num_key_value_heads=2", "model.init.num_local_experts=2",
+           "model.init.num_experts_per_tok=1"]
+
+
+ATTENTION = "model.lora.targets=[q_proj,v_proj]"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], r"model.lora.targets: \['gate_proj', 'up_proj', 'down_proj'\] are the experts of a "
+         r"mixture-of-experts model \(mixtral\)"),
+    ([ATTENTION], None),
+    ([ATTENTION, "model.lora.base_dtype=nf4"], r"a quantized base of a mixture-of-experts model"),
+])
+def test_lora_on_a_mixture_of_experts_adapts_its_attention(overrides, message, tmp_path):
+    cfg = dpo_config(tmp_path, *MIXTRAL, *overrides, "train.steps=1")
+    if message is None:
+        train(cfg, progress=False)
+        assert (tmp_path / "adapter/adapter_config.json").exists()
+        return
+    with pytest.raises(ConfigError, match=message):
+        train(cfg, progress=False)
