@@ -1,16 +1,19 @@
-"""A Flax NNX decoder-only transformer that reproduces Hugging Face's Llama-family models.
+"""A Flax NNX decoder-only transformer that reproduces Hugging Face's models of every registered
+family (`models.registry`: Llama, Mistral, Qwen2/3, Gemma 2/3, Mixtral, Qwen3-MoE).
 
-Pre-norm blocks: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)); rotary position embeddings
-(the "rotate half" layout of transformers), grouped-query attention, optional q/k/v bias (Qwen2),
-q/k RMSNorm (Qwen3) and sliding window (Mistral). The KV cache is a pytree passed in and
-returned, so decoding stays a pure function.
+Blocks x + Attn(norm(x)), then x + MLP(norm(x)) (with Gemma's extra norms on both outputs), from
+the parts in `models.layers`: rotary position embeddings in transformers' layout, grouped-query
+attention, the gated MLP or a sparse mixture of experts (`models.moe`). What sets a family apart
+is a `DecoderConfig` field. The KV cache is a pytree passed in and returned, so decoding stays a
+pure function.
 
 The L blocks are one module whose parameters are stacked along a leading "layers" axis, and the
-forward pass is one `lax.scan` over them: a 32-layer model compiles one block, not 32. With
+forward pass is one `lax.scan` over them: a 32-layer model compiles one block, not 32. Layers
+that differ (windowed and global attention) select their mask and RoPE by their index. With
 `scan_layers=False` they are L modules run one after another (a program L blocks long, which XLA
-optimises across layers: faster on a CPU, slower to compile). Parameters
-carry logical axis names ("layers", "vocab", "embed", "heads", "kv_heads", "mlp") that the trainer
-maps to mesh axes.
+optimises across layers: faster on a CPU, slower to compile). Parameters carry logical axis names
+("layers", "vocab", "embed", "heads", "kv_heads", "mlp", "expert") that the trainer maps to mesh
+axes.
 """
 
 from __future__ import annotations
@@ -26,7 +29,17 @@ from jax.ad_checkpoint import checkpoint_name
 
 from align_jax.models.config import DecoderConfig
 from align_jax.models.kernels import kernel_attention
-from align_jax.models.lora import PROJECTIONS, Linear
+from align_jax.models.layers import (
+    ACTIVATION_FNS,
+    MLP,
+    Attention,
+    attention,
+    dense,
+    rms_norm,
+    rope_angles,
+    rope_inv_freq,
+    softcap,
+)
 from align_jax.models.moe import MoE, balance_loss, router_counts
 
 Array = jax.Array
@@ -70,179 +83,6 @@ def init_cache(config: DecoderConfig, batch: int, max_length: int, dtype=jnp.flo
     zeros = jnp.zeros((config.num_layers, batch, config.num_kv_heads, max_length, config.head_dim),
                       dtype)
     return KVCache(zeros, zeros, jnp.zeros((batch, max_length), bool), jnp.zeros((), jnp.int32))
-
-
-def _dense(rngs, d_in, d_out, names, *, bias=False, dtype, param_dtype, name=None, lora=None,
-           quant=None):
-    """A Linear layer; a block's projection (`name` in `PROJECTIONS`) stores its kernel as `quant`
-    says and carries a LoRA adapter when `lora` targets it."""
-    targeted = lora is not None and name in lora.targets
-    return Linear(d_in, d_out, names, rngs=rngs, dtype=dtype, param_dtype=param_dtype, bias=bias,
-                  quant=quant if name in PROJECTIONS else None, lora=lora if targeted else None)
-
-
-def _key(dropout_key: Array | None, name: str) -> Array | None:
-    """The dropout key of projection `name` in a layer whose key is `dropout_key`."""
-    return None if dropout_key is None else jax.random.fold_in(dropout_key,
-                                                               PROJECTIONS.index(name))
-
-
-class RMSNorm(nnx.Module):
-    """y = w · x / sqrt(mean(x²) + ε), normalised in float32, then cast back and scaled (Llama);
-    with `unit_offset`, y = (1 + w) · x / sqrt(mean(x²) + ε) all in float32, then cast back
-    (Gemma, whose w starts at 0)."""
-
-    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, axis_name="embed",
-                 unit_offset: bool = False):
-        init = jnp.zeros if unit_offset else jnp.ones
-        self.weight = nnx.Param(init((dim,), param_dtype), out_sharding=(axis_name,))
-        self.eps, self.unit_offset = eps, unit_offset
-
-    def __call__(self, x: Array) -> Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        if self.unit_offset:
-            return (x32 * (1 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
-        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
-
-
-def rms_norm(config: DecoderConfig, dim: int, param_dtype, axis_name: str = "embed") -> RMSNorm:
-    """The RMSNorm of `config`'s family over `dim` features."""
-    return RMSNorm(dim, config.rms_norm_eps, param_dtype=param_dtype, axis_name=axis_name,
-                   unit_offset=config.norm_unit_offset)
-
-
-def softcap(x: Array, cap: float | None) -> Array:
-    """cap · tanh(x / cap) (Gemma 2's soft-capping), or x when cap is None."""
-    return x if cap is None else cap * jnp.tanh(x / cap)
-
-
-def rope_inv_freq(config: DecoderConfig, local: bool = False) -> Array:
-    """Inverse frequencies θ^(-2i/d), with linear or Llama-3.1 frequency-dependent scaling; with
-    `local`, those of the windowed layers' unscaled base `rope_local_theta` (Gemma 3)."""
-    dim = config.head_dim
-    theta = config.rope_local_theta if local else config.rope_theta
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    if local:
-        return inv_freq
-    if config.rope_type == "linear":
-        return inv_freq / config.rope_factor
-    if config.rope_type == "llama3":
-        low_wavelen = config.rope_original_max_position / config.rope_low_freq_factor
-        high_wavelen = config.rope_original_max_position / config.rope_high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = jnp.where(wavelen > low_wavelen, inv_freq / config.rope_factor, inv_freq)
-        smooth = (config.rope_original_max_position / wavelen - config.rope_low_freq_factor) / (
-            config.rope_high_freq_factor - config.rope_low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
-        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return jnp.where(is_medium, smoothed, scaled)
-    return inv_freq
-
-
-def rope_angles(positions_BxT: Array, inv_freq: Array, dtype) -> tuple[Array, Array]:
-    """cos and sin of the angles p·inv_freq (float32), laid out [B, T, 1, H] for every layer."""
-    angles = positions_BxT[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
-
-
-def apply_rope(x: Array, cos_sin: tuple[Array, Array]) -> Array:
-    """x·cos + rotate_half(x)·sin, where rotate_half(x) = [-x₂, x₁] (transformers' layout), on
-    queries [B, T, Q, H] or keys [B, T, K, H]."""
-    cos, sin = cos_sin
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
-
-
-def attention(q_BxTxQxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: Array, *,
-              scale: float | None = None, logit_softcap: float | None = None) -> Array:
-    """softmax(softcap(c·q·kᵀ) + mask)·v with Q query heads sharing K key/value heads (Q = K·J);
-    c = `scale` (default 1/√H), softcap(s) = `logit_softcap`·tanh(s / `logit_softcap`) when given.
-
-    Queries are laid out heads-major, [B, K, J, T, H], so both products contract the trailing axis
-    of contiguous [T, H] and [S, H] blocks and keys and values are never repeated (about 17% less
-    time for attention's forward and backward on XLA:CPU than a [B, T, K, J, H] layout, whose
-    products transpose their operands). Scores and softmax are float32. A fully masked row (a pad
-    query) attends uniformly, never NaN.
-    """
-    B, T, Q, H = q_BxTxQxH.shape
-    K = k_BxKxSxH.shape[1]
-    q_BxKxJxTxH = q_BxTxQxH.reshape(B, T, K, Q // K, H).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkjth,bksh->bkjts", q_BxKxJxTxH, k_BxKxSxH,
-                        preferred_element_type=jnp.float32) * (scale or H**-0.5)
-    scores = softcap(scores, logit_softcap)
-    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
-    out_BxKxJxTxH = jnp.einsum("bkjts,bksh->bkjth", probs, v_BxKxSxH)
-    return out_BxKxJxTxH.transpose(0, 3, 1, 2, 4).reshape(B, T, Q, H)
-
-
-class Attention(nnx.Module):
-    def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype, lora=None, quant=None):
-        c, kw = config, dict(dtype=dtype, param_dtype=param_dtype, lora=lora, quant=quant)
-        self.config = c
-        self.q_proj = _dense(rngs, c.hidden_size, c.num_heads * c.head_dim, ("embed", "heads"),
-                             bias=c.attention_bias, name="q_proj", **kw)
-        self.k_proj = _dense(rngs, c.hidden_size, c.num_kv_heads * c.head_dim,
-                             ("embed", "kv_heads"), bias=c.attention_bias, name="k_proj", **kw)
-        self.v_proj = _dense(rngs, c.hidden_size, c.num_kv_heads * c.head_dim,
-                             ("embed", "kv_heads"), bias=c.attention_bias, name="v_proj", **kw)
-        self.o_proj = _dense(rngs, c.num_heads * c.head_dim, c.hidden_size, ("heads", "embed"),
-                             name="o_proj", **kw)
-        if c.qk_norm:
-            self.q_norm = rms_norm(c, c.head_dim, param_dtype, "head_dim")
-            self.k_norm = rms_norm(c, c.head_dim, param_dtype, "head_dim")
-
-    def __call__(self, x_RxD, cos_sin, attend, kv_cache, dropout_key=None):
-        """x_RxD holds the R = B·T tokens of the batch as rows (see `Decoder.hidden_states`);
-        `attend(q, k, v)` is attention under the batch's mask; `dropout_key` draws the LoRA
-        adapters' dropout masks."""
-        c = self.config
-        B, T = cos_sin[0].shape[:2]
-        q = self.q_proj(x_RxD, _key(dropout_key, "q_proj")).reshape(B, T, c.num_heads, c.head_dim)
-        k = self.k_proj(x_RxD, _key(dropout_key, "k_proj")).reshape(B, T, c.num_kv_heads,
-                                                                   c.head_dim)
-        v = self.v_proj(x_RxD, _key(dropout_key, "v_proj")).reshape(
-            B, T, c.num_kv_heads, c.head_dim).transpose(0, 2, 1, 3)
-        if c.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, cos_sin)
-        k = apply_rope(k, cos_sin).transpose(0, 2, 1, 3)  # [B, K, T, H]
-        if kv_cache is not None:  # write this step's keys/values into layer `layer` at slot
-            keys, values, layer, index = kv_cache  # `index`, then attend to all of its slots
-            keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype),
-                                                (layer, 0, 0, index, 0))
-            values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype),
-                                                  (layer, 0, 0, index, 0))
-            k, v, kv_cache = keys[layer], values[layer], (keys, values)
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype))
-        return (self.o_proj(out.reshape(B * T, c.num_heads * c.head_dim),
-                            _key(dropout_key, "o_proj")), kv_cache)
-
-
-ACTIVATION_FNS = {"silu": jax.nn.silu,
-                  "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
-
-
-class MLP(nnx.Module):
-    """down(act(gate(x)) · up(x)): SwiGLU (act = silu) or GeGLU (act = tanh-approximate GELU)."""
-
-    def __init__(self, config: DecoderConfig, *, rngs, dtype, param_dtype, lora=None, quant=None):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, lora=lora, quant=quant)
-        self.act = ACTIVATION_FNS[config.hidden_act]
-        self.gate_proj = _dense(rngs, config.hidden_size, config.intermediate_size,
-                                ("embed", "mlp"), name="gate_proj", **kw)
-        self.up_proj = _dense(rngs, config.hidden_size, config.intermediate_size,
-                              ("embed", "mlp"), name="up_proj", **kw)
-        self.down_proj = _dense(rngs, config.intermediate_size, config.hidden_size,
-                                ("mlp", "embed"), name="down_proj", **kw)
-
-    def __call__(self, x, dropout_key=None):
-        gate = self.gate_proj(x, _key(dropout_key, "gate_proj"))
-        up = self.up_proj(x, _key(dropout_key, "up_proj"))
-        return self.down_proj(self.act(gate) * up, _key(dropout_key, "down_proj"))
 
 
 class LayerContext(NamedTuple):
@@ -425,10 +265,10 @@ class Decoder(nnx.Module):
                              quant=quant)
         self.norm = rms_norm(config, config.hidden_size, param_dtype)
         if not config.tie_word_embeddings:
-            self.lm_head = _dense(rngs, config.hidden_size, config.vocab_size, ("embed", "vocab"),
+            self.lm_head = dense(rngs, config.hidden_size, config.vocab_size, ("embed", "vocab"),
                                   dtype=dtype, param_dtype=param_dtype)
         if with_scalar_head:
-            self.score_head = _dense(rngs, config.hidden_size, 1, ("embed", None),
+            self.score_head = dense(rngs, config.hidden_size, 1, ("embed", None),
                                      dtype=dtype, param_dtype=param_dtype)
 
     def hidden_states(self, input_ids_BxT: Array, attention_mask_BxT: Array | None = None,
