@@ -217,11 +217,15 @@ def test_parameters_carry_logical_axis_names():
     assert all(v is not None for v in names.values())
 
 
+# Llama-style blocks with biases; Gemma's sandwich norms, q/k norms and mixed layer kinds; experts
+GRADIENT_CHECKS = ("qwen2_qkv_bias", "gemma3_text", "qwen3_moe")
+
+
 def test_separate_blocks_equal_the_scanned_stack(tmp_path):
     """`scan_layers=False` (L Blocks in a Python loop instead of one scan over stacked parameters),
-    on every architecture: logits equal transformers', gradients (with remat, too) equal the
-    scanned model's tensor for tensor, KV-cache decoding equals the full forward, and the saved
-    checkpoint holds the same tensors."""
+    on every architecture: logits equal transformers', KV-cache decoding equals the full forward,
+    and the saved checkpoint holds the same tensors; gradients (with remat) equal the scanned
+    model's tensor for tensor on one architecture of each block kind (`GRADIENT_CHECKS`)."""
     ids, mask = (jnp.asarray(a) for a in left_padded_batch(1))
 
     def hf_named_grads(model):
@@ -239,11 +243,12 @@ def test_separate_blocks_equal_the_scanned_stack(tmp_path):
         np.testing.assert_allclose(logits[valid], hf_logits(hf, ids, mask)[valid], atol=1e-4,
                                    err_msg=name)
         separate.remat = "full"
-        scanned_grads = hf_named_grads(scanned)
-        for tensor, grad in hf_named_grads(separate).items():  # float32 rounding is relative to
-            scale = np.abs(scanned_grads[tensor]).max()  # the tensor's scale, not each element's
-            np.testing.assert_allclose(grad, scanned_grads[tensor], atol=1e-5 * scale,
-                                       err_msg=f"{name}: {tensor}")
+        if name in GRADIENT_CHECKS:
+            scanned_grads = hf_named_grads(scanned)
+            for tensor, grad in hf_named_grads(separate).items():  # float32 rounding is relative
+                scale = np.abs(scanned_grads[tensor]).max()  # to the tensor's scale, not each
+                np.testing.assert_allclose(grad, scanned_grads[tensor],  # element's
+                                           atol=1e-5 * scale, err_msg=f"{name}: {tensor}")
         cache = init_cache(separate.config, ids.shape[0], ids.shape[1])
         _, cache = separate(ids[:, :8], mask[:, :8], cache)
         for t in range(8, ids.shape[1]):

@@ -38,6 +38,8 @@ FAMILIES = {  # the features that set each family apart, at sizes that make them
                   "model.init.num_experts=4", "model.init.num_experts_per_tok=2",
                   "model.init.moe_intermediate_size=16", "model.router_aux_coef=0.5"],
 }
+# DPO moves off ln 2 at its second step; GRPO's checks are on its first rollout
+STEPS = {"dpo": 2, "grpo": 1}
 RUNS = {
     "dpo": ("dpo_sentiment", ["data.synthetic_args.n=32", "train.batch_size=8",
                               "data.max_length=64"]),
@@ -50,7 +52,7 @@ def run(out: Path, family: str, method: str, *variant: str) -> list[dict]:
     config, extra = RUNS[method]
     cfg = load_config(ROOT / "configs" / f"{config}.yaml", SIZES + FAMILIES[family] + extra + [
         *variant,
-        f"out_dir={out}", "train.steps=2", "train.log_every=1", "train.eval_every=0",
+        f"out_dir={out}", f"train.steps={STEPS[method]}", "train.log_every=1", "train.eval_every=0",
         "data.eval_fraction=0"])
     train(cfg, progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -82,7 +84,7 @@ def test_dpo_run_and_export(family, variant, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_grpo_run(family, tmp_path):
     rows = run(tmp_path, family, "grpo")
-    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert len(rows) == 1 and np.isfinite(rows[0]["loss"])
     assert rows[0]["sampling/sampler_trainer_logp_diff"] < 1e-4
     # the first rollout's policy is the reference; a tiny random router's near-ties may pick
     # another expert for a token when the trainer's batch rounds its logits differently
