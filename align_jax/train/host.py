@@ -183,7 +183,7 @@ def decoder_factory(cfg: RunConfig, config: DecoderConfig, mesh: Mesh,
                           "attention takes bf16 or fp16)")
     if cfg.model.lora is not None:
         check_lora(cfg)
-        check_lora_experts(cfg, config)
+    check_experts(cfg, config)
     if cfg.model.router_aux_coef is not None:
         config = dataclasses.replace(config, router_aux_loss_coef=cfg.model.router_aux_coef)
     quant = base_quant(cfg)
@@ -197,9 +197,17 @@ def decoder_factory(cfg: RunConfig, config: DecoderConfig, mesh: Mesh,
                                 quant=quant if quantized else None)
 
 
-def check_lora_experts(cfg: RunConfig, config: DecoderConfig) -> None:
-    """LoRA on a mixture-of-experts model adapts its attention; its experts stay as they are."""
+def check_experts(cfg: RunConfig, config: DecoderConfig) -> None:
+    """What a run of a mixture-of-experts model cannot do: LoRA adapts its attention only (its
+    experts stay as they are, unquantized), and a sweep's members cannot be vmapped (the grouped
+    expert products, `jax.lax.ragged_dot`, have no batching rule over members)."""
     if not config.num_experts:
+        return
+    if cfg.sweep.field is not None:
+        raise ConfigError(f"sweep.field={cfg.sweep.field}: a sweep over a mixture-of-experts "
+                          f"model ({config.model_type}) is not supported; run its members as "
+                          f"separate runs")
+    if cfg.model.lora is None:
         return
     experts = [t for t in cfg.model.lora.targets if t in ("gate_proj", "up_proj", "down_proj")]
     if experts:

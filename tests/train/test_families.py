@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 
-from align_jax.config import load_config
+from align_jax.config import ConfigError, load_config
 from align_jax.models import load_pretrained
 from align_jax.train import train
 
@@ -90,3 +90,11 @@ def test_grpo_run(family, tmp_path):
     # another expert for a token when the trainer's batch rounds its logits differently
     assert rows[0]["kl"] < (1e-4 if family in MOE else 1e-6)
     assert ("aux_loss" in rows[0]) == (family in MOE)
+
+
+def test_a_sweep_over_a_mixture_of_experts_is_one_clear_error(tmp_path):
+    cfg = load_config(ROOT / "configs/dpo_sentiment.yaml", SIZES + FAMILIES["qwen3_moe"] + [
+        f"out_dir={tmp_path}", "sweep.field=beta", "sweep.values=[0.1,0.5]"])
+    with pytest.raises(ConfigError, match=r"sweep.field=beta: a sweep over a mixture-of-experts "
+                                          r"model \(qwen3_moe\) is not supported"):
+        train(cfg, progress=False)
