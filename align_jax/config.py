@@ -72,7 +72,8 @@ class ModelConfig:
     # array of logits; None: all positions at once
     logits_chunk: Optional[int] = None
     # a mixture-of-experts model's load-balancing loss weight (Switch Transformer's, logged as
-    # aux_loss); None: the checkpoint's router_aux_loss_coef
+    # aux_loss); None: the checkpoint's router_aux_loss_coef when it sets output_router_logits,
+    # else 0 (as transformers and TRL)
     router_aux_coef: Optional[float] = None
     # the blocks as one lax.scan over stacked parameters (compile time independent of depth);
     # false: L separate blocks in one straight program (faster steps on a CPU)

@@ -492,7 +492,7 @@ def plan(cfg: RunConfig, topology: str) -> Plan:
     shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
     if cfg.train.batch_size % shards:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over the mesh's "
-                          f"{shards} batch shards (data × fsdp)")
+                          f"{shards} batch shards (data × fsdp × expert)")
     loss_cfg = cfg.rl if cfg.train.method in ("grpo", "ppo") else cfg.loss
     methods.check_micro_batches(cfg.train.method, loss_cfg, cfg.train.micro_batches)
     if cfg.train.method in methods.METHODS:

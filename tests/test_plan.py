@@ -153,6 +153,9 @@ def test_a_fitting_plan_exits_0_and_writes_json(tmp_path, capsys):
      "train.batch_size=6 does not split"),
     (["--topology", "v5e:2x2", "model.path=configs"], "no config.json"),
     (["--topology", "v5e:2x2", "mesh.fsdp=3"], "mesh:"),
+    (["--topology", "v5e:2x2", "model.path=null", "model.init.model_type=mixtral",
+      "model.init.num_local_experts=2", "mesh.data=1", "mesh.expert=4"],
+     "mesh.expert=4 does not divide the model's num_experts=2 (mixtral)"),
 ])
 def test_config_errors_exit_2(extra, message, capsys):
     assert cli.main(["plan", str(ROOT / "configs/sft_arithmetic.yaml"), *extra]) == 2

@@ -51,7 +51,9 @@ class DecoderConfig:
     num_experts_per_tok: int = 0  # k: the experts each token goes to
     moe_intermediate_size: int = 0  # an expert's width
     norm_topk_prob: bool = True  # renormalise the k router probabilities to sum to 1
-    router_aux_loss_coef: float = 0.0  # the load-balancing loss's weight the checkpoint names
+    # the load-balancing loss's weight in training: the checkpoint's router_aux_loss_coef when its
+    # output_router_logits is set (as transformers and TRL add it), else 0
+    router_aux_loss_coef: float = 0.0
     model_type: str = "llama"
 
     def __post_init__(self):

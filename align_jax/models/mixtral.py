@@ -45,7 +45,7 @@ def fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
             raise ValueError(f"{where}: {feature} is not supported")
     out = dict(tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                num_experts=num_experts, num_experts_per_tok=hf["num_experts_per_tok"],
-               router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+               router_aux_loss_coef=_aux_coef(hf))
     if model_type == "mixtral":
         return dict(out, moe_intermediate_size=hf["intermediate_size"], norm_topk_prob=True,
                     sliding_window=hf.get("sliding_window"))
@@ -53,10 +53,17 @@ def fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
                 norm_topk_prob=bool(hf.get("norm_topk_prob", False)))
 
 
+def _aux_coef(hf: dict[str, Any]) -> float:
+    """The load-balancing loss's weight in training: `router_aux_loss_coef` when
+    `output_router_logits` is set, else 0 (as transformers and TRL add it)."""
+    return float(hf.get("router_aux_loss_coef", 0.001)) if hf.get("output_router_logits") else 0.0
+
+
 def hf_fields(config: DecoderConfig) -> dict[str, Any]:
     """config.json entries beyond `config.common_hf`."""
     out = {"num_experts_per_tok": config.num_experts_per_tok,
-           "router_aux_loss_coef": config.router_aux_loss_coef}
+           "router_aux_loss_coef": config.router_aux_loss_coef,
+           "output_router_logits": config.router_aux_loss_coef > 0}
     if config.model_type == "mixtral":
         return dict(out, num_local_experts=config.num_experts,
                     sliding_window=config.sliding_window, router_jitter_noise=0.0)

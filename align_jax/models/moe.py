@@ -10,9 +10,9 @@ expert and the three products are grouped matrix products over contiguous runs o
 (`jax.lax.ragged_dot`), so no token is dropped and no capacity is set. On a mesh
 (`expert_parallel`), each device holds E / n experts of the `expert` axis and I / t of their width
 on `tensor`: it gathers the rows of its expert-axis peers, runs the assignments of its own experts,
-and the partial outputs are summed back to their rows (reduce-scatter over `expert`, sum over
-`tensor`). `dense_experts` runs every expert on every token and weighs the outputs: the
-dense-equivalent reference the tests compare against.
+and the partial outputs, in float32, are summed back to their rows (reduce-scatter over `expert`,
+sum over `tensor`) before the cast to the compute dtype. `dense_experts` runs every expert on
+every token and weighs the outputs: the dense-equivalent reference the tests compare against.
 
 Shape letters as in `align_jax.ops`, and R: the rows (tokens) of a batch, E: experts, k the experts
 per token, I: an expert's width, A = R·k assignments.
@@ -70,7 +70,7 @@ def sparse_experts(x_RxD: Array, experts_RxK: Array, weights_RxK: Array, gate_Ex
                    up_ExDxI: Array, down_ExIxD: Array, act: Callable, first: Array | int = 0
                    ) -> Array:
     """Σ_j w_j · expert_{e_j}(x) for the assignments to experts first … first + E - 1 (the rest
-    contribute 0): assignments sorted by expert, then three grouped products."""
+    contribute 0), summed in float32: assignments sorted by expert, then three grouped products."""
     R, K = experts_RxK.shape
     E = gate_ExDxI.shape[0]
     local_A = experts_RxK.reshape(R * K) - first
@@ -81,20 +81,21 @@ def sparse_experts(x_RxD: Array, experts_RxK: Array, weights_RxK: Array, gate_Ex
     x_AxD = x_RxD[rows_A]
     h_AxI = act(jax.lax.ragged_dot(x_AxD, gate_ExDxI, sizes_E)) * jax.lax.ragged_dot(
         x_AxD, up_ExDxI, sizes_E)
-    out_AxD = jax.lax.ragged_dot(h_AxI, down_ExIxD, sizes_E)
-    w_A = jnp.where(mine_A, weights_RxK.reshape(R * K), 0)[order_A]
-    out_AxD = jnp.where(mine_A[order_A][:, None], out_AxD * w_A[:, None].astype(out_AxD.dtype), 0)
-    return jnp.zeros_like(x_RxD).at[rows_A].add(out_AxD.astype(x_RxD.dtype))
+    out_AxD = jax.lax.ragged_dot(h_AxI, down_ExIxD, sizes_E, preferred_element_type=jnp.float32)
+    w_A = jnp.where(mine_A, weights_RxK.reshape(R * K), 0)[order_A].astype(jnp.float32)
+    out_AxD = jnp.where(mine_A[order_A][:, None], out_AxD * w_A[:, None], 0)
+    return jnp.zeros(x_RxD.shape, jnp.float32).at[rows_A].add(out_AxD)
 
 
 def dense_experts(x_RxD: Array, experts_RxK: Array, weights_RxK: Array, gate_ExDxI: Array,
                   up_ExDxI: Array, down_ExIxD: Array, act: Callable) -> Array:
     """The same sum with every expert run on every row, the unchosen ones weighted 0."""
-    combine_RxE = jnp.sum(jax.nn.one_hot(experts_RxK, gate_ExDxI.shape[0], dtype=x_RxD.dtype)
-                          * weights_RxK[..., None].astype(x_RxD.dtype), axis=1)
+    combine_RxE = jnp.sum(jax.nn.one_hot(experts_RxK, gate_ExDxI.shape[0], dtype=jnp.float32)
+                          * weights_RxK[..., None].astype(jnp.float32), axis=1)
     h_RxExI = act(jnp.einsum("rd,edi->rei", x_RxD, gate_ExDxI)) * jnp.einsum(
         "rd,edi->rei", x_RxD, up_ExDxI)
-    return jnp.einsum("rei,eid,re->rd", h_RxExI, down_ExIxD, combine_RxE)
+    return jnp.einsum("rei,eid,re->rd", h_RxExI, down_ExIxD, combine_RxE,
+                      preferred_element_type=jnp.float32)
 
 
 def expert_parallel(mesh: Mesh, batch_axes: tuple[str, ...], x_RxD, experts_RxK, weights_RxK,
@@ -154,8 +155,8 @@ class MoE(nnx.Module):
                                                        self.down_proj)]
         args = (x, routing.experts_RxK, routing.weights_RxK, *weights, self.act)
         if mesh is None:
-            return sparse_experts(*args), routing
-        return expert_parallel(mesh, batch_axes, *args), routing
+            return sparse_experts(*args).astype(self.dtype), routing
+        return expert_parallel(mesh, batch_axes, *args).astype(self.dtype), routing
 
 
 def collect_router_loss(model: nnx.Module) -> None:

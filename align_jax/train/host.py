@@ -183,7 +183,8 @@ def decoder_factory(cfg: RunConfig, config: DecoderConfig, mesh: Mesh,
                           "attention takes bf16 or fp16)")
     if cfg.model.lora is not None:
         check_lora(cfg)
-    check_experts(cfg, config)
+    if adapters:  # the trained model (a frozen reward model or reference is only read)
+        check_experts(cfg, config, mesh)
     if cfg.model.router_aux_coef is not None:
         config = dataclasses.replace(config, router_aux_loss_coef=cfg.model.router_aux_coef)
     quant = base_quant(cfg)
@@ -197,12 +198,19 @@ def decoder_factory(cfg: RunConfig, config: DecoderConfig, mesh: Mesh,
                                 quant=quant if quantized else None)
 
 
-def check_experts(cfg: RunConfig, config: DecoderConfig) -> None:
-    """What a run of a mixture-of-experts model cannot do: LoRA adapts its attention only (its
-    experts stay as they are, unquantized), and a sweep's members cannot be vmapped (the grouped
-    expert products, `jax.lax.ragged_dot`, have no batching rule over members)."""
+def check_experts(cfg: RunConfig, config: DecoderConfig, mesh: Mesh) -> None:
+    """What a run of a mixture-of-experts model cannot do: split its experts unevenly over the
+    mesh (`moe.expert_parallel` gives each device E / n whole experts and I / t of their width),
+    adapt its experts with LoRA (its attention only; the experts stay unquantized), or vmap a
+    sweep's members (the grouped expert products, `jax.lax.ragged_dot`, have no batching rule
+    over members)."""
     if not config.num_experts:
         return
+    for what, size, axis in (("num_experts", config.num_experts, "expert"),
+                             ("moe_intermediate_size", config.moe_intermediate_size, "tensor")):
+        if size % mesh.shape[axis]:
+            raise ConfigError(f"mesh.{axis}={mesh.shape[axis]} does not divide the model's "
+                              f"{what}={size} ({config.model_type})")
     if cfg.sweep.field is not None:
         raise ConfigError(f"sweep.field={cfg.sweep.field}: a sweep over a mixture-of-experts "
                           f"model ({config.model_type}) is not supported; run its members as "

@@ -271,6 +271,7 @@ def test_load_balancing_loss_matches_transformers(name):
     with torch.no_grad():
         expected = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                       output_router_logits=True).aux_loss.item()
+    hf.config.output_router_logits = True  # the coefficient applies in training (else 0)
     model = load_pretrained(hf)
     collect_router_loss(model)
     _, sown = nnx.capture(lambda m: m(jnp.asarray(ids), jnp.asarray(mask)), nnx.Intermediate)(model)
