@@ -351,7 +351,8 @@ class Decoder(nnx.Module):
         def layer(cos_sin, attend):
             return LayerContext(cos_sin, attend, token_mask_R, mesh, batch_axes)
 
-        if self.attention == "xla" or cache is not None:
+        einsum = self.attention == "xla" or cache is not None  # else a fused kernel
+        if einsum:
             def attend(mask):
                 return functools.partial(attention, mask_BxTxS=mask, **scores)
             windowed_attend, global_attend = attend(window_BxTxS), attend(mask_BxTxS)
@@ -375,7 +376,7 @@ class Decoder(nnx.Module):
         def context(index):
             w = flags_L[index]
             cos_sin = jax.tree.map(functools.partial(jnp.where, w), local_rope, rope)
-            if self.attention == "xla" or cache is not None:
+            if einsum:
                 return layer(cos_sin, attend(jnp.where(w, window_BxTxS, mask_BxTxS)))
             return layer(cos_sin, lambda q, k, v: jax.lax.cond(w, windowed_attend, global_attend,
                                                                q, k, v))

@@ -20,6 +20,7 @@ per token, I: an expert's width, A = R·k assignments.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -103,10 +104,7 @@ def expert_parallel(mesh: Mesh, batch_axes: tuple[str, ...], x_RxD, experts_RxK,
     """`sparse_experts` with experts split over the mesh's `expert` axis and their width over
     `tensor` (module docstring). Rows split over `batch_axes` when they divide evenly, else every
     device takes every row."""
-    shards = 1
-    for axis in batch_axes:
-        shards *= mesh.shape[axis]
-    split = x_RxD.shape[0] % shards == 0
+    split = x_RxD.shape[0] % math.prod(mesh.shape[axis] for axis in batch_axes) == 0
     rows = P(batch_axes if split else None, None)
 
     def local(x, experts, weights, gate, up, down):

@@ -46,15 +46,20 @@ REFUSED = {
 }
 
 
+def check_model_type(model_type: str | None, where: str) -> None:
+    """A ValueError naming `where` and the feature, unless `model_type` is a registered family."""
+    if model_type in REFUSED:
+        raise ValueError(f"{where}: {REFUSED[model_type]} is not supported")
+    if model_type not in FAMILIES:
+        raise ValueError(f"{where} is not supported; align_jax supports {tuple(FAMILIES)}")
+
+
 def config_from_hf(hf: dict[str, Any] | Any, *, source: str = "config") -> DecoderConfig:
     """The DecoderConfig of a transformers config (object or config.json dict)."""
     hf = hf if isinstance(hf, dict) else hf.to_dict()
     model_type = hf.get("model_type")
     where = f"{source}: model_type={model_type!r}"
-    if model_type in REFUSED:
-        raise ValueError(f"{where}: {REFUSED[model_type]} is not supported")
-    if model_type not in FAMILIES:
-        raise ValueError(f"{where} is not supported; align_jax supports {tuple(FAMILIES)}")
+    check_model_type(model_type, where)
     try:
         fields = {**common_fields(hf, where), **FAMILIES[model_type].fields(hf, where)}
     except KeyError as e:
@@ -76,7 +81,6 @@ def config_from_init(init: dict[str, Any], *, source: str = "model.init") -> Dec
 
     init = dict(init)
     model_type = init.pop("model_type", "llama")
-    if model_type not in FAMILIES:  # named as a config.json of that type would be
-        return config_from_hf({"model_type": model_type}, source=source)
+    check_model_type(model_type, f"{source}: model_type={model_type!r}")
     hf = transformers.AutoConfig.for_model(model_type, **init)
     return config_from_hf(hf, source=source)
