@@ -176,6 +176,15 @@ class RLConfig:
     beta: float = 0.0  # GRPO: k3 KL to the reference (no reference is held at 0)
     entropy_coef: float = 0.0
     num_iterations: int = 1  # μ: passes over each rollout
+    # sample and score rollout k+1 while rollout k updates: one rollout behind the policy (the
+    # sampler's log-probs are the behaviour policy's)
+    async_rollouts: bool = False
+    # truncated importance sampling (TRL's token_truncate): the ratio is taken to the trainer's
+    # log-probs at the start of the rollout's updates, and each token's loss weighted by
+    # min(π_trainer / π_sampler, cap); None: the ratio is taken to the sampler's log-probs
+    importance_sampling_cap: Optional[float] = None
+    # devices (the last n) that sample while the others train; 0: the sampler shares the mesh
+    sampler_devices: int = 0
     mini_batches: int = 1  # updates per pass
     # PPO (Ouyang et al. 2022; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO")
     critic: Optional[str] = None  # the value model's starting weights; default: the reward model

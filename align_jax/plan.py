@@ -53,8 +53,8 @@ from align_jax.train.mesh import (
     replicated,
 )
 from align_jax.train.models import Frozen, Models
-from align_jax.train.rl import rollout_optimizer
-from align_jax.train.run import step_functions
+from align_jax.train.offline import step_functions
+from align_jax.train.rollout import rollout_optimizer
 from align_jax.train.state import (
     TrainState,
     fresh_state,
@@ -331,8 +331,8 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     config = sampling.SamplingConfig(max_new_tokens=rl.max_new_tokens,
                                      num_samples=rl.num_generations, temperature=rl.temperature,
                                      top_k=rl.top_k, top_p=rl.top_p, stop_token_ids=(2,))
-    generate = jax.jit(lambda p, ids, mask, k: sampling._generate(policy_graphdef, p, ids, mask, k,
-                                                                  config=config))
+    generate = jax.jit(lambda p, ids, mask, k: sampling.generate_params(
+        policy_graphdef, p, ids, mask, k, config=config))
     specs.append(Spec("generate", generate, (policy_params, prompts["ids"], prompts["mask"], key),
                       dict(params=policy_params, kv_cache=_kv_cache_bytes(cfg, policy_config, mesh),
                            batch=prompts), loop_trips=rl.max_new_tokens))

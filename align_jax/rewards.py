@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import re
 from fractions import Fraction
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -116,21 +116,22 @@ def soft_overlong_punishment(max_completion_length: int, cache_length: int) -> R
     return soft_overlong
 
 
-def reward_model_reward(score_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], tokenizer, *,
+def reward_model_reward(score_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                        render: Callable[[Any, Any], Sequence[int]], pad_id: int, *,
                         batch_size: int = 32) -> RewardFn:
-    """A reward model as a reward function: prompt + completion rendered as the model was trained
-    (chat template for messages, else the texts joined with EOS appended), right-padded in
-    batches, and `score_fn(ids_BxT, mask_BxT)` (e.g. a jitted `Decoder.score`) at the last token."""
-    from align_jax.data.tokenize import render_pair
+    """A reward model as a reward function: each prompt + completion rendered to token ids as the
+    model was trained (`render`, e.g. `data.tokenize.render_pair`: chat template for messages,
+    else the texts joined with EOS appended), right-padded with `pad_id` in batches, and
+    `score_fn(ids_BxT, mask_BxT)` (e.g. a jitted `Decoder.score`) at the last token."""
 
     def reward_model(prompts: Sequence, completions: Sequence, **_) -> list[float]:
-        rows = [render_pair(tokenizer, p, c) for p, c in zip(prompts, completions)]
+        rows = [render(p, c) for p, c in zip(prompts, completions)]
         scores = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
             width = max(len(r) for r in chunk)
-            ids = np.full((batch_size, width), tokenizer.pad_token_id or 0, np.int32)
+            ids = np.full((batch_size, width), pad_id, np.int32)
             mask = np.zeros((batch_size, width), bool)
             for i, r in enumerate(chunk):
                 ids[i, :len(r)], mask[i, :len(r)] = r, True

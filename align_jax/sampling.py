@@ -113,7 +113,9 @@ def _next_token(logits_BxV, key, config: SamplingConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _generate(graphdef, state, prompt_ids_NxP, prompt_mask_NxP, rng, *, config: SamplingConfig):
+def generate_params(graphdef, state, prompt_ids_NxP, prompt_mask_NxP, rng, *,
+                    config: SamplingConfig) -> Completions:
+    """`generate` on a model given as (graphdef, state): what a jitted or vmapped caller uses."""
     # Weights and the KV cache in the compute dtype: a bf16 model reads half the bytes per token.
     model = nnx.merge(graphdef, state)
     model = nnx.merge(graphdef, ops.cast_floating(state, model.dtype))
@@ -167,8 +169,8 @@ def generate(model: Decoder, prompt_ids_NxP: Array, prompt_mask_NxP: Array, rng:
     whatever placement the model's state has.
     """
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, jnp.asarray(prompt_ids_NxP), jnp.asarray(prompt_mask_NxP),
-                     rng, config=config)
+    return generate_params(graphdef, state, jnp.asarray(prompt_ids_NxP),
+                           jnp.asarray(prompt_mask_NxP), rng, config=config)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "temperature"))

@@ -77,23 +77,26 @@ def accuracy(model, problems, *, greedy: bool) -> float:
 
 def run_ladder(out: Path, *, rollouts: int, seeds: int, sft_steps: int, problems: int = 256,
                extra: tuple[str, ...] = (), smoke: bool = False) -> dict:
-    """Train the SFT model, then every rung for every seed; return {rung: [per-seed result]}."""
+    """Train the SFT model, then every rung with its seeds as the members of one sweep; return
+    {rung: [per-seed result]} (each seed's seconds: its share of the rung's)."""
     shutil.rmtree(out, ignore_errors=True)
     sft_model = report.sft("sft_arithmetic.yaml", out / "sft", sft_steps, smoke=smoke)
     problems = synthetic.arithmetic(problems, seed=12345, **TASK)
     results = {}
     for rung in RUNGS:
+        run = out / f"{list(RUNGS).index(rung) + 1}"
+        start = time.perf_counter()
+        train(load_config(report.ROOT / "configs/grpo_arithmetic.yaml", [
+            f"model.path={sft_model}", f"train.steps={rollouts}", *report.seed_sweep(seeds),
+            "train.log_every=1", f"out_dir={run}", *OFF_POLICY, *rung_overrides(rung), *extra]),
+            progress=False)
+        seconds = (time.perf_counter() - start) / seeds
         results[rung] = []
         for seed in range(seeds):
-            run = out / f"{list(RUNGS).index(rung) + 1}_seed{seed}"
-            start = time.perf_counter()
-            train(load_config(report.ROOT / "configs/grpo_arithmetic.yaml", [
-                f"model.path={sft_model}", f"train.steps={rollouts}", f"train.seed={seed}",
-                "train.log_every=1", f"out_dir={run}", *OFF_POLICY, *rung_overrides(rung), *extra]),
-                progress=False)
-            seconds = time.perf_counter() - start
-            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-            model = load_pretrained(run / "model")
+            member = run / f"seed={seed}"
+            rows = [json.loads(line)
+                    for line in (member / "metrics.jsonl").read_text().splitlines()]
+            model = load_pretrained(member / "model")
             results[rung].append({
                 "entropy": [r["entropy"] for r in rows],
                 "frac_reward_zero_std": [r["frac_reward_zero_std"] for r in rows],
@@ -104,8 +107,8 @@ def run_ladder(out: Path, *, rollouts: int, seeds: int, sft_steps: int, problems
                 "accuracy (T=1)": accuracy(model, problems, greedy=False),
                 "seconds": seconds,
             })
-            print(f"{rung:20s} seed {seed}: {results[rung][-1]['accuracy (T=1)']:.3f} at T=1, "
-                  f"{seconds:.0f} s", flush=True)
+            print(f"{rung:20s} seed {seed}: {results[rung][-1]['accuracy (T=1)']:.3f} at T=1",
+                  flush=True)
     sft = load_pretrained(sft_model)
     results["SFT"] = [{"accuracy (greedy)": accuracy(sft, problems, greedy=True),
                        "accuracy (T=1)": accuracy(sft, problems, greedy=False)}]

@@ -71,23 +71,25 @@ def gap(sample: dict) -> tuple[float, float]:
 
 def run_study(out: Path, *, rollouts: int, seeds: int, sft_steps: int, filler: int,
               problems: int = 256, extra: tuple[str, ...] = (), smoke: bool = False) -> dict:
-    """{"SFT": sample, method: [sample per seed]} with per-seed training times under "seconds"."""
+    """{"SFT": sample, method: [sample per seed]}, each method's seeds the members of one sweep,
+    with each seed's share of its training time under "seconds"."""
     shutil.rmtree(out, ignore_errors=True)
     sft_model = report.sft("sft_arithmetic.yaml", out / "sft", sft_steps,
                            f"data.synthetic_args.filler={filler}", smoke=smoke)
     test = synthetic.arithmetic(problems, seed=12345, **TASK)
     results = {"SFT": lengths_by_correctness(load_pretrained(sft_model), test)}
     for method, overrides in METHODS.items():
+        run = out / method.replace(". ", "_").lower()
+        start = time.perf_counter()
+        train(load_config(report.ROOT / "configs/grpo_arithmetic.yaml", [
+            f"model.path={sft_model}", f"train.steps={rollouts}", *report.seed_sweep(seeds),
+            f"rl.max_new_tokens={MAX_NEW_TOKENS}", f"out_dir={run}", *overrides, *extra]),
+            progress=False)
+        seconds = (time.perf_counter() - start) / seeds
         results[method] = []
         for seed in range(seeds):
-            run = out / f"{method.replace('. ', '_').lower()}_seed{seed}"
-            start = time.perf_counter()
-            train(load_config(report.ROOT / "configs/grpo_arithmetic.yaml", [
-                f"model.path={sft_model}", f"train.steps={rollouts}", f"train.seed={seed}",
-                f"rl.max_new_tokens={MAX_NEW_TOKENS}", f"out_dir={run}", *overrides, *extra]),
-                progress=False)
-            sample = lengths_by_correctness(load_pretrained(run / "model"), test)
-            sample["seconds"] = time.perf_counter() - start
+            sample = lengths_by_correctness(load_pretrained(run / f"seed={seed}" / "model"), test)
+            sample["seconds"] = seconds
             results[method].append(sample)
             print(f"{method:9s} seed {seed}: gap {gap(sample)[0]:+.2f} tokens "
                   f"(SFT {gap(results['SFT'])[0]:+.2f}), accuracy {sample['accuracy']:.3f}",

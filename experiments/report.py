@@ -44,6 +44,12 @@ def sft(config: str, out_dir: Path, steps: int, *overrides: str, smoke: bool = F
     return out_dir / "model"
 
 
+def seed_sweep(seeds: int) -> list[str]:
+    """The overrides that train seeds 0 … seeds-1 as the members of one vmapped run, each writing
+    to `<out_dir>/seed=<k>/`."""
+    return ["sweep.field=seed", f"sweep.values=[{','.join(map(str, range(seeds)))}]"]
+
+
 def save_figure(fig, path: Path):
     """Lay out, write as PNG, and release the figure."""
     import matplotlib.pyplot as plt  # after the experiment has chosen the backend

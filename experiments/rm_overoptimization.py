@@ -41,6 +41,7 @@ from flax import nnx
 from align_jax.config import load_config
 from align_jax.data import synthetic
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
+from align_jax.data.tokenize import render_pair
 from align_jax.models import load_pretrained
 from align_jax.rewards import reward_model_reward
 from align_jax.sampling import SamplingConfig, generate_from_text
@@ -95,7 +96,9 @@ def proxy_scores(model_dir: Path):
     model = load_pretrained(model_dir)
     graphdef, params = nnx.split(model)
     score = jax.jit(lambda p, ids, mask: nnx.merge(graphdef, p).score(ids, mask))
-    return reward_model_reward(lambda ids, mask: score(params, ids, mask), tiny_tokenizer(),
+    tokenizer = tiny_tokenizer()
+    return reward_model_reward(lambda ids, mask: score(params, ids, mask),
+                               lambda p, c: render_pair(tokenizer, p, c), tokenizer.pad_token_id,
                                batch_size=256)
 
 

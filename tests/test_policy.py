@@ -3,7 +3,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from align_jax.losses import AGGREGATIONS, aggregate_loss, policy_loss, value_loss
+from align_jax.losses import (
+    AGGREGATIONS,
+    aggregate_loss,
+    policy_loss,
+    truncated_importance_weights,
+    value_loss,
+)
 from tests.np_ref import rand
 
 B, L = 6, 9
@@ -110,6 +116,33 @@ def test_k3_penalty_and_entropy_bonus():
     _, m0 = policy_loss(jnp.asarray(new), jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask),
                         ref_logps_BxT=jnp.asarray(ref), beta=0.0)
     assert "kl" not in m0  # β = 0 skips the reference entirely
+
+
+def test_truncated_importance_weights_scale_the_surrogate_only():
+    """w = min(π_old / π_sampler, cap) (1 on padding) multiplies the clipped surrogate, value and
+    gradient, and leaves the KL penalty as it was (TRL's token_truncate)."""
+    new, old, adv, mask = batch(5)
+    rng = np.random.default_rng(5)
+    sampler = old + rand(rng, B, L, scale=0.3)
+    ref = new + rand(rng, B, L, scale=0.5)
+    w = truncated_importance_weights(jnp.asarray(old), jnp.asarray(sampler), jnp.asarray(mask),
+                                     1.2)
+    want = np.where(mask, np.minimum(np.exp(np.float64(old) - sampler), 1.2), 1.0)
+    np.testing.assert_allclose(w, want, rtol=1e-5)
+    assert (want == 1.2).any() and (want < 1).any()  # some capped, some down-weighted
+    args = (jnp.asarray(old), jnp.asarray(adv), jnp.asarray(mask))
+    kw = dict(ref_logps_BxT=jnp.asarray(ref), beta=0.04)
+
+    def loss(logps, weights):
+        return policy_loss(logps, *args, is_weights_BxT=weights, **kw)[0]
+
+    plain, weighted = loss(jnp.asarray(new), None), loss(jnp.asarray(new), w)
+    k3 = np.where(mask, 0.04 * (np.exp(np.float64(ref) - new) - (np.float64(ref) - new) - 1), 0)
+    np.testing.assert_allclose(weighted - k3, (plain - k3) * want, rtol=1e-4, atol=1e-6)
+    # each token's loss depends on its own log-prob: its gradient is scaled by its weight
+    grads = [jax.grad(lambda x, w_=w_: jnp.sum(policy_loss(x, *args, is_weights_BxT=w_)[0]))(
+        jnp.asarray(new)) for w_ in (None, w)]
+    np.testing.assert_allclose(grads[1], grads[0] * want, rtol=1e-5, atol=1e-8)
 
 
 def test_per_token_advantages_and_padding_garbage():

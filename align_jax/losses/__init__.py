@@ -8,6 +8,7 @@ from align_jax.losses.policy import (
     RATIO_LEVELS,
     aggregate_loss,
     policy_loss,
+    truncated_importance_weights,
     value_loss,
 )
 from align_jax.losses.preference import (
@@ -43,5 +44,6 @@ __all__ = [
     "policy_loss",
     "rloo_advantages",
     "simpo_loss",
+    "truncated_importance_weights",
     "value_loss",
 ]

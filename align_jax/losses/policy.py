@@ -47,6 +47,7 @@ def policy_loss(
     beta: float = 0.0,
     entropy_BxT: Array | None = None,
     entropy_coef: float = 0.0,
+    is_weights_BxT: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Per-token policy loss: surrogate + β·KL_k3(π‖π_ref) - entropy_coef·H.
 
@@ -65,6 +66,9 @@ def policy_loss(
       mask_BxT: 1 on completion tokens.
       ref_logps_BxT, beta: the reference and coefficient of the k3 KL penalty (skipped at β = 0).
       entropy_BxT, entropy_coef: per-token entropy for an entropy bonus and its metric.
+      is_weights_BxT: importance weights of the behaviour policy that sampled the tokens when it
+        is not π_old (truncated IS, as TRL's vllm_importance_sampling_correction): they multiply
+        the surrogate, not the KL or entropy terms.
     Returns:
       per-token loss [B, T] (0 on masked tokens) and metrics, masked token means:
       clip_ratio/{low,high,region}_mean (or cispo_clip_ratio), approx_kl (½(log ρ)², between the
@@ -109,6 +113,9 @@ def policy_loss(
         clipped = (ratio > cispo_max_ratio) & (advantages > 0)
         metrics["cispo_clip_ratio"] = ops.masked_mean(clipped.astype(jnp.float32), mask_BxT)
 
+    if is_weights_BxT is not None:
+        chex.assert_equal_shape([is_weights_BxT, logps_BxT])
+        per_token = per_token * jax.lax.stop_gradient(is_weights_BxT)
     metrics["approx_kl"] = ops.masked_mean(
         jax.lax.stop_gradient(ops.kl_k2(logps_BxT, old_logps_BxT)), mask_BxT
     )
@@ -122,6 +129,16 @@ def policy_loss(
         per_token = per_token - entropy_coef * entropy_BxT
         metrics["entropy"] = ops.masked_mean(jax.lax.stop_gradient(entropy_BxT), mask_BxT)
     return jnp.where(mask_BxT, per_token, 0.0), metrics
+
+
+def truncated_importance_weights(old_logps_BxT: Array, sampler_logps_BxT: Array, mask_BxT: Array,
+                                 cap: float) -> Array:
+    """w_t = min(π_old(y_t) / π_sampler(y_t), cap) per token, 1 where masked: the truncated
+    importance weights that correct for a behaviour policy other than π_old (an asynchronous or
+    differently computed sampler; Yao et al. 2025, as TRL's token_truncate)."""
+    chex.assert_equal_shape([old_logps_BxT, sampler_logps_BxT, mask_BxT])
+    diff_BxT = jnp.where(mask_BxT, old_logps_BxT - sampler_logps_BxT, 0.0)
+    return jnp.minimum(jnp.exp(diff_BxT), cap)
 
 
 def aggregate_loss(

@@ -10,13 +10,15 @@ from align_jax.models.hf import (
     save_pretrained,
     to_tensors,
 )
-from align_jax.models.registry import FAMILIES
+from align_jax.models.registry import FAMILIES, config_from_hf, config_to_hf
 
 __all__ = [
     "FAMILIES",
     "Decoder",
     "DecoderConfig",
     "KVCache",
+    "config_from_hf",
+    "config_to_hf",
     "from_tensors",
     "init_cache",
     "load_pretrained",

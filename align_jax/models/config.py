@@ -91,20 +91,6 @@ class DecoderConfig:
             return (self.sliding_window is not None,) * self.num_layers
         return tuple(t == "sliding_attention" for t in self.layer_types)
 
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any] | Any, *, source: str = "config") -> "DecoderConfig":
-        """From a transformers config (object or config.json dict) of a registered family
-        (`models.registry`); unsupported features are errors naming `source` and the feature."""
-        from align_jax.models.registry import config_from_hf
-
-        return config_from_hf(hf, source=source)
-
-    def to_hf(self) -> dict[str, Any]:
-        """The config.json dict that transformers loads into the matching architecture."""
-        from align_jax.models.registry import config_to_hf
-
-        return config_to_hf(self)
-
 
 def common_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """The DecoderConfig fields every family reads the same way from config.json."""

@@ -20,7 +20,7 @@ from flax import nnx
 
 from align_jax.models.config import DecoderConfig
 from align_jax.models.decoder import Decoder
-from align_jax.models.registry import FAMILIES
+from align_jax.models.registry import FAMILIES, config_from_hf, config_to_hf
 
 # Buffers some checkpoints carry that are recomputed, not learned.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -172,7 +172,7 @@ def read_config(source) -> DecoderConfig:
 
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
-        return DecoderConfig.from_hf(AutoConfig.from_pretrained(str(path.parent),
+        return config_from_hf(AutoConfig.from_pretrained(str(path.parent),
                                                                 gguf_file=path.name),
                                      source=str(path))
     config_file = path / "config.json"
@@ -182,7 +182,7 @@ def read_config(source) -> DecoderConfig:
         hf_config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_file}: invalid JSON ({e})") from None
-    return DecoderConfig.from_hf(hf_config, source=str(config_file))
+    return config_from_hf(hf_config, source=str(config_file))
 
 
 def _load_gguf(path: Path) -> tuple[DecoderConfig, dict[str, np.ndarray]]:
@@ -221,7 +221,7 @@ def load_pretrained(source, *, dtype=jnp.float32, scan_layers: bool = True) -> D
     config is read by transformers. transformers model: a `PreTrainedModel` of a supported type.
     """
     if hasattr(source, "state_dict") and hasattr(source, "config"):
-        config = DecoderConfig.from_hf(source.config, source=type(source).__name__)
+        config = config_from_hf(source.config, source=type(source).__name__)
         tensors = {k: v.detach().float().cpu().numpy() for k, v in source.state_dict().items()}
         if FAMILIES[config.model_type].unfuse is not None:
             tensors = FAMILIES[config.model_type].unfuse(tensors, config)
@@ -264,7 +264,7 @@ def save_pretrained(model: Decoder, path, *, tokenizer=None) -> Path:
     from safetensors.flax import save_file  # keeps bfloat16 weights as bfloat16
 
     with written_atomically(path) as staging:
-        config = model.config.to_hf()
+        config = config_to_hf(model.config)
         config["torch_dtype"] = str(np.dtype(model.embed_tokens.embedding.get_value().dtype))
         tensors = {k: jnp.asarray(v) for k, v in to_tensors(model).items()}
         if hasattr(model, "score_head"):

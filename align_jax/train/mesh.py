@@ -78,8 +78,9 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh,
                                   is_leaf=lambda s: isinstance(s, P))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, stacked: bool = False) -> NamedSharding:
+    """Rows split over the batch axes; `stacked`: the rows of a sweep's members [K, B, …]."""
+    return NamedSharding(mesh, P(None, BATCH_AXES) if stacked else P(BATCH_AXES))
 
 
 def activation_sharding(mesh: Mesh) -> NamedSharding:
@@ -91,8 +92,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def shard_batch(host_batch, mesh: Mesh):
-    """This process's rows of a batch (NumPy) → global arrays split over the batch axes."""
-    sharding = batch_sharding(mesh)
+def shard_batch(host_batch, mesh: Mesh, stacked: bool = False):
+    """This process's rows of a batch (NumPy; `stacked`: [K, B, …], a sweep's members) → global
+    arrays split over the batch axes."""
+    sharding = batch_sharding(mesh, stacked)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                         host_batch)

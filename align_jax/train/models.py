@@ -46,13 +46,15 @@ class Models:
     `graphdef` is the trained model's (under LoRA, split into adapters and base); `base_graphdef`
     the same model without adapters, which `Frozen.base` completes when the model has no scalar
     head (a policy); `reference_graphdef` that of `Frozen.reference` (default: `graphdef`).
-    `base_is_reference`: the reference is the base with the adapters off. `dropout`: training
+    `base_is_reference`: the reference is the base with the adapters off (its `reference_part`,
+    PPO's "policy" of the actor-critic pair, built by `reference_graphdef`). `dropout`: training
     passes draw LoRA dropout masks."""
 
     graphdef: nnx.GraphDef
     base_graphdef: nnx.GraphDef | None = None
     reference_graphdef: nnx.GraphDef | None = None
     base_is_reference: bool = False
+    reference_part: str | None = None
     dropout: bool = False
 
     def model(self, params: nnx.State, frozen: Frozen, dropout_key: jax.Array | None = None):
@@ -66,6 +68,8 @@ class Models:
         """The frozen reference model, or None when the run holds none."""
         if frozen.reference is not None:
             return nnx.merge(self.reference_graphdef or self.graphdef, frozen.reference)
+        if self.base_is_reference and self.reference_part is not None:
+            return nnx.merge(self.reference_graphdef, frozen.base[self.reference_part])
         if self.base_is_reference:
             return nnx.merge(self.base_graphdef, frozen.base)
         return None
@@ -175,24 +179,28 @@ def init_models(cfg: RunConfig, mesh: Mesh, tx: optax.GradientTransformation, ma
 
 
 def add_reference(cfg: RunConfig, mesh: Mesh, models: Models, state: TrainState, frozen: Frozen,
-                  frozen_shardings: Frozen) -> tuple[Models, Frozen, Frozen]:
+                  frozen_shardings: Frozen, part: str | None = None,
+                  make_base: Callable | None = None) -> tuple[Models, Frozen, Frozen]:
     """The run's models and frozen parameters with the reference of DPO, KTO, GRPO (β > 0) and
     PPO: the checkpoint `reference` names, else the base with the adapters off (LoRA), else a
-    frozen copy of the starting weights."""
+    frozen copy of the starting weights; of the trained model's `part` when given (PPO's
+    "policy", whose adapter-free structure `make_base` builds under LoRA)."""
     if cfg.reference is None and models.base_graphdef is not None:
-        return dataclasses.replace(models, base_is_reference=True), frozen, frozen_shardings
-    if cfg.reference is not None:
+        graphdef = (None if part is None else
+                    nnx.split(getattr(nnx.eval_shape(lambda: make_base(nnx.Rngs(0))), part))[0])
+        return (dataclasses.replace(models, base_is_reference=True, reference_part=part,
+                                    reference_graphdef=graphdef), frozen, frozen_shardings)
+    if cfg.reference is not None:  # a plain decoder: no adapters, not quantized
         config, params = pretrained_params(cfg, cfg.reference)
-        graphdef = None
-        if models.base_graphdef is not None:  # the reference has no adapters and is not quantized
-            make = decoder_factory(cfg, config, mesh, adapters=False, quantized=False)
-            graphdef = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))[0]
-        models = dataclasses.replace(models, reference_graphdef=graphdef)
+        make = decoder_factory(cfg, config, mesh, adapters=False, quantized=False)
+        graphdef = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))[0]
     else:
-        params = state.params
+        model = models.model(state.params, frozen)
+        graphdef, params = nnx.split(getattr(model, part) if part else model)
     params = frozen_params(params, cfg)
     shardings = param_shardings(params, mesh)
-    return (models, frozen._replace(reference=jax.device_put(params, shardings)),
+    return (dataclasses.replace(models, reference_graphdef=graphdef),
+            frozen._replace(reference=jax.device_put(params, shardings)),
             frozen_shardings._replace(reference=shardings))
 
 

@@ -6,12 +6,13 @@ prompts [B, P] followed by right-padded completions [B, C]. The policy's log-pro
 completion slots come from the hidden states at positions P-1 … P+C-2, with logits divided by
 the sampling temperature, exactly as the sampler computed them. The losses have the signature of
 `methods.py`, `(model, ref_model, batch, cfg) -> (numerator, denominator, metrics)`, so the
-same micro-batched, sharded train step runs them.
+same micro-batched, sharded train step runs them. `ONLINE_METHODS` names each algorithm's loss,
+advantage targets and models (`OnlineMethod`).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,7 @@ class Rollout(NamedTuple):
     ref_logps_BxC: Array | None = None  # reference log-probs (GRPO with β > 0)
     old_values_BxC: Array | None = None  # PPO: the critic at sampling time
     returns_BxC: Array | None = None  # PPO: GAE returns, the critic's targets
+    is_weights_BxC: Array | None = None  # truncated importance weights π_old / π_sampler
 
 
 class ActorCritic(nnx.Module):
@@ -85,7 +87,7 @@ def grpo(model, ref_model, r: Rollout, cfg: RLConfig):
         logps, r.old_logps_BxC, r.advantages, r.loss_mask_BxC, loss_type=cfg.loss_type,
         epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
         ratio_level=cfg.importance_sampling_level, ref_logps_BxT=r.ref_logps_BxC, beta=cfg.beta,
-        entropy_BxT=entropy, entropy_coef=cfg.entropy_coef)
+        entropy_BxT=entropy, entropy_coef=cfg.entropy_coef, is_weights_BxT=r.is_weights_BxC)
     num, den = losses.aggregate_loss(per_token, r.loss_mask_BxC, cfg.aggregation,
                                      max_length=cfg.max_new_tokens)
     metrics["logp_diff"] = ops.masked_mean(jnp.abs(jax.lax.stop_gradient(logps) - r.old_logps_BxC),
@@ -99,7 +101,8 @@ def ppo(model: ActorCritic, ref_model, r: Rollout, cfg: RLConfig):
     logps, entropy = policy_outputs(model.policy, r, cfg.temperature)
     pg_BxC, metrics = losses.policy_loss(
         logps, r.old_logps_BxC, r.advantages, r.loss_mask_BxC, epsilon_low=cfg.epsilon_low,
-        epsilon_high=cfg.epsilon_high, entropy_BxT=entropy, entropy_coef=cfg.entropy_coef)
+        epsilon_high=cfg.epsilon_high, entropy_BxT=entropy, entropy_coef=cfg.entropy_coef,
+        is_weights_BxT=r.is_weights_BxC)
     vf_BxC, value_metrics = losses.value_loss(critic_values(model.value, r), r.old_values_BxC,
                                               r.returns_BxC, r.loss_mask_BxC,
                                               clip_range=cfg.cliprange_value)
@@ -113,19 +116,34 @@ def ppo(model: ActorCritic, ref_model, r: Rollout, cfg: RLConfig):
     return num, den, metrics
 
 
-def ppo_targets(r: Rollout, ref_logps_BxC: Array, values_BxC: Array, scores_B: Array,
-                truncated_B: Array, kl_coef: Array, cfg: RLConfig
+def group_targets(r: Rollout, scores_B: Array, valid_B: Array, truncated_B: Array,
+                  values_BxC: Array | None, kl_coef: Array, cfg: RLConfig
+                  ) -> tuple[Rollout, dict[str, Array]]:
+    """The GRPO family's advantages: each sample's reward against its group of G,
+    (r - mean) / std (GRPO; `scale_rewards` none: Dr. GRPO) or r - mean of the others (RLOO);
+    samples no reward function scored (`valid_B` false) take no part."""
+    G = cfg.num_generations
+    advantages, group = losses.group_advantages(scores_B, G, scale=cfg.scale_rewards,
+                                                valid_B=valid_B)
+    if cfg.advantage == "rloo":
+        advantages = losses.rloo_advantages(scores_B, G, valid_B=valid_B)
+    return r._replace(advantages=advantages), group
+
+
+def ppo_targets(r: Rollout, scores_B: Array, valid_B: Array, truncated_B: Array,
+                values_BxC: Array, kl_coef: Array, cfg: RLConfig
                 ) -> tuple[Rollout, dict[str, Array]]:
     """PPO's per-token rewards, GAE advantages and value targets for a rollout.
 
     r_t = -kl_coef · (log π_old(y_t) - log π_ref(y_t)), plus the reward model's score at the last
     token (minus `missing_eos_penalty` when the completion has no EOS: the EOS trick), optionally
     whitened without shifting the mean; Â, R = GAE(γ, λ) on the critic's values; Â whitened.
+    The reference log-probs are used up here: the returned rollout no longer carries them.
     """
     mask = r.loss_mask_BxC.astype(bool)
     if cfg.missing_eos_penalty is not None:
         scores_B = scores_B - cfg.missing_eos_penalty * truncated_B.astype(jnp.float32)
-    kl_BxC = jnp.where(mask, r.old_logps_BxC - ref_logps_BxC, 0.0)
+    kl_BxC = jnp.where(mask, r.old_logps_BxC - r.ref_logps_BxC, 0.0)
     non_score_BxC = -kl_coef * kl_BxC
     last = jnp.sum(r.completion_mask_BxC, axis=1) - 1
     at_last_BxC = jnp.arange(mask.shape[1])[None, :] == last[:, None]
@@ -140,8 +158,8 @@ def ppo_targets(r: Rollout, ref_logps_BxC: Array, values_BxC: Array, scores_B: A
                "objective/non_score_reward": jnp.mean(jnp.sum(non_score_BxC, axis=1)),
                "objective/rlhf_reward": jnp.mean(scores_B - kl_coef * kl_B),
                "val/num_eos_tokens": jnp.sum(~truncated_B).astype(jnp.float32)}
-    return r._replace(advantages=advantages_BxC, old_values_BxC=values_BxC * mask,
-                      returns_BxC=returns_BxC), metrics
+    return r._replace(advantages=advantages_BxC, ref_logps_BxC=None,
+                      old_values_BxC=values_BxC * mask, returns_BxC=returns_BxC), metrics
 
 
 def adaptive_kl_coef(kl_coef: float, kl: float, *, target: float, horizon: int,
@@ -151,3 +169,33 @@ def adaptive_kl_coef(kl_coef: float, kl: float, *, target: float, horizon: int,
     number of samples in the rollout."""
     error = min(max(kl / target - 1.0, -0.2), 0.2)
     return kl_coef * (1.0 + error * n_steps / horizon)
+
+
+class OnlineMethod(NamedTuple):
+    """An online algorithm, all that sets it apart from the others.
+
+    loss: (model, ref_model, rollout, cfg) -> (numerator, denominator, metrics), the micro-batch
+      loss the train step differentiates;
+    targets: (rollout, scores_B, valid_B, truncated_B, values_BxC, kl_coef, cfg) -> (rollout with
+      its advantages, metrics), run once per rollout;
+    critic: whether it trains a value model beside the policy (an `ActorCritic`);
+    reference: whether a run with this RLConfig holds a frozen reference policy;
+    sweepable: what a sweep's members may differ in: `seed` and the RLConfig floats its loss and
+      targets use arithmetically (`train.sweep`).
+    """
+
+    loss: Callable
+    targets: Callable
+    critic: bool
+    reference: Callable[[RLConfig], bool]
+    sweepable: tuple[str, ...]
+
+
+_POLICY_FLOATS = ("epsilon_low", "epsilon_high", "entropy_coef")
+ONLINE_METHODS: dict[str, OnlineMethod] = {
+    "grpo": OnlineMethod(grpo, group_targets, critic=False, reference=lambda cfg: cfg.beta != 0.0,
+                         sweepable=("seed", "beta", *_POLICY_FLOATS)),
+    "ppo": OnlineMethod(ppo, ppo_targets, critic=True, reference=lambda cfg: True,
+                        sweepable=("seed", *_POLICY_FLOATS, "kl_coef", "vf_coef",
+                                   "cliprange_value", "gamma", "lam")),
+}

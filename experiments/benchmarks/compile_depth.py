@@ -18,7 +18,7 @@ import optax
 import transformers
 from flax import nnx
 
-from align_jax.models import Decoder, DecoderConfig
+from align_jax.models import Decoder, config_from_hf
 from align_jax.topology import target
 from align_jax.train.mesh import activation_sharding, batch_sharding, make_mesh, param_shardings
 from experiments.benchmarks.smollm2 import SMOLLM2_135M
@@ -31,7 +31,7 @@ def compile_seconds(num_layers: int, devices, scan_layers: bool = True) -> float
     hf = transformers.LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": num_layers})
     mesh = make_mesh(data=1, fsdp=-1, devices=devices)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Decoder(
-        DecoderConfig.from_hf(hf), rngs=nnx.Rngs(0), dtype=jnp.bfloat16, remat="full",
+        config_from_hf(hf), rngs=nnx.Rngs(0), dtype=jnp.bfloat16, remat="full",
         activation_sharding=activation_sharding(mesh), scan_layers=scan_layers)))
     shardings = param_shardings(params, mesh)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -123,8 +123,9 @@ def main(argv=None):
           f"weight streaming {bandwidth:.1f} GB/s; {args.rounds} rounds, each "
           "library in its own process")
     print("\n| case | align_jax tokens/s | transformers tokens/s | speed-up, same round (range) "
-          "| roofline tokens/s | align_jax prefill s | align_jax decode step ms |")
-    print("|---|---|---|---|---|---|---|")
+          "| roofline tokens/s | align_jax % of roofline | align_jax prefill s "
+          "| align_jax decode step ms |")
+    print("|---|---|---|---|---|---|---|---|")
     N = args.new_tokens
     for label, batch, samples, _ in cases(args):
         ours = [r[label] for r in results["ours"]]
@@ -140,7 +141,7 @@ def main(argv=None):
         roofline = prefill_flops / (peak * 1e9) + (N - 1) * step_s
         print(f"| {label} | {new_tokens / total:.0f} | {new_tokens / np.median(hf):.0f} | "
               f"{np.median(speedups):.1f}× ({min(speedups):.1f}–{max(speedups):.1f}) | "
-              f"{new_tokens / roofline:.0f} | {prefill:.2f} | "
+              f"{new_tokens / roofline:.0f} | {100 * roofline / total:.0f}% | {prefill:.2f} | "
               f"{(total - prefill) / (N - 1) * 1e3:.0f} |")
 
 

@@ -7,7 +7,7 @@ import re
 import pytest
 import transformers
 
-from align_jax.models import DecoderConfig, load_pretrained
+from align_jax.models import config_from_hf, config_to_hf, load_pretrained
 from tests.models.test_hf_parity import tiny_hf_model
 
 LLAMA = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16,
@@ -40,7 +40,7 @@ MOE = dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_int
 ])
 def test_unsupported_configs_name_the_feature(change, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        DecoderConfig.from_hf({**LLAMA, **change}, source="x/config.json")
+        config_from_hf({**LLAMA, **change}, source="x/config.json")
 
 
 def test_missing_config_key_is_named():
@@ -48,7 +48,7 @@ def test_missing_config_key_is_named():
     del config["intermediate_size"]
     with pytest.raises(ValueError,
                        match="x/config.json: model_type='llama': missing key 'intermediate_size'"):
-        DecoderConfig.from_hf(config, source="x/config.json")
+        config_from_hf(config, source="x/config.json")
 
 
 def test_hf_round_trip_of_config():
@@ -61,21 +61,22 @@ def test_hf_round_trip_of_config():
                transformers.Qwen3MoeConfig(**sizes, head_dim=4, num_experts=4,
                                            num_experts_per_tok=2, moe_intermediate_size=8,
                                            norm_topk_prob=True)):
-        config = DecoderConfig.from_hf(hf)
-        assert DecoderConfig.from_hf(config.to_hf()) == config
-        reloaded = type(hf)(**{k: v for k, v in config.to_hf().items() if k != "architectures"})
-        assert DecoderConfig.from_hf(reloaded) == config
+        config = config_from_hf(hf)
+        assert config_from_hf(config_to_hf(config)) == config
+        reloaded = type(hf)(**{k: v for k, v in config_to_hf(config).items()
+                               if k != "architectures"})
+        assert config_from_hf(reloaded) == config
 
 
 def test_gemma_hub_config_files_read_as_transformers_reads_them():
     """config.json as the Hub has it for Gemma 2 (no layer_types) and Gemma 3 (rope_scaling,
     rope_local_base_freq, sliding_window_pattern): the layer pattern and both RoPE bases."""
-    gemma2 = DecoderConfig.from_hf({**LLAMA, "model_type": "gemma2", "num_hidden_layers": 4,
+    gemma2 = config_from_hf({**LLAMA, "model_type": "gemma2", "num_hidden_layers": 4,
                                     "sliding_window": 16, "query_pre_attn_scalar": 224})
     assert gemma2.windowed_layers() == (True, False, True, False)
     assert gemma2.attention_scale == 224 ** -0.5 and gemma2.tie_word_embeddings
     assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap) == (None, None)
-    gemma3 = DecoderConfig.from_hf({**LLAMA, "model_type": "gemma3_text", "num_hidden_layers": 7,
+    gemma3 = config_from_hf({**LLAMA, "model_type": "gemma3_text", "num_hidden_layers": 7,
                                     "sliding_window_pattern": 6, "rope_theta": 1e6,
                                     "rope_local_base_freq": 1e4,
                                     "rope_scaling": {"rope_type": "linear", "factor": 8.0}})

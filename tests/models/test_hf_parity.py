@@ -11,7 +11,12 @@ import torch
 import transformers
 from flax import nnx
 
-from align_jax.models import DecoderConfig, init_cache, load_pretrained, save_pretrained
+from align_jax.models import (
+    config_from_hf,
+    init_cache,
+    load_pretrained,
+    save_pretrained,
+)
 from align_jax.models.decoder import REMAT_POLICIES
 from align_jax.models.hf import to_tensors
 
@@ -176,7 +181,7 @@ def test_scalar_head_scores_the_last_non_pad_token():
 
     from align_jax.models import Decoder
 
-    config = DecoderConfig.from_hf(ARCHITECTURES["llama"]())
+    config = config_from_hf(ARCHITECTURES["llama"]())
     model = Decoder(config, rngs=nnx.Rngs(0), with_scalar_head=True)
     ids, mask = left_padded_batch(6)
     right = np.ones_like(mask)
@@ -206,7 +211,7 @@ def test_remat_policies_give_identical_logits_and_gradients():
 def test_parameters_carry_logical_axis_names():
     from align_jax.models import Decoder
 
-    model = Decoder(DecoderConfig.from_hf(ARCHITECTURES["qwen3_qk_norm"]()), rngs=nnx.Rngs(0))
+    model = Decoder(config_from_hf(ARCHITECTURES["qwen3_qk_norm"]()), rngs=nnx.Rngs(0))
     names = {".".join(map(str, path)): getattr(v, "out_sharding", None)
              for path, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)}
     assert names["embed_tokens.embedding"] == ("vocab", "embed")

@@ -21,7 +21,7 @@ from flax import nnx  # noqa: E402
 
 from align_jax.config import LoRAConfig, LossConfig, RLConfig  # noqa: E402
 from align_jax.data import SequenceBatch, collate  # noqa: E402
-from align_jax.models import Decoder, DecoderConfig  # noqa: E402
+from align_jax.models import Decoder, config_from_hf  # noqa: E402
 from align_jax.models.registry import config_from_init  # noqa: E402
 from align_jax.sampling import SamplingConfig, generate  # noqa: E402
 from align_jax.train import methods, online  # noqa: E402
@@ -68,7 +68,7 @@ def packed_pairs(seed, B=8, vocab=128):
 
 
 def main():
-    config = DecoderConfig.from_hf(transformers.LlamaConfig(
+    config = config_from_hf(transformers.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=64))
     make_model = lambda rngs: Decoder(config, rngs=rngs)  # noqa: E731

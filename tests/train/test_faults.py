@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from align_jax.config import ConfigError, RunConfig, load_config, to_yaml
-from align_jax.train import NonFiniteError, run, train
+from align_jax.train import NonFiniteError, offline, train
 from align_jax.train.host import (
     RESUMABLE,
     CheckpointError,
@@ -230,7 +230,7 @@ def _other_value(key):
 def poison_step(monkeypatch, k: int):
     """The k-th train step of the next run gets a batch with no completion tokens: its loss is
     0/0 = NaN, so the step refuses the update as it would any non-finite one."""
-    real = run.jit_train_step
+    real = offline.jit_train_step
 
     def jit_train_step(*args, **kwargs):
         step_fn, calls = real(*args, **kwargs), [0]
@@ -244,7 +244,7 @@ def poison_step(monkeypatch, k: int):
             return step_fn(state, frozen, batch)
         return poisoned
 
-    monkeypatch.setattr(run, "jit_train_step", jit_train_step)
+    monkeypatch.setattr(offline, "jit_train_step", jit_train_step)
 
 
 def test_nan_at_step_k_stops_with_a_resumable_checkpoint(tmp_path, monkeypatch):

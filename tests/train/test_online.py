@@ -158,10 +158,10 @@ def test_ppo_targets_match_trl_loop(whiten_rewards):
     old, ref, values = (np.where(mask, rng.normal(size=mask.shape), 0.0) for _ in range(3))
     scores, truncated = rng.normal(size=6), ~np.any(mask[:, -1:] == 0, axis=1)
     cfg = RLConfig(missing_eos_penalty=1.0, whiten_rewards=whiten_rewards, gamma=0.99, lam=0.9)
-    r = r._replace(old_logps_BxC=old.astype(np.float32))
-    out, metrics = online.ppo_targets(jax.tree.map(jnp.asarray, r), jnp.asarray(ref, jnp.float32),
-                                      jnp.asarray(values, jnp.float32),
-                                      jnp.asarray(scores, jnp.float32), jnp.asarray(truncated),
+    r = r._replace(old_logps_BxC=old.astype(np.float32), ref_logps_BxC=ref.astype(np.float32))
+    out, metrics = online.ppo_targets(jax.tree.map(jnp.asarray, r),
+                                      jnp.asarray(scores, jnp.float32), jnp.ones(6, bool),
+                                      jnp.asarray(truncated), jnp.asarray(values, jnp.float32),
                                       jnp.float32(0.05), cfg)
     advantages, returns, kl = np_ppo_targets(old, ref, values, scores, truncated.astype(float),
                                              mask, 0.05, cfg)
@@ -237,6 +237,8 @@ VARIANTS = {
     "gspo": ["rl.importance_sampling_level=sequence", "rl.epsilon_low=3e-4",
              "rl.epsilon_high=4e-4"],
     "rloo": ["rl.advantage=rloo", "rl.aggregation=token_mean"],
+    # GRPO sampling rollout k+1 with the policy before update k, corrected by truncated IS
+    "async_grpo": ["rl.async_rollouts=true", "rl.importance_sampling_cap=2.0"],
 }
 
 
@@ -251,9 +253,11 @@ def test_grpo_variants_raise_the_true_reward(variant, sft_model, tmp_path):
                                         "rewards/format/mean", "frac_reward_zero_std",
                                         "completions/mean_length", "completions/clipped_ratio",
                                         "entropy", "clip_ratio/region_mean",
-                                        "sampling/sampler_trainer_logp_diff"} <= set(last)
-    # the sampler's log-probs are the trainer's
-    assert all(r["sampling/sampler_trainer_logp_diff"] < 1e-4 for r in rows)
+                                        "sampling/sampler_trainer_logp_diff", "timing/rollout",
+                                        "timing/update"} <= set(last)
+    # the sampler's log-probs are the trainer's (asynchronous: from the first rollout on)
+    synchronous = rows[:1] if variant.startswith("async") else rows
+    assert all(r["sampling/sampler_trainer_logp_diff"] < 1e-4 for r in synchronous)
     if variant == "dapo":  # dynamic sampling filled every batch with informative groups
         assert all(r["frac_reward_zero_std"] == 0 for r in rows
                    if r["sampling/shortfall_groups"] == 0)
@@ -342,3 +346,52 @@ def test_online_run_resumes_bitwise(sft_model, tmp_path):
     last = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])
             for run in "ab"]
     assert last[0]["step"] == last[1]["step"] == 4 and last[0]["reward"] == last[1]["reward"]
+
+
+def test_a_seed_sweep_equals_separate_runs(sft_model, tmp_path):
+    """Two seeds as the lanes of one vmapped sampler and update (each drawing its own prompts,
+    samples and mini-batches; with dynamic sampling, so a member may sit out a round) train the
+    weights and log the metrics of two separate runs with those seeds."""
+    small = ["train.steps=2", "train.batch_size=4", "rl.num_generations=4",
+             "rl.dynamic_sampling=true", "rl.num_iterations=2", "rl.mini_batches=2"]
+    start = load_file(str(Path(sft_model) / "model.safetensors"))
+    swept = train(grpo_config(tmp_path / "sweep", sft_model, *small, "sweep.field=seed",
+                              "sweep.values=[3,4]"), progress=False)
+    for seed in (3, 4):
+        alone = train(grpo_config(tmp_path / f"seed{seed}", sft_model, *small,
+                                  f"train.seed={seed}"), progress=False)
+        member = swept[f"seed={seed}"]
+        for name in ("reward", "sampling/rounds", "completions/mean_length", "loss"):
+            np.testing.assert_allclose(member[name], alone[name], rtol=1e-4, atol=1e-6,
+                                       err_msg=name)
+        a = load_file(str(tmp_path / f"seed{seed}" / "model" / "model.safetensors"))
+        b = load_file(str(tmp_path / "sweep" / f"seed={seed}" / "model" / "model.safetensors"))
+        # 8 Adam updates at lr 5e-4 move weights by up to 4e-3; the members' prompts padded to
+        # one width change their float rounding, which Adam's m / √v enlarges where a gradient
+        # is near 0: 2.4e-6 at most
+        assert max(np.abs(a[k] - start[k]).max() for k in a) > 1e-3
+        for name in a:
+            np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    assert swept["seed=3"]["reward"] != swept["seed=4"]["reward"]
+
+
+def test_async_rollouts_sample_one_update_behind(sft_model, tmp_path):
+    """With rl.async_rollouts, rollout 1 is sampled by the starting policy as without, and
+    rollout 2 by the policy before update 1: the trainer's log-probs then differ from the
+    sampler's. With truncated importance sampling the weights π_old / π_sampler carry that
+    difference, capped."""
+    small = ["train.steps=2", "train.batch_size=4", "rl.num_generations=4", "train.lr=2e-3"]
+    runs = {"sync": [], "async": ["rl.async_rollouts=true"],
+            "tis": ["rl.async_rollouts=true", "rl.importance_sampling_cap=1.05"]}
+    rows = {}
+    for name, extra in runs.items():
+        train(grpo_config(tmp_path / name, sft_model, *small, *extra), progress=False)
+        rows[name] = [json.loads(line) for line in
+                      (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    for name in ("reward", "loss", "completions/mean_length"):
+        assert rows["async"][0][name] == rows["sync"][0][name], name
+    gap = "sampling/sampler_trainer_logp_diff"
+    assert rows["sync"][1][gap] < 1e-4 < 1e-2 < min(rows["async"][1][gap], rows["tis"][1][gap])
+    weights = {k.rsplit("/", 1)[1]: v for k, v in rows["tis"][1].items()
+               if k.startswith("sampling/importance_sampling_ratio/")}
+    assert weights["min"] < 0.99 and weights["max"] == pytest.approx(1.05)  # some were capped

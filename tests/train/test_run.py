@@ -114,8 +114,12 @@ def test_sweep_trains_each_member_as_its_own_run(tmp_path):
     (["sweep.field=beta"], "sweep.values is empty"),
     (["sweep.values=[0.1]"], "sweep.values is set but sweep.field is not"),
     (["sweep.field=beta", "sweep.values=[0.1,0.10]"], "repeated values"),
-    (["sweep.field=beta", "sweep.values=[0.1]", "train.method=grpo"],
-     "sweeps are for the offline methods"),
+    (["sweep.field=seed", "sweep.values=[1,2]"], "sweep.field must be one of .* for "
+                                                  "train.method=dpo"),
+    (["sweep.field=max_new_tokens", "sweep.values=[8]", "train.method=grpo"],
+     "sweep.field must be one of"),
+    (["sweep.field=seed", "sweep.values=[1,2.5]", "train.method=grpo"],
+     "seeds are non-negative integers"),
 ])
 def test_bad_sweeps_are_named_errors(tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
