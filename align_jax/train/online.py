@@ -58,31 +58,80 @@ def _sequence(r: Rollout) -> tuple[Array, Array]:
     return ids, mask
 
 
-def completion_hidden(model: Decoder, r: Rollout) -> Array:
-    """Hidden states [B, C, D] at the positions that predict each completion token."""
+def _packed_hidden(model: Decoder, r: Rollout, G: int) -> Array:
+    """`completion_hidden` over N = B/G rows prompt | completion 1 | … | completion G, segment ids
+    0, 1, …, G: completion g attends to the prompt and to itself only, at the positions it has in
+    a row of its own, and its first token is predicted from the prompt's last slot."""
+    B, P = r.prompt_ids_BxP.shape
+    C, N = r.completion_ids_BxC.shape[1], B // G
+    ids = jnp.concatenate([r.prompt_ids_BxP[::G], r.completion_ids_BxC.reshape(N, G * C)], axis=1)
+    mask = jnp.concatenate([r.prompt_mask_BxP[::G], r.completion_mask_BxC.reshape(N, G * C)],
+                           axis=1).astype(bool)
+    segments = jnp.concatenate([jnp.zeros(P, jnp.int32), jnp.repeat(jnp.arange(1, G + 1), C)])
+    hidden_NxTxD, _ = model.hidden_states(ids, mask,
+                                          segment_ids_BxT=jnp.broadcast_to(segments, ids.shape))
+    D = hidden_NxTxD.shape[-1]
+    last_prompt = jnp.broadcast_to(hidden_NxTxD[:, None, P - 1:P], (N, G, 1, D))
+    own = hidden_NxTxD[:, P:].reshape(N, G, C, D)[:, :, :-1]
+    return jnp.concatenate([last_prompt, own], axis=2).reshape(B, C, D)
+
+
+def completion_hidden(model: Decoder, r: Rollout, group: int = 1) -> Array:
+    """Hidden states [B, C, D] at the positions that predict each completion token. With
+    `group` = G > 1 the rows are whole groups of G samples of one prompt, and each group runs as
+    one packed row, the prompt once (`_packed_hidden`; `prompt_group` says when that pays)."""
+    if group > 1:
+        return _packed_hidden(model, r, group)
     ids, mask = _sequence(r)
     hidden, _ = model.hidden_states(ids, mask)
     P = r.prompt_ids_BxP.shape[1]
     return hidden[:, P - 1:-1]
 
 
-def policy_outputs(model: Decoder, r: Rollout, temperature: float) -> tuple[Array, Array]:
+def _row_flops(config, tokens: int) -> int:
+    """Forward matmul FLOPs of the blocks on one row of `tokens` tokens, attention scores and
+    values over all tokens² query-key pairs (as the einsum path computes them, masked or not)."""
+    c = config
+    width = (c.moe_intermediate_size * c.num_experts_per_tok if c.num_experts
+             else c.intermediate_size)
+    per_token = c.hidden_size * (c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * width)
+    return c.num_layers * (2 * per_token * tokens + 4 * c.num_heads * c.head_dim * tokens ** 2)
+
+
+def prompt_group(config, r: Rollout, cfg: RLConfig, in_order: bool = True) -> int:
+    """G = rl.num_generations when the rollout's rows run as packed groups (`completion_hidden`):
+    `rl.share_prompt` is set, the rows are whole groups in order (a mini-batch drawn from a
+    permutation is not: `in_order` false), and one row prompt | G completions costs fewer FLOPs
+    than G rows prompt | completion (`_row_flops`; the quadratic attention term grows with G·C).
+    Else 1."""
+    G = cfg.num_generations
+    (B, P), C = r.prompt_ids_BxP.shape, r.completion_ids_BxC.shape[1]
+    if not (cfg.share_prompt and in_order and G > 1 and B % G == 0):
+        return 1
+    return G if _row_flops(config, P + G * C) < G * _row_flops(config, P + C) else 1
+
+
+def policy_outputs(model: Decoder, r: Rollout, temperature: float, group: int = 1
+                   ) -> tuple[Array, Array]:
     """log π(y_t | …) of log softmax(logits / temperature) and the entropy of that distribution,
-    both [B, C] float32 (the LM head chunked by `model.logits_chunk`)."""
-    stats = ops.head_token_stats(model.logits, completion_hidden(model, r), r.completion_ids_BxC,
-                                 chunk=model.logits_chunk, temperature=temperature, entropy=True)
+    both [B, C] float32 (the LM head chunked by `model.logits_chunk`; `group` as
+    `completion_hidden`)."""
+    stats = ops.head_token_stats(model.logits, completion_hidden(model, r, group),
+                                 r.completion_ids_BxC, chunk=model.logits_chunk,
+                                 temperature=temperature, entropy=True)
     return stats["logps"], stats["entropy"]
 
 
-def critic_values(critic: Decoder, r: Rollout) -> Array:
+def critic_values(critic: Decoder, r: Rollout, group: int = 1) -> Array:
     """V(s_t) [B, C]: the critic's scalar head on the state before each completion token."""
-    return critic.score_head(completion_hidden(critic, r))[..., 0].astype(jnp.float32)
+    return critic.score_head(completion_hidden(critic, r, group))[..., 0].astype(jnp.float32)
 
 
 def grpo(model, ref_model, r: Rollout, cfg: RLConfig):
     """The GRPO family's loss: `losses.policy_loss` (clipped token or sequence ratio, k3 KL with
     β, entropy bonus) reduced by `losses.aggregate_loss` (GRPO, DAPO or Dr. GRPO)."""
-    logps, entropy = policy_outputs(model, r, cfg.temperature)
+    group = prompt_group(model.config, r, cfg, in_order=cfg.mini_batches == 1)
+    logps, entropy = policy_outputs(model, r, cfg.temperature, group)
     per_token, metrics = losses.policy_loss(
         logps, r.old_logps_BxC, r.advantages, r.loss_mask_BxC, loss_type=cfg.loss_type,
         epsilon_low=cfg.epsilon_low, epsilon_high=cfg.epsilon_high,
@@ -98,13 +147,14 @@ def grpo(model, ref_model, r: Rollout, cfg: RLConfig):
 def ppo(model: ActorCritic, ref_model, r: Rollout, cfg: RLConfig):
     """PPO's loss, token means over the batch: clipped surrogate + vf_coef · clipped value loss
     (Schulman et al. 2017; as TRL's PPOTrainer)."""
-    logps, entropy = policy_outputs(model.policy, r, cfg.temperature)
+    group = prompt_group(model.policy.config, r, cfg, in_order=cfg.mini_batches == 1)
+    logps, entropy = policy_outputs(model.policy, r, cfg.temperature, group)
     pg_BxC, metrics = losses.policy_loss(
         logps, r.old_logps_BxC, r.advantages, r.loss_mask_BxC, epsilon_low=cfg.epsilon_low,
         epsilon_high=cfg.epsilon_high, entropy_BxT=entropy, entropy_coef=cfg.entropy_coef,
         is_weights_BxT=r.is_weights_BxC)
-    vf_BxC, value_metrics = losses.value_loss(critic_values(model.value, r), r.old_values_BxC,
-                                              r.returns_BxC, r.loss_mask_BxC,
+    vf_BxC, value_metrics = losses.value_loss(critic_values(model.value, r, group),
+                                              r.old_values_BxC, r.returns_BxC, r.loss_mask_BxC,
                                               clip_range=cfg.cliprange_value)
     num, den = losses.aggregate_loss(pg_BxC + cfg.vf_coef * vf_BxC, r.loss_mask_BxC, "token_mean")
     mask = r.loss_mask_BxC

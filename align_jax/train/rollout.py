@@ -26,7 +26,13 @@ from align_jax import losses, ops
 from align_jax.config import RLConfig, RunConfig, SweepConfig
 from align_jax.train.mesh import batch_sharding, replicated
 from align_jax.train.models import Frozen, Models
-from align_jax.train.online import OnlineMethod, Rollout, critic_values, policy_outputs
+from align_jax.train.online import (
+    OnlineMethod,
+    Rollout,
+    critic_values,
+    policy_outputs,
+    prompt_group,
+)
 from align_jax.train.state import TrainState, learning_rate, make_optimizer
 from align_jax.train.sweep import vmap_members
 
@@ -62,7 +68,8 @@ def prepare_rollout(method: OnlineMethod, models: Models, cfg: RLConfig, params:
     loss mask = completion mask ∧ scored (a reward function applied, unless a reward model
     scores) ∧ ¬truncated (with `rl.mask_truncated`); scores = the reward model's at the last
     token (`reward_model`, a Decoder with a scalar head, or None) or the reward functions';
-    reference log-probs when the method holds a reference; critic values when it has a critic;
+    reference log-probs when the method holds a reference; critic values when it has a critic
+    (these passes run each group's prompt once where `prompt_group` says it pays);
     with `rl.importance_sampling_cap`, the trainer's own log-probs as π_old and truncated
     importance weights (`truncated_importance`).
     """
@@ -74,7 +81,8 @@ def prepare_rollout(method: OnlineMethod, models: Models, cfg: RLConfig, params:
                 loss_mask, s.logps_BxC, jnp.zeros(s.truncated_B.shape, jnp.float32))
     reference = models.reference(frozen)
     if reference is not None:
-        r = r._replace(ref_logps_BxC=policy_outputs(reference, r, cfg.temperature)[0])
+        r = r._replace(ref_logps_BxC=policy_outputs(
+            reference, r, cfg.temperature, prompt_group(reference.config, r, cfg))[0])
     if reward_model is None:
         scores_B = jnp.nan_to_num(s.rewards_B).astype(jnp.float32)
     else:
@@ -82,7 +90,8 @@ def prepare_rollout(method: OnlineMethod, models: Models, cfg: RLConfig, params:
         mask = jnp.concatenate([s.prompt_mask_BxP, s.completion_mask_BxC], axis=1)
         scores_B = reward_model.score(ids, mask).astype(jnp.float32)
     model = models.model(params, frozen)
-    values = critic_values(model.value, r) if method.critic else None
+    values = (critic_values(model.value, r, prompt_group(model.value.config, r, cfg))
+              if method.critic else None)
     r, metrics = method.targets(r, scores_B, valid_B, s.truncated_B, values, kl_coef, cfg)
     if cfg.importance_sampling_cap is None:
         return r, metrics
@@ -95,7 +104,7 @@ def truncated_importance(r: Rollout, policy, cfg: RLConfig, metrics: dict
     and each token weighted by min(π_old / π_sampler, `importance_sampling_cap`), with TRL's
     metrics of the weights and the sampler-vs-trainer gap, measured here (the updates' ratio
     starts at 1)."""
-    old_logps = policy_outputs(policy, r, cfg.temperature)[0]
+    old_logps = policy_outputs(policy, r, cfg.temperature, prompt_group(policy.config, r, cfg))[0]
     weights = losses.truncated_importance_weights(old_logps, r.old_logps_BxC,
                                                   r.completion_mask_BxC,
                                                   cfg.importance_sampling_cap)
