@@ -186,9 +186,9 @@ class RLConfig:
     # devices (the last n) that sample while the others train; 0: the sampler shares the mesh
     sampler_devices: int = 0
     mini_batches: int = 1  # updates per pass
-    # run a group's prompt through the model once, its G completions packed after it in one row,
-    # where the rows are whole groups in order (rl.mini_batches = 1, micro-batches of whole
-    # groups) and packing costs fewer FLOPs (`train.online.prompt_group`)
+    # mini-batches of whole groups (when they hold whole groups), and each group's prompt run
+    # through the model once, its G completions packed after it, where the micro-batches are
+    # whole groups and that costs fewer FLOPs (`train.online.prompt_group`)
     share_prompt: bool = True
     # PPO (Ouyang et al. 2022; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO")
     critic: Optional[str] = None  # the value model's starting weights; default: the reward model

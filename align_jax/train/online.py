@@ -98,15 +98,15 @@ def _row_flops(config, tokens: int) -> int:
     return c.num_layers * (2 * per_token * tokens + 4 * c.num_heads * c.head_dim * tokens ** 2)
 
 
-def prompt_group(config, r: Rollout, cfg: RLConfig, in_order: bool = True) -> int:
+def prompt_group(config, r: Rollout, cfg: RLConfig) -> int:
     """G = rl.num_generations when the rollout's rows run as packed groups (`completion_hidden`):
-    `rl.share_prompt` is set, the rows are whole groups in order (a mini-batch drawn from a
-    permutation is not: `in_order` false), and one row prompt | G completions costs fewer FLOPs
-    than G rows prompt | completion (`_row_flops`; the quadratic attention term grows with G·C).
-    Else 1."""
+    `rl.share_prompt` is set, the rows are whole groups of G (in order: a rollout's are, and so are
+    the mini-batches `rollout.minibatch_rows` draws under `rl.share_prompt`), and one row
+    prompt | G completions costs fewer FLOPs than G rows prompt | completion (`_row_flops`; the
+    quadratic attention term grows with G·C). Else 1."""
     G = cfg.num_generations
     (B, P), C = r.prompt_ids_BxP.shape, r.completion_ids_BxC.shape[1]
-    if not (cfg.share_prompt and in_order and G > 1 and B % G == 0):
+    if not (cfg.share_prompt and G > 1 and B % G == 0):
         return 1
     return G if _row_flops(config, P + G * C) < G * _row_flops(config, P + C) else 1
 
@@ -130,7 +130,7 @@ def critic_values(critic: Decoder, r: Rollout, group: int = 1) -> Array:
 def grpo(model, ref_model, r: Rollout, cfg: RLConfig):
     """The GRPO family's loss: `losses.policy_loss` (clipped token or sequence ratio, k3 KL with
     β, entropy bonus) reduced by `losses.aggregate_loss` (GRPO, DAPO or Dr. GRPO)."""
-    group = prompt_group(model.config, r, cfg, in_order=cfg.mini_batches == 1)
+    group = prompt_group(model.config, r, cfg)
     logps, entropy = policy_outputs(model, r, cfg.temperature, group)
     per_token, metrics = losses.policy_loss(
         logps, r.old_logps_BxC, r.advantages, r.loss_mask_BxC, loss_type=cfg.loss_type,
@@ -147,7 +147,7 @@ def grpo(model, ref_model, r: Rollout, cfg: RLConfig):
 def ppo(model: ActorCritic, ref_model, r: Rollout, cfg: RLConfig):
     """PPO's loss, token means over the batch: clipped surrogate + vf_coef · clipped value loss
     (Schulman et al. 2017; as TRL's PPOTrainer)."""
-    group = prompt_group(model.policy.config, r, cfg, in_order=cfg.mini_batches == 1)
+    group = prompt_group(model.policy.config, r, cfg)
     logps, entropy = policy_outputs(model.policy, r, cfg.temperature, group)
     pg_BxC, metrics = losses.policy_loss(
         logps, r.old_logps_BxC, r.advantages, r.loss_mask_BxC, epsilon_low=cfg.epsilon_low,

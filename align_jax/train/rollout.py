@@ -141,12 +141,22 @@ def jit_prepare_rollout(method: OnlineMethod, models: Models, cfg: RLConfig, mes
                    out_shardings=(rows, replicated(mesh)))
 
 
-def minibatch_rows(key: Array, rows: int, passes: int, mini_batches: int) -> Array:
+def minibatch_rows(key: Array, rows: int, passes: int, mini_batches: int, group: int = 1
+                   ) -> Array:
     """[passes · mini_batches, rows / mini_batches] row indices: each pass a fresh permutation of
-    the rows cut into mini-batches, each sorted."""
+    the rows, or of whole groups of `group` contiguous rows, cut into mini-batches, each sorted."""
     keys = jax.random.split(key, passes)
-    order = jax.vmap(lambda k: jax.random.permutation(k, rows))(keys)
+    order = jax.vmap(lambda k: jax.random.permutation(k, rows // group))(keys)
+    order = (order[..., None] * group + jnp.arange(group)).reshape(passes, rows)
     return jnp.sort(order.reshape(passes * mini_batches, rows // mini_batches), axis=-1)
+
+
+def minibatch_group(cfg: RLConfig, rows: int) -> int:
+    """The rows `minibatch_rows` keeps together: a prompt's G samples under `rl.share_prompt`
+    when a mini-batch holds whole groups (so its groups can run packed, `online.prompt_group`),
+    else 1."""
+    G = cfg.num_generations
+    return G if cfg.share_prompt and (rows // cfg.mini_batches) % G == 0 else 1
 
 
 def make_update_rollout(step: Callable, cfg: RLConfig, mesh: Mesh) -> Callable:
@@ -154,7 +164,8 @@ def make_update_rollout(step: Callable, cfg: RLConfig, mesh: Mesh) -> Callable:
     `step` on each mini-batch of `minibatch_rows(key, …)` in turn, in one `lax.scan`."""
     def update(state: TrainState, frozen: Frozen, rollout: Rollout, key: Array):
         B = rollout.prompt_ids_BxP.shape[0]
-        index = minibatch_rows(key, B, cfg.num_iterations, cfg.mini_batches)
+        index = minibatch_rows(key, B, cfg.num_iterations, cfg.mini_batches,
+                               minibatch_group(cfg, B))
 
         def one(state, rows):
             mini = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), rollout)

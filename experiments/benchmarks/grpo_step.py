@@ -4,7 +4,8 @@
 One step = generation (KV-cache sampling of 32 completions of 64 tokens: random weights almost
 never emit EOS), scoring (a rule reward on the decoded texts), and one update (μ = 1, β = 0, the
 clipped surrogate over the 32 sequences of 64 prompt + 64 completion tokens, AdamW, fp32, no
-gradient checkpointing). align_jax's side is its online loop itself, `train` on a GRPO config
+gradient checkpointing; align_jax runs each prompt once, its 8 completions packed after it,
+`rl.share_prompt`). align_jax's side is its online loop itself, `train` on a GRPO config
 (`model.scan_layers=false`, as on any CPU), synchronous and with `rl.async_rollouts`; its phases
 are the loop's own timings. The first step (compilation, warm-up) is excluded; the median of the
 rest is kept, with the fraction of the machine's measured matmul peak that the update reaches.
@@ -32,6 +33,7 @@ from align_jax.config import load_config, package_file
 from align_jax.train import train
 from experiments.benchmarks.rounds import alternate, measure, same_round_ratios, spread
 from experiments.benchmarks.smollm2 import (
+    SMOLLM2_135M,
     matmul_peak_gflops,
     smollm2_hf,
     smollm2_parameter_count,
@@ -130,7 +132,11 @@ def main(argv=None):
     seconds = {side: [r["step"] for r in results[side]] for side in SIDES}
     ratios = same_round_ratios(dict(seconds, trl=results["trl"]), "trl")
     params = smollm2_parameter_count()
-    update_flops = 6 * params * PROMPTS * G * (PROMPT + NEW)
+    embedding = SMOLLM2_135M["vocab_size"] * SMOLLM2_135M["hidden_size"]
+    # the matmuls of the update: the blocks over each group's prompt once and its G completions
+    # (`rl.share_prompt`), the tied LM head over the completions' slots only; forward + backward
+    update_flops = 6 * ((params - embedding) * PROMPTS * (PROMPT + G * NEW)
+                        + embedding * PROMPTS * G * NEW)
     print(f"\nSmolLM2-135M architecture, {params / 1e6:.0f}M params, {PROMPTS} prompts × "
           f"{G} samples × {NEW} new tokens; {torch.get_num_threads()} threads; measured fp32 "
           f"matmul peak {peak:.0f} GFLOP/s; "

@@ -34,9 +34,9 @@ from tests.models.test_hf_parity import tiny_hf_model
 ROOT = Path(__file__).parents[2]
 
 
-def random_rollout(seed, B=4, P=5, T=7, vocab=101):
+def random_rollout(seed, B=4, P=5, T=7, vocab=101, group=1):
     """Left-padded prompts and right-padded completions of random tokens, one row cut at T
-    (no EOS)."""
+    (no EOS); each `group` contiguous rows share their prompt, as a rollout's G samples do."""
     rng = np.random.default_rng(seed)
     prompt_mask = np.zeros((B, P), bool)
     completion_mask = np.zeros((B, T), bool)
@@ -44,9 +44,11 @@ def random_rollout(seed, B=4, P=5, T=7, vocab=101):
         prompt_mask[b, rng.integers(0, 3):] = True
         completion_mask[b, :T if b == 0 else rng.integers(2, T)] = True
     ids = lambda shape: rng.integers(1, vocab, size=shape).astype(np.int32)  # noqa: E731
+    first = np.arange(B) // group * group
+    prompt_mask = prompt_mask[first]
     zeros = np.zeros((B, T), np.float32)
-    return online.Rollout(ids((B, P)) * prompt_mask, prompt_mask, ids((B, T)) * completion_mask,
-                          completion_mask, completion_mask, zeros,
+    return online.Rollout(ids((B, P))[first] * prompt_mask, prompt_mask,
+                          ids((B, T)) * completion_mask, completion_mask, completion_mask, zeros,
                           rng.normal(size=B).astype(np.float32))
 
 
@@ -97,7 +99,7 @@ def test_second_iteration_ratios_and_clipping_are_as_defined():
     clipped surrogate evaluated in NumPy on the log-probs after the first update."""
     hf = tiny_hf_model("llama")
     cfg = RLConfig(temperature=1.0, epsilon_low=0.1, epsilon_high=0.15, aggregation="token_mean")
-    r = random_rollout(1, B=8)
+    r = random_rollout(1, B=8, group=8)  # one group of G = 8 sharing its prompt
     model = load_pretrained(hf)
     r = r._replace(old_logps_BxC=np.asarray(
         online.policy_outputs(model, jax.tree.map(jnp.asarray, r), 1.0)[0]))

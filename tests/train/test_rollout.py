@@ -80,7 +80,7 @@ def test_prepare_rollout_grpo_masks_unscored_and_truncated_samples():
     policy, reference = load_pretrained(hf), load_pretrained(hf)
     reference.embed_tokens.embedding[...] *= 1.5  # a reference unlike the policy
     cfg = RLConfig(num_generations=4, beta=0.04, mask_truncated=True)
-    r = jax.tree.map(jnp.asarray, random_rollout(3, B=8))
+    r = jax.tree.map(jnp.asarray, random_rollout(3, B=8, group=4))
     rewards = np.array([1.0, 0.0, np.nan, 1.0, 0.5, 0.5, 0.0, 1.0])
     truncated = np.zeros(8, bool)
     truncated[5] = True
@@ -111,7 +111,7 @@ def test_prepare_rollout_ppo_scores_with_the_reward_model_and_the_critic():
     critic = Decoder(config, rngs=nnx.Rngs(1), with_scalar_head=True)
     reward_model = Decoder(config, rngs=nnx.Rngs(2), with_scalar_head=True)
     cfg = RLConfig(num_generations=4, kl_coef=0.1, missing_eos_penalty=1.0)
-    r = jax.tree.map(jnp.asarray, random_rollout(4, B=8))
+    r = jax.tree.map(jnp.asarray, random_rollout(4, B=8, group=4))
     r = r._replace(old_logps_BxC=online.policy_outputs(policy, r, 1.0)[0] - 0.1)
     truncated = np.arange(8) % 3 == 0
     graphdef, params = nnx.split(online.ActorCritic(policy, critic))
