@@ -54,7 +54,13 @@ from align_jax.train.mesh import (
 )
 from align_jax.train.models import Frozen, Models
 from align_jax.train.offline import step_functions
-from align_jax.train.rollout import rollout_optimizer
+from align_jax.train.rollout import (
+    Sampled,
+    jit_prepare_rollout,
+    jit_update_rollout,
+    prepare_rollout,
+    rollout_optimizer,
+)
 from align_jax.train.state import (
     TrainState,
     fresh_state,
@@ -183,6 +189,30 @@ def _abstract_models(cfg: RunConfig, mesh: Mesh, tx, make_model, make_base):
             Frozen(base=_placed(base, param_shardings(base, mesh))))
 
 
+def _abstract_reference(cfg: RunConfig, mesh: Mesh, models: Models, frozen: Frozen, make_base,
+                        part: str | None = None, with_scalar_head: bool = False
+                        ) -> tuple[Models, Frozen]:
+    """`train.models.add_reference`, abstract: the LoRA base with the adapters off, else the
+    `reference` checkpoint's model or the starting weights' (of the trained model's `part`),
+    frozen."""
+    if frozen.base is not None and cfg.reference is None:
+        graphdef = (None if part is None else
+                    nnx.split(getattr(nnx.eval_shape(lambda: make_base(nnx.Rngs(0))), part))[0])
+        return dataclasses.replace(models, base_is_reference=True, reference_part=part,
+                                   reference_graphdef=graphdef), frozen
+    if cfg.reference is not None:  # a plain decoder: no adapters, not quantized
+        make, part = decoder_factory(cfg, _decoder_config(cfg, cfg.reference), mesh,
+                                     with_scalar_head=with_scalar_head, adapters=False,
+                                     quantized=False), None
+    else:
+        make = make_base
+    whole = nnx.eval_shape(lambda: make(nnx.Rngs(0)))
+    graphdef, params = nnx.split(getattr(whole, part) if part else whole)
+    params = _placed(params, param_shardings(params, mesh))
+    return (dataclasses.replace(models, reference_graphdef=graphdef),
+            frozen._replace(reference=_frozen(params, cfg, mesh)))
+
+
 def _abstract_state(params, tx, mesh: Mesh) -> tuple[TrainState, TrainState]:
     """The train state's shapes with its shardings, and the shardings."""
     shardings = state_shardings(params, tx, mesh)
@@ -229,14 +259,8 @@ def offline_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     tx = make_optimizer(t)
     models, state, shardings, frozen = _abstract_models(cfg, mesh, tx, make_model, make_base)
     if methods.needs_reference(t.method, cfg.loss) or cfg.loss.precompute_ref_logps:
-        if frozen.base is not None and cfg.reference is None:  # the base, adapters off
-            models = dataclasses.replace(models, base_is_reference=True)
-        else:  # a reference of its own: the model without adapters or quantization
-            make_reference = (make_base if frozen.base is None else
-                              decoder_factory(cfg, config, mesh, adapters=False, quantized=False))
-            ref_graphdef, ref_params = _abstract_params(make_reference, mesh)
-            models = dataclasses.replace(models, reference_graphdef=ref_graphdef)
-            frozen = frozen._replace(reference=_frozen(ref_params, cfg, mesh))
+        models, frozen = _abstract_reference(cfg, mesh, models, frozen, make_base,
+                                             with_scalar_head=scalar)
     batch = offline_batch(cfg, mesh)
     specs = []
     if cfg.loss.precompute_ref_logps:
@@ -271,17 +295,15 @@ def _reference_bytes(models: Models, frozen: Frozen):
     return 0 if models.base_is_reference else frozen.reference
 
 
-def _rollout(cfg: RunConfig, mesh: Mesh, rows: int, is_ppo: bool) -> online.Rollout:
+def _sampled(cfg: RunConfig, mesh: Mesh, rows: int) -> Sampled:
+    """A rollout as the host places it for `prepare_rollout`: `rows` samples of
+    `data.max_length` prompt and `rl.max_new_tokens` completion tokens."""
     P, C = cfg.data.max_length, cfg.rl.max_new_tokens
     a = _arrays(mesh, prompt=((rows, P), jnp.int32), prompt_mask=((rows, P), jnp.bool_),
                 ids=((rows, C), jnp.int32), mask=((rows, C), jnp.bool_),
-                loss_mask=((rows, C), jnp.bool_), logps=((rows, C), jnp.float32),
-                per_token=((rows, C), jnp.float32), per_row=((rows,), jnp.float32))
-    with_ref = not is_ppo and cfg.rl.beta != 0.0
-    return online.Rollout(a["prompt"], a["prompt_mask"], a["ids"], a["mask"], a["loss_mask"],
-                          a["logps"], a["per_token"] if is_ppo else a["per_row"],
-                          a["logps"] if with_ref else None, a["per_token"] if is_ppo else None,
-                          a["per_token"] if is_ppo else None)
+                logps=((rows, C), jnp.float32), truncated=((rows,), jnp.bool_),
+                rewards=((rows,), jnp.float32))
+    return Sampled(*a.values())
 
 
 def _kv_cache_bytes(cfg: RunConfig, config: DecoderConfig, mesh: Mesh) -> int:
@@ -294,37 +316,29 @@ def _kv_cache_bytes(cfg: RunConfig, config: DecoderConfig, mesh: Mesh) -> int:
     return total // (math.prod(mesh.shape[a] for a in BATCH_AXES))
 
 
-def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
-    """GRPO/PPO: the update step on one mini-batch, the sampler over a rollout's prompts, and the
-    reference, critic and reward-model passes over the whole rollout."""
-    t, rl = cfg.train, cfg.rl
-    is_ppo = t.method == "ppo"
+def _online_models(cfg: RunConfig, mesh: Mesh, method: online.OnlineMethod, tx):
+    """(models, state, shardings, frozen, the policy's config) of an online run, abstract: the
+    policy, or PPO's policy + critic pair, and the reference when the method holds one."""
     policy_config = _decoder_config(cfg, None)
-    make_policy = make_model = decoder_factory(cfg, policy_config, mesh)
+    make_model = decoder_factory(cfg, policy_config, mesh)
     make_base = decoder_factory(cfg, policy_config, mesh, adapters=False)
-    if is_ppo:
-        value_config = _decoder_config(cfg, rl.critic or rl.reward_model)
-        make_model = online.actor_critic(make_policy, decoder_factory(
+    if method.critic:
+        value_config = _decoder_config(cfg, cfg.rl.critic or cfg.rl.reward_model)
+        make_model = online.actor_critic(make_model, decoder_factory(
             cfg, value_config, mesh, with_scalar_head=True))
         make_base = online.actor_critic(make_base, decoder_factory(
             cfg, value_config, mesh, with_scalar_head=True, adapters=False))
-    tx, schedule = rollout_optimizer(cfg)
     models, state, shardings, frozen = _abstract_models(cfg, mesh, tx, make_model, make_base)
-    rows = t.batch_size * rl.num_generations
-    if rows % rl.mini_batches:
-        raise ConfigError(f"rl.mini_batches={rl.mini_batches} does not divide the rollout's "
-                          f"{rows} rows")
-    mini = _rollout(cfg, mesh, rows // rl.mini_batches, is_ppo)
-    step = make_train_step(online.ppo if is_ppo else online.grpo, models, tx, rl, t.micro_batches,
-                           schedule)
-    specs = [Spec("update_step", jit_train_step(step, shardings, _shardings(frozen), mesh),
-                  (state, frozen, mini),
-                  dict(params=state.params, optimizer=state.opt_state, base=frozen.base,
-                       batch=mini))]
+    if method.reference(cfg.rl):
+        models, frozen = _abstract_reference(cfg, mesh, models, frozen, make_base,
+                                             "policy" if method.critic else None)
+    return models, state, shardings, frozen, policy_config
 
-    policy_of = (lambda m: m.policy) if is_ppo else (lambda m: m)  # noqa: E731
-    # the sampler's parameters: the policy's (with LoRA, its adapters and the frozen base)
-    policy_graphdef, policy_params = nnx.split(policy_of(models.model(state.params, frozen)))
+
+def _generate_spec(cfg: RunConfig, mesh: Mesh, policy, policy_config: DecoderConfig) -> Spec:
+    """The sampler over a rollout's prompts: prefill and `rl.max_new_tokens` decode steps."""
+    t, rl = cfg.train, cfg.rl
+    graphdef, params = nnx.split(policy)
     prompts = _arrays(mesh, ids=((t.batch_size, cfg.data.max_length), jnp.int32),
                       mask=((t.batch_size, cfg.data.max_length), jnp.bool_))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
@@ -332,41 +346,53 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
                                      num_samples=rl.num_generations, temperature=rl.temperature,
                                      top_k=rl.top_k, top_p=rl.top_p, stop_token_ids=(2,))
     generate = jax.jit(lambda p, ids, mask, k: sampling.generate_params(
-        policy_graphdef, p, ids, mask, k, config=config))
-    specs.append(Spec("generate", generate, (policy_params, prompts["ids"], prompts["mask"], key),
-                      dict(params=policy_params, kv_cache=_kv_cache_bytes(cfg, policy_config, mesh),
-                           batch=prompts), loop_trips=rl.max_new_tokens))
+        graphdef, p, ids, mask, k, config=config))
+    return Spec("generate", generate, (params, prompts["ids"], prompts["mask"], key),
+                dict(params=params, kv_cache=_kv_cache_bytes(cfg, policy_config, mesh),
+                     batch=prompts), loop_trips=rl.max_new_tokens)
 
-    full = _rollout(cfg, mesh, rows, is_ppo)
-    if is_ppo or rl.beta != 0.0:
-        if frozen.base is not None and cfg.reference is None:  # the base, adapters off
-            ref_graphdef = nnx.split(policy_of(nnx.eval_shape(lambda: make_base(nnx.Rngs(0)))))[0]
-            ref = frozen.base["policy"] if is_ppo else frozen.base
-            inputs = dict(base=ref, reference=0, batch=full)
-        else:
-            make_reference = decoder_factory(cfg, policy_config, mesh, adapters=False,
-                                             quantized=False)
-            ref_graphdef, ref = _abstract_params(make_reference, mesh)
-            ref = _frozen(ref, cfg, mesh)
-            inputs = dict(reference=ref, batch=full)
-        ref_fn = jax.jit(lambda p, r: online.policy_outputs(nnx.merge(ref_graphdef, p), r,
-                                                            rl.temperature)[0])
-        specs.append(Spec("reference_logps", ref_fn, (ref, full), inputs))
-    if is_ppo:
-        values = jax.jit(lambda p, f, r: online.critic_values(models.model(p, f).value, r))
-        specs.append(Spec("critic_values", values, (state.params, frozen, full),
-                          dict(params=state.params, base=frozen.base, batch=full)))
-    if rl.reward_model:
+
+def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
+    """GRPO/PPO, the three programs of a rollout as the run compiles them (`train.rollout`): the
+    update (μ passes × mini-batches over the rollout, scanned), the sampler, and the preparation
+    (reference, reward-model and critic passes over the whole rollout, the method's targets)."""
+    t, rl = cfg.train, cfg.rl
+    method = online.ONLINE_METHODS[t.method]
+    rows = t.batch_size * rl.num_generations
+    if rows % (rl.mini_batches * t.micro_batches):
+        raise ConfigError(f"rl.mini_batches={rl.mini_batches} × train.micro_batches="
+                          f"{t.micro_batches} does not divide the rollout's {rows} rows")
+    tx, schedule = rollout_optimizer(cfg)
+    models, state, shardings, frozen, policy_config = _online_models(cfg, mesh, method, tx)
+    frozen_shardings = _shardings(frozen)
+    update = jit_update_rollout(
+        lambda c: make_train_step(method.loss, models, tx, c, t.micro_batches, schedule), rl,
+        mesh, shardings, frozen_shardings)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
+    rollout = jax.eval_shape(lambda *a: prepare_rollout(method, models, rl, *a)[0],
+                             state.params, frozen, None, _sampled(cfg, mesh, rows), jnp.float32(0))
+    rollout = _placed(rollout, jax.tree.map(lambda _: batch_sharding(mesh), rollout))
+    inputs = dict(params=state.params, optimizer=state.opt_state, base=frozen.base,
+                  reference=_reference_bytes(models, frozen))
+    specs = [Spec("update_rollout", update, (state, frozen, rollout, key),
+                  dict(inputs, batch=rollout))]
+    policy = models.model(state.params, frozen)
+    specs.append(_generate_spec(cfg, mesh, policy.policy if method.critic else policy,
+                                policy_config))
+    reward_graphdef = reward_params = None
+    if method.critic and rl.reward_model:
         make_reward_model = decoder_factory(cfg, read_config(rl.reward_model), mesh,
                                             with_scalar_head=True, adapters=False,
                                             quantized=False)
-        rm_graphdef, rm_params = _abstract_params(make_reward_model, mesh)
-        rm_params = _frozen(rm_params, cfg, mesh)
-        seq = _arrays(mesh, ids=((rows, cfg.data.max_length + rl.max_new_tokens), jnp.int32),
-                      mask=((rows, cfg.data.max_length + rl.max_new_tokens), jnp.bool_))
-        score = jax.jit(lambda p, ids, mask: nnx.merge(rm_graphdef, p).score(ids, mask))
-        specs.append(Spec("reward_model_score", score, (rm_params, seq["ids"], seq["mask"]),
-                          dict(reward_model=rm_params, batch=seq)))
+        reward_graphdef, reward_params = _abstract_params(make_reward_model, mesh)
+        reward_params = _frozen(reward_params, cfg, mesh)
+    prepare = jit_prepare_rollout(method, models, rl, mesh, shardings.params, frozen_shardings,
+                                  reward_graphdef)
+    sampled = _sampled(cfg, mesh, rows)
+    kl_coef = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated(mesh))
+    specs.append(Spec("prepare_rollout", prepare,
+                      (state.params, frozen, reward_params, sampled, kl_coef),
+                      dict(inputs, optimizer=None, reward_model=reward_params, batch=sampled)))
     return specs
 
 

@@ -32,8 +32,8 @@ EXPECTED = {"sft": ["train_step"], "dpo_packed": ["train_step"], "dpo_splash": [
             "dpo_sweep": ["train_step"],
             "dpo_precomputed_reference": ["train_step", "reference_logps"],
             "reward": ["train_step"], "kto": ["train_step"],
-            "grpo": ["update_step", "generate", "reference_logps"],
-            "ppo": ["update_step", "generate", "reference_logps", "critic_values"]}
+            "grpo": ["update_rollout", "generate", "prepare_rollout"],
+            "ppo": ["update_rollout", "generate", "prepare_rollout"]}
 
 
 def tiny(config, *extra):

@@ -1,5 +1,6 @@
 """Generation throughput: align_jax's sampler vs transformers.generate on the SmolLM2-135M
-architecture (random weights), same thread count, plus the machine's matmul roofline.
+architecture (random weights), same thread count, plus the machine's matmul roofline and what
+its matmul kernels (XLA's and PyTorch's) make of a decode step's shapes.
 
 Each library runs every case in a fresh process of its own, and the two take turns for `--rounds`
 rounds (`experiments.benchmarks.rounds`); the table gives median throughputs over rounds and the
@@ -45,6 +46,41 @@ def weight_bandwidth_gbs(rows: int = 8192, cols: int = 16384, repeats: int = 5) 
     return 4 * rows * cols * repeats / (time.perf_counter() - start) / 1e9
 
 
+def block_weights(batch: int):
+    """SmolLM2-135M's 30 blocks' projection weights (q, k, v, o, gate, up, down) and a
+    [batch, hidden] input: what one decode step multiplies, the LM head aside."""
+    D, M = SMOLLM2_135M["hidden_size"], SMOLLM2_135M["intermediate_size"]
+    KV = D // SMOLLM2_135M["num_attention_heads"] * SMOLLM2_135M["num_key_value_heads"]
+    shapes = [(D, D), (D, KV), (D, KV), (D, D), (D, M), (D, M), (M, D)]
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal(s, np.float32) * 0.02
+               for _ in range(SMOLLM2_135M["num_hidden_layers"]) for s in shapes]
+    return np.ones((batch, D), np.float32), weights
+
+
+def matmul_chain(x, ws, silu):
+    """The blocks' matmuls alone, as a decode step chains them (no attention, norms or RoPE)."""
+    for i in range(0, len(ws), 7):
+        q, k, v = x @ ws[i], x @ ws[i + 1], x @ ws[i + 2]
+        x = x + (q + (k + v)[:, :1]) @ ws[i + 3]
+        x = x + (silu(x @ ws[i + 4]) * (x @ ws[i + 5])) @ ws[i + 6]
+    return x
+
+
+def matmul_chain_ms(batch: int) -> dict[str, float]:
+    """Best time (ms) of `matmul_chain` jitted by XLA and run eagerly by PyTorch: what the
+    machine's matmul kernels make of a decode step's shapes."""
+    x, ws = block_weights(batch)
+    xla = jax.jit(lambda x, ws: matmul_chain(x, ws, jax.nn.silu))
+    x_jax, ws_jax = jnp.asarray(x), [jnp.asarray(w) for w in ws]
+    xla(x_jax, ws_jax).block_until_ready()
+    x_pt, ws_pt = torch.from_numpy(x), [torch.from_numpy(w) for w in ws]
+    with torch.no_grad():
+        return {"xla": 1e3 * time_best(lambda: xla(x_jax, ws_jax).block_until_ready(), 10),
+                "torch": 1e3 * time_best(lambda: matmul_chain(x_pt, ws_pt,
+                                                              torch.nn.functional.silu), 10)}
+
+
 def time_best(fn, repeats=2):
     best = float("inf")
     for _ in range(repeats):
@@ -66,7 +102,8 @@ def run_side(side: str, args) -> dict:
     alone, as a one-token generation), in this (fresh) process."""
     torch.manual_seed(0)
     hf = smollm2_hf().eval()
-    model = load_pretrained(hf) if side == "ours" else None
+    # separate layers, as on any CPU (a scanned stack's decode step slices every layer's weights)
+    model = load_pretrained(hf, scan_layers=False) if side == "ours" else None
     N, times = args.new_tokens, {}
     for label, batch, samples, greedy in cases(args):
         ids = np.random.default_rng(batch).integers(0, SMOLLM2_135M["vocab_size"],
@@ -104,7 +141,9 @@ def main(argv=None):
     parser.add_argument("--side", choices=["ours", "hf", "machine"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side == "machine":
-        print(json.dumps({"peak": matmul_peak_gflops(), "bandwidth": weight_bandwidth_gbs()}))
+        print(json.dumps({"peak": matmul_peak_gflops(), "bandwidth": weight_bandwidth_gbs(),
+                          "chain": {b: matmul_chain_ms(b) for b in sorted(
+                              {*args.batches, args.group[0] * args.group[1]})}}))
         return
     if args.side is not None:
         print(json.dumps(run_side(args.side, args)))
@@ -114,7 +153,7 @@ def main(argv=None):
     shape = ["--batches", *map(str, args.batches), "--group", *map(str, args.group),
              "--new-tokens", str(args.new_tokens), "--prompt", str(args.prompt)]
     machine = measure(module, "machine")
-    peak, bandwidth = machine["peak"], machine["bandwidth"]
+    peak, bandwidth, chain = machine["peak"], machine["bandwidth"], machine["chain"]
     results = alternate(module, ["ours", "hf"], args.rounds, *shape)
     params = smollm2_parameter_count()
     embedding = SMOLLM2_135M["vocab_size"] * SMOLLM2_135M["hidden_size"]
@@ -124,8 +163,8 @@ def main(argv=None):
           "library in its own process")
     print("\n| case | align_jax tokens/s | transformers tokens/s | speed-up, same round (range) "
           "| roofline tokens/s | align_jax % of roofline | align_jax prefill s "
-          "| align_jax decode step ms |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| align_jax decode step ms | its blocks' matmuls alone ms, XLA / PyTorch |")
+    print("|---|---|---|---|---|---|---|---|---|")
     N = args.new_tokens
     for label, batch, samples, _ in cases(args):
         ours = [r[label] for r in results["ours"]]
@@ -142,7 +181,9 @@ def main(argv=None):
         print(f"| {label} | {new_tokens / total:.0f} | {new_tokens / np.median(hf):.0f} | "
               f"{np.median(speedups):.1f}× ({min(speedups):.1f}–{max(speedups):.1f}) | "
               f"{new_tokens / roofline:.0f} | {100 * roofline / total:.0f}% | {prefill:.2f} | "
-              f"{(total - prefill) / (N - 1) * 1e3:.0f} |")
+              f"{(total - prefill) / (N - 1) * 1e3:.0f} | "
+              f"{chain[str(batch * samples)]['xla']:.0f} / "
+              f"{chain[str(batch * samples)]['torch']:.0f} |")
 
 
 if __name__ == "__main__":
