@@ -335,13 +335,18 @@ def _online_models(cfg: RunConfig, mesh: Mesh, method: online.OnlineMethod, tx):
     return models, state, shardings, frozen, policy_config
 
 
+def _scalar(mesh: Mesh, dtype) -> jax.ShapeDtypeStruct:
+    """A replicated scalar argument: a PRNG key or PPO's KL coefficient."""
+    return jax.ShapeDtypeStruct((), dtype, sharding=replicated(mesh))
+
+
 def _generate_spec(cfg: RunConfig, mesh: Mesh, policy, policy_config: DecoderConfig) -> Spec:
     """The sampler over a rollout's prompts: prefill and `rl.max_new_tokens` decode steps."""
     t, rl = cfg.train, cfg.rl
     graphdef, params = nnx.split(policy)
     prompts = _arrays(mesh, ids=((t.batch_size, cfg.data.max_length), jnp.int32),
                       mask=((t.batch_size, cfg.data.max_length), jnp.bool_))
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
+    key = _scalar(mesh, jax.random.key(0).dtype)
     config = sampling.SamplingConfig(max_new_tokens=rl.max_new_tokens,
                                      num_samples=rl.num_generations, temperature=rl.temperature,
                                      top_k=rl.top_k, top_p=rl.top_p, stop_token_ids=(2,))
@@ -368,13 +373,14 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
     update = jit_update_rollout(
         lambda c: make_train_step(method.loss, models, tx, c, t.micro_batches, schedule), rl,
         mesh, shardings, frozen_shardings)
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated(mesh))
+    sampled, kl_coef = _sampled(cfg, mesh, rows), _scalar(mesh, jnp.float32)
     rollout = jax.eval_shape(lambda *a: prepare_rollout(method, models, rl, *a)[0],
-                             state.params, frozen, None, _sampled(cfg, mesh, rows), jnp.float32(0))
+                             state.params, frozen, None, sampled, kl_coef)
     rollout = _placed(rollout, jax.tree.map(lambda _: batch_sharding(mesh), rollout))
     inputs = dict(params=state.params, optimizer=state.opt_state, base=frozen.base,
                   reference=_reference_bytes(models, frozen))
-    specs = [Spec("update_rollout", update, (state, frozen, rollout, key),
+    specs = [Spec("update_rollout", update,
+                  (state, frozen, rollout, _scalar(mesh, jax.random.key(0).dtype)),
                   dict(inputs, batch=rollout))]
     policy = models.model(state.params, frozen)
     specs.append(_generate_spec(cfg, mesh, policy.policy if method.critic else policy,
@@ -388,8 +394,6 @@ def online_specs(cfg: RunConfig, mesh: Mesh) -> list[Spec]:
         reward_params = _frozen(reward_params, cfg, mesh)
     prepare = jit_prepare_rollout(method, models, rl, mesh, shardings.params, frozen_shardings,
                                   reward_graphdef)
-    sampled = _sampled(cfg, mesh, rows)
-    kl_coef = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated(mesh))
     specs.append(Spec("prepare_rollout", prepare,
                       (state.params, frozen, reward_params, sampled, kl_coef),
                       dict(inputs, optimizer=None, reward_model=reward_params, batch=sampled)))
