@@ -115,6 +115,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end (when there is an eval split)
+    eval_on_start: bool = False  # also evaluate the starting model, logged as step 0
     eval_batches: int = 8
     checkpoint_every: int = 0  # 0: only at the end and on interruption
     keep_checkpoints: int = 3

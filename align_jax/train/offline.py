@@ -143,6 +143,8 @@ def train_offline(cfg: RunConfig, *, resume: bool = False, progress: bool = True
     for d in member_dirs:
         d.mkdir(parents=True, exist_ok=True)
     metric_logs = [MetricLog(d, cfg, step) for d in member_dirs]
+    if eval_data is not None and t.eval_on_start and step == 0:
+        evaluate(0)
     with session.loop(step, progress=progress, max_updates=max_updates,
                       unit="step") as (stop, bar, stop_at):
         while step < stop_at and not stop.requested:

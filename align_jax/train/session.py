@@ -107,7 +107,7 @@ class Session:
 
         train = load(cfg.data.train, 0)
         if cfg.data.eval is not None or (cfg.data.synthetic and cfg.data.eval_fraction == 0
-                                         and cfg.train.eval_every):
+                                         and (cfg.train.eval_every or cfg.train.eval_on_start)):
             return train, load(cfg.data.eval, 1000)
         if cfg.data.eval_fraction > 0:
             order = np.random.default_rng(cfg.train.seed).permutation(len(train.examples))

@@ -67,6 +67,18 @@ def test_dpo_run_with_precomputed_reference_and_eval_split(tmp_path, monkeypatch
                                          b"align-jax-tests"))
 
 
+def test_eval_on_start_logs_the_starting_model_as_step_0(tmp_path):
+    """DPO's policy starts as its reference: step 0's eval loss is ln 2 and its margins 0."""
+    cfg = config(tmp_path, "train.steps=2", "data.synthetic_args.n=64", "data.eval_fraction=0.25",
+                 "train.eval_on_start=true", "train.lr=1e-3", base="configs/dpo_sentiment.yaml")
+    train(cfg, progress=False)
+    evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+             if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2]
+    np.testing.assert_allclose(evals[0]["loss"], np.log(2), rtol=1e-6)
+    assert abs(evals[0]["rewards/margins"]) < 1e-5 < 1e-4 < abs(evals[1]["rewards/margins"])
+
+
 def test_wandb_project_without_wandb_installed_is_a_named_error(tmp_path, monkeypatch):
     # what `import wandb` meets when it is not installed
     monkeypatch.setitem(sys.modules, "wandb", None)
