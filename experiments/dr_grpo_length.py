@@ -23,22 +23,25 @@ Run: python -m experiments.dr_grpo_length [--rollouts 40] [--seeds 2] [--filler 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import matplotlib
 import numpy as np
+from flax import nnx
 
 from align_jax import rewards
 from align_jax.config import load_config
 from align_jax.data import synthetic
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.models import load_pretrained
-from align_jax.sampling import SamplingConfig, generate_from_text
+from align_jax.sampling import SamplingConfig, encode_prompts, generate_from_text
 from align_jax.train import train
-from experiments import report
+from experiments import dr_grpo_bandit, report
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -47,26 +50,50 @@ METHODS = {"GRPO": [],
            "Dr. GRPO": ["rl.scale_rewards=none", "rl.aggregation=token_sum_over_max_len"]}
 TASK = {"digits": 1, "operators": "+-*"}
 MAX_NEW_TOKENS = 48
+WORK = re.compile(r"<think>-?\d+[-+*]-?\d+=-?\d+")  # the worked sum before the filler
+MECHANISM = (
+    "**The mechanism, on a tabular policy** (`experiments/dr_grpo_bandit.py`): the library's "
+    "advantage, policy-loss and aggregation functions train a table of stopping hazards per answer "
+    "(right with a fixed probability 0.25; 12 fixed tokens, the answer, then 0–12 fillers and a "
+    "stop), with Adam at 1e-2 on 32 groups × 8 samples per on-policy update. The reward ignores "
+    "length, so any gap is the aggregation's bias. Exact E[|o| | wrong] − E[|o| | right] in "
+    "tokens, mean ± SE over 16 seeds trained as lanes of one vmapped program:")
 
 
-def lengths_by_correctness(model, problems) -> dict:
+def expected_filler(model, prompts: list[str], works: list[str], filler: int) -> np.ndarray:
+    """E[k] of the filler count k ≤ `filler` the model writes after each prompt + work
+    ("<think>a∘b=r"), exact from its next-token probabilities p_j of " ." after j fillers:
+    E[k] = Σ_{m=1…filler} Π_{j<m} p_j. One forward pass of prompt + work + filler × " ." each."""
+    tokenizer = tiny_tokenizer()
+    [dot] = tokenizer(" .", add_special_tokens=False)["input_ids"]
+    graphdef, params = nnx.split(model)
+    forward = jax.jit(lambda p, ids, mask: nnx.merge(graphdef, p)(ids, mask)[:, -filler - 1:-1])
+    out = []
+    for i in range(0, len(prompts), 256):
+        ids, mask = encode_prompts(tokenizer, [p + w + " ." * filler for p, w in
+                                               zip(prompts[i:i + 256], works[i:i + 256])])
+        p_BxK = jax.nn.softmax(forward(params, ids, mask).astype(jnp.float32))[..., dot]
+        out.append(np.asarray(jnp.cumprod(p_BxK, axis=1).sum(axis=1)))
+    return np.concatenate(out)
+
+
+def lengths_by_correctness(model, problems, filler: int) -> dict:
     """Lengths (generated tokens, EOS included) of 4 samples per problem at T = 1, split by whether
-    the answer is right."""
+    the answer is right, and the exact expected filler count after each well-formed sample's work
+    (`expected_filler`; samples whose <think> does not open with "a∘b=r" are left out of it)."""
+    prompts = [p for p in problems["prompt"] for _ in range(4)]
     texts, out = generate_from_text(model, tiny_tokenizer(), problems["prompt"], jax.random.key(0),
                                     SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, num_samples=4))
     right = np.array(rewards.accuracy(texts,
                                       [a for a in problems["answer"] for _ in range(4)])) == 1.0
     lengths = np.asarray(out.lengths_B, float)
-    return {"right": lengths[right], "wrong": lengths[~right], "accuracy": float(right.mean())}
-
-
-def gap(sample: dict) -> tuple[float, float]:
-    """mean(wrong) − mean(right) and its standard error."""
-    w, r = sample["wrong"], sample["right"]
-    if len(w) < 2 or len(r) < 2:
-        return float("nan"), float("nan")
-    return float(w.mean() - r.mean()), float(np.sqrt(w.var(ddof=1) / len(w)
-                                                     + r.var(ddof=1) / len(r)))
+    works = [WORK.match(t) for t in texts]
+    formed = np.array([w is not None for w in works])
+    fillers = np.full(len(texts), np.nan)
+    fillers[formed] = expected_filler(model, [p for p, f in zip(prompts, formed) if f],
+                                      [w.group(0) for w in works if w], filler)
+    return {"right": lengths[right], "wrong": lengths[~right], "accuracy": float(right.mean()),
+            "filler right": fillers[right & formed], "filler wrong": fillers[~right & formed]}
 
 
 def run_study(out: Path, *, rollouts: int, seeds: int, sft_steps: int, filler: int,
@@ -77,7 +104,7 @@ def run_study(out: Path, *, rollouts: int, seeds: int, sft_steps: int, filler: i
     sft_model = report.sft("sft_arithmetic.yaml", out / "sft", sft_steps,
                            f"data.synthetic_args.filler={filler}", smoke=smoke)
     test = synthetic.arithmetic(problems, seed=12345, **TASK)
-    results = {"SFT": lengths_by_correctness(load_pretrained(sft_model), test)}
+    results = {"SFT": lengths_by_correctness(load_pretrained(sft_model), test, filler)}
     for method, overrides in METHODS.items():
         run = out / method.replace(". ", "_").lower()
         start = time.perf_counter()
@@ -88,13 +115,27 @@ def run_study(out: Path, *, rollouts: int, seeds: int, sft_steps: int, filler: i
         seconds = (time.perf_counter() - start) / seeds
         results[method] = []
         for seed in range(seeds):
-            sample = lengths_by_correctness(load_pretrained(run / f"seed={seed}" / "model"), test)
+            sample = lengths_by_correctness(load_pretrained(run / f"seed={seed}" / "model"), test,
+                                            filler)
             sample["seconds"] = seconds
             results[method].append(sample)
-            print(f"{method:9s} seed {seed}: gap {gap(sample)[0]:+.2f} tokens "
-                  f"(SFT {gap(results['SFT'])[0]:+.2f}), accuracy {sample['accuracy']:.3f}",
-                  flush=True)
+            print(f"{method:9s} seed {seed}: filler gap {gap(sample, 'filler')[0]:+.3f} tokens "
+                  f"(SFT {gap(results['SFT'], 'filler')[0]:+.3f}), accuracy "
+                  f"{sample['accuracy']:.3f}", flush=True)
     return results
+
+
+MEASURES = {"length": ("right", "wrong"),  # sampled lengths
+            "filler": ("filler right", "filler wrong")}  # exact E[filler] after the sample's work
+
+
+def gap(sample: dict, measure: str = "length") -> tuple[float, float]:
+    """mean(wrong) − mean(right) of a measure, and its standard error."""
+    r, w = (sample[k] for k in MEASURES[measure])
+    if len(w) < 2 or len(r) < 2:
+        return float("nan"), float("nan")
+    return float(w.mean() - r.mean()), float(np.sqrt(w.var(ddof=1) / len(w)
+                                                     + r.var(ddof=1) / len(r)))
 
 
 def _mean(x: np.ndarray) -> float:
@@ -102,40 +143,46 @@ def _mean(x: np.ndarray) -> float:
 
 
 def pooled(samples: list[dict]) -> dict:
-    return {k: np.concatenate([s[k] for s in samples]) for k in ("right", "wrong")}
+    return {k: np.concatenate([s[k] for s in samples]) for keys in MEASURES.values() for k in keys}
 
 
 def check(results: dict) -> list[str]:
-    """The paper's claim at this scale; an empty list when it holds."""
-    base, _ = gap(results["SFT"])
-    growth = {m: (gap(pooled(results[m]))[0] - base, gap(pooled(results[m]))[1]) for m in METHODS}
+    """The paper's claim at this scale, on the exact filler gap; an empty list when it holds."""
+    base, base_se = gap(results["SFT"], "filler")
+    growth = {}
+    for m in METHODS:
+        g, se = gap(pooled(results[m]), "filler")
+        growth[m] = g - base, float(np.hypot(se, base_se))
     failures = []
     g, se = growth["GRPO"]
     if not g > 2 * se:
-        failures.append(f"under GRPO the gap grew by {g:+.2f} tokens, not more than 2 standard "
-                        f"errors ({se:.2f})")
+        failures.append(f"under GRPO the filler gap grew by {g:+.3f} tokens, not more than 2 "
+                        f"standard errors ({se:.3f})")
     d, se_d = growth["Dr. GRPO"]
     if not d < g:
-        failures.append(f"the gap grew more under Dr. GRPO ({d:+.2f}) than under GRPO ({g:+.2f})")
+        failures.append(f"the filler gap grew more under Dr. GRPO ({d:+.3f}) than under GRPO "
+                        f"({g:+.3f})")
     if d > 2 * se_d:
-        failures.append(f"under Dr. GRPO the gap grew by {d:+.2f} tokens, more than 2 standard "
-                        f"errors ({se_d:.2f})")
+        failures.append(f"under Dr. GRPO the filler gap grew by {d:+.3f} tokens, more than 2 "
+                        f"standard errors ({se_d:.3f})")
     return failures
 
 
 def results_table(results: dict) -> str:
     header = ("model", "accuracy (T=1)", "length, right", "length, wrong", "gap (wrong − right)",
-              "s / run")
+              "E[filler], right", "E[filler], wrong", "filler gap (wrong − right)", "s / run")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows = [("SFT", [results["SFT"]])] + [(m, results[m]) for m in METHODS]
     for name, samples in rows:
         both = pooled(samples)
-        g, se = gap(both)
+        cells = [f"{np.mean([s['accuracy'] for s in samples]):.3f}"]
+        for measure, digits in (("length", 2), ("filler", 3)):
+            g, se = gap(both, measure)
+            cells += [f"{_mean(both[k]):.{digits}f}" for k in MEASURES[measure]]
+            cells.append(f"{g:+.{digits}f} ± {se:.{digits}f}")
         seconds = (f"{np.mean([s['seconds'] for s in samples]):.0f}" if "seconds" in samples[0]
                    else "")
-        lines.append(f"| {name} | {np.mean([s['accuracy'] for s in samples]):.3f} | "
-                     f"{_mean(both['right']):.2f} | {_mean(both['wrong']):.2f} | "
-                     f"{g:+.2f} ± {se:.2f} | {seconds} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {seconds} |")
     return "\n".join(lines)
 
 
@@ -164,6 +211,7 @@ def main(argv=None) -> int:
     rollouts, seeds, sft_steps, problems = ((2, 1, 30, 16) if args.smoke
                                             else (args.rollouts, args.seeds, args.sft_steps, 256))
     start = time.perf_counter()
+    gaps = dr_grpo_bandit.run(**({"seeds": 2, "updates": 100} if args.smoke else {}))
     results = run_study(args.runs, rollouts=rollouts, seeds=seeds, sft_steps=sft_steps,
                         filler=args.filler, smoke=args.smoke, problems=problems, extra=extra)
     paragraphs = __doc__.split("\n\n")
@@ -174,9 +222,11 @@ def main(argv=None) -> int:
     status = report.write(
         args.out, "dr_grpo_length",
         title="GRPO's length bias and Dr. GRPO (Liu et al. 2025, §3.1) on synthetic arithmetic",
-        body=f"{paragraphs[1]}\n\n{paragraphs[2]}\n\n{setup}", table=results_table(results),
-        failures=check(results), claim="under GRPO wrong answers grow longer relative to right "
-        "ones; under Dr. GRPO they do not.", seconds=time.perf_counter() - start)
+        body=f"{paragraphs[1]}\n\n{paragraphs[2]}\n\n{setup}",
+        table=f"{results_table(results)}\n\n{MECHANISM}\n\n{dr_grpo_bandit.table(gaps)}",
+        failures=dr_grpo_bandit.check(gaps) + check(results),
+        claim="under GRPO wrong answers grow longer relative to right ones; under Dr. GRPO they "
+        "do not.", seconds=time.perf_counter() - start)
     plot(results, args.out / "dr_grpo_length.png")
     return status
 

@@ -41,7 +41,7 @@ from align_jax.losses import kto_desirable_weight
 from align_jax.models import load_pretrained
 from align_jax.sampling import SamplingConfig, generate_from_text
 from align_jax.train import train
-from experiments import report
+from experiments import kto_bandit, report
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -49,6 +49,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 KEEP_DESIRABLE = 0.1
 RECOVERED = 0.8
 RUNS = ("DPO", "KTO", "KTO, 10% desirable, λ_D = 1", "KTO, 10% desirable, λ_D rescaled")
+MECHANISM = (
+    "**The mechanism, on a log-linear policy** (`experiments/kto_bandit.py`): the library's "
+    "`kto_loss` and `dpo_loss` (β = 0.1) train π(y) ∝ exp(b_y + w·s_y) over 32 responses the "
+    "data contains (rewards standard normal, a shared feature s = 1) and 32 it never does "
+    "(reward 0, s = 0), from a uniform reference, on 16 fresh pairs a step with Adam at 1e-2. "
+    "Gain in the exact E_π[r], mean ± SE over 16 seeds trained as lanes of one vmapped program:")
 
 
 def datasets_for(pairs, out: Path, seed: int) -> dict[str, tuple[Path, list[str], dict[str, str]]]:
@@ -172,6 +178,7 @@ def main(argv=None) -> int:
         seeds, sft_steps, steps, pairs, prompts, extra = (args.seeds, args.sft_steps, args.steps,
                                                           args.pairs, 256, ())
     start = time.perf_counter()
+    values = kto_bandit.run(**({"seeds": 2, "steps": 300} if args.smoke else {}))
     results = run_study(args.runs, seeds=seeds, sft_steps=sft_steps, steps=steps, pairs=pairs,
                         prompts=prompts, extra=extra, smoke=args.smoke)
     paragraphs = __doc__.split("\n\n")
@@ -180,7 +187,8 @@ def main(argv=None) -> int:
     status = report.write(
         args.out, "kto_imbalanced", title="KTO with imbalanced data (Ethayarajh et al. 2024) on "
         "the synthetic sentiment grammar", body="\n\n".join([*paragraphs[1:3], setup]),
-        table=results_table(results), failures=check(results),
+        table=f"{results_table(results)}\n\n{MECHANISM}\n\n{kto_bandit.table(values)}",
+        failures=kto_bandit.check(values) + check(results),
         claim="KTO matches DPO on the same preferences, and with 90% of the desirable "
         "examples dropped the rescaled λ_D recovers most of the gain, more than λ_D = 1.",
         seconds=time.perf_counter() - start)

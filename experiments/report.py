@@ -59,11 +59,17 @@ def save_figure(fig, path: Path):
     plt.close(fig)
 
 
-def mean_se(values) -> str:
-    """'mean ± standard error' over seeds (± 0 for one seed)."""
+def mean_and_se(values) -> tuple[float, float]:
+    """The mean over seeds and its standard error (0 for one seed)."""
     values = np.asarray(values, float)
     se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
-    return f"{values.mean():.3f} ± {se:.3f}"
+    return float(values.mean()), float(se)
+
+
+def mean_se(values, digits: int = 3) -> str:
+    """'mean ± standard error' over seeds (± 0 for one seed)."""
+    mean, se = mean_and_se(values)
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
 def write(out: Path, name: str, *, title: str, body: str, table: str, failures: list[str],

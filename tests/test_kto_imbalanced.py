@@ -46,4 +46,5 @@ def test_smoke_run_writes_results(tmp_path):
     exp.main(["--smoke", "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
     report = (tmp_path / "results" / "kto_imbalanced.md").read_text()
     assert all(f"| {name} |" in report for name in ["SFT", *exp.RUNS]) and "**Check.**" in report
+    assert "log-linear policy" in report and "gain after 300 steps" in report
     assert (tmp_path / "results" / "kto_imbalanced.png").stat().st_size > 10_000

@@ -34,4 +34,5 @@ def test_smoke_run_writes_results(tmp_path):
     report = (tmp_path / "results" / "simpo_ablations.md").read_text()
     assert (all(f"| {name} |" in report for name in ["SFT", *exp.SWEPT, *exp.RUNS])
             and "**Check.**" in report)
+    assert "tabular policy" in report and "after 30 steps" in report
     assert (tmp_path / "results" / "simpo_ablations.png").stat().st_size > 10_000
