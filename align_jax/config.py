@@ -116,6 +116,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end (when there is an eval split)
     eval_on_start: bool = False  # also evaluate the starting model, logged as step 0
+    keep_best: bool = False  # export the parameters of the lowest eval loss, not the last ones
+    early_stopping_patience: int = 0  # end after this many evaluations without a lower eval loss
     eval_batches: int = 8
     checkpoint_every: int = 0  # 0: only at the end and on interruption
     keep_checkpoints: int = 3

@@ -50,9 +50,10 @@ log = logging.getLogger(__name__)
 # optimizer's form, the seed) is refused.
 RESUMABLE = ("train.steps", "train.lr", "train.schedule", "train.warmup_steps", "train.log_every",
              "train.eval_every", "train.eval_on_start", "train.eval_batches",
-             "train.checkpoint_every", "train.keep_checkpoints", "train.wandb_project",
-             "train.micro_batches", "model.remat", "model.attention", "model.logits_chunk",
-             "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.expert", "out_dir")
+             "train.early_stopping_patience", "train.checkpoint_every", "train.keep_checkpoints",
+             "train.wandb_project", "train.micro_batches", "model.remat", "model.attention",
+             "model.logits_chunk", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.expert",
+             "out_dir")
 _ABSENT = "(absent)"
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from align_jax.config import RunConfig
 from align_jax.data import DataError, LoaderState, batches, bucket_width, collate, default_buckets
-from align_jax.train import methods, sweep
+from align_jax.train import best, methods, sweep
 from align_jax.train.host import (
     MetricLog,
     NonFiniteError,
@@ -89,6 +89,7 @@ def train_offline(cfg: RunConfig, *, resume: bool = False, progress: bool = True
             raise DataError(f"{data.source}: the {name} split has {len(data.examples)} rows after "
                             f"truncation, fewer than train.batch_size={t.batch_size}")
 
+    best.check(t, eval_data is not None)
     tx, schedule = make_optimizer(t), learning_rate(t)
     models, state, shardings, frozen, frozen_shardings = init_models(
         cfg, mesh, tx, *build_model(cfg, mesh, with_scalar_head=t.method == "reward"))
@@ -138,13 +139,32 @@ def train_offline(cfg: RunConfig, *, resume: bool = False, progress: bool = True
             log_.write("eval", step, mean)
         return means
 
+    def export(members: list[int], name: str = "model") -> None:
+        """Every process gathers the parameters; the first one writes each member's model."""
+        params, host_frozen = gather_to_host((state.params, frozen._replace(reference=None)))
+        for i in members:
+            session.export(models.model(params if names is None else sweep.member(params, i),
+                                        host_frozen), member_dirs[i], name)
+
+    def evaluate_and_track(step: int) -> bool:
+        """Evaluate into the members' last metrics and their best; whether to stop early."""
+        for member_last, mean in zip(last, means := evaluate(step)):
+            member_last.update({f"eval_{k}": v for k, v in mean.items()})
+        if tracker is None:
+            return False
+        tracker.update(step, means, export)
+        return tracker.stop(step)
+
     train_stream = stream(train_data, seed=t.seed, state=loader)
     first, last, start = step, [{} for _ in member_dirs], time.perf_counter()
     for d in member_dirs:
         d.mkdir(parents=True, exist_ok=True)
     metric_logs = [MetricLog(d, cfg, step) for d in member_dirs]
+    tracker = (best.Tracker(t, member_dirs, session.checkpoints.resume, session.primary)
+               if t.keep_best or t.early_stopping_patience else None)
     if eval_data is not None and t.eval_on_start and step == 0:
         evaluate(0)
+    stopped_early = False
     with session.loop(step, progress=progress, max_updates=max_updates,
                       unit="step") as (stop, bar, stop_at):
         while step < stop_at and not stop.requested:
@@ -165,22 +185,21 @@ def train_offline(cfg: RunConfig, *, resume: bool = False, progress: bool = True
                     log_.write("train", step, member_last)
                 bar.set_postfix(loss=" ".join(f"{m['loss']:.4f}" for m in last))
             if eval_data is not None and t.eval_every and step % t.eval_every == 0:
-                for member_last, mean in zip(last, evaluate(step)):
-                    member_last.update({f"eval_{k}": v for k, v in mean.items()})
+                stopped_early = evaluate_and_track(step)
             if t.checkpoint_every and step % t.checkpoint_every == 0:
                 session.checkpoints.save(step, state, dataclasses.asdict(loader))
+            if stopped_early:
+                break
         session.checkpoints.save(step, state, dataclasses.asdict(loader))
-        finished = session.finished(step, "step")
+        finished = stopped_early or session.finished(step, "step")
         if finished and eval_data is not None and not (t.eval_every and step % t.eval_every == 0):
-            for member_last, mean in zip(last, evaluate(step)):
-                member_last.update({f"eval_{k}": v for k, v in mean.items()})
+            evaluate_and_track(step)
     for log_ in metric_logs:
         log_.close()
-    if finished:  # every process takes part in the gather; the first one writes
-        params, host_frozen = gather_to_host((state.params, frozen._replace(reference=None)))
-        for i, d in enumerate(member_dirs):
-            session.export(models.model(params if names is None else sweep.member(params, i),
-                                        host_frozen), d)
+    if finished and t.keep_best:
+        tracker.keep()
+    elif finished:  # every process takes part in the gather; the first one writes
+        export(list(range(len(member_dirs))))
     return last[0] if names is None else dict(zip(names, last))
 
 

@@ -71,6 +71,10 @@ def check_online(cfg: RunConfig) -> online.OnlineMethod:
                           f"do not split into rl.mini_batches={rl.mini_batches} × "
                           f"train.micro_batches={t.micro_batches}")
     methods.check_micro_batches(t.method, rl, t.micro_batches)
+    for key in ("keep_best", "early_stopping_patience"):
+        if getattr(t, key):
+            raise ConfigError(f"train.{key} applies to the offline methods, which evaluate on an "
+                              f"eval split; {t.method} has none")
     if rl.importance_sampling_cap is not None and rl.importance_sampling_cap < 1:
         raise ConfigError(f"rl.importance_sampling_cap={rl.importance_sampling_cap}: a cap below "
                           "1 would down-weight every token; expected >= 1 (TRL's default is 2)")

@@ -27,6 +27,7 @@ from align_jax.sampling import SamplingConfig, generate_text
 from align_jax.train import online, train
 from align_jax.train.mesh import make_mesh
 from align_jax.train.models import Frozen, Models
+from align_jax.train.rl import check_online
 from align_jax.train.state import init_train_state
 from align_jax.train.step import make_train_step
 from tests.models.test_hf_parity import tiny_hf_model
@@ -397,3 +398,9 @@ def test_async_rollouts_sample_one_update_behind(sft_model, tmp_path):
     weights = {k.rsplit("/", 1)[1]: v for k, v in rows["tis"][1].items()
                if k.startswith("sampling/importance_sampling_ratio/")}
     assert weights["min"] < 0.99 and weights["max"] == pytest.approx(1.05)  # some were capped
+
+
+@pytest.mark.parametrize("key", ["train.keep_best=true", "train.early_stopping_patience=3"])
+def test_best_settings_are_refused_online_where_nothing_is_evaluated(key):
+    with pytest.raises(ConfigError, match=rf"{key.split('=')[0]} applies to the offline methods"):
+        check_online(load_config(ROOT / "configs/grpo_arithmetic.yaml", [key]))

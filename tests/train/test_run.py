@@ -79,6 +79,40 @@ def test_eval_on_start_logs_the_starting_model_as_step_0(tmp_path):
     assert abs(evals[0]["rewards/margins"]) < 1e-5 < 1e-4 < abs(evals[1]["rewards/margins"])
 
 
+def test_keep_best_exports_the_lowest_eval_loss_and_patience_ends_the_run(tmp_path):
+    """Two steps lower the eval loss; resumed with a negative learning rate (gradient ascent) the
+    next two raise it, so the run stops two evaluations after its best and exports the model of
+    step 2, which a 2-step run equals bit for bit."""
+    common = ["data.eval_fraction=0.25", "train.eval_every=1", "train.schedule=constant",
+              "train.eval_batches=2"]
+    train(config(tmp_path / "two", "train.steps=2", "train.lr=1e-3", *common), progress=False)
+    kept = tmp_path / "kept"
+    extra = ["train.steps=8", "train.keep_best=true", "train.early_stopping_patience=2", *common]
+    train(config(kept, "train.lr=1e-3", *extra), progress=False, max_updates=2)
+    train(config(kept, "train.lr=-1e-2", *extra), progress=False, resume=True)
+    evals = [r for r in map(json.loads, (kept / "metrics.jsonl").read_text().splitlines())
+             if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [1, 2, 3, 4]
+    assert evals[1]["loss"] < evals[0]["loss"] and min(evals[2]["loss"], evals[3]["loss"]) > \
+        evals[1]["loss"]
+    assert json.loads((kept / "best.json").read_text()) == {"step": 2, "loss": evals[1]["loss"]}
+    a, b = weights(tmp_path / "two"), weights(kept)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.keep_best=true", "data.eval_fraction=0.25"], "train.keep_best=True needs evaluations"),
+    (["train.early_stopping_patience=2"], "train.early_stopping_patience=2 needs evaluations"),
+    (["train.early_stopping_patience=-1", "data.eval_fraction=0.25", "train.eval_every=1"],
+     "expected a number of evaluations >= 0"),
+])
+def test_best_settings_without_evaluations_are_named_errors(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        train(config(tmp_path, "train.steps=2", "train.eval_every=0", *extra[:1], *extra[1:]),
+              progress=False)
+
+
 def test_wandb_project_without_wandb_installed_is_a_named_error(tmp_path, monkeypatch):
     # what `import wandb` meets when it is not installed
     monkeypatch.setitem(sys.modules, "wandb", None)
