@@ -34,7 +34,7 @@ demo: install
 
 test: install-test
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist loadgroup tests
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25 tests
 
 # Every paper reproduction in full mode (about two and a half hours on 2 CPU cores); each writes
 # experiments/results/<name>.md and .png with its check, PASS or FAIL, and its runtime.

@@ -9,12 +9,15 @@ sums the token losses over a constant length and drops the division by the group
 (`rl.aggregation=token_sum_over_max_len`, `rl.scale_rewards=none`), which removes the bias.
 
 To give length a free direction, the SFT data end each <think> with 0 … `--filler` " ." tokens
-(`synthetic.arithmetic(filler=…)`): padding that changes neither the answer nor the format. From
-one SFT model, GRPO and Dr. GRPO train `--rollouts` rollouts for each of `--seeds` seeds; the SFT
-model and every final model answer 256 fresh problems with 4 samples at T = 1, and the gap
-  gap = mean length of wrong answers − mean length of right answers (tokens)
-is measured before and after. Check: under GRPO the gap grows by more than two standard errors;
-under Dr. GRPO it grows less than under GRPO and by no more than two standard errors.
+(`synthetic.arithmetic(filler=…)`), after the worked sum "a∘b=r": padding that changes neither
+the answer nor the format, written once the model has committed to its answer, so it can depend on
+it. From one SFT model, GRPO and Dr. GRPO train `--rollouts` rollouts for each of `--seeds` seeds;
+the SFT model and every final model answer 256 fresh problems with 4 samples at T = 1. Two gaps,
+wrong answers − right ones, are measured before and after: of the sampled lengths, and of the
+filler count the model is expected to write after each sample's own worked sum, exact from its
+next-token probabilities (`expected_filler`), which removes the sampling noise of lengths. Check,
+on the filler gap: under GRPO it grows by more than two standard errors; under Dr. GRPO it grows
+less than under GRPO and by no more than two standard errors.
 
 Run: python -m experiments.dr_grpo_length [--rollouts 40] [--seeds 2] [--filler 12]
      [--out experiments/results] [--smoke]
