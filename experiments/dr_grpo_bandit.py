@@ -14,19 +14,17 @@ changes it, so the policy gradient of E[reward] leaves h where it is in expectat
   token_sum_over_max_len (Dr. GRPO): each token weighs A/T_max, the unbiased policy gradient.
 
 `run` trains each aggregation for `updates` on-policy updates of `groups` × G samples, `seeds`
-seeds as lanes of one vmapped program, and returns the exact expected lengths of wrong and right
-answers under h after each update.
+seeds as lanes of one vmapped program, and returns the gap between the exact expected lengths of
+wrong and right answers under h, before the first update and after each.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
 from align_jax import losses
-from experiments import report
+from experiments import report, tabular
 
 METHODS = {"GRPO": ("group", "sequence_mean"), "Dr. GRPO": ("none", "token_sum_over_max_len")}
 
@@ -70,10 +68,9 @@ def _rollout(key, h_AxK, *, groups, G, accuracy, prefix):
 
 def train(key, *, method: str, updates: int, groups: int, G: int, accuracy: float, prefix: int,
           K: int, lr: float) -> jax.Array:
-    """Adam on h for `updates` on-policy updates; returns E[|o| | wrong], E[|o| | right] after
-    each update [updates, 2]."""
+    """Adam on h for `updates` on-policy updates; returns E[|o| | wrong] − E[|o| | right] before
+    the first update and after each [updates + 1]."""
     scale, aggregation = METHODS[method]
-    tx = optax.adam(lr)
 
     def objective(h_AxK, sample_key):
         logps_BxT, mask_BxT, rewards_B = _rollout(sample_key, h_AxK, groups=groups, G=G,
@@ -83,29 +80,21 @@ def train(key, *, method: str, updates: int, groups: int, G: int, accuracy: floa
         numerator, denominator = losses.aggregate_loss(per_token, mask_BxT, aggregation)
         return numerator / denominator
 
-    def update(carry, sample_key):
-        h_AxK, opt_state = carry
-        grads = jax.grad(objective)(h_AxK, sample_key)
-        updates_, opt_state = tx.update(grads, opt_state)
-        h_AxK = optax.apply_updates(h_AxK, updates_)
-        return (h_AxK, opt_state), expected_lengths(h_AxK, prefix)
+    def gap(h_AxK):
+        wrong, right = expected_lengths(h_AxK, prefix)
+        return wrong - right
 
-    h_AxK = _uniform_hazards(K)
-    _, lengths = jax.lax.scan(update, (h_AxK, tx.init(h_AxK)), jax.random.split(key, updates))
-    return lengths
+    return tabular.adam_trajectory(jax.grad(objective), _uniform_hazards(K), gap, key,
+                                   steps=updates, lr=lr)
 
 
-def run(*, seeds: int = 16, updates: int = 2000, groups: int = 32, G: int = 8,
+def run(*, seeds: int = 16, updates: int = 1000, groups: int = 32, G: int = 8,
         accuracy: float = 0.25, prefix: int = 12, K: int = 12, lr: float = 1e-2) -> dict:
-    """{method: gap [seeds, updates]}: E[|o| | wrong] − E[|o| | right] after each update."""
-    out = {}
-    for method in METHODS:
-        one = jax.jit(lambda key, method=method: train(
-            key, method=method, updates=updates, groups=groups, G=G, accuracy=accuracy,
-            prefix=prefix, K=K, lr=lr))
-        lengths = jax.vmap(one)(jax.random.split(jax.random.key(0), seeds))
-        out[method] = np.asarray(lengths[..., 0] - lengths[..., 1])
-    return out
+    """{method: gap [seeds, updates + 1]}: E[|o| | wrong] − E[|o| | right] before the first
+    update and after each."""
+    return {method: tabular.over_seeds(lambda key, method=method: train(
+        key, method=method, updates=updates, groups=groups, G=G, accuracy=accuracy,
+        prefix=prefix, K=K, lr=lr), seeds) for method in METHODS}
 
 
 def check(gaps: dict) -> list[str]:
@@ -125,10 +114,5 @@ def check(gaps: dict) -> list[str]:
 
 def table(gaps: dict, at: tuple[int, ...] = (100, 300, 1000)) -> str:
     """Gap (wrong − right, tokens) after each of `at` updates, mean ± SE over seeds."""
-    at = [u for u in at if u <= next(iter(gaps.values())).shape[1]]
-    lines = ["| aggregation | " + " | ".join(f"after {u} updates" for u in at) + " |",
-             "|---|" + "---|" * len(at)]
-    for method, gap in gaps.items():
-        cells = [report.mean_se(gap[:, u - 1], digits=2) for u in at]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return report.trajectory_table(gaps, at, first="aggregation", digits=2,
+                                   column=lambda u: f"after {u} updates")

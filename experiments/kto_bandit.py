@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
 from align_jax import losses
-from experiments import report
+from experiments import report, tabular
 
 RUNS = {  # name: (kept fraction of desirable examples, λ_D)
     "KTO": (1.0, 1.0),
@@ -77,31 +75,18 @@ def train(key, *, method: str, steps: int, N: int, M: int, pairs: int, beta: flo
     key_rewards, key_steps = jax.random.split(key)
     rewards_N = jax.random.normal(key_rewards, (N,))
     rewards = jnp.concatenate([rewards_N, jnp.zeros(M)])
-    tx, params = optax.adam(lr), {"b": jnp.zeros(N + M), "w": jnp.zeros(())}
     grad = jax.grad(lambda p, k: step_loss(p, k, rewards_N, method=method, pairs=pairs, beta=beta))
-
-    def value(params):
-        return jnp.exp(log_policy(params, N)) @ rewards
-
-    def step(carry, step_key):
-        params, opt_state = carry
-        updates, opt_state = tx.update(grad(params, step_key), opt_state)
-        params = optax.apply_updates(params, updates)
-        return (params, opt_state), value(params)
-
-    _, values = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(key_steps, steps))
-    return jnp.concatenate([value(params)[None], values])
+    return tabular.adam_trajectory(grad, {"b": jnp.zeros(N + M), "w": jnp.zeros(())},
+                                   lambda p: jnp.exp(log_policy(p, N)) @ rewards, key_steps,
+                                   steps=steps, lr=lr)
 
 
 def run(*, seeds: int = 16, steps: int = 3000, N: int = 32, M: int = 32, pairs: int = 16,
         beta: float = 0.1, lr: float = 1e-2) -> dict:
     """{method: E_π[r] [seeds, steps + 1]}; seed k draws its own rewards and pairs."""
-    out = {}
-    for method in ("DPO", *RUNS):
-        one = jax.jit(lambda key, method=method: train(key, method=method, steps=steps, N=N, M=M,
-                                                       pairs=pairs, beta=beta, lr=lr))
-        out[method] = np.asarray(jax.vmap(one)(jax.random.split(jax.random.key(0), seeds)))
-    return out
+    return {method: tabular.over_seeds(lambda key, method=method: train(
+        key, method=method, steps=steps, N=N, M=M, pairs=pairs, beta=beta, lr=lr), seeds)
+        for method in ("DPO", *RUNS)}
 
 
 def check(values: dict) -> list[str]:
@@ -127,10 +112,5 @@ def check(values: dict) -> list[str]:
 
 def table(values: dict, at: tuple[int, ...] = (300, 1000, 3000)) -> str:
     """Gain in E_π[r] after each of `at` steps, mean ± SE over seeds."""
-    at = [s for s in at if s < next(iter(values.values())).shape[1]]
-    lines = ["| loss | " + " | ".join(f"gain after {s} steps" for s in at) + " |",
-             "|---|" + "---|" * len(at)]
-    for method, x in values.items():
-        cells = [report.mean_se(x[:, s] - x[:, 0]) for s in at]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return report.trajectory_table(values, at, first="loss", relative=True,
+                                   column=lambda s: f"gain after {s} steps")

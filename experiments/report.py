@@ -72,6 +72,19 @@ def mean_se(values, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
+def trajectory_table(runs: dict, at, *, first: str, column, digits: int = 3,
+                     relative: bool = False) -> str:
+    """Markdown: one row per run of trajectories [seeds, 1 + steps] (index s: after s steps), its
+    mean ± SE over seeds at each step of `at` the trajectories reach, headed `column(s)`;
+    `relative` subtracts each seed's start."""
+    at = [s for s in at if s < next(iter(runs.values())).shape[1]]
+    lines = [f"| {first} | " + " | ".join(map(column, at)) + " |", "|---|" + "---|" * len(at)]
+    for name, x in runs.items():
+        x = x - x[:, :1] if relative else x
+        lines.append(f"| {name} | " + " | ".join(mean_se(x[:, s], digits) for s in at) + " |")
+    return "\n".join(lines)
+
+
 def write(out: Path, name: str, *, title: str, body: str, table: str, failures: list[str],
           claim: str, seconds: float) -> int:
     """Write `<out>/<name>.md` (the plot `<name>.png` is the caller's), print the table and the

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
 from align_jax import losses
-from experiments import report
+from experiments import report, tabular
 
 METHODS = ("SimPO", "SimPO w/o LN", "DPO")
 
@@ -86,18 +84,10 @@ def pair_loss(params, reference, key, *, method: str, pairs: int, K: int, V: int
 def train(key, *, method: str, steps: int, pairs: int, K: int, V: int, beta: float,
           gamma: float, lr: float) -> jax.Array:
     """Adam for `steps` steps; E[k] before the first and after each [steps + 1]."""
-    tx, reference = optax.adam(lr), _init(K, V)
-    loss = jax.grad(lambda p, k: pair_loss(p, reference, k, method=method, pairs=pairs, K=K, V=V,
+    reference = _init(K, V)
+    grad = jax.grad(lambda p, k: pair_loss(p, reference, k, method=method, pairs=pairs, K=K, V=V,
                                            beta=beta, gamma=gamma))
-
-    def step(carry, step_key):
-        params, opt_state = carry
-        updates, opt_state = tx.update(loss(params, step_key), opt_state)
-        params = optax.apply_updates(params, updates)
-        return (params, opt_state), expected_length(params)
-
-    _, lengths = jax.lax.scan(step, (reference, tx.init(reference)), jax.random.split(key, steps))
-    return jnp.concatenate([expected_length(reference)[None], lengths])
+    return tabular.adam_trajectory(grad, reference, expected_length, key, steps=steps, lr=lr)
 
 
 BETAS = {"SimPO": 2.0, "SimPO w/o LN": 2.0, "DPO": 0.1}  # the LM study's (configs/simpo_sentiment)
@@ -106,13 +96,9 @@ BETAS = {"SimPO": 2.0, "SimPO w/o LN": 2.0, "DPO": 0.1}  # the LM study's (confi
 def run(*, seeds: int = 16, steps: int = 300, pairs: int = 16, K: int = 24, V: int = 16,
         gamma: float = 1.0, lr: float = 1e-2) -> dict:
     """{method: E[k] [seeds, steps + 1]}, before the first step and after each."""
-    out = {}
-    for method in METHODS:
-        one = jax.jit(lambda key, method=method: train(
-            key, method=method, steps=steps, pairs=pairs, K=K, V=V, beta=BETAS[method],
-            gamma=gamma, lr=lr))
-        out[method] = np.asarray(jax.vmap(one)(jax.random.split(jax.random.key(0), seeds)))
-    return out
+    return {method: tabular.over_seeds(lambda key, method=method: train(
+        key, method=method, steps=steps, pairs=pairs, K=K, V=V, beta=BETAS[method], gamma=gamma,
+        lr=lr), seeds) for method in METHODS}
 
 
 def check(lengths: dict) -> list[str]:
@@ -134,10 +120,6 @@ def check(lengths: dict) -> list[str]:
 
 def table(lengths: dict, at: tuple[int, ...] = (30, 100, 300)) -> str:
     """E[k] before training and after each of `at` steps, mean ± SE over seeds."""
-    at = [s for s in at if s < next(iter(lengths.values())).shape[1]]
-    lines = ["| loss | E[k] at the start | " + " | ".join(f"after {s} steps" for s in at) + " |",
-             "|---|---|" + "---|" * len(at)]
-    for method, x in lengths.items():
-        cells = [report.mean_se(x[:, s], digits=2) for s in [0, *at]]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return report.trajectory_table(
+        lengths, (0, *at), first="loss", digits=2,
+        column=lambda s: f"after {s} steps" if s else "E[k] at the start")
