@@ -226,9 +226,9 @@ def generate_from_text(model: Decoder, tokenizer, prompts: Sequence[str | list[d
     if not config.stop_token_ids and tokenizer.eos_token_id is not None:
         config = dataclasses.replace(config, stop_token_ids=(tokenizer.eos_token_id,))
     out = generate(model, ids, mask, rng, config)
-    texts = [tokenizer.decode([int(t) for t, m in zip(row, row_mask) if m],
-                              skip_special_tokens=True)
-             for row, row_mask in zip(out.ids_BxC, out.mask_BxC)]
+    ids_BxC, mask_BxC = jax.device_get((out.ids_BxC, out.mask_BxC))  # one transfer, not per token
+    texts = [tokenizer.decode(row[row_mask].tolist(), skip_special_tokens=True)
+             for row, row_mask in zip(ids_BxC, mask_BxC)]
     return texts, out
 
 
