@@ -5,9 +5,13 @@ sentiment grammar, whose true sentiment `synthetic.sentiment_score` plays the go
 A tiny model is fine-tuned on random review continuations (`configs/sft_sentiment.yaml`). Proxy
 reward models start from it, as Gao et al.'s start from the pretrained model, with a new scalar
 head (`configs/reward_sentiment.yaml`), and are trained on N ∈ {256, 1k, 4k, 16k} comparisons
-labelled by Bradley-Terry on the gold reward, P(a ≻ b) = σ(r_a − r_b), all for the same number of
-updates. Their accuracy is measured on 2,048 held-out comparisons, next to the Bayes ceiling
-E[max(σ(Δ), σ(−Δ))] of those comparisons: the accuracy of a model that knew the gold reward.
+labelled by Bradley-Terry on the gold reward, P(a ≻ b) = σ(r_a − r_b). As Gao et al. train every
+proxy to its best held-out loss, each is evaluated on the same 1,024 validation comparisons every
+32 updates, stopped once 4 evaluations in a row found no lower loss, and kept at its lowest
+(`train.early_stopping_patience`, `train.keep_best`): a small set is not overfitted by passing
+over it many times, nor a large one cut short by a budget of updates. Their accuracy is measured
+on 2,048 other held-out comparisons, next to the Bayes ceiling E[max(σ(Δ), σ(−Δ))] of those
+comparisons: the accuracy of a model that knew the gold reward.
 
 Best-of-n: the SFT policy draws M = 512 continuations at T = 1 for each of 64 held-out openings,
 and best-of-n keeps the one a proxy scores highest among n. Its expected gold reward is computed
@@ -27,6 +31,7 @@ Run: python -m experiments.rm_overoptimization [--seeds 2] [--out experiments/re
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -53,6 +58,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 SIZES = (256, 1024, 4096, 16384)
 CEILING_GAP = 0.03
+EVAL_EVERY, PATIENCE = 32, 4  # updates between validation losses; evaluations without a lower one
 
 
 def bon_weights(num_samples: int, ns) -> np.ndarray:
@@ -114,12 +120,35 @@ def policy_samples(model_dir: Path, prompts: list[str], num_samples: int,
     return texts
 
 
+def train_proxy(run_dir: Path, sft_model: Path, validation: Path, *, size: int, seed: int,
+                max_steps: int, batch: int, validation_pairs: int, eval_every: int) -> dict:
+    """Train one proxy RM from the SFT model on `size` comparisons, early-stopped on the
+    validation file's loss and exported at its lowest; return {"best_step", "epochs" (passes
+    over the comparisons up to it), "steps" (trained)}."""
+    train(load_config(report.ROOT / "configs/reward_sentiment.yaml", [
+        f"model.path={sft_model}", f"data.synthetic_args.n={size}",
+        f"data.synthetic_args.seed={seed}", f"data.eval={validation}",
+        f"train.eval_every={eval_every}", f"train.eval_batches={validation_pairs // batch}",
+        f"train.early_stopping_patience={PATIENCE}", "train.keep_best=true",
+        f"train.steps={max_steps}", f"train.seed={seed}", f"train.batch_size={batch}",
+        f"out_dir={run_dir}"]), progress=False)
+    evaluated = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    best_step = json.loads((run_dir / "best.json").read_text())["step"]
+    return {"best_step": best_step, "epochs": best_step * batch / size,
+            "steps": max(m["step"] for m in evaluated if m["split"] == "eval")}
+
+
 def run_study(out: Path, *, seeds: int, sft_steps: int, rm_steps: int, rm_batch: int = 32,
               sizes=SIZES, prompts: int = 64, num_samples: int = 512, held_out_pairs: int = 2048,
+              validation_pairs: int = 1024, eval_every: int = EVAL_EVERY,
               smoke: bool = False) -> dict:
-    """SFT, the M samples per prompt and their gold rewards, then each proxy RM: its held-out
-    accuracy and best-of-n curve. Returns {"ns", "oracle", "ceiling", N: [per-seed result]}."""
+    """SFT, the M samples per prompt and their gold rewards, then each proxy RM (at most
+    `rm_steps` updates): its held-out accuracy and best-of-n curve. Returns {"ns", "oracle",
+    "ceiling", N: [per-seed result]}."""
     shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    validation = out / "validation.jsonl"
+    synthetic.sentiment_pairs(validation_pairs, seed=998).to_json(validation)
     sft_model = report.sft("sft_sentiment.yaml", out / "sft", sft_steps, smoke=smoke)
     openings = list(synthetic.sentiment(prompts, seed=12345)["prompt"])
     texts = policy_samples(sft_model, openings, num_samples)
@@ -135,11 +164,9 @@ def run_study(out: Path, *, seeds: int, sft_steps: int, rm_steps: int, rm_batch:
         results[size] = []
         for seed in range(seeds):
             start, run_dir = time.perf_counter(), out / f"rm_{size}_seed{seed}"
-            train(load_config(report.ROOT / "configs/reward_sentiment.yaml", [
-                f"model.path={sft_model}", f"data.synthetic_args.n={size}",
-                f"data.synthetic_args.seed={seed}", "data.eval_fraction=0", "train.eval_every=0",
-                f"train.steps={rm_steps}", f"train.seed={seed}", f"train.batch_size={rm_batch}",
-                f"out_dir={run_dir}"]), progress=False)
+            stopped = train_proxy(run_dir, sft_model, validation, size=size, seed=seed,
+                                  max_steps=rm_steps, batch=rm_batch,
+                                  validation_pairs=validation_pairs, eval_every=eval_every)
             rm = proxy_scores(run_dir / "model")
             chosen = np.asarray(rm(prompts=held_out["prompt"], completions=held_out["chosen"]))
             rejected = np.asarray(rm(prompts=held_out["prompt"], completions=held_out["rejected"]))
@@ -147,9 +174,10 @@ def run_study(out: Path, *, seeds: int, sft_steps: int, rm_steps: int, rm_batch:
                                   completions=texts)).reshape(prompts, num_samples)
             bon = best_of_n_gold(proxy, gold, ns)
             results[size].append({"accuracy": float(np.mean(chosen > rejected)), "bon": bon,
-                                  "peak": fit_peak(ns, bon)[2],
+                                  "peak": fit_peak(ns, bon)[2], **stopped,
                                   "seconds": time.perf_counter() - start})
-            print(f"N = {size:5d} seed {seed}: held-out accuracy "
+            print(f"N = {size:5d} seed {seed}: best of {stopped['steps']} updates at "
+                  f"{stopped['best_step']}, held-out accuracy "
                   f"{results[size][-1]['accuracy']:.3f}, best-of-{ns[-1]} gold {bon[-1]:+.3f}",
                   flush=True)
     return results
@@ -176,8 +204,9 @@ def check(results: dict, sizes=SIZES) -> list[str]:
 
 def results_table(results: dict, sizes=SIZES) -> str:
     ns = results["ns"]
-    header = ("comparisons N", "held-out accuracy", f"gold, best-of-{ns[-1]}", "peak n (grid)",
-              "fitted α", "fitted β", "fitted √KL peak d*", "s / RM")
+    header = ("comparisons N", "kept update of trained (epochs), per seed", "held-out accuracy",
+              f"gold, best-of-{ns[-1]}", "peak n (grid)", "fitted α", "fitted β",
+              "fitted √KL peak d*", "s / RM")
     lines = [f"Bayes ceiling of the held-out comparisons: {results['ceiling']:.3f}. Gold reward "
              f"of the policy (best-of-1): {results['oracle'][0]:+.3f}; of best-of-{ns[-1]} by the "
              f"gold reward itself: {results['oracle'][-1]:+.3f}.\n",
@@ -186,7 +215,9 @@ def results_table(results: dict, sizes=SIZES) -> str:
         gold = curve(results, size)
         alpha, beta, peak = fit_peak(ns, gold)
         lines.append("| " + " | ".join([
-            f"{size:,}", report.mean_se([r["accuracy"] for r in results[size]]),
+            f"{size:,}", ", ".join(f"{r['best_step']} of {r['steps']} ({r['epochs']:.2g})"
+                                   for r in results[size]),
+            report.mean_se([r["accuracy"] for r in results[size]]),
             report.mean_se([r["bon"][-1] for r in results[size]]), str(ns[int(np.argmax(gold))]),
             f"{alpha:.3f}", f"{beta:.3f}", "never" if np.isinf(peak) else f"{peak:.2f}",
             f"{np.mean([r['seconds'] for r in results[size]]):.0f}"]) + " |")
@@ -212,13 +243,15 @@ def plot(results: dict, path: Path, sizes=SIZES):
 def main(argv=None) -> int:
     parser = report.argument_parser(
         __doc__, "rm_overoptimization", seeds=2, sft_steps=300,
-        smoke="N ∈ {64, 128}, 4 RM steps, 1 seed, 4 prompts × 16 samples")
-    parser.add_argument("--rm-steps", type=int, default=512, help="of 32 comparisons, for every N")
+        smoke="N ∈ {64, 128}, 8 RM steps, 1 seed, 4 prompts × 16 samples")
+    parser.add_argument("--rm-steps", type=int, default=2048,
+                        help="the most updates of 32 comparisons for any N")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.smoke:
-        sizes, seeds, sft_steps, rm_steps = (64, 128), 1, 20, 4
-        kwargs = dict(rm_batch=8, prompts=4, num_samples=16, held_out_pairs=64)
+        sizes, seeds, sft_steps, rm_steps = (64, 128), 1, 20, 8
+        kwargs = dict(rm_batch=8, prompts=4, num_samples=16, held_out_pairs=64,
+                      validation_pairs=64, eval_every=2)
     else:
         sizes, seeds, sft_steps, rm_steps, kwargs = (SIZES, args.seeds, args.sft_steps,
                                                      args.rm_steps, {})
@@ -227,7 +260,7 @@ def main(argv=None) -> int:
                         smoke=args.smoke, **kwargs)
     paragraphs = __doc__.split("\n\n")
     rm_batch = kwargs.get("rm_batch", 32)
-    setup = (f"{sft_steps} SFT steps; {rm_steps} RM steps of {rm_batch} comparisons for every N "
+    setup = (f"{sft_steps} SFT steps; at most {rm_steps} RM updates of {rm_batch} comparisons "
              f"({rm_steps * rm_batch / sizes[-1]:g} epochs of the largest set); {seeds} seeds; "
              "mean ± standard error over seeds.")
     status = report.write(

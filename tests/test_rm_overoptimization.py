@@ -2,6 +2,7 @@
 form, the Bayes ceiling, the check, and the smoke run."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ def _fake(peaks, accuracy=0.7, ceiling=0.72):
     results = {"ns": ns, "oracle": d, "ceiling": ceiling}
     for size, peak in zip(exp.SIZES, peaks):
         results[size] = [{"accuracy": accuracy, "bon": d * (2 * peak - d), "peak": peak,
-                          "seconds": 1.0}]
+                          "best_step": 8, "epochs": 1.0, "steps": 16, "seconds": 1.0}]
     return results
 
 
@@ -64,5 +65,8 @@ def test_check_flags_each_claim():
 def test_smoke_run_writes_results(tmp_path):
     exp.main(["--smoke", "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
     report = (tmp_path / "results" / "rm_overoptimization.md").read_text()
-    assert "| 64 |" in report and "| 128 |" in report and "**Check.**" in report
+    assert "**Check.**" in report
+    for size in (64, 128):  # each proxy is the one of its lowest validation loss, as the table says
+        kept = json.loads((tmp_path / "runs" / f"rm_{size}_seed0" / "best.json").read_text())
+        assert f"| {size} | {kept['step']} of " in report
     assert (tmp_path / "results" / "rm_overoptimization.png").stat().st_size > 10_000
