@@ -59,6 +59,8 @@ def test_check_needs_a_paired_gain_beyond_two_standard_errors():
 def test_smoke_run_writes_results(tmp_path):
     exp.main(["--smoke", "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
     report = (tmp_path / "results" / "smollm2_grpo.md").read_text()
-    assert all(f"| {name} |" in report for name in ("base", "GRPO", "DPO"))
+    assert all(f"| {name} |" in report
+               for name in ("base", "GRPO full", "GRPO LoRA", "DPO full", "DPO LoRA"))
+    assert "LoRA − full fine-tuning, greedy held-out accuracy (paired): GRPO " in report
     assert "completions/s" in report and "pairs/s" in report and "**Check.**" in report
     assert (tmp_path / "results" / "smollm2_grpo.png").stat().st_size > 10_000
