@@ -28,7 +28,6 @@ Run: python -m experiments.dapo_ladder [--rollouts 24] [--seeds 2] [--sft-steps 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -94,8 +93,7 @@ def run_ladder(out: Path, *, rollouts: int, seeds: int, sft_steps: int, problems
         results[rung] = []
         for seed in range(seeds):
             member = run / f"seed={seed}"
-            rows = [json.loads(line)
-                    for line in (member / "metrics.jsonl").read_text().splitlines()]
+            rows = report.metrics(member, "train")
             model = load_pretrained(member / "model")
             results[rung].append({
                 "entropy": [r["entropy"] for r in rows],

@@ -5,6 +5,7 @@ or FAIL) and the runtime."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import jax
@@ -48,6 +49,12 @@ def seed_sweep(seeds: int) -> list[str]:
     """The overrides that train seeds 0 … seeds-1 as the members of one vmapped run, each writing
     to `<out_dir>/seed=<k>/`."""
     return ["sweep.field=seed", f"sweep.values=[{','.join(map(str, range(seeds)))}]"]
+
+
+def metrics(run_dir: Path, split: str) -> list[dict]:
+    """The records of a run's `metrics.jsonl` logged for `split` ("train" or "eval"), in order."""
+    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return [r for r in records if r["split"] == split]
 
 
 def save_figure(fig, path: Path):

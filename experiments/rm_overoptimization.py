@@ -132,10 +132,9 @@ def train_proxy(run_dir: Path, sft_model: Path, validation: Path, *, size: int, 
         f"train.early_stopping_patience={PATIENCE}", "train.keep_best=true",
         f"train.steps={max_steps}", f"train.seed={seed}", f"train.batch_size={batch}",
         f"out_dir={run_dir}"]), progress=False)
-    evaluated = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     best_step = json.loads((run_dir / "best.json").read_text())["step"]
     return {"best_step": best_step, "epochs": best_step * batch / size,
-            "steps": max(m["step"] for m in evaluated if m["split"] == "eval")}
+            "steps": report.metrics(run_dir, "eval")[-1]["step"]}
 
 
 def run_study(out: Path, *, seeds: int, sft_steps: int, rm_steps: int, rm_batch: int = 32,

@@ -32,7 +32,6 @@ Run: python -m experiments.simpo_ablations [--seeds 2] [--longer-chosen] [--out 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -88,8 +87,7 @@ def generations(model, prompts: list[str]) -> dict:
 def start_accuracy(run_dir: Path) -> float:
     """The held-out reward accuracy of the starting (SFT) model under the run's own reward: the
     run's step-0 evaluation (`train.eval_on_start`)."""
-    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    return next(r["rewards/accuracies"] for r in records if r["split"] == "eval" and r["step"] == 0)
+    return next(r["rewards/accuracies"] for r in report.metrics(run_dir, "eval") if r["step"] == 0)
 
 
 def run_study(out: Path, *, seeds: int, sft_steps: int, steps: int, prompts: int = 256,

@@ -171,11 +171,6 @@ def preference_pairs(train_rows: list[dict], replies: list[str]) -> list[dict]:
     return pairs
 
 
-def metrics(run: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if r["split"] == "train"]
-
-
 def run_grpo(out: Path, data: Path, study: Study, tuning: tuple[str, ...]) -> dict:
     start = time.perf_counter()
     train(load_config(report.ROOT / "configs/grpo_smollm2.yaml", [
@@ -186,7 +181,7 @@ def run_grpo(out: Path, data: Path, study: Study, tuning: tuple[str, ...]) -> di
         f"rl.reward_funcs=[{__name__}:answer_accuracy,{__name__}:answer_format]",
         f"out_dir={out}"]), progress=True)
     return {"model": out / "model", "seconds": time.perf_counter() - start,
-            "curve": metrics(out), "batch": study.batch}
+            "curve": report.metrics(out, "train"), "batch": study.batch}
 
 
 def run_dpo(out: Path, data: Path, pairs: int, study: Study, tuning: tuple[str, ...]) -> dict:
@@ -198,7 +193,7 @@ def run_dpo(out: Path, data: Path, pairs: int, study: Study, tuning: tuple[str, 
         f"train.batch_size={study.batch}", "train.warmup_steps=0", "train.schedule=constant",
         "train.eval_every=0", "train.checkpoint_every=0", f"out_dir={out}"]), progress=True)
     return {"model": out / "model", "seconds": time.perf_counter() - start,
-            "curve": metrics(out), "steps": steps, "batch": study.batch}
+            "curve": report.metrics(out, "train"), "steps": steps, "batch": study.batch}
 
 
 def run_study(runs: Path, study: Study) -> dict:
