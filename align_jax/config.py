@@ -159,6 +159,18 @@ class RLConfig:
     reward_weights: Optional[list[float]] = None  # default: 1 each
     # a reward model's HF directory: PPO's score, or GRPO's "reward_model"
     reward_model: Optional[str] = None
+    # multi-turn rollouts (`align_jax.multiturn`): an environment per sample, as
+    # 'module:factory' (a callable returning one) or a name in train.rl.ENVIRONMENTS, whose
+    # summed rewards are the reward "environment"; or tools ('module:function' or a name in
+    # train.rl.TOOLS) the model calls in <tool_call>{json}</tool_call>
+    environment: Optional[str] = None
+    tools: list[str] = dataclasses.field(default_factory=list)
+    tool_timeout: float = 10.0  # seconds a tool call may take before the model is told it failed
+    max_turns: int = 1  # model turns per trajectory (max_new_tokens each)
+    # KV-cache slots after the prompt for a multi-turn trajectory: each turn takes as many as the
+    # batch's longest reply, each observation as many as the longest (bucketed); default
+    # 2 · max_turns · max_new_tokens
+    rollout_tokens: Optional[int] = None
     # DAPO soft overlong punishment over the last L_cache tokens; 0: off
     soft_overlong_cache: int = 0
     # advantages (GRPO family)

@@ -301,7 +301,8 @@ def _sampled(cfg: RunConfig, mesh: Mesh, rows: int) -> Sampled:
     P, C = cfg.data.max_length, cfg.rl.max_new_tokens
     a = _arrays(mesh, prompt=((rows, P), jnp.int32), prompt_mask=((rows, P), jnp.bool_),
                 ids=((rows, C), jnp.int32), mask=((rows, C), jnp.bool_),
-                logps=((rows, C), jnp.float32), truncated=((rows,), jnp.bool_),
+                model_mask=((rows, C), jnp.bool_), logps=((rows, C), jnp.float32),
+                truncated=((rows,), jnp.bool_),
                 rewards=((rows,), jnp.float32))
     return Sampled(*a.values())
 

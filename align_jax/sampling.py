@@ -2,9 +2,12 @@
 
 One compiled program per (batch, prompt length, settings): a prefill over the left-padded prompt,
 then a `lax.while_loop` of one-token steps that ends as soon as every row has emitted a stop
-token. The returned per-token log-probs are log softmax(logits / temperature) of the sampled
-tokens over the full vocabulary, exactly what the trainer computes on the same tokens, so
-top-k / top-p / min-p shape only which tokens are drawn, never the log-probs.
+token. The same pieces continue a conversation over turns: `prefill` the prompts, `decode` a
+turn, `extend` every row with the tokens that come between turns (an environment's reply), and
+`decode` again from the cache, never re-running earlier turns. The returned per-token log-probs
+are log softmax(logits / temperature) of the sampled tokens over the full vocabulary, exactly
+what the trainer computes on the same tokens, so top-k / top-p / min-p shape only which tokens
+are drawn, never the log-probs.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from flax import nnx
 
 from align_jax import ops
 from align_jax.data.batching import bucket
-from align_jax.models.decoder import Decoder, init_cache
+from align_jax.models.decoder import Decoder, KVCache, init_cache
 
 Array = jax.Array
 
@@ -112,19 +115,30 @@ def _next_token(logits_BxV, key, config: SamplingConfig):
     return token, jnp.take_along_axis(logps_BxV, token[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def generate_params(graphdef, state, prompt_ids_NxP, prompt_mask_NxP, rng, *,
-                    config: SamplingConfig) -> Completions:
-    """`generate` on a model given as (graphdef, state): what a jitted or vmapped caller uses."""
-    # Weights and the KV cache in the compute dtype: a bf16 model reads half the bytes per token.
+class Decoding(NamedTuple):
+    """Where B rows of generation stand between calls: the KV cache of every token so far, each
+    row's next-token logits, and the rows that are finished (they generate nothing more)."""
+
+    cache: KVCache
+    logits_BxV: Array
+    done_B: Array
+
+
+def compute_model(graphdef, state) -> Decoder:
+    """The model of (graphdef, state) with its weights in the compute dtype, so that a bf16 model
+    reads half the bytes per token (its KV cache is in that dtype too)."""
     model = nnx.merge(graphdef, state)
-    model = nnx.merge(graphdef, ops.cast_floating(state, model.dtype))
-    G, C = config.num_samples, config.max_new_tokens
-    N, P = prompt_ids_NxP.shape
-    B = N * G
-    # Prefill each prompt once, with logits at its last position only, then give each of its
-    # G samples a copy of the cache.
-    cache = init_cache(model.config, N, P + C, model.dtype)
+    return nnx.merge(graphdef, ops.cast_floating(state, model.dtype))
+
+
+def prefill(model: Decoder, prompt_ids_NxP: Array, prompt_mask_NxP: Array, *, num_samples: int,
+            slots: int) -> Decoding:
+    """Each left-padded prompt run once, with logits at its last position only, then its cache
+    copied to its G = `num_samples` rows (B = N·G, a prompt's rows contiguous); the cache has
+    `slots` slots (the prompt's P and every token to come)."""
+    G = num_samples
+    N, _ = prompt_ids_NxP.shape
+    cache = init_cache(model.config, N, slots, model.dtype)
     hidden, cache = model.hidden_states(prompt_ids_NxP, prompt_mask_NxP, cache)
     logits = model.logits(hidden[:, -1])
     if G > 1:
@@ -132,11 +146,22 @@ def generate_params(graphdef, state, prompt_ids_NxP, prompt_mask_NxP, rng, *,
         cache = cache._replace(keys_LxBxKxSxH=jnp.repeat(cache.keys_LxBxKxSxH, G, axis=1),
                                values_LxBxKxSxH=jnp.repeat(cache.values_LxBxKxSxH, G, axis=1),
                                key_mask_BxS=jnp.repeat(cache.key_mask_BxS, G, axis=0))
+    return Decoding(cache, logits, jnp.zeros((N * G,), bool))
+
+
+def decode(model: Decoder, d: Decoding, rng: Array, config: SamplingConfig
+           ) -> tuple[Completions, Decoding]:
+    """Up to C = `config.max_new_tokens` tokens (fewer when the cache has fewer free slots) for
+    every row not done, in a `lax.while_loop` that ends as soon as every row has emitted a stop
+    token. A row's tokens up to and including its stop token are written to the cache; the slots
+    of the steps after it are masked, so a later `extend` continues each row where it stopped."""
+    B, C = d.done_B.shape[0], config.max_new_tokens
+    limit = jnp.minimum(C, d.cache.key_mask_BxS.shape[1] - d.cache.index)
     stop_ids = jnp.asarray(config.stop_token_ids or (-1,), jnp.int32)
 
     def cond(carry):
         step, _, _, _, _, done, _ = carry
-        return (step < C) & ~jnp.all(done)
+        return (step < limit) & ~jnp.all(done)
 
     def body(carry):
         step, cache, last_logits, ids, logps, done, key = carry
@@ -146,19 +171,41 @@ def generate_params(graphdef, state, prompt_ids_NxP, prompt_mask_NxP, rng, *,
         ids = ids.at[:, step].set(jnp.where(active, token, config.pad_token_id))
         logps = logps.at[:, step].set(jnp.where(active, logp, 0.0))
         done = done | jnp.isin(token, stop_ids)
-        logits, cache = model(token[:, None], jnp.ones((B, 1), bool), cache)
+        logits, cache = model(token[:, None], active[:, None], cache)
         return step + 1, cache, logits[:, -1], ids, logps, done, key
 
-    init = (jnp.zeros((), jnp.int32), cache, logits,
+    init = (jnp.zeros((), jnp.int32), d.cache, d.logits_BxV,
             jnp.full((B, C), config.pad_token_id, jnp.int32), jnp.zeros((B, C), jnp.float32),
-            jnp.zeros((B,), bool), rng)
-    steps, _, _, ids, logps, done, _ = jax.lax.while_loop(cond, body, init)
-    # A row's tokens run up to and including its first stop token.
-    is_stop = jnp.isin(ids, stop_ids) & (jnp.arange(C)[None, :] < steps)
-    stops_before = jnp.cumsum(is_stop, axis=1) - is_stop
-    mask = (jnp.arange(C)[None, :] < steps) & (stops_before == 0)
-    return Completions(jnp.where(mask, ids, config.pad_token_id), mask, jnp.where(mask, logps, 0.0),
-                       jnp.sum(mask, axis=1), ~done)
+            d.done_B, rng)
+    steps, cache, logits, ids, logps, done, _ = jax.lax.while_loop(cond, body, init)
+    # A row's tokens are those it drew while active: up to and including its first stop token.
+    drawn = (jnp.arange(C)[None, :] < steps) & ~d.done_B[:, None]
+    is_stop = jnp.isin(ids, stop_ids) & drawn
+    mask = drawn & (jnp.cumsum(is_stop, axis=1) - is_stop == 0)
+    out = Completions(jnp.where(mask, ids, config.pad_token_id), mask,
+                      jnp.where(mask, logps, 0.0), jnp.sum(mask, axis=1), ~done)
+    return out, Decoding(cache, logits, done)
+
+
+def extend(model: Decoder, d: Decoding, ids_BxO: Array, mask_BxO: Array, resume_B: Array
+           ) -> Decoding:
+    """Append O tokens to each row (left-padded: a row's last token in the last slot) after what
+    it has, and take its next-token logits there; rows with `resume_B` set generate again, the
+    others are done. A row given no token keeps the logits it had."""
+    hidden, cache = model.hidden_states(ids_BxO, mask_BxO, d.cache)
+    logits = jnp.where(jnp.any(mask_BxO, axis=1)[:, None], model.logits(hidden[:, -1]),
+                       d.logits_BxV)
+    return Decoding(cache, logits, ~resume_B)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def generate_params(graphdef, state, prompt_ids_NxP, prompt_mask_NxP, rng, *,
+                    config: SamplingConfig) -> Completions:
+    """`generate` on a model given as (graphdef, state): what a jitted or vmapped caller uses."""
+    model = compute_model(graphdef, state)
+    start = prefill(model, prompt_ids_NxP, prompt_mask_NxP, num_samples=config.num_samples,
+                    slots=prompt_ids_NxP.shape[1] + config.max_new_tokens)
+    return decode(model, start, rng, config)[0]
 
 
 def generate(model: Decoder, prompt_ids_NxP: Array, prompt_mask_NxP: Array, rng: Array,

@@ -95,6 +95,22 @@ def test_gae_matches_numpy_and_masked_equals_sliced():
         np.testing.assert_array_equal(adv[i, n:], 0.0)
 
 
+def test_gae_skips_masked_tokens_between_valid_ones():
+    """An environment's tokens between two turns carry no reward, value or advantage: GAE over
+    the row with them masked equals GAE over the policy's tokens alone, side by side."""
+    rng = np.random.default_rng(6)
+    rewards, values = rand(rng, 2, 9), rand(rng, 2, 9)
+    mask = np.array([[1, 1, 0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 1, 0, 0, 0]], bool)
+    rewards[~mask], values[~mask] = 99.0, -99.0
+    adv, ret = gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(mask), gamma=0.9, lam=0.8)
+    for i in range(2):
+        expected = np_gae(np.float64(rewards[i, mask[i]]), np.float64(values[i, mask[i]]), 0.9, 0.8)
+        np.testing.assert_allclose(adv[i, mask[i]], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ret[i, mask[i]], expected + values[i, mask[i]], rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_array_equal(adv[i, ~mask[i]], 0.0)
+
+
 def test_gae_lambda_one_is_monte_carlo_return_minus_value():
     rng = np.random.default_rng(4)
     rewards, values = rand(rng, 2, 6), rand(rng, 2, 6)

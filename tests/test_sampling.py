@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from align_jax import ops
+from align_jax import ops, sampling
 from align_jax.data import bucket
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.models import load_pretrained
@@ -223,3 +223,37 @@ def test_text_prompts_are_left_padded_to_a_bucket_and_completions_decode_their_t
     assert len(texts) == 6 and out.ids_BxC.shape == (6, 8)
     for text, row, row_mask in zip(texts, np.asarray(out.ids_BxC), np.asarray(out.mask_BxC)):
         assert text == tok.decode(row[row_mask], skip_special_tokens=True)
+
+
+def _row(ids, mask):
+    return [int(t) for t, m in zip(ids, mask) if m]
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
+def test_continuing_from_the_cache_equals_generating_from_the_whole_conversation(name):
+    """Turn 1 (rows stop at different steps), then each row extended by a different number of
+    tokens (one row not resumed) and turn 2 decoded from the cache, with masked slots between the
+    turns: every row's turn 2 equals greedy generation from its conversation so far as one
+    prompt, tokens and log-probs (sliding windows count tokens, not slots)."""
+    model = load_pretrained(tiny_hf_model(name))
+    ids, mask = left_padded_batch(4, T=10)
+    free = generate(model, ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=6,
+                                                                      greedy=True))
+    stop = int(free.ids_BxC[1, 2])
+    config = SamplingConfig(max_new_tokens=6, greedy=True, stop_token_ids=(stop,))
+    turn = jax.jit(lambda d: sampling.decode(model, d, jax.random.key(1), config))
+    start = sampling.prefill(model, jnp.asarray(ids), jnp.asarray(mask), num_samples=1, slots=40)
+    first, d = turn(start)
+    assert len(set(np.asarray(first.lengths_B).tolist())) > 1  # the rows stopped apart
+    extra = [[11, 12, 13], [], [21]]
+    resume = np.array([True, False, True])
+    block = np.array([[0] * (3 - len(e)) + e for e in extra])
+    d = sampling.extend(model, d, jnp.asarray(block), jnp.asarray(block > 0), jnp.asarray(resume))
+    second, _ = turn(d)
+    assert np.asarray(second.lengths_B)[1] == 0
+    for b in np.flatnonzero(resume):
+        history = _row(ids[b], mask[b]) + _row(first.ids_BxC[b], first.mask_BxC[b]) + extra[b]
+        again = generate(model, np.array([history]), np.ones((1, len(history)), bool),
+                         jax.random.key(1), config)
+        np.testing.assert_array_equal(second.ids_BxC[b], again.ids_BxC[0])
+        np.testing.assert_allclose(second.logps_BxC[b], again.logps_BxC[0], atol=1e-5)

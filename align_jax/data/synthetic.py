@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import datasets
 import numpy as np
 
+from align_jax.data import agentic
 from align_jax.rewards import accuracy, completion_text
 
 FORMAT_INSTRUCTION = ("Think inside <think></think>, then give only the number inside "
@@ -239,4 +240,5 @@ TASKS = {  # the names a config's `data.synthetic` may use; each is f(n, seed, *
     "sentiment": sentiment,
     "sentiment_pairs": sentiment_pairs,
     "sentiment_unpaired": sentiment_unpaired,
+    **agentic.TASKS,  # the multi-turn tasks
 }

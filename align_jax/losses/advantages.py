@@ -82,18 +82,19 @@ def rloo_advantages(rewards_B: Array, group_size: int, *, valid_B: Array | None 
 
 
 def _gae_one(rewards_T, values_T, mask_T, gamma, lam):
-    """GAE for one trajectory, scanning backwards over time."""
-    next_values_T = jnp.append(values_T[1:] * mask_T[1:], 0.0)
-    next_mask_T = jnp.append(mask_T[1:], 0.0)
-    deltas_T = rewards_T + gamma * next_values_T - values_T
+    """GAE for one trajectory, scanning backwards over time; a masked token passes the next
+    valid token's value and advantage through unchanged."""
 
-    def step(next_advantage, inputs):
-        delta, next_valid = inputs
-        advantage = delta + gamma * lam * next_valid * next_advantage
-        return advantage, advantage
+    def step(carry, inputs):
+        next_value, next_advantage = carry
+        reward, value, valid = inputs
+        advantage = reward + gamma * next_value - value + gamma * lam * next_advantage
+        carry = jax.tree.map(lambda new, old: jnp.where(valid, new, old), (value, advantage), carry)
+        return carry, advantage * valid
 
-    _, advantages_T = jax.lax.scan(step, 0.0, (deltas_T, next_mask_T), reverse=True)
-    return advantages_T * mask_T
+    _, advantages_T = jax.lax.scan(step, (jnp.zeros(()), jnp.zeros(())),
+                                   (rewards_T, values_T, mask_T), reverse=True)
+    return advantages_T
 
 
 def gae(
@@ -102,7 +103,9 @@ def gae(
     """Generalized advantage estimation (Schulman et al. 2016, eq. 16) per token.
 
     δ_t = r_t + γ V_{t+1} - V_t with V = 0 after the last valid token, Â_t = Σ_k (γλ)^k δ_{t+k}.
-    Completions are right-padded: mask_BxT is 1 on generated tokens, 0 on padding.
+    mask_BxT is 1 on the policy's tokens, 0 on padding and on tokens it did not generate (an
+    environment's, between the turns of a rollout): t + 1 is the next valid token, so a masked
+    stretch is skipped as if the valid tokens were contiguous.
 
     Returns:
       advantages [B, T] and returns = advantages + values [B, T], both 0 on padding.

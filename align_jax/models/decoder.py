@@ -303,7 +303,10 @@ class Decoder(nnx.Module):
         if segment_ids_BxT is None:
             positions = jnp.maximum(offset[:, None]
                                     + jnp.cumsum(new_mask, axis=1, dtype=jnp.int32) - 1, 0)
-            distance = (query_slots[:, None] - key_slots[None, :])[None]  # slots are positions
+            # a cache may hold masked slots between a row's tokens (between the turns of a
+            # conversation): distances count tokens, not slots
+            key_positions = jnp.cumsum(key_mask, axis=1, dtype=jnp.int32) - 1
+            distance = positions[:, :, None] - key_positions[:, None, :]
         else:
             seg_q, seg_k = segment_ids_BxT[:, :, None], segment_ids_BxT[:, None, :]
             mask_BxTxS &= (seg_k == 0) | (seg_k == seg_q)

@@ -29,8 +29,9 @@ class Rollout(NamedTuple):
     prompt_ids_BxP: Array
     prompt_mask_BxP: Array
     completion_ids_BxC: Array
-    completion_mask_BxC: Array  # generated tokens up to and including the stop token
-    loss_mask_BxC: Array  # completion_mask less excluded samples (no reward, truncated when masked)
+    completion_mask_BxC: Array  # every token after the prompt (an environment's too), unpadded
+    # the policy's tokens of the samples that train (a reward, not truncated when masked)
+    loss_mask_BxC: Array
     old_logps_BxC: Array  # the sampling policy's log-probs of the sampled tokens
     advantages: Array  # [B] (GRPO family) or [B, C] (PPO)
     ref_logps_BxC: Array | None = None  # reference log-probs (GRPO with β > 0)
@@ -140,7 +141,7 @@ def grpo(model, ref_model, r: Rollout, cfg: RLConfig):
     num, den = losses.aggregate_loss(per_token, r.loss_mask_BxC, cfg.aggregation,
                                      max_length=cfg.max_new_tokens)
     metrics["logp_diff"] = ops.masked_mean(jnp.abs(jax.lax.stop_gradient(logps) - r.old_logps_BxC),
-                                           r.completion_mask_BxC)
+                                           r.loss_mask_BxC)
     return num, den, metrics
 
 

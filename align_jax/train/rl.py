@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from align_jax import rewards
+from align_jax import multiturn, rewards
 from align_jax.config import ConfigError, RunConfig
 from align_jax.data import LoaderState, batches, bucket, default_buckets, synthetic
 from align_jax.data.tokenize import render_pair
 from align_jax.models import load_pretrained
-from align_jax.sampling import SamplingConfig, generate_params
-from align_jax.train import methods, online, sweep
+from align_jax.sampling import SamplingConfig, compute_model, generate_params
+from align_jax.train import methods, online, sweep, turns
 from align_jax.train.host import (
     MetricLog,
     NonFiniteError,
@@ -75,20 +75,22 @@ def check_online(cfg: RunConfig) -> online.OnlineMethod:
         if getattr(t, key):
             raise ConfigError(f"train.{key} applies to the offline methods, which evaluate on an "
                               f"eval split; {t.method} has none")
+    turns.check_multi_turn(cfg)
     if rl.importance_sampling_cap is not None and rl.importance_sampling_cap < 1:
         raise ConfigError(f"rl.importance_sampling_cap={rl.importance_sampling_cap}: a cap below "
                           "1 would down-weight every token; expected >= 1 (TRL's default is 2)")
     if method.critic:
-        if rl.reward_model is None and not rl.reward_funcs:
-            raise ConfigError("PPO needs rl.reward_model (a reward model's HF directory) or "
-                              "rl.reward_funcs to score")
+        if rl.reward_model is None and not rl.reward_funcs and rl.environment is None:
+            raise ConfigError("PPO needs rl.reward_model (a reward model's HF directory), "
+                              "rl.reward_funcs or rl.environment to score")
         return method
     if rl.num_generations < 2:
         raise ConfigError("rl.num_generations must be >= 2 for group-relative advantages")
     if rl.advantage not in ("grpo", "rloo"):
         raise ConfigError(f"rl.advantage must be grpo or rloo, got {rl.advantage!r}")
-    if not rl.reward_funcs:
-        raise ConfigError("GRPO needs at least one reward function in rl.reward_funcs")
+    if not rl.reward_funcs and rl.environment is None:
+        raise ConfigError("GRPO needs at least one reward function in rl.reward_funcs, or "
+                          "rl.environment's rewards")
     return method
 
 
@@ -111,6 +113,9 @@ def reward_functions(cfg: RunConfig, tokenizer, score_fn) -> tuple[dict, list[fl
                 score_fn, lambda p, c: render_pair(tokenizer, p, c), tokenizer.pad_token_id or 0)
         else:
             funcs[name.rsplit(":", 1)[-1]] = rewards.resolve(name, REWARD_FUNCTIONS)
+    if rl.environment is not None:
+        funcs["environment"] = turns.environment_reward
+        weights.append(1.0)
     if rl.soft_overlong_cache:
         funcs["soft_overlong"] = rewards.soft_overlong_punishment(rl.max_new_tokens,
                                                                   rl.soft_overlong_cache)
@@ -188,6 +193,9 @@ class OnlineRun:
     # parameters it reads (the LoRA base), on its devices
     sampler_shardings: Any = None
     sampler_frozen: Frozen | None = None
+    # multi-turn rollouts: one sample's environment, and the sampler's turns on (params, frozen)
+    environment: Callable | None = None
+    turns: Callable | None = None
 
     def policy(self, model):
         return model.policy if self.method.critic else model
@@ -245,6 +253,11 @@ def build(session: Session, method: online.OnlineMethod, names: list[str] | None
         run.sampler_shardings, run.sampler_frozen = sampler_placement(
             session.sampler_mesh, state, frozen, names)
     run.generate = jit_generate(run, names is not None)
+    run.environment = turns.environment_factory(cfg)
+    if run.environment is not None:
+        run.turns = multiturn.jit_turns(
+            lambda params, frozen: compute_model(*nnx.split(sampler_policy(run, params, frozen))),
+            run.sampling)
     run.update = jit_update_rollout(
         lambda c: make_train_step(method.loss, models, tx, c, cfg.train.micro_batches, schedule),
         rl, mesh, shardings, frozen_shardings, cfg.sweep)
@@ -281,16 +294,20 @@ def jit_generate(run: OnlineRun, stacked: bool) -> Callable:
     """The sampler on the policy of the train state's parameters, vmapped over a sweep's members
     (their params, prompts and keys; the frozen parameters shared); on the sampler's devices
     when it has its own."""
-    mesh = run.session.sampler_mesh
-
     def one(params, frozen, ids, mask, key):
-        policy = run.policy(run.models.model(params, frozen))
-        if mesh is not None:  # its activations pinned to the sampler's devices
-            policy.activation_sharding = activation_sharding(mesh)
-        graphdef, state = nnx.split(policy)
+        graphdef, state = nnx.split(sampler_policy(run, params, frozen))
         return generate_params(graphdef, state, ids, mask, key, config=run.sampling)
 
     return jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0, 0)) if stacked else one)
+
+
+def sampler_policy(run: OnlineRun, params, frozen):
+    """The policy the sampler runs, its activations pinned to the sampler's devices when it has
+    its own."""
+    policy = run.policy(run.models.model(params, frozen))
+    if run.session.sampler_mesh is not None:
+        policy.activation_sharding = activation_sharding(run.session.sampler_mesh)
+    return policy
 
 
 def rollout_keys(seed: int, index: int) -> tuple[jax.Array, jax.Array]:
@@ -311,6 +328,10 @@ def sample_round(run: OnlineRun, params, batches_: list, keys: list,
     for it (an asynchronous loop dispatches the update there, queued behind the sampler)."""
     G, session = run.sampling.num_samples, run.session
     frozen = run.frozen if run.sampler_frozen is None else run.sampler_frozen
+    if run.environment is not None:  # the update queues first: the turns wait on the host
+        if then is not None:
+            then()
+        return [turns.sample_turns(run, params, frozen, batches_[0], keys[0])]
     if run.names is None:
         done = run.generate(params, frozen, *run.place_prompts(
             (batches_[0].ids_BxP, batches_[0].mask_BxP), False), keys[0])
@@ -333,7 +354,8 @@ def sample_round(run: OnlineRun, params, batches_: list, keys: list,
         columns = {k: [v for v in vs for _ in range(G)] for k, vs in batch.columns.items()}
         parts.append({"prompt_ids": np.repeat(batch.ids_BxP, G, axis=0),
                       "prompt_mask": np.repeat(batch.mask_BxP, G, axis=0), "completion_ids": ids,
-                      "completion_mask": mask, "logps": np.asarray(d.logps_BxC, np.float32)[:, :C],
+                      "completion_mask": mask, "model_mask": mask,
+                      "logps": np.asarray(d.logps_BxC, np.float32)[:, :C],
                       "truncated": np.asarray(d.truncated_B), "prompts": columns.pop("prompt"),
                       "texts": session.tokenizer.batch_decode(
                           [row[m] for row, m in zip(ids, mask)], skip_special_tokens=True),
@@ -416,7 +438,7 @@ def collect(run: OnlineRun, params, members: list[Member], index: int,
 # how pad_rows widens each array: (the width it shares, the padding value, left)
 _PADDING = {"prompt_ids": ("P", "pad", True), "prompt_mask": ("P", 0, True),
             "completion_ids": ("C", "pad", False), "completion_mask": ("C", 0, False),
-            "logps": ("C", 0, False)}
+            "model_mask": ("C", 0, False), "logps": ("C", 0, False)}
 
 
 def pad_rows(parts: list[dict], pad_id: int, concat: bool = False):
@@ -457,6 +479,12 @@ def host_metrics(data: dict, funcs: dict) -> dict[str, float]:
         scored = data["per_function"][:, j][~np.isnan(data["per_function"][:, j])]
         metrics[f"rewards/{name}/mean"] = scored.mean() if scored.size else np.nan
         metrics[f"rewards/{name}/std"] = _nan_std(data["per_function"][:, j])
+    if "turns" in data:  # multi-turn rollouts, with TRL's tool metrics
+        metrics.update({"turns/mean": data["turns"].mean(), "turns/max": data["turns"].max()})
+    if "tool_calls" in data:
+        calls = data["tool_calls"].sum()
+        metrics.update({"tools/call_frequency": calls / len(data["texts"]),
+                        "tools/failure_frequency": data["tool_failures"].sum() / max(calls, 1)})
     scored = data["rewards"][~np.isnan(data["rewards"])]
     metrics["reward"] = scored.mean() if scored.size else np.nan
     return {k: float(v) for k, v in metrics.items()}
@@ -464,7 +492,7 @@ def host_metrics(data: dict, funcs: dict) -> dict[str, float]:
 
 def sampled(data: dict) -> Sampled:
     return Sampled(data["prompt_ids"], data["prompt_mask"], data["completion_ids"],
-                   data["completion_mask"], data["logps"], data["truncated"],
+                   data["completion_mask"], data["model_mask"], data["logps"], data["truncated"],
                    data["rewards"].astype(np.float32))
 
 

@@ -45,8 +45,9 @@ class Sampled(NamedTuple):
     prompt_ids_BxP: Array  # left-padded
     prompt_mask_BxP: Array
     completion_ids_BxC: Array  # right-padded
-    completion_mask_BxC: Array  # generated tokens up to and including the stop token
-    logps_BxC: Array  # the sampler's log-probs of its tokens
+    completion_mask_BxC: Array  # every token after the prompt (an environment's too), unpadded
+    model_mask_BxC: Array  # the policy's tokens up to and including each turn's stop token
+    logps_BxC: Array  # the sampler's log-probs of its tokens; 0 elsewhere
     truncated_B: Array  # no stop token within rl.max_new_tokens
     rewards_B: Array  # the weighted reward functions; NaN where none scored the sample
 
@@ -65,16 +66,17 @@ def prepare_rollout(method: OnlineMethod, models: Models, cfg: RLConfig, params:
                     ) -> tuple[Rollout, dict[str, Array]]:
     """The rollout the updates train on, and the method's per-rollout metrics.
 
-    loss mask = completion mask ∧ scored (a reward function applied, unless a reward model
-    scores) ∧ ¬truncated (with `rl.mask_truncated`); scores = the reward model's at the last
-    token (`reward_model`, a Decoder with a scalar head, or None) or the reward functions';
+    loss mask = model mask (the policy's tokens) ∧ scored (a reward function applied, unless a
+    reward model scores) ∧ ¬truncated (with `rl.mask_truncated`); scores = the reward model's at
+    the last token (`reward_model`, a Decoder with a scalar head, or None) or the reward
+    functions';
     reference log-probs when the method holds a reference; critic values when it has a critic
     (these passes run each group's prompt once where `prompt_group` says it pays);
     with `rl.importance_sampling_cap`, the trainer's own log-probs as π_old and truncated
     importance weights (`truncated_importance`).
     """
     valid_B = jnp.isfinite(s.rewards_B) if reward_model is None else jnp.ones_like(s.truncated_B)
-    loss_mask = s.completion_mask_BxC & valid_B[:, None]
+    loss_mask = s.model_mask_BxC & valid_B[:, None]
     if cfg.mask_truncated:
         loss_mask &= ~s.truncated_B[:, None]
     r = Rollout(s.prompt_ids_BxP, s.prompt_mask_BxP, s.completion_ids_BxC, s.completion_mask_BxC,
@@ -105,10 +107,9 @@ def truncated_importance(r: Rollout, policy, cfg: RLConfig, metrics: dict
     metrics of the weights and the sampler-vs-trainer gap, measured here (the updates' ratio
     starts at 1)."""
     old_logps = policy_outputs(policy, r, cfg.temperature, prompt_group(policy.config, r, cfg))[0]
-    weights = losses.truncated_importance_weights(old_logps, r.old_logps_BxC,
-                                                  r.completion_mask_BxC,
+    weights = losses.truncated_importance_weights(old_logps, r.old_logps_BxC, r.loss_mask_BxC,
                                                   cfg.importance_sampling_cap)
-    mask = r.completion_mask_BxC.astype(bool)
+    mask = r.loss_mask_BxC.astype(bool)
     metrics = dict(metrics, **{
         "sampling/sampler_trainer_logp_diff": ops.masked_mean(
             jnp.abs(old_logps - r.old_logps_BxC), mask),

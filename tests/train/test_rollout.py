@@ -69,7 +69,8 @@ def test_update_rollout_is_one_train_step_per_minibatch(micro_batches):
 
 def _sampled(r, rewards, truncated):
     return Sampled(r.prompt_ids_BxP, r.prompt_mask_BxP, r.completion_ids_BxC,
-                   r.completion_mask_BxC, r.old_logps_BxC, jnp.asarray(truncated),
+                   r.completion_mask_BxC, r.completion_mask_BxC, r.old_logps_BxC,
+                   jnp.asarray(truncated),
                    jnp.asarray(rewards, jnp.float32))
 
 

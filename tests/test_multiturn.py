@@ -1,0 +1,121 @@
+"""Multi-turn rollouts: observation tokens from the chat template, the trajectory layout and its
+masks, and the cached sampler's log-probs against the trainer's pass over the whole trajectory."""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from align_jax import multiturn
+from align_jax.data import agentic
+from align_jax.data.tiny_tokenizer import tiny_tokenizer
+from align_jax.models import Decoder
+from align_jax.models.registry import config_from_init
+from align_jax.sampling import SamplingConfig, compute_model, encode_prompts
+from align_jax.train import online
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def render(tok, messages):
+    return tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+               add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def test_observation_tokens_continue_the_chat_template_after_the_stop_token(tok):
+    """prompt + reply + <|end|> + observation tokens = the template's rendering of the whole
+    conversation with the next generation prompt, token for token."""
+    prompt = agentic.guess_number(1, seed=0)[0]["prompt"]
+    reply = "16"
+    ids = (render(tok, prompt)
+           + tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+           + multiturn.observation_ids(tok, "Higher.", True, ["<|end|>"]))
+    whole = prompt + [{"role": "assistant", "content": reply}, {"role": "user",
+                                                                 "content": "Higher."}]
+    assert ids == render(tok, whole)
+    # plain text is appended as it is; None adds nothing
+    assert tok.decode(multiturn.observation_ids(tok, "Higher.", False, [])) == "Higher."
+    assert multiturn.observation_ids(tok, None, True, ["<|end|>"]) == []
+
+
+def test_observation_tokens_of_tool_messages_in_chatml(tok):
+    chatml = copy.copy(tok)
+    chatml.chat_template = CHATML
+    ids = multiturn.observation_ids(chatml, [{"role": "tool", "content": "84"}], True,
+                                    ["<|im_end|>"])
+    assert tok.decode(ids) == "\n<|im_start|>tool\n84<|im_end|>\n<|im_start|>assistant\n"
+    with pytest.raises(ValueError, match="does not end an assistant turn with a stop token"):
+        multiturn.observation_ids(chatml, "x", True, ["<|end|>"])
+
+
+def test_reset_text_is_appended_to_the_last_user_message_and_shared_by_a_group():
+    class Hint:
+        def __init__(self, text):
+            self.text = text
+
+        def reset(self, row):
+            return self.text
+
+    rows = [{"prompt": [{"role": "user", "content": "Go."}, {"role": "assistant", "content": "?"}]},
+            {"prompt": "Go."}]
+    prompts = multiturn.reset_prompts([Hint(" A"), Hint(" A"), Hint(" B"), Hint(" B")],
+                                      [rows[0], rows[0], rows[1], rows[1]], 2)
+    assert prompts == [[{"role": "user", "content": "Go. A"}, {"role": "assistant",
+                                                                 "content": "?"}], "Go. B"]
+    assert multiturn.reset_prompts([Hint(None)] * 2, [rows[1]] * 2, 2) is None
+    with pytest.raises(ValueError, match="prompt 0 returned different reset text"):
+        multiturn.reset_prompts([Hint("a"), Hint("b")], [rows[1]] * 2, 2)
+
+
+def test_trajectories_mask_the_environment_and_match_the_trainers_log_probs(tok):
+    """Guess the number with a random tiny model that stops at any of a hundred tokens, so rows
+    take several turns of different lengths: the environment's tokens are exactly its rendered
+    replies, carry no log-prob and no model mask, and the sampler's log-probs of the model's
+    tokens (decoded from the cache, turn after turn) equal a teacher-forced pass of the policy
+    over prompt + whole trajectory."""
+    config = config_from_init({"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
+                               "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "num_key_value_heads": 2, "max_position_embeddings": 512})
+    model = Decoder(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    stop_ids = (tok.eos_token_id, *range(5, 100))
+    sampling = SamplingConfig(max_new_tokens=6, num_samples=2, temperature=0.9,
+                              stop_token_ids=stop_ids, pad_token_id=tok.pad_token_id)
+    turns = multiturn.jit_turns(lambda s: compute_model(graphdef, s), sampling)(state)
+    rows = agentic.guess_number(3, seed=4)
+    ids, mask = encode_prompts(tok, rows["prompt"], buckets=(96,))
+    environments = [agentic.GuessNumber() for _ in range(6)]
+    for env, row in zip(environments, [r for r in rows for _ in range(2)]):
+        env.reset(row)
+    trajectories = multiturn.rollout(turns, tok, environments, ids, mask, jax.random.key(2),
+                                     num_samples=2, max_turns=4, slots=96 + 96,
+                                     conversational=True, stop_ids=stop_ids)
+    assert max(t.turns for t in trajectories) == 4 and len({len(t.ids) for t in trajectories}) > 1
+    out = multiturn.layout(trajectories, tok.pad_token_id, (64, 128))
+    replies = {tuple(multiturn.observation_ids(tok, o, True, ["<|end|>"]))
+               for o in ("Higher.", "Lower.", "Reply with one number.")}
+    for b, t in enumerate(trajectories):
+        context, own = out["completion_mask"][b], out["model_mask"][b]
+        assert context.sum() == len(t.ids) and not np.any(own & ~context)
+        env_runs = np.split(out["completion_ids"][b], np.flatnonzero(np.diff(own)) + 1)
+        env_runs = [tuple(r) for r, flag in zip(env_runs, np.split(own & context, np.flatnonzero(
+            np.diff(own)) + 1)) if not flag[0] and r[0] != tok.pad_token_id]
+        assert len(env_runs) == t.turns - 1 and set(env_runs) <= replies
+    assert np.all(out["logps"][~out["model_mask"]] == 0)
+    rollout = online.Rollout(jnp.repeat(ids, 2, 0), jnp.repeat(mask, 2, 0),
+                             jnp.asarray(out["completion_ids"]),
+                             jnp.asarray(out["completion_mask"]),
+                             jnp.asarray(out["model_mask"]), jnp.asarray(out["logps"]),
+                             jnp.zeros(6))
+    teacher, _ = online.policy_outputs(model, rollout, sampling.temperature)
+    m = out["model_mask"]
+    np.testing.assert_allclose(np.asarray(teacher)[m], out["logps"][m], atol=2e-5)
