@@ -1,5 +1,6 @@
 """Multi-turn rollouts: the sampler and one environment per sample take turns until every
-trajectory is done, `max_turns` turns have run, or the cache's token budget is spent.
+trajectory is done, `max_turns` turns have run, or the cache's slots are spent (a trajectory
+whose next observation does not fit in the slots left ends there).
 
     prompts (+ each environment's reset text) ──prefill──▶ cache
     repeat:  decode a turn from the cache ──▶ text ──▶ env.step ──▶ observation tokens
@@ -160,9 +161,12 @@ def rollout(turns: Turns, tokenizer, environments: Sequence[Environment], prompt
             break
         ids = [observation_ids(tokenizer, o, conversational, stop_texts) if a else []
                for o, a in zip(observations, active)]
-        width = bucket(max(max(map(len, ids)), 1), default_buckets(slots, smallest=8))
-        if int(d.cache.index) + width >= slots:  # no slot left for the model's next turn
+        room = slots - int(d.cache.index) - 1  # one slot at least for the next turn
+        active &= np.array([len(x) <= room for x in ids])  # an observation that does not fit ends
+        if not active.any():
             break
+        ids = [x if a else [] for x, a in zip(ids, active)]
+        width = min(bucket(max(max(map(len, ids)), 1), default_buckets(slots, smallest=8)), room)
         block = np.array([[tokenizer.pad_token_id or 0] * (width - len(x)) + x for x in ids],
                          np.int32)
         block_mask = np.array([[False] * (width - len(x)) + [True] * len(x) for x in ids])

@@ -141,8 +141,9 @@ def reward_model_reward(score_fn: Callable[[np.ndarray, np.ndarray], np.ndarray]
     return reward_model
 
 
-def resolve(name: str, builtin: dict[str, RewardFn]) -> RewardFn:
-    """A built-in reward function by name, or any function as 'package.module:function'."""
+def resolve(name: str, builtin: dict[str, Callable], what: str = "reward function") -> Callable:
+    """A built-in reward function (or other `what`) by name, or any function as
+    'package.module:function'."""
     if name in builtin:
         return builtin[name]
     if ":" in name:
@@ -150,8 +151,8 @@ def resolve(name: str, builtin: dict[str, RewardFn]) -> RewardFn:
         try:
             return getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"reward function {name!r}: {e}") from None
-    raise ValueError(f"unknown reward function {name!r}: use one of {sorted(builtin)} "
+            raise ValueError(f"{what} {name!r}: {e}") from None
+    raise ValueError(f"unknown {what} {name!r}: use one of {sorted(builtin)} "
                      f"or 'module:function'")
 
 

@@ -76,21 +76,31 @@ def test_reset_text_is_appended_to_the_last_user_message_and_shared_by_a_group()
         multiturn.reset_prompts([Hint("a"), Hint("b")], [rows[1]] * 2, 2)
 
 
-def test_trajectories_mask_the_environment_and_match_the_trainers_log_probs(tok):
-    """Guess the number with a random tiny model that stops at any of a hundred tokens, so rows
-    take several turns of different lengths: the environment's tokens are exactly its rendered
-    replies, carry no log-prob and no model mask, and the sampler's log-probs of the model's
-    tokens (decoded from the cache, turn after turn) equal a teacher-forced pass of the policy
-    over prompt + whole trajectory."""
+STOP_IDS = (1, *range(5, 100))  # <|end|> and many more, so that a random model ends its turns
+
+
+@pytest.fixture(scope="module")
+def chatty(tok):
+    """(a random tiny model, its jitted turns, their settings): it stops at any of a hundred
+    tokens, so its turns are short and of different lengths."""
     config = config_from_init({"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64,
                                "num_hidden_layers": 2, "num_attention_heads": 4,
                                "num_key_value_heads": 2, "max_position_embeddings": 512})
     model = Decoder(config, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    stop_ids = (tok.eos_token_id, *range(5, 100))
     sampling = SamplingConfig(max_new_tokens=6, num_samples=2, temperature=0.9,
-                              stop_token_ids=stop_ids, pad_token_id=tok.pad_token_id)
+                              stop_token_ids=STOP_IDS, pad_token_id=tok.pad_token_id)
     turns = multiturn.jit_turns(lambda s: compute_model(graphdef, s), sampling)(state)
+    return model, turns, sampling
+
+
+def test_trajectories_mask_the_environment_and_match_the_trainers_log_probs(tok, chatty):
+    """Guess the number with a random tiny model, its rows taking several turns of different
+    lengths: the environment's tokens are exactly its rendered
+    replies, carry no log-prob and no model mask, and the sampler's log-probs of the model's
+    tokens (decoded from the cache, turn after turn) equal a teacher-forced pass of the policy
+    over prompt + whole trajectory."""
+    model, turns, sampling = chatty
     rows = agentic.guess_number(3, seed=4)
     ids, mask = encode_prompts(tok, rows["prompt"], buckets=(96,))
     environments = [agentic.GuessNumber() for _ in range(6)]
@@ -98,7 +108,7 @@ def test_trajectories_mask_the_environment_and_match_the_trainers_log_probs(tok)
         env.reset(row)
     trajectories = multiturn.rollout(turns, tok, environments, ids, mask, jax.random.key(2),
                                      num_samples=2, max_turns=4, slots=96 + 96,
-                                     conversational=True, stop_ids=stop_ids)
+                                     conversational=True, stop_ids=STOP_IDS)
     assert max(t.turns for t in trajectories) == 4 and len({len(t.ids) for t in trajectories}) > 1
     out = multiturn.layout(trajectories, tok.pad_token_id, (64, 128))
     replies = {tuple(multiturn.observation_ids(tok, o, True, ["<|end|>"]))
@@ -119,3 +129,26 @@ def test_trajectories_mask_the_environment_and_match_the_trainers_log_probs(tok)
     teacher, _ = online.policy_outputs(model, rollout, sampling.temperature)
     m = out["model_mask"]
     np.testing.assert_allclose(np.asarray(teacher)[m], out["logps"][m], atol=2e-5)
+
+
+def test_a_trajectory_whose_observation_does_not_fit_ends_and_the_others_go_on(tok, chatty):
+    """200 words do not fit in the 64 slots after the prompt: that sample ends after its turn,
+    while its neighbour, told three words, takes all three turns."""
+    class Talk:
+        def __init__(self, words):
+            self.words = words
+
+        def reset(self, row):
+            return None
+
+        def step(self, completion):
+            return " ".join(["word"] * self.words), None, False
+
+    _, turns, _ = chatty
+    ids, mask = encode_prompts(tok, ["Talk."], buckets=(16,))
+    environments = [Talk(200), Talk(3)]
+    trajectories = multiturn.rollout(turns, tok, environments, ids, mask, jax.random.key(0),
+                                     num_samples=2, max_turns=3, slots=16 + 64,
+                                     conversational=False, stop_ids=STOP_IDS)
+    assert [t.turns for t in trajectories] == [1, 3]
+    assert trajectories[1].model.count(False) == 2 * len(tok("word word word")["input_ids"])

@@ -46,22 +46,24 @@ def check_multi_turn(cfg: RunConfig) -> None:
         raise ConfigError(f"sweep.field={cfg.sweep.field}: a sweep's members sample as lanes of "
                           "one program, which multi-turn rollouts (rl.environment, rl.tools) "
                           "do not")
+    environment_factory(cfg)  # names that resolve, tools the model can be told about
 
 
 def environment_factory(cfg: RunConfig) -> Callable[[], envs.Environment] | None:
     """A callable that makes one sample's environment, or None for single-turn rollouts."""
     rl = cfg.rl
-    if rl.tools:
-        tools = [rewards.resolve(name, TOOLS) for name in rl.tools]
-        for fn in tools:
-            envs.tool_schema(fn)  # a tool the model cannot be told about fails here
-        return lambda: envs.ToolEnvironment(tools, timeout=rl.tool_timeout)
-    if rl.environment is None:
-        return None
+    key = "rl.tools" if rl.tools else "rl.environment"
     try:
-        return rewards.resolve(rl.environment, ENVIRONMENTS)
-    except ValueError as e:
-        raise ConfigError(f"rl.environment: {e}") from None
+        if rl.tools:
+            tools = [rewards.resolve(name, TOOLS, "tool") for name in rl.tools]
+            for fn in tools:
+                envs.tool_schema(fn)  # a tool the model cannot be told about fails here
+            return lambda: envs.ToolEnvironment(tools, timeout=rl.tool_timeout)
+        if rl.environment is None:
+            return None
+        return rewards.resolve(rl.environment, ENVIRONMENTS, "environment")
+    except ValueError as e:  # envs.ToolError too
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def environment_reward(environment_reward: Sequence, **_) -> list:

@@ -19,6 +19,7 @@ import optax  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from align_jax import sampling  # noqa: E402
 from align_jax.config import LoRAConfig, LossConfig, RLConfig  # noqa: E402
 from align_jax.data import SequenceBatch, collate  # noqa: E402
 from align_jax.models import Decoder, config_from_hf  # noqa: E402
@@ -65,6 +66,21 @@ def packed_pairs(seed, B=8, vocab=128):
     examples = [{"prompt_ids": tokens(rng.integers(0, 6)), "chosen_ids": tokens(rng.integers(1, 9)),
                  "rejected_ids": tokens(rng.integers(1, 9))} for _ in range(B)]
     return collate(examples, "preference", (8, 16), pad_id=0, share_prompt=True)
+
+
+def two_turns(model, prompts) -> dict:
+    """A second turn decoded from the cache after each row is extended by a different number of
+    tokens (one row not resumed): both turns' tokens and log-probs."""
+    config = SamplingConfig(max_new_tokens=5, num_samples=2, stop_token_ids=(7, 9, 11, 13))
+    d = sampling.prefill(model, jnp.asarray(prompts.ids_BxT[:, :6]),
+                         jnp.asarray(prompts.attention_mask_BxT[:, :6]), num_samples=2, slots=24)
+    first, d = sampling.decode(model, d, jax.random.key(0), config)
+    block = np.array([[0, 0, 5], [0, 3, 4], [0, 0, 0], [1, 2, 3], [0, 0, 8], [0, 6, 6]])
+    d = sampling.extend(model, d, jnp.asarray(block), jnp.asarray(block > 0),
+                        jnp.asarray([True, True, False, True, True, True]))
+    second, _ = sampling.decode(model, d, jax.random.key(1), config)
+    return {"ids": np.concatenate([first.ids_BxC, second.ids_BxC], 1).tolist(),
+            "logps": np.concatenate([first.logps_BxC, second.logps_BxC], 1).tolist()}
 
 
 def main():
@@ -118,6 +134,9 @@ def main():
                 report[f"{name}/sample{'_lora' if method == 'dpo_lora' else ''}"] = {
                     "ids": np.asarray(out.ids_BxC).tolist(),
                     "logps": np.asarray(out.logps_BxC).tolist()}
+            if method == "sft":
+                report[f"{name}/sample_turns"] = two_turns(models.model(state.params, frozen),
+                                                           sequences(3))
             kernel = (frozen.base if method == "dpo_lora" else state.params)[
                 "layers"]["mlp"]["up_proj"]["kernel"][...]
             report[f"{name}/{method}"] = {

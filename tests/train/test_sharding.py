@@ -1,9 +1,9 @@
 """An SFT, DPO, QLoRA DPO or GRPO step on data-parallel, FSDP, tensor-parallel and combined meshes
 of 8 CPU devices gives the one-device loss, gradient norm and updated parameters, and the sampler
-on those sharded parameters (with and without adapters) the one-device tokens and log-probs, and
-each non-Llama family's forward and backward pass the one-device logits and gradient norm (the
-mixture-of-experts families with their experts split over an expert axis; JAX's own SPMD runtime,
-in a subprocess)."""
+on those sharded parameters (with and without adapters, and a second turn decoded from the
+cache) the one-device tokens and log-probs, and each non-Llama family's forward and backward pass
+the one-device logits and gradient norm (the mixture-of-experts families with their experts split
+over an expert axis; JAX's own SPMD runtime, in a subprocess)."""
 
 import json
 import os
@@ -59,7 +59,8 @@ def test_parameters_are_really_sharded(report, method, meshes):
     assert report[f"fsdp/{method}"]["devices"] == 8
 
 
-@pytest.mark.parametrize("mesh, sample", [(m, "sample") for m in MESHES]
+@pytest.mark.parametrize("mesh, sample", [(m, s) for m in MESHES
+                                          for s in ("sample", "sample_turns")]
                          + [(m, "sample_lora") for m in LORA_MESHES])
 def test_sampling_from_sharded_parameters_equals_one_device(report, mesh, sample):
     one, many = report[f"one_device/{sample}"], report[f"{mesh}/{sample}"]
