@@ -249,11 +249,13 @@ PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str | list[dict]], *, pad_token_id: int = 0,
-                   buckets: Sequence[int] = PROMPT_BUCKETS) -> tuple[Array, Array]:
-    """Prompts (plain text, or chat messages rendered with the tokenizer's chat template) →
-    left-padded (ids_BxP, mask_BxP) for `generate`, P the smallest bucket that fits them all."""
+                   buckets: Sequence[int] = PROMPT_BUCKETS, tools: list[dict] | None = None
+                   ) -> tuple[Array, Array]:
+    """Prompts (plain text, or chat messages rendered with the tokenizer's chat template and the
+    JSON schemas of `tools`) → left-padded (ids_BxP, mask_BxP) for `generate`, P the smallest
+    bucket that fits them all."""
     texts = [p if isinstance(p, str) else tokenizer.apply_chat_template(
-        p, tokenize=False, add_generation_prompt=True) for p in prompts]
+        p, tokenize=False, add_generation_prompt=True, tools=tools) for p in prompts]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     width = bucket(max(len(e) for e in encoded), buckets)  # a handful of prompt shapes per run
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else pad_token_id

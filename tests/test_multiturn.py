@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from align_jax import multiturn
-from align_jax.data import agentic
+from align_jax import envs, multiturn
+from align_jax.data import agentic, encode
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.models import Decoder
 from align_jax.models.registry import config_from_init
@@ -152,3 +152,21 @@ def test_a_trajectory_whose_observation_does_not_fit_ends_and_the_others_go_on(t
                                      conversational=False, stop_ids=STOP_IDS)
     assert [t.turns for t in trajectories] == [1, 3]
     assert trajectories[1].model.count(False) == 2 * len(tok("word word word")["input_ids"])
+
+
+def test_prompts_carry_the_tools_schemas_where_the_template_renders_them(tok):
+    """A template that lays out `tools` (as Qwen's and Llama 3.1's do) gets each tool's JSON
+    schema, at load time and when a reset re-encodes the prompts."""
+    templated = copy.copy(tok)
+    templated.chat_template = ("{% if tools %}<|system|>{{ tools | tojson }}<|end|>{% endif %}"
+                               + tok.chat_template)
+    rows = agentic.tool_arithmetic(2, seed=0)
+    schema = envs.tool_schema(agentic.calculator)
+    encoded = encode(rows, templated, kind="prompt_only", tools=[schema])
+    ids, _ = encode_prompts(templated, rows["prompt"], buckets=(512,), tools=[schema])
+    for example, row in zip(encoded.examples, np.asarray(ids)):
+        text = templated.decode(example["prompt_ids"])
+        assert text.startswith("<|system|>[{") and "Evaluate an arithmetic expression" in text
+        assert templated.decode([t for t in row if t != tok.pad_token_id]) == text
+    assert "Evaluate" not in tok.decode(encode(rows, tok, kind="prompt_only",
+                                                 tools=[schema]).examples[0]["prompt_ids"])

@@ -42,8 +42,8 @@ class Encoded:
     counts: dict[str, int]
 
 
-def _render(tokenizer, messages, *, generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True,
+def _render(tokenizer, messages, *, generation_prompt: bool, tools=None) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, tools=tools,
                                         add_generation_prompt=generation_prompt, return_dict=False)
     # a BatchEncoding in some versions
     return list(out["input_ids"] if hasattr(out, "keys") else out)
@@ -75,8 +75,11 @@ def render_pair(tokenizer, prompt, completion) -> list[int]:
     return prompt_ids + completion_ids
 
 
-def encode(source, tokenizer, *, kind: str | None = None) -> Encoded:
-    """Load, validate and tokenize a dataset (a path, a saved directory or a `datasets.Dataset`)."""
+def encode(source, tokenizer, *, kind: str | None = None, tools: list[dict] | None = None
+           ) -> Encoded:
+    """Load, validate and tokenize a dataset (a path, a saved directory or a `datasets.Dataset`);
+    conversational prompt-only rows are rendered with the JSON schemas of `tools`, which the chat
+    template lays out for the model."""
     ds, name = load_rows(source)
     kind, conversational, counts = validate(ds, name, kind)
     counts = dict(counts, prefix_mismatches=0)
@@ -96,8 +99,8 @@ def encode(source, tokenizer, *, kind: str | None = None) -> Encoded:
             out = {"prompt_ids": [], "completion_ids": ids}
         elif kind == "prompt_only":
             prompt = example["prompt"]
-            ids = (_render(tokenizer, prompt, generation_prompt=True) if conversational
-                   else tokenizer(prompt)["input_ids"])
+            ids = (_render(tokenizer, prompt, generation_prompt=True, tools=tools)
+                   if conversational else tokenizer(prompt)["input_ids"])
             out = {"prompt_ids": list(ids), "prompt": prompt, **{c: example[c] for c in extra}}
         elif kind == "preference":
             prompt, chosen, rejected = ((example["prompt"], example["chosen"], example["rejected"])

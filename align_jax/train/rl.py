@@ -585,7 +585,7 @@ def train_online(cfg: RunConfig, *, resume: bool = False, progress: bool = True,
     method = check_online(cfg)
     names = sweep.members(cfg, method.sweepable)
     session = Session.open(cfg, resume)
-    prompts, _ = session.load_data("prompt_only")
+    prompts, _ = session.load_data("prompt_only", tools=turns.tool_schemas(cfg))
     run, state = build(session, method, names)
     restored = session.checkpoints.restore(state, run.shardings)
     state, records = restored if restored is not None else (state, {"members": None})

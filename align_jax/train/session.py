@@ -94,16 +94,16 @@ class Session:
         """The first process: the one that writes logs and exports."""
         return jax.process_index() == 0
 
-    def load_data(self, kind: str):
-        """(train, eval or None): encoded, validated for the method's `kind`, truncated with
-        counts; eval is `data.eval`, a fresh draw of the synthetic task, or `data.eval_fraction`
-        of the train rows."""
+    def load_data(self, kind: str, tools: list[dict] | None = None):
+        """(train, eval or None): encoded (conversational prompts with the JSON schemas of
+        `tools`), validated for the method's `kind`, truncated with counts; eval is `data.eval`,
+        a fresh draw of the synthetic task, or `data.eval_fraction` of the train rows."""
         cfg = self.cfg
         limit = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
 
         def load(path, seed_offset):
             return truncate(encode(data_source(path, cfg, seed_offset), self.tokenizer,
-                                   kind=kind), **limit)
+                                   kind=kind, tools=tools), **limit)
 
         train = load(cfg.data.train, 0)
         if cfg.data.eval is not None or (cfg.data.synthetic and cfg.data.eval_fraction == 0

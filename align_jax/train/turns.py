@@ -66,6 +66,12 @@ def environment_factory(cfg: RunConfig) -> Callable[[], envs.Environment] | None
         raise ConfigError(f"{key}: {e}") from None
 
 
+def tool_schemas(cfg: RunConfig) -> list[dict] | None:
+    """The JSON schemas of `rl.tools` for the chat template to render in the prompts."""
+    return [envs.tool_schema(rewards.resolve(name, TOOLS, "tool")) for name in cfg.rl.tools
+            ] or None
+
+
 def environment_reward(environment_reward: Sequence, **_) -> list:
     """The reward "environment": each trajectory's summed step rewards (None: not scored)."""
     return list(environment_reward)
@@ -90,7 +96,7 @@ def sample_turns(run, params, frozen, batch, key) -> dict:
     if prompts is not None:
         ids, mask = (np.asarray(x) for x in encode_prompts(
             session.tokenizer, prompts, pad_token_id=session.pad_id,
-            buckets=default_buckets(cfg.data.max_length)))
+            buckets=default_buckets(cfg.data.max_length), tools=tool_schemas(cfg)))
     trajectories = multiturn.rollout(
         run.turns(params, frozen), session.tokenizer, environments,
         *run.place_prompts((ids, mask), False), key, num_samples=G, max_turns=cfg.rl.max_turns,
