@@ -72,8 +72,8 @@ def two_turns(model, prompts) -> dict:
     """A second turn decoded from the cache after each row is extended by a different number of
     tokens (one row not resumed): both turns' tokens and log-probs."""
     config = SamplingConfig(max_new_tokens=5, num_samples=2, stop_token_ids=(7, 9, 11, 13))
-    d = sampling.prefill(model, jnp.asarray(prompts.ids_BxT[:, :6]),
-                         jnp.asarray(prompts.attention_mask_BxT[:, :6]), num_samples=2, slots=24)
+    d = sampling.prefill(model, jnp.asarray(prompts.ids_BxT[:3, :6]),
+                         jnp.asarray(prompts.attention_mask_BxT[:3, :6]), num_samples=2, slots=24)
     first, d = sampling.decode(model, d, jax.random.key(0), config)
     block = np.array([[0, 0, 5], [0, 3, 4], [0, 0, 0], [1, 2, 3], [0, 0, 8], [0, 6, 6]])
     d = sampling.extend(model, d, jnp.asarray(block), jnp.asarray(block > 0),
