@@ -130,7 +130,8 @@ def critic_values(critic: Decoder, r: Rollout, group: int = 1) -> Array:
 
 def grpo(model, ref_model, r: Rollout, cfg: RLConfig):
     """The GRPO family's loss: `losses.policy_loss` (clipped token or sequence ratio, k3 KL with
-    β, entropy bonus) reduced by `losses.aggregate_loss` (GRPO, DAPO or Dr. GRPO)."""
+    β, entropy bonus) reduced by `losses.aggregate_loss` (GRPO, DAPO or Dr. GRPO, whose constant
+    is the most tokens the policy can write in a sample: `rl.max_turns` × `rl.max_new_tokens`)."""
     group = prompt_group(model.config, r, cfg)
     logps, entropy = policy_outputs(model, r, cfg.temperature, group)
     per_token, metrics = losses.policy_loss(
@@ -139,7 +140,7 @@ def grpo(model, ref_model, r: Rollout, cfg: RLConfig):
         ratio_level=cfg.importance_sampling_level, ref_logps_BxT=r.ref_logps_BxC, beta=cfg.beta,
         entropy_BxT=entropy, entropy_coef=cfg.entropy_coef, is_weights_BxT=r.is_weights_BxC)
     num, den = losses.aggregate_loss(per_token, r.loss_mask_BxC, cfg.aggregation,
-                                     max_length=cfg.max_new_tokens)
+                                     max_length=cfg.max_turns * cfg.max_new_tokens)
     metrics["logp_diff"] = ops.masked_mean(jnp.abs(jax.lax.stop_gradient(logps) - r.old_logps_BxC),
                                            r.loss_mask_BxC)
     return num, den, metrics

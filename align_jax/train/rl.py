@@ -368,7 +368,7 @@ def score_round(part: dict, funcs: dict, weights: list[float]) -> dict:
     n = len(part["texts"])
     if not funcs:
         return dict(part, rewards=np.full(n, np.nan), per_function=np.zeros((n, 0)))
-    ids = [row[m].tolist() for row, m in zip(part["completion_ids"], part["completion_mask"])]
+    ids = [row[m].tolist() for row, m in zip(part["completion_ids"], part["model_mask"])]
     r, per_fn = rewards.score(funcs, weights, prompts=part["prompts"], completions=part["texts"],
                               completion_ids=ids, columns=part["columns"])
     return dict(part, rewards=r, per_function=per_fn)

@@ -2,10 +2,10 @@
 trajectory of `rl.max_turns` model turns and the environment's replies (`align_jax.multiturn`),
 laid out as one completion whose environment tokens are in the context but carry no loss.
 
-Reward functions see `completions` = each trajectory's last model turn, with the columns
-`trajectory` (the decoded text after the prompt, observations included) and
-`environment_reward` (the sum of the environment's step rewards, None if it gave none), which the
-reward "environment" returns.
+Reward functions see `completions` = each trajectory's last model turn, `completion_ids` = the
+model's tokens of all its turns, and the columns `trajectory` (the decoded text after the prompt,
+observations included) and `environment_reward` (the sum of the environment's step rewards, None
+if it gave none), which the reward "environment" returns.
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ def check_multi_turn(cfg: RunConfig) -> None:
         raise ConfigError(f"sweep.field={cfg.sweep.field}: a sweep's members sample as lanes of "
                           "one program, which multi-turn rollouts (rl.environment, rl.tools) "
                           "do not")
+    if rl.soft_overlong_cache:
+        raise ConfigError("rl.soft_overlong_cache penalises a completion's length against "
+                          "rl.max_new_tokens, which bounds each turn, not a trajectory; it is "
+                          "refused with rl.environment or rl.tools")
     environment_factory(cfg)  # names that resolve, tools the model can be told about
 
 

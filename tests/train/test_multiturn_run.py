@@ -68,6 +68,7 @@ def test_tool_run_logs_trls_tool_metrics(guesser, tmp_path):
     (["rl.environment=null", "rl.max_turns=2"], "needs rl.environment or rl.tools"),
     (["rl.environment=no_such_env"], "rl.environment: unknown environment .no_such_env."),
     (["sweep.field=seed", "sweep.values=[0,1]"], "multi-turn rollouts"),
+    (["rl.soft_overlong_cache=4"], "bounds each turn, not a trajectory"),
     (["rl.tools=[tests.train.test_multiturn_run:undocumented]", "rl.environment=null"],
      "'undocumented' cannot be described"),
 ])
