@@ -106,3 +106,14 @@ def test_guess_demonstrations_play_games_the_environment_accepts(bisect):
                 low, high = (guess + 1, high) if observation == "Higher." else (low, guess - 1)
     if not bisect:  # not a fixed strategy
         assert len({rows[s]["completion"][0]["content"] for s in starts[:-1]}) > 1
+
+
+def test_tool_fraction_demonstrates_the_tool_on_that_share_of_problems():
+    rows, problems = agentic.tool_demonstrations(400, seed=3, tool_fraction=0.25), \
+        agentic.tool_arithmetic(400, seed=3)
+    calls = [r for r in rows if r["completion"][0]["content"].startswith("<tool_call>")]
+    direct = [r for r in rows if len(r["prompt"]) == 2 and r not in calls]
+    assert len(calls) + len(direct) == 400 and 0.2 < len(calls) / 400 < 0.3
+    answers = {p["prompt"][-1]["content"]: p["answer"] for p in problems}
+    assert all(r["completion"][0]["content"] == f"\\boxed{{{answers[r['prompt'][-1]['content']]}}}"
+               for r in direct)

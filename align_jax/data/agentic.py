@@ -133,17 +133,22 @@ def tool_call(expression: str) -> str:
                                        "arguments": {"expression": expression}}) + "</tool_call>"
 
 
-def tool_demonstrations(n: int, seed: int, *, digits: int = 3) -> datasets.Dataset:
-    """SFT rows (conversational prompt-completion) of `n` problems, two per problem: the call,
-    and the boxed answer after the tool's result, so the loss is on the model's turns only."""
-    rows = []
-    for expression, answer in _problems(n, seed, digits):
+def tool_demonstrations(n: int, seed: int, *, digits: int = 3,
+                        tool_fraction: float = 1.0) -> datasets.Dataset:
+    """SFT rows (conversational prompt-completion) of `n` problems: for a `tool_fraction` of
+    them (drawn at random), two rows, the call and the boxed answer after the tool's result, so
+    the loss is on the model's turns only; for the others, the boxed answer straight away."""
+    rows, use_tool = [], np.random.default_rng([seed, 2]).random(n) < tool_fraction
+    for (expression, answer), tool in zip(_problems(n, seed, digits), use_tool):
         prompt = _prompt(TOOL_INSTRUCTION, f"What is {expression}?", True)
+        boxed = [{"role": "assistant", "content": f"\\boxed{{{answer}}}"}]
+        if not tool:
+            rows.append({"prompt": prompt, "completion": boxed})
+            continue
         call = {"role": "assistant", "content": tool_call(expression)}
         result = {"role": "tool", "content": str(answer)}
         rows.append({"prompt": prompt, "completion": [call]})
-        rows.append({"prompt": prompt + [call, result],
-                     "completion": [{"role": "assistant", "content": f"\\boxed{{{answer}}}"}]})
+        rows.append({"prompt": prompt + [call, result], "completion": boxed})
     return datasets.Dataset.from_list(rows)
 
 
