@@ -21,10 +21,20 @@ from typing import Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from align_jax.data.batching import bucket, default_buckets
 from align_jax.envs import Environment, Observation, ToolEnvironment
-from align_jax.sampling import Completions, Decoding, SamplingConfig, decode, extend, prefill
+from align_jax.sampling import (
+    Completions,
+    Decoding,
+    SamplingConfig,
+    compute_model,
+    decode,
+    encode_prompts,
+    extend,
+    prefill,
+)
 
 _MARK = "<<align_jax:end of turn>>"
 
@@ -175,6 +185,27 @@ def rollout(turns: Turns, tokenizer, environments: Sequence[Environment], prompt
             if a:
                 t.add(x)
     return trajectories
+
+
+def play(model, tokenizer, rows: Sequence[dict], environments: Sequence[Environment], rng,
+         config: SamplingConfig, *, max_turns: int, rollout_tokens: int,
+         tools: list[dict] | None = None) -> list[Trajectory]:
+    """`model`'s trajectories outside training (evaluation, inspection): for each row (with its
+    "prompt", text or chat messages rendered with the JSON schemas of `tools`),
+    G = `config.num_samples` samples, each with its own environment (`environments` holds B = N·G,
+    a row's G contiguous), within `max_turns` turns and `rollout_tokens` tokens after the prompt.
+    Stops at `config.stop_token_ids`, else at the tokenizer's EOS."""
+    G = config.num_samples
+    expanded = [row for row in rows for _ in range(G)]
+    prompts = reset_prompts(environments, expanded, G) or [row["prompt"] for row in rows]
+    ids, mask = encode_prompts(tokenizer, prompts, pad_token_id=config.pad_token_id, tools=tools)
+    stop_ids = config.stop_token_ids or (tokenizer.eos_token_id,)
+    graphdef, state = nnx.split(model)
+    turns = jit_turns(lambda s: compute_model(graphdef, s),
+                      dataclasses.replace(config, stop_token_ids=tuple(stop_ids)))(state)
+    return rollout(turns, tokenizer, environments, ids, mask, rng, num_samples=G,
+                   max_turns=max_turns, slots=ids.shape[1] + rollout_tokens,
+                   conversational=not isinstance(prompts[0], str), stop_ids=stop_ids)
 
 
 def layout(trajectories: Sequence[Trajectory], pad_id: int, buckets: Sequence[int]) -> dict:

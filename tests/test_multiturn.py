@@ -2,6 +2,7 @@
 masks, and the cached sampler's log-probs against the trainer's pass over the whole trajectory."""
 
 import copy
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from align_jax.data import agentic, encode
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.models import Decoder
 from align_jax.models.registry import config_from_init
-from align_jax.sampling import SamplingConfig, compute_model, encode_prompts
+from align_jax.sampling import SamplingConfig, compute_model, encode_prompts, generate_from_text
 from align_jax.train import online
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -170,3 +171,22 @@ def test_prompts_carry_the_tools_schemas_where_the_template_renders_them(tok):
         assert templated.decode([t for t in row if t != tok.pad_token_id]) == text
     assert "Evaluate" not in tok.decode(encode(rows, tok, kind="prompt_only",
                                                  tools=[schema]).examples[0]["prompt_ids"])
+
+
+def test_play_first_turns_are_the_single_turn_samplers_replies(tok, chatty):
+    """`play` (a model's trajectories outside training), greedy: each trajectory starts with the
+    reply `generate_from_text` gives its prompt, and goes on where the game does."""
+    model, _, sampling = chatty
+    greedy = dataclasses.replace(sampling, greedy=True, num_samples=1)
+    rows = list(agentic.guess_number(3, seed=5))
+    environments = [agentic.GuessNumber() for _ in rows]
+    trajectories = multiturn.play(model, tok, rows, environments, jax.random.key(0), greedy,
+                                  max_turns=3, rollout_tokens=48)
+    replies, out = generate_from_text(model, tok, [r["prompt"] for r in rows], jax.random.key(1),
+                                      greedy)
+    for t, reply, ids, mask in zip(trajectories, replies, *jax.device_get((out.ids_BxC,
+                                                                          out.mask_BxC))):
+        first = list(ids[mask])
+        assert t.ids[:len(first)] == first and all(t.model[:len(first)])
+        assert t.turns == 1 or tok.decode(first, skip_special_tokens=True) == reply
+    assert max(t.turns for t in trajectories) > 1
