@@ -73,6 +73,12 @@ def mean_and_se(values) -> tuple[float, float]:
     return float(values.mean()), float(se)
 
 
+def paired_change(before, after) -> tuple[float, float]:
+    """mean(after − before) over paired items (problems, prompts) and its standard error."""
+    d = np.asarray(after, float) - np.asarray(before, float)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
+
 def mean_se(values, digits: int = 3) -> str:
     """'mean ± standard error' over seeds (± 0 for one seed)."""
     mean, se = mean_and_se(values)

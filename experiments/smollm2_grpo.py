@@ -225,16 +225,10 @@ def run_study(runs: Path, study: Study) -> dict:
     return results
 
 
-def paired_change(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
-    """mean(after − before) over the held-out problems and its standard error."""
-    d = np.asarray(after, float) - np.asarray(before, float)
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
-
-
 def check(results: dict) -> list[str]:
     failures = []
     for method in (m for m in results if m != "base"):
-        change, se = paired_change(results["base"]["greedy"], results[method]["greedy"])
+        change, se = report.paired_change(results["base"]["greedy"], results[method]["greedy"])
         if not change > 2 * se:
             failures.append(f"{method} changed greedy held-out accuracy by {change:+.3f}, not more "
                             f"than 2 standard errors ({se:.3f})")
@@ -263,8 +257,8 @@ def results_table(results: dict) -> str:
         if name == "base":
             cells += ["", f"{r['sampled'].mean():.3f}", f"{r['format'].mean():.3f}", "", "", ""]
         else:
-            change, se = paired_change(base["greedy"], r["greedy"])
-            sampled, sampled_se = paired_change(base["sampled"], r["sampled"])
+            change, se = report.paired_change(base["greedy"], r["greedy"])
+            sampled, sampled_se = report.paired_change(base["sampled"], r["sampled"])
             trained = (f"{len(r['curve'])} rollouts × {r['batch']} prompts × {SAMPLES}"
                        if name.startswith("GRPO") else
                        f"{r['pairs']} pairs, {r['steps']} steps of {r['batch']}")
@@ -274,8 +268,8 @@ def results_table(results: dict) -> str:
                       f"{r['seconds'] / 60:.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lora = "; ".join(
-        "{} {:+.3f} ± {:.3f}".format(method, *paired_change(results[f"{method} full"]["greedy"],
-                                                             results[f"{method} LoRA"]["greedy"]))
+        "{} {:+.3f} ± {:.3f}".format(method, *report.paired_change(
+            results[f"{method} full"]["greedy"], results[f"{method} LoRA"]["greedy"]))
         for method in ("GRPO", "DPO"))
     lines.append(f"\nLoRA − full fine-tuning, greedy held-out accuracy (paired): {lora}.")
     examples = "\n".join(f"- {name}: {r['example'][0]} → {json.dumps(r['example'][1])}"

@@ -117,12 +117,6 @@ def run_study(runs: Path, study: Study) -> dict:
     return results
 
 
-def paired_change(before, after) -> tuple[float, float]:
-    """mean(after − before) over the held-out problems and its standard error."""
-    d = np.asarray(after, float) - np.asarray(before, float)
-    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
-
-
 def call_advantage(result: dict) -> tuple[float, float]:
     """Accuracy of the sampled trajectories with a call minus those without, and its standard
     error (two independent proportions; NaN when either kind is missing)."""
@@ -141,7 +135,7 @@ def check(results: dict) -> list[str]:
         failures.append(f"at SFT, trajectories with a call are right {gap:+.3f} more often than "
                         f"those without, not more than 2 standard errors ({se:.3f})")
     for key, name in (("calls", "tool-use rate"), ("right", "accuracy")):
-        change, se = paired_change(results["SFT"][key], results["GRPO"][key])
+        change, se = report.paired_change(results["SFT"][key], results["GRPO"][key])
         if not change > 2 * se:
             failures.append(f"GRPO changed the held-out {name} at T = 1 by {change:+.3f}, not more "
                             f"than 2 standard errors ({se:.3f})")
@@ -157,7 +151,8 @@ def results_table(results: dict, study: Study) -> str:
         for key in ("calls", "right", "greedy_calls", "greedy_right"):
             cell = f"{r[key].mean():.3f}"
             if name != "SFT":
-                cell += " ({:+.3f} ± {:.3f})".format(*paired_change(results["SFT"][key], r[key]))
+                change = report.paired_change(results["SFT"][key], r[key])
+                cell += " ({:+.3f} ± {:.3f})".format(*change)
             cells.append(cell)
         cells += ["{:+.3f} ± {:.3f}".format(*call_advantage(r)), f"{r['seconds'] / 60:.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

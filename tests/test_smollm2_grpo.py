@@ -3,6 +3,7 @@ run on the real SmolLM2-135M-Instruct."""
 
 import numpy as np
 
+from experiments import report
 from experiments import smollm2_grpo as exp
 
 
@@ -48,7 +49,7 @@ def _fake(grpo, dpo):
 def test_check_needs_a_paired_gain_beyond_two_standard_errors():
     up = [1, 1, 1, 1, 1, 1, 0, 1]
     assert exp.check(_fake(up, up)) == []
-    change, se = exp.paired_change(_fake(up, up)["base"]["greedy"], up)
+    change, se = report.paired_change(_fake(up, up)["base"]["greedy"], up)
     assert change == 0.625 and np.isclose(se, np.std([1, 1, 0, 1, 1, 0, 0, 1], ddof=1) / 8**0.5)
     failures = exp.check(_fake(up, [0, 0, 1, 0, 0, 1, 0, 0]))
     assert len(failures) == 1 and failures[0].startswith("DPO changed greedy held-out accuracy "
