@@ -320,7 +320,7 @@ def test_ppo_without_a_reward_model_is_scored_by_the_reward_functions(sft_model,
     overrides = [f"model.path={sft_model}", "rl.reward_model=null", "train.steps=2",
                  "train.batch_size=16", "train.log_every=1", "rl.reward_funcs=[format]",
                  "rl.reward_weights=[0.5]", "rl.missing_eos_penalty=null", "rl.num_iterations=1"]
-    with pytest.raises(ConfigError, match="rl.reward_model .* or rl.reward_funcs"):
+    with pytest.raises(ConfigError, match="rl.reward_model .*, rl.reward_funcs or rl.environment"):
         train(load_config(ROOT / "configs/ppo_arithmetic.yaml", [*overrides, "rl.reward_funcs=[]",
                                                                  f"out_dir={tmp_path / 'none'}"]),
               progress=False)
