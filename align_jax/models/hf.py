@@ -6,6 +6,7 @@ Loading never executes pickled code: weights come from safetensors or GGUF only.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -168,13 +169,7 @@ def read_config(source) -> DecoderConfig:
     `.gguf` file (its metadata)."""
     path = Path(source)
     if path.suffix == ".gguf":
-        from transformers import AutoConfig
-
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such GGUF file")
-        return config_from_hf(AutoConfig.from_pretrained(str(path.parent),
-                                                                gguf_file=path.name),
-                                     source=str(path))
+        return _gguf_config(gguf_version(path))
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
@@ -185,6 +180,32 @@ def read_config(source) -> DecoderConfig:
     return config_from_hf(hf_config, source=str(config_file))
 
 
+def gguf_version(path: Path) -> tuple[str, int, int]:
+    """A GGUF file as the key of the caches of its parsed metadata: (path, modification time,
+    size), so a rewritten file is read again. Parsing the metadata (a 49k-token vocabulary takes
+    seconds) happens once per process for the config, the tensors' index and the tokenizer."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    stat = path.stat()
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(version: tuple[str, int, int]) -> DecoderConfig:
+    from transformers import AutoConfig
+
+    path = Path(version[0])
+    return config_from_hf(AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name),
+                          source=str(path))
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_reader(version: tuple[str, int, int]):
+    import gguf
+
+    return gguf.GGUFReader(version[0])
+
+
 def _load_gguf(path: Path) -> tuple[DecoderConfig, dict[str, np.ndarray]]:
     import gguf
 
@@ -192,7 +213,7 @@ def _load_gguf(path: Path) -> tuple[DecoderConfig, dict[str, np.ndarray]]:
     if not FAMILIES[config.model_type].gguf:
         raise ValueError(f"{path}: GGUF files of model_type={config.model_type!r} are not read; "
                          f"convert it to a safetensors directory")
-    reader = gguf.GGUFReader(str(path))
+    reader = _gguf_reader(gguf_version(path))
     tensors = {}
     for t in reader.tensors:
         if t.name in _GGUF_NAMES:

@@ -10,7 +10,9 @@ step, so a step killed after its last checkpoint is logged once (`MetricLog`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -36,6 +38,7 @@ from align_jax.data import DataError, synthetic
 from align_jax.data.tiny_tokenizer import tiny_tokenizer
 from align_jax.models import Decoder, DecoderConfig, load_pretrained
 from align_jax.models.decoder import ATTENTION, remat_policy
+from align_jax.models.hf import gguf_version
 from align_jax.models.lora import PROJECTIONS
 from align_jax.models.quant import BASE_DTYPES, QUANTIZED
 from align_jax.models.registry import config_from_init
@@ -68,12 +71,20 @@ class CheckpointError(ConfigError):
 
 
 def load_tokenizer(spec: str):
+    """The tiny tokenizer, an HF directory's or hub name's, or a GGUF file's (parsed once per
+    process, `gguf_version`; each caller gets its own copy)."""
     if spec == "tiny":
         return tiny_tokenizer()
     path = Path(spec)
     if path.suffix == ".gguf":
-        return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return copy.deepcopy(_gguf_tokenizer(gguf_version(path)))
     return transformers.AutoTokenizer.from_pretrained(spec)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(version: tuple[str, int, int]):
+    path = Path(version[0])
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def data_source(path: str | None, cfg: RunConfig, seed_offset: int):
