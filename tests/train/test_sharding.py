@@ -21,8 +21,11 @@ pytestmark = pytest.mark.xdist_group("sharding")
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    # dozens of programs on tiny shapes, each run once or twice: compiling is the cost, so the CPU
+    # backend skips its expensive LLVM passes (a third of the time)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+        "--xla_llvm_disable_expensive_passes=true"))
     out = subprocess.run([sys.executable, "-m", "tests.train.sharded_steps"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
