@@ -12,6 +12,8 @@ from align_jax.config import ConfigError, load_config
 from align_jax.train import train
 
 ROOT = Path(__file__).parents[2]
+# one worker trains the `guesser` (`-n 2 --dist loadgroup`)
+pytestmark = pytest.mark.xdist_group("multiturn_run")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ and with `rl.async_rollouts` samples its second rollout one update behind (JAX's
 in a subprocess)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.train import eight_cpu_devices
+
 ROOT = Path(__file__).parents[2]
+# one worker computes the report (`-n 2 --dist loadgroup`)
+pytestmark = pytest.mark.xdist_group("sampler_devices")
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-m", "tests.train.sampler_devices",
-                          str(tmp_path_factory.mktemp("sampler"))], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+                          str(tmp_path_factory.mktemp("sampler"))], cwd=ROOT,
+                         env=eight_cpu_devices(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 

@@ -6,13 +6,14 @@ the one-device logits and gradient norm (the mixture-of-experts families with th
 over an expert axis; JAX's own SPMD runtime, in a subprocess)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.train import eight_cpu_devices
 
 ROOT = Path(__file__).parents[2]
 # one worker computes the report (`-n 2 --dist loadgroup`)
@@ -21,13 +22,8 @@ pytestmark = pytest.mark.xdist_group("sharding")
 
 @pytest.fixture(scope="module")
 def report():
-    # dozens of programs on tiny shapes, each run once or twice: compiling is the cost, so the CPU
-    # backend skips its expensive LLVM passes (a third of the time)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-        "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-        "--xla_llvm_disable_expensive_passes=true"))
-    out = subprocess.run([sys.executable, "-m", "tests.train.sharded_steps"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "tests.train.sharded_steps"], cwd=ROOT,
+                         env=eight_cpu_devices(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
