@@ -5,9 +5,12 @@ The package is installed by `make test`; without it these tests fail, they never
 """
 
 import importlib.util
+import os
+import shutil
 import time
 from pathlib import Path
 
+import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,6 +19,8 @@ import transformers
 from flax import nnx
 
 from align_jax.models import init_cache, load_pretrained
+from align_jax.models.hf import read_config
+from align_jax.train.host import load_tokenizer
 
 # one worker loads the model (`-n 2 --dist loadgroup`)
 pytestmark = pytest.mark.xdist_group("smollm2")
@@ -102,3 +107,22 @@ def test_save_with_tokenizer_reloads_in_transformers(models, tmp_path):
         got = reloaded(input_ids=torch.tensor(ids)).logits.numpy()
         expected = theirs(input_ids=torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_gguf_metadata_is_parsed_once_per_file_version(tmp_path, monkeypatch):
+    """The config and the tokenizer of a GGUF file are parsed once, until the file is rewritten
+    (a new modification time); each caller gets a tokenizer of its own."""
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(smollm2_gguf(), path)
+    parsed, parse = [], gguf.GGUFReader.__init__
+    monkeypatch.setattr(gguf.GGUFReader, "__init__",
+                        lambda self, *a, **k: parsed.append(a) or parse(self, *a, **k))
+    assert read_config(path) == read_config(path) and len(parsed) == 1
+    first, second = load_tokenizer(str(path)), load_tokenizer(str(path))
+    assert len(parsed) == 2 and first is not second
+    first.padding_side = "right" if second.padding_side == "left" else "left"
+    assert first.padding_side != second.padding_side
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    read_config(path)
+    load_tokenizer(str(path))
+    assert len(parsed) == 4
