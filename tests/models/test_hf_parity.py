@@ -232,18 +232,19 @@ def test_separate_blocks_equal_the_scanned_stack(tmp_path):
     and the saved checkpoint holds the same tensors; gradients (with remat) equal the scanned
     model's tensor for tensor on one architecture of each block kind (`GRADIENT_CHECKS`)."""
     ids, mask = (jnp.asarray(a) for a in left_padded_batch(1))
+    forward = nnx.jit(lambda model, *inputs: model(*inputs))  # eager, each op would compile alone
 
     def hf_named_grads(model):
         graphdef, params = nnx.split(model)
         loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(ids, mask) ** 2)  # noqa: E731
-        return to_tensors(nnx.merge(graphdef, jax.grad(loss)(params)))
+        return to_tensors(nnx.merge(graphdef, jax.jit(jax.grad(loss))(params)))
 
     for name in ARCHITECTURES:
         hf = tiny_hf_model(name)
         scanned, separate = load_pretrained(hf), load_pretrained(hf, scan_layers=False)
         assert isinstance(separate.layers, nnx.List)
         assert len(separate.layers) == hf.config.num_hidden_layers
-        logits = np.asarray(separate(ids, mask))
+        logits = np.asarray(forward(separate, ids, mask))
         valid = np.asarray(mask, bool)
         np.testing.assert_allclose(logits[valid], hf_logits(hf, ids, mask)[valid], atol=1e-4,
                                    err_msg=name)
@@ -255,9 +256,9 @@ def test_separate_blocks_equal_the_scanned_stack(tmp_path):
                 np.testing.assert_allclose(grad, scanned_grads[tensor],  # element's
                                            atol=1e-5 * scale, err_msg=f"{name}: {tensor}")
         cache = init_cache(separate.config, ids.shape[0], ids.shape[1])
-        _, cache = separate(ids[:, :8], mask[:, :8], cache)
+        _, cache = forward(separate, ids[:, :8], mask[:, :8], cache)
         for t in range(8, ids.shape[1]):
-            step, cache = separate(ids[:, t:t + 1], mask[:, t:t + 1], cache)
+            step, cache = forward(separate, ids[:, t:t + 1], mask[:, t:t + 1], cache)
             np.testing.assert_allclose(np.asarray(step)[valid[:, t], 0], logits[valid[:, t], t],
                                        atol=1e-4, err_msg=f"{name}: decode step {t}")
         save_pretrained(separate, tmp_path / name)
