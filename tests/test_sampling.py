@@ -242,13 +242,15 @@ def test_continuing_from_the_cache_equals_generating_from_the_whole_conversation
     stop = int(free.ids_BxC[1, 2])
     config = SamplingConfig(max_new_tokens=6, greedy=True, stop_token_ids=(stop,))
     turn = jax.jit(lambda d: sampling.decode(model, d, jax.random.key(1), config))
-    start = sampling.prefill(model, jnp.asarray(ids), jnp.asarray(mask), num_samples=1, slots=40)
+    start = jax.jit(lambda i, m: sampling.prefill(model, i, m, num_samples=1, slots=40))(
+        jnp.asarray(ids), jnp.asarray(mask))
     first, d = turn(start)
     assert len(set(np.asarray(first.lengths_B).tolist())) > 1  # the rows stopped apart
     extra = [[11, 12, 13], [], [21]]
     resume = np.array([True, False, True])
     block = np.array([[0] * (3 - len(e)) + e for e in extra])
-    d = sampling.extend(model, d, jnp.asarray(block), jnp.asarray(block > 0), jnp.asarray(resume))
+    d = jax.jit(lambda *a: sampling.extend(model, *a))(
+        d, jnp.asarray(block), jnp.asarray(block > 0), jnp.asarray(resume))
     second, _ = turn(d)
     assert np.asarray(second.lengths_B)[1] == 0
     for b in np.flatnonzero(resume):
