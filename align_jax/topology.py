@@ -29,13 +29,15 @@ class Chip(NamedTuple):
     hbm_bandwidth: float
 
 
-# device_kind -> chip (cloud.google.com/tpu/docs/system-architecture, NVIDIA's H100 datasheet)
+# device_kind -> chip (cloud.google.com/tpu/docs/system-architecture, NVIDIA's H100 and H200
+# datasheets)
 CHIPS = {
     "TPU v4": Chip("v4", 32 * GiB, 275e12, 1.2e12),
     "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12, 8.19e11),
     "TPU v5": Chip("v5p", 95 * GiB, 459e12, 2.765e12),
     "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12, 1.64e12),
     "NVIDIA H100 80GB HBM3": Chip("h100", 84_942_979_072, 989e12, 3.35e12),
+    "NVIDIA H200": Chip("h200", 141 * 10**9, 989e12, 4.8e12),
 }
 GPU_TARGETS = {"h100": "h100_sxm.txtpb"}
 

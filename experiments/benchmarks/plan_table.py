@@ -64,10 +64,15 @@ SAVINGS = [  # (what changes, overrides added to Llama-3.2-1B DPO 8 × 1024 on v
 ]
 
 
+def run_config(model: str, config: str, overrides: list[str]):
+    """`config` on the model `configs/models/<model>`, bf16 compute, fsdp over every device."""
+    return load_config(ROOT / config, [f"model.path={ROOT / 'configs/models' / model}",
+                                       "model.dtype=bfloat16", "mesh.data=1", "mesh.fsdp=-1",
+                                       *overrides])
+
+
 def planned(model: str, config: str, topology: str, overrides: list[str]):
-    cfg = load_config(ROOT / config, [f"model.path={ROOT / 'configs/models' / model}",
-                                      "model.dtype=bfloat16", "mesh.data=1", "mesh.fsdp=-1",
-                                      *overrides])
+    cfg = run_config(model, config, overrides)
     start = time.perf_counter()
     result = plan(cfg, topology)
     return result, time.perf_counter() - start

@@ -1,7 +1,8 @@
 """The fused attention kernels equal `decoder.attention` under the mask `Decoder.hidden_states`
 builds — outputs on non-pad queries and gradients in q, k, v — for padding, GQA, sliding windows
 and packed preference pairs: splash in Pallas' interpreter, and the cuDNN path's plumbing with
-XLA's implementation of `jax.nn.dot_product_attention`; splash compiles for a TPU slice."""
+XLA's implementation of `jax.nn.dot_product_attention`; splash compiles for a TPU slice. On a GPU,
+cuDNN itself in bf16."""
 
 import functools
 
@@ -120,6 +121,35 @@ def check_kernel(case, implementation, **scores):
     np.testing.assert_allclose(out[real], ref[real], atol=1e-5, rtol=1e-5)
     for name, grad, ref_grad in zip("qkv", grads, ref_grads):
         np.testing.assert_allclose(grad, ref_grad, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("case", CASES)
+def test_cudnn_on_a_gpu_is_as_close_to_float32_as_the_einsum_path_in_bf16(case):
+    """cuDNN's flash attention, bf16 in and out, against `decoder.attention` in float32 on the
+    same bf16-rounded inputs: its largest error in the outputs of non-pad queries and in each
+    gradient is at most twice that of `decoder.attention` run in bf16 itself, or 2⁻⁸ (bf16's
+    rounding) of the largest reference value, whichever is larger. A wrong mask or permutation
+    errs by O(1)."""
+    key_mask_BxT, segment_ids_BxT, window = CASES[case]
+    (q, k, v, cotangent), _ = reference(case)
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v, cotangent)]
+    mask_BxTxS = decoder_mask(key_mask_BxT, segment_ids_BxT, window)
+    einsum = functools.partial(decoder.attention, mask_BxTxS=mask_BxTxS)
+    cudnn = functools.partial(kernels.kernel_attention, "cudnn", key_mask_BxS=key_mask_BxT,
+                              segment_ids_BxT=segment_ids_BxT, sliding_window=window)
+    run = jax.jit(output_and_grads, static_argnums=0)
+    exact = run(einsum, *(x.astype(jnp.float32) for x in bf16))
+    real = np.asarray(key_mask_BxT)
+    for name, ref, plain, fused in zip(("out", "dq", "dk", "dv"), jax.tree.leaves(exact),
+                                       jax.tree.leaves(run(einsum, *bf16)),
+                                       jax.tree.leaves(run(cudnn, *bf16))):
+        rows = real if name == "out" else slice(None)
+        ref, plain, fused = (np.asarray(x, np.float32)[rows] for x in (ref, plain, fused))
+        error, bound = np.abs(fused - ref).max(), max(2 * np.abs(plain - ref).max(),
+                                                       2**-8 * np.abs(ref).max())
+        assert error <= bound, f"{name}: cuDNN errs by {error:.3g}, bf16 einsum by " \
+            f"{np.abs(plain - ref).max():.3g}"
 
 
 def test_unknown_implementation_is_named():
