@@ -77,7 +77,8 @@ def left_padded_batch(seed, B=3, T=12, vocab=101):
 
 def hf_logits(model, ids, mask):
     with torch.no_grad():
-        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+        return model(input_ids=torch.tensor(np.asarray(ids)),
+                     attention_mask=torch.tensor(np.asarray(mask))).logits.numpy()
 
 
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
@@ -142,7 +143,8 @@ def test_save_then_reload_in_transformers_gives_the_same_logits(name, tmp_path):
     hf = tiny_hf_model(name)
     model = load_pretrained(hf)
     save_pretrained(model, tmp_path / "out")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", attn_implementation=hf.config._attn_implementation).eval()
     ids, mask = left_padded_batch(3)
     np.testing.assert_allclose(hf_logits(reloaded, ids, mask)[mask.astype(bool)],
                                hf_logits(hf, ids, mask)[mask.astype(bool)], atol=1e-5)
