@@ -6,11 +6,10 @@ run below (Llama-3.2-1B DPO, 8 pairs × 1024 tokens, bf16 compute on float32 mas
 - **local compile**: the same train step compiled by the local GPU's XLA, and its peak;
 - **measured**: the step run on random weights and a batch of random tokens laid out as packed
   pairs (the step has no data-dependent control flow, so neither its memory nor its time depends
-  on the values):
-  the allocator's `peak_bytes_in_use`, which holds the state, the frozen reference, the batch and
-  the step's temporaries, and the median time of `--steps` steps after one warm-up step; the MFU
-  is the model's FLOPs (plan's count, no recomputation) over that time's worth of the chip's
-  dense bf16 peak.
+  on the values): the allocator's `peak_bytes_in_use`, which holds the state, the frozen
+  reference, the batch and the step's temporaries, and the median time of `--steps` steps after
+  one warm-up step; the MFU is the model's FLOPs (plan's count, no recomputation) over that
+  time's worth of the chip's dense bf16 peak.
 
 Each run is measured in its own process, so one run's peak does not hide the next one's. Writes
 experiments/results/plan_on_gpu.md.
