@@ -7,9 +7,12 @@ reward models start from it, as Gao et al.'s start from the pretrained model, wi
 head (`configs/reward_sentiment.yaml`), and are trained on N ∈ {256, 1k, 4k, 16k} comparisons
 labelled by Bradley-Terry on the gold reward, P(a ≻ b) = σ(r_a − r_b). As Gao et al. train every
 proxy to its best held-out loss, each is evaluated on the same 1,024 validation comparisons every
-32 updates, stopped once 4 evaluations in a row found no lower loss, and kept at its lowest
-(`train.early_stopping_patience`, `train.keep_best`): a small set is not overfitted by passing
-over it many times, nor a large one cut short by a budget of updates. Their accuracy is measured
+32 updates (every epoch, where an epoch is shorter), stopped once 4 evaluations in a row found no
+lower loss, and kept at its lowest (`train.early_stopping_patience`, `train.keep_best`): a small
+set is not overfitted by passing over it many times, nor a large one cut short by a budget of
+updates. A proxy whose lowest validation loss is ln 2 = 0.693 has learnt nothing that carries to
+new comparisons: Gao et al. (§4.2) find that reward models need about 2,000 comparisons before
+they beat chance. Their accuracy is measured
 on 2,048 other held-out comparisons, next to the Bayes ceiling E[max(σ(Δ), σ(−Δ))] of those
 comparisons: the accuracy of a model that knew the gold reward.
 
@@ -19,7 +22,8 @@ for every n from the same M samples with Gao et al.'s unbiased estimator (their 
 by proxy score, the sample of rank i (ascending) is the pick of a uniformly random n-subset with
 probability C(i−1, n−1) / C(M, n). The KL of best-of-n to the policy is log n − (n−1)/n, and the
 gold-reward gain is fitted with Gao et al.'s best-of-n form R(d) = d (α − β d) in d = √KL, which
-peaks at d* = α / (2β) (never, when β ≤ 0). Best-of-n by the gold reward itself is the oracle.
+peaks at d* = α / (2β) (never, when β ≤ 0; at once, d* = 0, when α ≤ 0 < β: optimising against
+that proxy only loses gold reward). Best-of-n by the gold reward itself is the oracle.
 
 Checks (printed and written with the results):
   - the N = 16k proxy's held-out accuracy is within 0.03 of the Bayes ceiling;
@@ -84,11 +88,12 @@ def bon_kl(ns) -> np.ndarray:
 
 
 def fit_peak(ns, gold: np.ndarray) -> tuple[float, float, float]:
-    """Least squares of gold(n) − gold(1) = d (α − β d), d = √KL: (α, β, d* = α / 2β,
-    ∞ if β ≤ 0)."""
+    """Least squares of gold(n) − gold(1) = d (α − β d), d = √KL, and where the fitted curve
+    peaks over d ≥ 0: (α, β, d* = max(α, 0) / 2β; ∞ if β ≤ 0, as it never turns over)."""
     d = np.sqrt(bon_kl(ns))
     (alpha, beta), *_ = np.linalg.lstsq(np.stack([d, -d * d], axis=1), gold - gold[0], rcond=None)
-    return float(alpha), float(beta), float(alpha / (2 * beta)) if beta > 0 else float("inf")
+    peak = max(alpha, 0.0) / (2 * beta) if beta > 0 else float("inf")
+    return float(alpha), float(beta), float(peak)
 
 
 def bayes_ceiling(score_chosen, score_rejected) -> float:
@@ -124,7 +129,7 @@ def train_proxy(run_dir: Path, sft_model: Path, validation: Path, *, size: int, 
                 max_steps: int, batch: int, validation_pairs: int, eval_every: int) -> dict:
     """Train one proxy RM from the SFT model on `size` comparisons, early-stopped on the
     validation file's loss and exported at its lowest; return {"best_step", "epochs" (passes
-    over the comparisons up to it), "steps" (trained)}."""
+    over the comparisons up to it), "steps" (trained), "best_loss"}."""
     train(load_config(report.ROOT / "configs/reward_sentiment.yaml", [
         f"model.path={sft_model}", f"data.synthetic_args.n={size}",
         f"data.synthetic_args.seed={seed}", f"data.eval={validation}",
@@ -132,9 +137,9 @@ def train_proxy(run_dir: Path, sft_model: Path, validation: Path, *, size: int, 
         f"train.early_stopping_patience={PATIENCE}", "train.keep_best=true",
         f"train.steps={max_steps}", f"train.seed={seed}", f"train.batch_size={batch}",
         f"out_dir={run_dir}"]), progress=False)
-    best_step = json.loads((run_dir / "best.json").read_text())["step"]
-    return {"best_step": best_step, "epochs": best_step * batch / size,
-            "steps": report.metrics(run_dir, "eval")[-1]["step"]}
+    best = json.loads((run_dir / "best.json").read_text())
+    return {"best_step": best["step"], "epochs": best["step"] * batch / size,
+            "steps": report.metrics(run_dir, "eval")[-1]["step"], "best_loss": best["loss"]}
 
 
 def run_study(out: Path, *, seeds: int, sft_steps: int, rm_steps: int, rm_batch: int = 32,
@@ -165,7 +170,8 @@ def run_study(out: Path, *, seeds: int, sft_steps: int, rm_steps: int, rm_batch:
             start, run_dir = time.perf_counter(), out / f"rm_{size}_seed{seed}"
             stopped = train_proxy(run_dir, sft_model, validation, size=size, seed=seed,
                                   max_steps=rm_steps, batch=rm_batch,
-                                  validation_pairs=validation_pairs, eval_every=eval_every)
+                                  validation_pairs=validation_pairs,
+                                  eval_every=min(eval_every, max(1, size // rm_batch)))
             rm = proxy_scores(run_dir / "model")
             chosen = np.asarray(rm(prompts=held_out["prompt"], completions=held_out["chosen"]))
             rejected = np.asarray(rm(prompts=held_out["prompt"], completions=held_out["rejected"]))
@@ -203,7 +209,8 @@ def check(results: dict, sizes=SIZES) -> list[str]:
 
 def results_table(results: dict, sizes=SIZES) -> str:
     ns = results["ns"]
-    header = ("comparisons N", "kept update of trained (epochs), per seed", "held-out accuracy",
+    header = ("comparisons N", "kept update of trained (epochs), per seed",
+              "lowest validation loss", "held-out accuracy",
               f"gold, best-of-{ns[-1]}", "peak n (grid)", "fitted α", "fitted β",
               "fitted √KL peak d*", "s / RM")
     lines = [f"Bayes ceiling of the held-out comparisons: {results['ceiling']:.3f}. Gold reward "
@@ -216,6 +223,7 @@ def results_table(results: dict, sizes=SIZES) -> str:
         lines.append("| " + " | ".join([
             f"{size:,}", ", ".join(f"{r['best_step']} of {r['steps']} ({r['epochs']:.2g})"
                                    for r in results[size]),
+            report.mean_se([r["best_loss"] for r in results[size]]),
             report.mean_se([r["accuracy"] for r in results[size]]),
             report.mean_se([r["bon"][-1] for r in results[size]]), str(ns[int(np.argmax(gold))]),
             f"{alpha:.3f}", f"{beta:.3f}", "never" if np.isinf(peak) else f"{peak:.2f}",

@@ -36,6 +36,10 @@ def test_kl_and_fitted_peak_follow_the_formulas():
     np.testing.assert_allclose([alpha, beta, peak], [1.5, 0.5, 1.5], rtol=1e-9)
     # no peak when the curve is convex
     assert exp.fit_peak(ns, d * (1.0 + 0.1 * d))[2] == float("inf")
+    # a proxy that only loses gold reward peaks at once, not at the negative α / 2β
+    alpha, beta, peak = exp.fit_peak(ns, d * (-0.4 - 0.2 * d))
+    np.testing.assert_allclose([alpha, beta], [-0.4, 0.2], rtol=1e-9)
+    assert peak == 0.0
 
 
 def test_bayes_ceiling():
