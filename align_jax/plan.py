@@ -512,6 +512,14 @@ def _with_model(cfg: RunConfig, **changes) -> RunConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **changes))
 
 
+def cost_variants(cfg: RunConfig) -> tuple[RunConfig, RunConfig]:
+    """The run whose programs' FLOPs are counted: the einsum attention a fused kernel replaces
+    (`matmul_cost` cannot see inside a kernel); and the model's own, also without recomputation
+    (remat, the chunked head's)."""
+    counted = _with_model(cfg, attention="xla")
+    return counted, _with_model(counted, remat="none", logits_chunk=None)
+
+
 def plan(cfg: RunConfig, topology: str) -> Plan:
     """Compile every program of the run `cfg` for `topology`; see the module docstring."""
     where = target(topology)
@@ -533,10 +541,7 @@ def plan(cfg: RunConfig, topology: str) -> Plan:
     else:
         raise ConfigError(f"train.method: {cfg.train.method!r} is not one of "
                           f"{sorted(methods.METHODS) + ['grpo', 'ppo']}")
-    # FLOPs are counted on the einsum attention a fused kernel replaces (matmul_cost cannot see
-    # inside a kernel), model FLOPs also without recomputation (remat, the chunked head's).
-    counted = _with_model(cfg, attention="xla")
-    model = _with_model(counted, remat="none", logits_chunk=None)
+    counted, model = cost_variants(cfg)
     programs = [compile_spec(*specs, where)
                 for specs in zip(make_specs(cfg, mesh), make_specs(counted, mesh),
                                  make_specs(model, mesh))]

@@ -20,7 +20,6 @@ experiments/results/plan_on_gpu.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -36,7 +35,7 @@ import numpy as np
 from align_jax.config import ConfigError
 from align_jax.data import PackedPairs
 from align_jax.models import read_config
-from align_jax.plan import matmul_cost, offline_specs, plan
+from align_jax.plan import cost_variants, matmul_cost, offline_specs, plan
 from align_jax.topology import CHIPS, GiB
 from align_jax.train.mesh import make_mesh
 from experiments.benchmarks.plan_table import DPO, DPO_1B, run_config
@@ -100,13 +99,9 @@ def measure(overrides: list[str], steps: int) -> dict:
     device = jax.devices()[0]
     mesh = make_mesh(1, 1, 1, devices=[device])
     spec = offline_specs(cfg, mesh)[0]
-    # FLOPs as plan counts them: the einsum attention a kernel replaces, and the model's own
-    # without recomputation
-    counted = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla"))
+    counted, model = cost_variants(cfg)
     flops, accessed = matmul_cost(offline_specs(counted, mesh)[0])
-    model_flops, _ = matmul_cost(offline_specs(dataclasses.replace(
-        counted, model=dataclasses.replace(counted.model, remat="none", logits_chunk=None)),
-        mesh)[0])
+    model_flops, _ = matmul_cost(offline_specs(model, mesh)[0])
     start = time.perf_counter()
     compiled = spec.fn.lower(*spec.args).compile()
     compile_seconds = time.perf_counter() - start
