@@ -27,8 +27,11 @@ that proxy only loses gold reward). Best-of-n by the gold reward itself is the o
 
 Checks (printed and written with the results):
   - the N = 16k proxy's held-out accuracy is within 0.03 of the Bayes ceiling;
-  - the gold reward peaks later for more data: the fitted d* does not fall as N grows, and is
-    larger at N = 16k than at N = 256.
+  - the gold reward peaks later for more data: among the N whose proxies are nearer the Bayes
+    ceiling than chance in held-out accuracy (at least three N), the fitted d* does not fall as N
+    grows, and is larger at the largest N than at the smallest. A proxy near chance ranks the
+    samples nearly at random: its best-of-n gold curve is nearly flat, and where it "peaks" is
+    noise (Gao et al. find the same below about 2,000 comparisons).
 
 Run: python -m experiments.rm_overoptimization [--seeds 2] [--out experiments/results] [--smoke]
 """
@@ -200,11 +203,22 @@ def check(results: dict, sizes=SIZES) -> list[str]:
     if results["ceiling"] - accuracy > CEILING_GAP:
         failures.append(f"the N = {sizes[-1]} proxy's held-out accuracy {accuracy:.3f} is more "
                         f"than {CEILING_GAP} below the Bayes ceiling {results['ceiling']:.3f}")
-    peaks = [fit_peak(results["ns"], curve(results, size))[2] for size in sizes]
-    if any(later < earlier for earlier, later in zip(peaks, peaks[1:])) or not peaks[-1] > peaks[0]:
+    learned = [size for size in sizes if not near_chance(results[size], results["ceiling"])]
+    peaks = [fit_peak(results["ns"], curve(results, size))[2] for size in learned]
+    if len(learned) < 3:
+        failures.append(f"only {len(learned)} of the {len(sizes)} data sizes gave proxies nearer "
+                        "the Bayes ceiling than chance; comparing where the gold reward peaks "
+                        "needs three")
+    elif any(later < earlier for earlier, later in zip(peaks, peaks[1:])) or peaks[-1] <= peaks[0]:
         failures.append("the gold reward does not peak later for more data: fitted √KL peaks "
-                        + ", ".join(f"N = {s} {p:.2f}" for s, p in zip(sizes, peaks)))
+                        + ", ".join(f"N = {s} {p:.2f}" for s, p in zip(learned, peaks)))
     return failures
+
+
+def near_chance(proxies: list[dict], ceiling: float) -> bool:
+    """Whether the proxies of one data size rank held-out comparisons nearer chance (½) than the
+    Bayes ceiling, in mean accuracy."""
+    return float(np.mean([r["accuracy"] for r in proxies])) <= (0.5 + ceiling) / 2
 
 
 def results_table(results: dict, sizes=SIZES) -> str:
@@ -224,7 +238,8 @@ def results_table(results: dict, sizes=SIZES) -> str:
             f"{size:,}", ", ".join(f"{r['best_step']} of {r['steps']} ({r['epochs']:.2g})"
                                    for r in results[size]),
             report.mean_se([r["best_loss"] for r in results[size]]),
-            report.mean_se([r["accuracy"] for r in results[size]]),
+            report.mean_se([r["accuracy"] for r in results[size]])
+            + (" (near chance)" if near_chance(results[size], results["ceiling"]) else ""),
             report.mean_se([r["bon"][-1] for r in results[size]]), str(ns[int(np.argmax(gold))]),
             f"{alpha:.3f}", f"{beta:.3f}", "never" if np.isinf(peak) else f"{peak:.2f}",
             f"{np.mean([r['seconds'] for r in results[size]]):.0f}"]) + " |")
@@ -272,10 +287,11 @@ def main(argv=None) -> int:
              "mean ± standard error over seeds.")
     status = report.write(
         args.out, "rm_overoptimization", title="Reward-model over-optimisation (Gao et al. 2022) "
-        "on the synthetic sentiment grammar", body="\n\n".join([*paragraphs[1:3], setup]),
+        "on the synthetic sentiment grammar", body="\n\n".join([*paragraphs[1:4], setup]),
         table=results_table(results, sizes), failures=check(results, sizes),
-        claim="the largest proxy is near the Bayes ceiling, and the gold reward peaks later for "
-        "proxies trained on more comparisons.", seconds=time.perf_counter() - start)
+        claim="the largest proxy is near the Bayes ceiling, and among the proxies beyond chance "
+        "the gold reward peaks later for those trained on more comparisons.",
+        seconds=time.perf_counter() - start)
     plot(results, args.out / "rm_overoptimization.png", sizes)
     return status
 

@@ -48,22 +48,38 @@ def test_bayes_ceiling():
     np.testing.assert_allclose(exp.bayes_ceiling(delta, np.zeros(3)), expected)
 
 
-def _fake(peaks, accuracy=0.7, ceiling=0.72):
+def _fake(peaks, accuracy=0.7, ceiling=0.72, accuracies=None):
     ns = [1, 2, 4, 8, 16, 32]
     d = np.sqrt(exp.bon_kl(ns))
     results = {"ns": ns, "oracle": d, "ceiling": ceiling}
-    for size, peak in zip(exp.SIZES, peaks):
-        results[size] = [{"accuracy": accuracy, "bon": d * (2 * peak - d), "peak": peak,
-                          "best_step": 8, "epochs": 1.0, "steps": 16, "seconds": 1.0}]
+    for size, peak, acc in zip(exp.SIZES, peaks, accuracies or [accuracy] * len(peaks)):
+        results[size] = [{"accuracy": acc, "bon": d * (2 * peak - d), "peak": peak,
+                          "best_step": 8, "epochs": 1.0, "steps": 16, "seconds": 1.0,
+                          "best_loss": 0.6}]
     return results
 
 
 def test_check_flags_each_claim():
     assert exp.check(_fake([0.5, 0.8, 1.0, 1.4])) == []
-    failures = exp.check(_fake([0.5, 0.8, 1.0, 1.4], accuracy=0.6))
+    failures = exp.check(_fake([0.5, 0.8, 1.0, 1.4], accuracy=0.65))
     assert len(failures) == 1 and "Bayes ceiling 0.720" in failures[0]
     failures = exp.check(_fake([0.5, 1.0, 0.8, 1.4]))
     assert len(failures) == 1 and "N = 4096 0.80" in failures[0]
+
+
+def test_the_peak_check_leaves_out_proxies_near_chance():
+    # ceiling 0.72: a proxy at or below 0.61 is nearer chance than the ceiling
+    at_chance = (0.61, 0.65, 0.7, 0.71)
+    # where a proxy near chance "peaks" does not count against the others ...
+    assert exp.check(_fake([2.0, 0.8, 1.0, 1.4], accuracies=at_chance)) == []
+    table = exp.results_table(_fake([2.0, 0.8, 1.0, 1.4], accuracies=at_chance))
+    assert table.count("(near chance)") == 1 and "0.610 ± 0.000 (near chance)" in table
+    # ... nor for them: the others must still peak later for more data
+    failures = exp.check(_fake([0.1, 1.0, 0.8, 1.4], accuracies=at_chance))
+    assert len(failures) == 1 and "N = 256" not in failures[0] and "N = 4096 0.80" in failures[0]
+    # two sizes beyond chance are too few to compare
+    failures = exp.check(_fake([0.5, 0.8, 1.0, 1.4], accuracies=(0.55, 0.6, 0.7, 0.71)))
+    assert len(failures) == 1 and "only 2 of the 4 data sizes" in failures[0]
 
 
 def test_smoke_run_writes_results(tmp_path):
