@@ -15,7 +15,7 @@ of preferences, pairs of continuations whose better one by the true sentiment is
     desirable signal, and the mechanism (`experiments/kto_bandit.py`) recovers it only that slowly.
 Each model continues 256 held-out review openings, 4 samples each at T = 1; the true-reward gain is
 the mean sentiment of those continuations minus the SFT model's, and each KTO run reports the
-fraction of DPO's gain it recovers.
+fraction of DPO's gain it recovers, ± its standard error over seeds (the delta method).
 
 Checks (printed and written with the results):
   - KTO on the same preferences recovers at least 80% of DPO's gain;
@@ -130,14 +130,24 @@ def recovered(results: dict) -> dict[str, float]:
     return {name: float(g[name].mean() / g["DPO"].mean()) for name in RUNS}
 
 
+def recovered_se(results: dict) -> dict[str, float]:
+    """The standard error over seeds of each run's fraction f = mean(g) / mean(g_DPO): the ratio
+    estimator's, the standard error of the mean of (g_s − f g_DPO,s) / mean(g_DPO) (the delta
+    method; a seed's runs share its pairs, so their gains covary). 0 for one seed."""
+    g, fraction = gains(results), recovered(results)
+    return {name: report.mean_and_se((g[name] - fraction[name] * g["DPO"]) / g["DPO"].mean())[1]
+            for name in RUNS}
+
+
 def check(results: dict) -> list[str]:
     """The paper's claims at this scale; an empty list when they hold."""
-    failures, fraction = [], recovered(results)
+    failures, fraction, se = [], recovered(results), recovered_se(results)
     if gains(results)["DPO"].mean() <= 0:
         return [f"DPO does not raise the true reward (gain {gains(results)['DPO'].mean():+.3f}), "
                 "so there is no gain to recover"]
     if fraction["KTO"] < RECOVERED:
-        failures.append(f"KTO recovers {fraction['KTO']:.2f} of DPO's gain, less than {RECOVERED}")
+        failures.append(f"KTO recovers {fraction['KTO']:.2f} ± {se['KTO']:.2f} of DPO's gain, "
+                        f"less than {RECOVERED}")
     if fraction[RUNS[3]] <= fraction[RUNS[2]]:
         failures.append(f"with 10% of the desirable examples, the rescaled λ_D recovers "
                         f"{fraction[RUNS[3]]:.2f} of DPO's gain, not more than λ_D = 1 "
@@ -149,14 +159,14 @@ def check(results: dict) -> list[str]:
 
 
 def results_table(results: dict) -> str:
-    g, fraction = gains(results), recovered(results)
+    g, fraction, se = gains(results), recovered(results), recovered_se(results)
     lines = ["| model | true reward | gain over SFT | fraction of DPO's gain "
              "| s / run (a sweep: its time / 2) |",
              "|---|---|---|---|---|",
              f"| SFT | {results['SFT'][0]['reward']:.3f} | | | |"]
     for name in RUNS:
         lines.append(f"| {name} | {report.mean_se([r['reward'] for r in results[name]])} | "
-                     f"{report.mean_se(g[name])} | {fraction[name]:.2f} | "
+                     f"{report.mean_se(g[name])} | {fraction[name]:.2f} ± {se[name]:.2f} | "
                      f"{np.mean([r['seconds'] for r in results[name]]):.0f} |")
     return "\n".join(lines)
 

@@ -45,6 +45,24 @@ def test_check_flags_each_claim():
     assert "no gain to recover" in exp.check(_fake(dpo=-0.1))[0]
 
 
+def test_fraction_standard_error_is_the_delta_method_with_the_gains_covariance():
+    results = {"SFT": [{"reward": 0.0}]}
+    per_seed = {"DPO": [1.0, 2.0, 1.5], "KTO": [0.5, 1.8, 1.0], exp.RUNS[2]: [0.1, -0.2, 0.0],
+                exp.RUNS[3]: [1.2, 1.1, 2.0]}
+    for name, gains in per_seed.items():
+        results[name] = [{"reward": g, "seconds": 1.0} for g in gains]
+    se = exp.recovered_se(results)
+    d = np.array(per_seed["DPO"])
+    for name in exp.RUNS:
+        k = np.array(per_seed[name])
+        f = k.mean() / d.mean()
+        cov = np.cov(k, d) / len(d)  # of the two means
+        var = f**2 * (cov[0, 0] / k.mean()**2 + cov[1, 1] / d.mean()**2
+                      - 2 * cov[0, 1] / (k.mean() * d.mean()))
+        np.testing.assert_allclose(se[name], np.sqrt(var), rtol=1e-9, atol=1e-12)
+    assert se["DPO"] == 0.0 and se["KTO"] > 0.1
+
+
 def test_smoke_run_writes_results(tmp_path):
     exp.main(["--smoke", "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
     report = (tmp_path / "results" / "kto_imbalanced.md").read_text()
