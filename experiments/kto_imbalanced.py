@@ -141,10 +141,11 @@ def recovered_se(results: dict) -> dict[str, float]:
 
 def check(results: dict) -> list[str]:
     """The paper's claims at this scale; an empty list when they hold."""
-    failures, fraction, se = [], recovered(results), recovered_se(results)
-    if gains(results)["DPO"].mean() <= 0:
-        return [f"DPO does not raise the true reward (gain {gains(results)['DPO'].mean():+.3f}), "
+    dpo_gain = gains(results)["DPO"].mean()
+    if dpo_gain <= 0:
+        return [f"DPO does not raise the true reward (gain {dpo_gain:+.3f}), "
                 "so there is no gain to recover"]
+    failures, fraction, se = [], recovered(results), recovered_se(results)
     if fraction["KTO"] < RECOVERED:
         failures.append(f"KTO recovers {fraction['KTO']:.2f} ± {se['KTO']:.2f} of DPO's gain, "
                         f"less than {RECOVERED}")
