@@ -160,14 +160,14 @@ def check(results: dict) -> list[str]:
     g, se = growth["GRPO"]
     if not g > 2 * se:
         failures.append(f"under GRPO the filler gap grew by {g:+.3f} tokens, not more than 2 "
-                        f"standard errors ({se:.3f})")
+                        f"standard errors (2 × {se:.3f})")
     d, se_d = growth["Dr. GRPO"]
     if not d < g:
         failures.append(f"the filler gap grew more under Dr. GRPO ({d:+.3f}) than under GRPO "
                         f"({g:+.3f})")
     if d > 2 * se_d:
         failures.append(f"under Dr. GRPO the filler gap grew by {d:+.3f} tokens, more than 2 "
-                        f"standard errors ({se_d:.3f})")
+                        f"standard errors (2 × {se_d:.3f})")
     return failures
 
 

@@ -162,7 +162,8 @@ def check(results: dict, eval_pairs: int = EVAL_PAIRS) -> list[str]:
                         f"(slope {slope:+.4f} per unit of γ)")
     if sweep[-1] - sweep[0] <= 2 * se:
         failures.append(f"γ = {GAMMAS[-1]:g} beats γ = 0 in held-out reward accuracy by "
-                        f"{sweep[-1] - sweep[0]:+.3f}, not more than 2 standard errors ({se:.3f})")
+                        f"{sweep[-1] - sweep[0]:+.3f}, not more than 2 standard errors "
+                        f"(2 × {se:.3f})")
     return failures
 
 

@@ -231,7 +231,7 @@ def check(results: dict) -> list[str]:
         change, se = report.paired_change(results["base"]["greedy"], results[method]["greedy"])
         if not change > 2 * se:
             failures.append(f"{method} changed greedy held-out accuracy by {change:+.3f}, not more "
-                            f"than 2 standard errors ({se:.3f})")
+                            f"than 2 standard errors (2 × {se:.3f})")
     return failures
 
 

@@ -133,12 +133,12 @@ def check(results: dict) -> list[str]:
     gap, se = call_advantage(results["SFT"])
     if not gap > 2 * se:
         failures.append(f"at SFT, trajectories with a call are right {gap:+.3f} more often than "
-                        f"those without, not more than 2 standard errors ({se:.3f})")
+                        f"those without, not more than 2 standard errors (2 × {se:.3f})")
     for key, name in (("calls", "tool-use rate"), ("right", "accuracy")):
         change, se = report.paired_change(results["SFT"][key], results["GRPO"][key])
         if not change > 2 * se:
             failures.append(f"GRPO changed the held-out {name} at T = 1 by {change:+.3f}, not more "
-                            f"than 2 standard errors ({se:.3f})")
+                            f"than 2 standard errors (2 × {se:.3f})")
     return failures
 
 

@@ -26,7 +26,7 @@ def test_check_flags_each_claim():
     assert len(flat) == 2 and "slope" in flat[0] and "2 standard errors" in flat[1]
     small = exp.check(_fake(accuracy_by_gamma=(0.80, 0.80, 0.81, 0.81)), eval_pairs=1024)
     # √(0.8·0.2/2048 + 0.81·0.19/2048)
-    assert len(small) == 1 and "2 standard errors (0.012)" in small[0]
+    assert len(small) == 1 and "2 standard errors (2 × 0.012)" in small[0]
 
 
 def test_smoke_run_writes_results(tmp_path):
