@@ -7,12 +7,14 @@ reward models start from it, as Gao et al.'s start from the pretrained model, wi
 head (`configs/reward_sentiment.yaml`), and are trained on N ∈ {256, 1k, 4k, 16k} comparisons
 labelled by Bradley-Terry on the gold reward, P(a ≻ b) = σ(r_a − r_b). As Gao et al. train every
 proxy to its best held-out loss, each is evaluated on the same 1,024 validation comparisons every
-32 updates (every epoch, where an epoch is shorter), stopped once 4 evaluations in a row found no
+32 updates (every epoch, where an epoch is shorter), stopped once 12 evaluations in a row found no
 lower loss, and kept at its lowest (`train.early_stopping_patience`, `train.keep_best`): a small
 set is not overfitted by passing over it many times, nor a large one cut short by a budget of
-updates. A proxy whose lowest validation loss is ln 2 = 0.693 has learnt nothing that carries to
-new comparisons: Gao et al. (§4.2) find that reward models need about 2,000 comparisons before
-they beat chance. Their accuracy is measured
+updates. The patience is long because the validation loss moves by 0.02–0.04 from one evaluation
+to the next while a learning proxy's falls by 0.01–0.02 per 128 updates: over 4 evaluations a
+plateau is as often noise as the end of learning. A proxy whose lowest validation loss is
+ln 2 = 0.693 has learnt nothing that carries to new comparisons: Gao et al. (§4.2) find that
+reward models need about 2,000 comparisons before they beat chance. Their accuracy is measured
 on 2,048 other held-out comparisons, next to the Bayes ceiling E[max(σ(Δ), σ(−Δ))] of those
 comparisons: the accuracy of a model that knew the gold reward.
 
@@ -65,7 +67,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 SIZES = (256, 1024, 4096, 16384)
 CEILING_GAP = 0.03
-EVAL_EVERY, PATIENCE = 32, 4  # updates between validation losses; evaluations without a lower one
+EVAL_EVERY, PATIENCE = 32, 12  # updates between validation losses; evaluations without a lower one
 
 
 def bon_weights(num_samples: int, ns) -> np.ndarray:
