@@ -21,7 +21,8 @@ def guesser(tmp_path_factory):
     """A tiny model briefly supervised on games of guess the number (it replies with numbers)."""
     out = tmp_path_factory.mktemp("sft_guess_number")
     train(load_config(ROOT / "configs/sft_guess_number.yaml", [
-        f"out_dir={out}", "train.steps=30", "train.warmup_steps=5", "data.synthetic_args.n=200"]),
+        f"out_dir={out}", "train.steps=30", "train.warmup_steps=5", "data.synthetic_args.n=200",
+        "train.batch_size=8"]),
         progress=False)
     return out / "model"
 
