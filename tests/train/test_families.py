@@ -38,11 +38,12 @@ FAMILIES = {  # the features that set each family apart, at sizes that make them
                   "model.init.num_experts=4", "model.init.num_experts_per_tok=2",
                   "model.init.moe_intermediate_size=16", "model.router_aux_coef=0.5"],
 }
-# DPO moves off ln 2 at its second step; GRPO's checks are on its first rollout
+# DPO moves off ln 2 at its second step (no warmup, so its first update is a whole one); GRPO's
+# checks are on its first rollout
 STEPS = {"dpo": 2, "grpo": 1}
 RUNS = {
     "dpo": ("dpo_sentiment", ["data.synthetic_args.n=32", "train.batch_size=8",
-                              "data.max_length=64"]),
+                              "data.max_length=64", "train.warmup_steps=0"]),
     "grpo": ("grpo_arithmetic", ["train.batch_size=4", "rl.num_generations=4",
                                  "rl.max_new_tokens=8", "rl.beta=0.04"]),
 }
@@ -69,7 +70,8 @@ def test_dpo_run_and_export(family, variant, tmp_path):
     rows = run(tmp_path, family, "dpo", *variant)
     router = 0.5 * rows[0]["aux_loss"] if family in MOE else 0.0
     assert rows[0]["loss"] == pytest.approx(math.log(2) + router, abs=1e-6)
-    assert np.isfinite(rows[-1]["loss"]) and rows[-1]["loss"] != rows[0]["loss"]
+    # by far more than float32 rounding (6e-8 at ln 2)
+    assert np.isfinite(rows[-1]["loss"]) and abs(rows[-1]["loss"] - rows[0]["loss"]) > 1e-5
     exported = tmp_path / "model"
     assert (tmp_path / "adapter" / "adapter_config.json").exists() == bool(variant)
     assert json.loads((exported / "config.json").read_text())["model_type"] == family
