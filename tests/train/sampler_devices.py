@@ -24,12 +24,7 @@ TINY = ["model.path=null", "model.init.vocab_size=384", "model.init.hidden_size=
         "model.init.num_key_value_heads=2", "model.init.num_hidden_layers=2",
         "model.init.max_position_embeddings=256", "train.batch_size=8", "rl.num_generations=4",
         "rl.max_new_tokens=8", "train.steps=2", "train.log_every=1", "rl.beta=0.04",
-        "rl.reward_funcs=[tests.train.sampler_devices:token_reward]", "rl.reward_weights=null"]
-
-
-def token_reward(completion_ids, **_) -> list[float]:
-    """A reward a tiny random model's samples vary in: their mean token id."""
-    return [float(np.mean(ids)) / 384 for ids in completion_ids]
+        "rl.reward_funcs=[tests.train:token_reward]", "rl.reward_weights=null"]
 
 
 def config(out: Path, *extra: str):

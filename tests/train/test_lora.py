@@ -124,11 +124,13 @@ def nbytes(tree) -> int:
 
 def test_lora_grpo_run_samples_from_base_and_adapters(tmp_path):
     """GRPO with β > 0 on an int8 base: the reference log-probs come from the base with the
-    adapters off, which is the policy before the first update (KL 0), and the policy's adapters
-    are exported."""
+    adapters off, which is the policy before the first update (KL 0) and not after it, and the
+    policy's adapters are exported. One update per rollout, on a reward that varies within every
+    group of the random model's samples, so the first update moves the adapters."""
     cfg = config(tmp_path, *TINY_MODEL, *LORA, "model.lora.base_dtype=int8", "rl.beta=0.04",
                  "rl.num_generations=4", "rl.max_new_tokens=8", "train.steps=2", "train.lr=0.01",
-                 base="configs/grpo_arithmetic.yaml")
+                 "rl.mini_batches=1", "rl.reward_funcs=[tests.train:token_reward]",
+                 "rl.reward_weights=null", base="configs/grpo_arithmetic.yaml")
     train(cfg, progress=False)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["kl"] < 1e-6 < rows[1]["kl"]
