@@ -22,7 +22,7 @@ Checks (printed and written with the results):
   - with 90% of the desirable examples dropped, the rescaled λ_D recovers more of DPO's gain than
     λ_D = 1, and at least 80% of it.
 
-Run: python -m experiments.kto_imbalanced [--seeds 2] [--out experiments/results] [--smoke]
+Run: python -m experiments.kto_imbalanced [--seeds 4] [--out experiments/results] [--smoke]
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def plot(results: dict, path: Path):
 
 def main(argv=None) -> int:
     parser = report.argument_parser(
-        __doc__, "kto_imbalanced", seeds=2, sft_steps=300,
+        __doc__, "kto_imbalanced", seeds=4, sft_steps=300,
         smoke="4 steps of 4 rows, 1 seed, 200 pairs, 16 held-out prompts")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--pairs", type=int, default=4000)
