@@ -22,8 +22,7 @@ def guesser(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft_guess_number")
     train(load_config(ROOT / "configs/sft_guess_number.yaml", [
         f"out_dir={out}", "train.steps=30", "train.warmup_steps=5", "data.synthetic_args.n=200",
-        "train.batch_size=8"]),
-        progress=False)
+        "train.batch_size=8"]), progress=False)
     return out / "model"
 
 
