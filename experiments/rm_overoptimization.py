@@ -4,8 +4,9 @@ sentiment grammar, whose true sentiment `synthetic.sentiment_score` plays the go
 
 A tiny model is fine-tuned on random review continuations (`configs/sft_sentiment.yaml`). Proxy
 reward models start from it, as Gao et al.'s start from the pretrained model, with a new scalar
-head (`configs/reward_sentiment.yaml`), and are trained on N ∈ {256, 1k, 4k, 16k} comparisons
-labelled by Bradley-Terry on the gold reward, P(a ≻ b) = σ(r_a − r_b). As Gao et al. train every
+head (`configs/reward_sentiment.yaml`), and are trained with the plain Bradley-Terry loss, as Gao
+et al.'s (no reward-centering term), on N ∈ {256, 1k, 4k, 16k} comparisons labelled by
+Bradley-Terry on the gold reward, P(a ≻ b) = σ(r_a − r_b). As Gao et al. train every
 proxy to its best held-out loss, each is evaluated on the same 1,024 validation comparisons every
 32 updates (every epoch, where an epoch is shorter), stopped once 12 evaluations in a row found no
 lower loss, and kept at its lowest (`train.early_stopping_patience`, `train.keep_best`): a small
