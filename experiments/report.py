@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 from pathlib import Path
 
 import jax
@@ -98,14 +100,26 @@ def trajectory_table(runs: dict, at, *, first: str, column, digits: int = 3,
     return "\n".join(lines)
 
 
+def machine() -> str:
+    """What the run ran on: the accelerators by kind, or the CPU's model and core count (results
+    differ between CPUs in the last bits, and a bistable check can flip with them)."""
+    device = jax.devices()[0]
+    if device.platform != "cpu":
+        return f"{jax.device_count()} × {device.device_kind}"
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in
+              (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+              if line.startswith("model name")]
+    return f"CPU ({models[0] if models else platform.processor()}, {os.cpu_count()} cores)"
+
+
 def write(out: Path, name: str, *, title: str, body: str, table: str, failures: list[str],
           claim: str, seconds: float) -> int:
     """Write `<out>/<name>.md` (the plot `<name>.png` is the caller's), print the table and the
     verdict, and return the exit status: 0 when the check passed, 1 when it failed."""
     verdict = (f"PASS: {claim}" if not failures
                else "FAIL:\n" + "\n".join(f"- {f}" for f in failures))
-    runtime = (f"Everything took {seconds / 60:.1f} min on {jax.devices()[0].platform.upper()} "
-               f"({jax.device_count()} device).")
+    runtime = f"Everything took {seconds / 60:.1f} min on {machine()}."
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(f"# {title}\n\n{body} {runtime}\n\n{table}\n\n"
                                     f"**Check.** {verdict}\n\n![{name}]({name}.png)\n")

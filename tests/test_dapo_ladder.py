@@ -3,6 +3,7 @@
 import numpy as np
 
 from experiments import dapo_ladder
+from experiments.report import machine
 
 
 def _fake(entropies_by_rung, zero_std=(0.0, 0.0), filled=(True, True)):
@@ -38,6 +39,7 @@ def test_smoke_run_writes_results(tmp_path):
                       "--runs", str(tmp_path / "runs")])
     report = (tmp_path / "results" / "dapo_ladder.md").read_text()
     assert report.count("\n| +") == 4 and "**Check.**" in report
+    assert f" min on {machine()}." in report  # e.g. "CPU (AMD EPYC, 2 cores)"
     assert (tmp_path / "results" / "dapo_ladder.png").stat().st_size > 10_000
     table_rows = [line for line in report.splitlines() if line.startswith("| GRPO")]
     accuracy = float(table_rows[0].split("|")[2].split("±")[0])
