@@ -36,7 +36,7 @@ test: install-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25 tests
 
-# Every paper reproduction in full mode, and the real-model runs on SmolLM2 (about four hours on 2
+# Every paper reproduction in full mode, and the real-model runs on SmolLM2 (about five hours on 2
 # CPU cores); each writes experiments/results/<name>.md and .png with its check, PASS or
 # FAIL, and its runtime. The SmolLM2 runs need the GGUF file that install-test brings.
 EXPERIMENTS := ipo_bandit dpo_frontier dapo_ladder dr_grpo_length simpo_ablations kto_imbalanced rm_overoptimization smollm2_grpo tool_grpo

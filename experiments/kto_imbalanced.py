@@ -10,9 +10,11 @@ of preferences, pairs of continuations whose better one by the true sentiment is
     λ_D = λ_U = 1;
   - KTO after dropping 90% of the desirable examples, with λ_D = 1, and with the paper's rescaling
     λ_D n_D / (λ_U n_U) = 1 (`losses.kto_desirable_weight`, here λ_D ≈ 10): the two trained as one
-    vmapped program (`sweep.field=desirable_weight`), for as many steps as it takes to draw as
-    many desirable rows as balanced KTO does (5.5× its steps): one row in eleven carries the
-    desirable signal, and the mechanism (`experiments/kto_bandit.py`) recovers it only that slowly.
+    vmapped program (`sweep.field=desirable_weight`), until they have drawn as many desirable rows
+    as balanced KTO does (5.5× its rows): one row in eleven carries the desirable signal, and the
+    mechanism (`experiments/kto_bandit.py`) recovers it only that slowly. They draw batches 4×
+    larger (a quarter of the steps), so that a batch holds about six desirable rows rather than
+    one or two: at 16 rows, one batch in five holds none and pushes every shared word down.
 Each model continues 256 held-out review openings, 4 samples each at T = 1; the true-reward gain is
 the mean sentiment of those continuations minus the SFT model's, and each KTO run reports the
 fraction of DPO's gain it recovers, ± its standard error over seeds (the delta method).
@@ -22,7 +24,7 @@ Checks (printed and written with the results):
   - with 90% of the desirable examples dropped, the rescaled λ_D recovers more of DPO's gain than
     λ_D = 1, and at least 80% of it.
 
-Run: python -m experiments.kto_imbalanced [--seeds 4] [--out experiments/results] [--smoke]
+Run: python -m experiments.kto_imbalanced [--seeds 8] [--out experiments/results] [--smoke]
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 KEEP_DESIRABLE = 0.1
+IMBALANCED_BATCH = 4  # × the balanced runs' batch
 RECOVERED = 0.8
 RUNS = ("DPO", "KTO", "KTO, 10% desirable, λ_D = 1", "KTO, 10% desirable, λ_D rescaled")
 MECHANISM = (
@@ -59,11 +62,12 @@ MECHANISM = (
     "Gain in the exact E_π[r], mean ± SE over 16 seeds trained as lanes of one vmapped program:")
 
 
-def datasets_for(pairs, out: Path, seed: int, steps: int
+def datasets_for(pairs, out: Path, seed: int, steps: int, batch: int
                  ) -> dict[str, tuple[Path, list[str], dict[str, str]]]:
     """Write the three training sets; {job: (file, extra overrides, {run: its directory in the
     job's})}. The two λ_D runs on the imbalanced set are the members of one sweep job, which
-    trains until it has drawn as many desirable rows as balanced KTO does in `steps` steps."""
+    draws batches of `IMBALANCED_BATCH` × `batch` rows until it has drawn as many desirable rows
+    as balanced KTO does in `steps` steps of `batch`."""
     out.mkdir(parents=True, exist_ok=True)
     unpaired = unpair(pairs)
     desirable = [i for i, label in enumerate(unpaired["label"]) if label]
@@ -76,10 +80,10 @@ def datasets_for(pairs, out: Path, seed: int, steps: int
     files = {name: out / f"{name}.jsonl" for name in ("pairs", "unpaired", "imbalanced")}
     for name, ds in zip(files, (pairs, unpaired, imbalanced)):
         ds.to_json(str(files[name]), lines=True)
-    # desirable rows drawn per step: a half of the balanced set's, n_d / n of the imbalanced one's
-    imbalanced_steps = round(steps * 0.5 * len(imbalanced) / n_d)
+    # desirable rows drawn per row: a half of the balanced set's, n_d / n of the imbalanced one's
+    imbalanced_steps = round(steps * 0.5 * len(imbalanced) / n_d / IMBALANCED_BATCH)
     sweep = ["sweep.field=desirable_weight", f"sweep.values=[1.0,{weight}]",
-             f"train.steps={imbalanced_steps}"]
+             f"train.steps={imbalanced_steps}", f"train.batch_size={IMBALANCED_BATCH * batch}"]
     return {"DPO": (files["pairs"], ["train.method=dpo", "loss.loss_type=sigmoid"], {"DPO": ""}),
             "KTO": (files["unpaired"], [], {"KTO": ""}),
             "λ_D sweep": (files["imbalanced"], sweep, {RUNS[2]: "desirable_weight=1",
@@ -101,14 +105,16 @@ def run_study(out: Path, *, seeds: int, sft_steps: int, steps: int, pairs: int, 
     sft_model = report.sft("sft_sentiment.yaml", out / "sft", sft_steps, smoke=smoke)
     held_out = list(synthetic.sentiment(prompts, seed=12345)["prompt"])
     results = {"SFT": [{"reward": true_reward(sft_model, held_out)}]}
+    config = report.ROOT / "configs/kto_sentiment_sft.yaml"
+    batch = load_config(config, list(extra)).train.batch_size
     for seed in range(seeds):
         data = datasets_for(synthetic.sentiment_pairs(pairs, seed=seed + 1, beta=None),
-                            out / f"data_seed{seed}", seed, steps)
+                            out / f"data_seed{seed}", seed, steps, batch)
         for i, (path, overrides, runs) in enumerate(data.values()):
             start, job_dir = time.perf_counter(), out / f"{i}_seed{seed}"
-            train(load_config(report.ROOT / "configs/kto_sentiment_sft.yaml", [
+            train(load_config(config, [
                 f"model.path={sft_model}", f"data.train={path}", f"train.steps={steps}",
-                f"train.seed={seed}", f"out_dir={job_dir}", *overrides, *extra]), progress=False)
+                f"train.seed={seed}", f"out_dir={job_dir}", *extra, *overrides]), progress=False)
             # a sweep's time, shared by its members
             seconds = (time.perf_counter() - start) / len(runs)
             for name, member in runs.items():
@@ -184,7 +190,7 @@ def plot(results: dict, path: Path):
 
 def main(argv=None) -> int:
     parser = report.argument_parser(
-        __doc__, "kto_imbalanced", seeds=4, sft_steps=300,
+        __doc__, "kto_imbalanced", seeds=8, sft_steps=300,
         smoke="4 steps of 4 rows, 1 seed, 200 pairs, 16 held-out prompts")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--pairs", type=int, default=4000)

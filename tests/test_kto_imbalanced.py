@@ -10,7 +10,7 @@ from experiments import kto_imbalanced as exp
 
 def test_imbalanced_set_keeps_a_tenth_of_the_desirable_rows_and_rescales_lambda_d(tmp_path):
     pairs = synthetic.sentiment_pairs(200, seed=1, beta=None)
-    data = exp.datasets_for(pairs, tmp_path, seed=0, steps=200)
+    data = exp.datasets_for(pairs, tmp_path, seed=0, steps=200, batch=16)
     rows = {job: [json.loads(line) for line in path.read_text().splitlines()]
             for job, (path, _, _) in data.items()}
     assert len(rows["DPO"]) == len(pairs) and len(rows["KTO"]) == 2 * len(pairs)
@@ -23,9 +23,10 @@ def test_imbalanced_set_keeps_a_tenth_of_the_desirable_rows_and_rescales_lambda_
     one, weight = (float(v) for v in overrides[1].split("=")[1].strip("[]").split(","))
     assert one == 1.0 and runs[exp.RUNS[3]] == f"desirable_weight={weight:g}"
     np.testing.assert_allclose(weight * n_d / (len(imbalanced) - n_d), 1.0)
-    # as many desirable rows drawn as balanced KTO's 200 steps × half of each batch
-    assert overrides[2] == f"train.steps={round(200 * 0.5 * len(imbalanced) / n_d)}" == \
-        "train.steps=1100"
+    # as many desirable rows drawn as balanced KTO's 200 steps × half of each batch of 16, in
+    # batches of 64
+    assert overrides[2:] == ["train.steps=275", "train.batch_size=64"]
+    assert 275 * 64 * n_d / len(imbalanced) == 200 * 16 * 0.5
 
 
 def _fake(dpo=1.0, kto=0.9, flat=0.5, rescaled=0.85):
