@@ -107,10 +107,10 @@ def machine() -> str:
     if device.platform != "cpu":
         return f"{jax.device_count()} × {device.device_kind}"
     cpuinfo = Path("/proc/cpuinfo")
-    models = [line.split(":", 1)[1].strip() for line in
-              (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-              if line.startswith("model name")]
-    return f"CPU ({models[0] if models else platform.processor()}, {os.cpu_count()} cores)"
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines
+                  if line.startswith("model name")), platform.processor())
+    return f"CPU ({model}, {os.cpu_count()} cores)"
 
 
 def write(out: Path, name: str, *, title: str, body: str, table: str, failures: list[str],
