@@ -26,6 +26,14 @@ samples at T = 1; a change is paired over the problems (the standard error of th
 differences). Check: each method, fully and with LoRA, raises greedy held-out accuracy by more
 than two standard errors.
 
+The check's power: over 64 problems two standard errors of a paired greedy change are 0.12–0.14.
+DPO with LoRA can stay within them while it moves the sampled replies. On the base model's pairs,
+scored on the same held-out problems, LoRA learning rates of 5e-5, 1.5e-4 and 5e-4 changed greedy
+accuracy by +0.109 ± 0.067, +0.031 ± 0.070 and +0.000 ± 0.067, and T = 1 accuracy by +0.063 ±
+0.021, +0.139 ± 0.030 and +0.064 ± 0.028; three epochs at 5e-5 (65 updates) took the DPO loss from
+0.69 to 0.23 and T = 1 accuracy up by 0.19, greedy accuracy by −0.016 ± 0.065. DPO with LoRA
+changes the distribution of the replies more than the most likely reply to most problems.
+
 Run: python -m experiments.smollm2_grpo [--rollouts 20] [--held-out 64] [--out experiments/results]
      [--smoke]
 """
@@ -231,7 +239,9 @@ def check(results: dict) -> list[str]:
         change, se = report.paired_change(results["base"]["greedy"], results[method]["greedy"])
         if not change > 2 * se:
             failures.append(f"{method} changed greedy held-out accuracy by {change:+.3f}, not more "
-                            f"than 2 standard errors (2 × {se:.3f})")
+                            f"than 2 standard errors (2 × {se:.3f}); T = 1 accuracy by "
+                            "{:+.3f} ± {:.3f}".format(*report.paired_change(
+                                results["base"]["sampled"], results[method]["sampled"])))
     return failures
 
 
@@ -321,7 +331,7 @@ def main(argv=None) -> int:
              "one seed, float32.")
     status = report.write(
         args.out, "smollm2_grpo", title="GRPO and DPO on SmolLM2-135M-Instruct",
-        body="\n\n".join([*paragraphs[1:5], setup]), table=results_table(results),
+        body="\n\n".join([*paragraphs[1:6], setup]), table=results_table(results),
         failures=check(results), claim="GRPO and DPO, fully and with LoRA, each raise the real "
         "model's greedy held-out accuracy by more than two standard errors.",
         seconds=time.perf_counter() - start)

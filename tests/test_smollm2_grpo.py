@@ -41,9 +41,11 @@ def test_preference_pairs_match_right_replies_with_wrong_ones_of_the_same_prompt
 
 
 def _fake(grpo, dpo):
-    base = {"greedy": np.array([0.0, 0, 1, 0, 0, 1, 0, 0])}
-    return {"base": base, "GRPO": {"greedy": np.array(grpo, float)},
-            "DPO": {"greedy": np.array(dpo, float)}}
+    """Greedy accuracies as given; sampled ones a quarter above the base model's on each problem."""
+    base = {"greedy": np.array([0.0, 0, 1, 0, 0, 1, 0, 0]), "sampled": np.linspace(0, 0.5, 8)}
+    return {"base": base, **{name: {"greedy": np.array(greedy, float),
+                                    "sampled": base["sampled"] + 0.25}
+                             for name, greedy in (("GRPO", grpo), ("DPO", dpo))}}
 
 
 def test_check_needs_a_paired_gain_beyond_two_standard_errors():
@@ -52,8 +54,8 @@ def test_check_needs_a_paired_gain_beyond_two_standard_errors():
     change, se = report.paired_change(_fake(up, up)["base"]["greedy"], up)
     assert change == 0.625 and np.isclose(se, np.std([1, 1, 0, 1, 1, 0, 0, 1], ddof=1) / 8**0.5)
     failures = exp.check(_fake(up, [0, 0, 1, 0, 0, 1, 0, 0]))
-    assert len(failures) == 1 and failures[0].startswith("DPO changed greedy held-out accuracy "
-                                                         "by +0.000")
+    assert failures == ["DPO changed greedy held-out accuracy by +0.000, not more than 2 standard "
+                        "errors (2 × 0.000); T = 1 accuracy by +0.250 ± 0.000"]
     assert len(exp.check(_fake([0] * 8, [1, 0, 1, 0, 0, 1, 0, 0]))) == 2
 
 
