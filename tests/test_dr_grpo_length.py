@@ -54,6 +54,20 @@ def test_check_flags_each_way_the_claim_can_fail():
     assert len(failures) == 3 and "under GRPO" in failures[0] and "Dr. GRPO" in failures[2]
 
 
+def test_regime_states_the_gaps_and_concludes_only_when_grpo_fails_and_the_table_holds():
+    flat = [3.0, 3.2, 2.8] * 30
+    sft = _sample([10, 11], [10, 11], flat, flat)
+    longer = _sample([10, 11], [10, 11], [x + 1 for x in flat], [x + 1 for x in flat])
+    grows = _sample([10, 11], [10, 11], flat, [x + 1 for x in flat])
+    outside = {"SFT": sft, "GRPO": [longer], "Dr. GRPO": [longer]}
+    text = exp.regime(outside, mechanism_holds=True)
+    assert "+0.000 ± 0.024 tokens after SFT" in text
+    assert "under GRPO +0.000 ± 0.024, while every answer's filler moved by +1.00" in text
+    assert "outside the mechanism's regime" in text
+    assert "regime" not in exp.regime(outside, mechanism_holds=False).split("acts through")[1]
+    assert "outside" not in exp.regime({**outside, "GRPO": [grows]}, mechanism_holds=True)
+
+
 def test_smoke_run_writes_results(tmp_path):
     exp.main(["--smoke", "--out", str(tmp_path / "results"), "--runs", str(tmp_path / "runs")])
     report = (tmp_path / "results" / "dr_grpo_length.md").read_text()
