@@ -43,7 +43,7 @@ FAMILIES = {  # the features that set each family apart, at sizes that make them
 STEPS = {"dpo": 2, "grpo": 1}
 RUNS = {
     "dpo": ("dpo_sentiment", ["data.synthetic_args.n=32", "train.batch_size=8",
-                              "data.max_length=64", "train.warmup_steps=0"]),
+                              "data.max_length=64", "data.buckets=[64]", "train.warmup_steps=0"]),
     "grpo": ("grpo_arithmetic", ["train.batch_size=4", "rl.num_generations=4",
                                  "rl.max_new_tokens=8", "rl.beta=0.04"]),
 }

@@ -55,7 +55,8 @@ def train_rows(out: Path, method: str, *variant: str) -> list[dict]:
     config, extra = RUNS[method]
     cfg = load_config(ROOT / "configs" / f"{config}.yaml", TINY_MODEL + extra + [
         f"out_dir={out}", "train.steps=3", "train.batch_size=8", "train.log_every=1",
-        "train.eval_every=0", "data.eval_fraction=0", "data.max_length=64", *variant])
+        "train.eval_every=0", "data.eval_fraction=0", "data.max_length=64", "data.buckets=[64]",
+        *variant])
     train(cfg, progress=False)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["split"] == "train"]

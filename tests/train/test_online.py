@@ -221,6 +221,12 @@ def sft_model(tmp_path_factory):
     return root / "sft" / "model"
 
 
+@pytest.fixture(scope="session")
+def sft_true_reward(sft_model):
+    """The SFT model's true reward, measured once per test process."""
+    return true_reward(sft_model)
+
+
 # 24 steps: at 12, DAPO's gain ranged from -0.04 to +0.10 over three training seeds (the other
 # variants' from +0.10 to +0.11); at 24 it is +0.10 to +0.13 for each seed.
 GRPO_STEPS = 24
@@ -246,8 +252,8 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_grpo_variants_raise_the_true_reward(variant, sft_model, tmp_path):
-    before = true_reward(sft_model)
+def test_grpo_variants_raise_the_true_reward(variant, sft_model, sft_true_reward, tmp_path):
+    before = sft_true_reward
     last = train(grpo_config(tmp_path, sft_model, *VARIANTS[variant]), progress=False)
     after = true_reward(tmp_path / "model")
     assert after > before + 0.05, (variant, before, after)
@@ -267,7 +273,8 @@ def test_grpo_variants_raise_the_true_reward(variant, sft_model, tmp_path):
         assert "rewards/soft_overlong/mean" in last
 
 
-def test_rlhf_reward_model_then_ppo_raises_the_learned_reward(sft_model, tmp_path):
+def test_rlhf_reward_model_then_ppo_raises_the_learned_reward(sft_model, sft_true_reward,
+                                                             tmp_path):
     """RLHF's stages 2 and 3: a reward model on the SFT model's own samples labelled by the true
     reward, then PPO against it with the SFT model as reference and the critic from the reward
     model.
@@ -294,7 +301,7 @@ def test_rlhf_reward_model_then_ppo_raises_the_learned_reward(sft_model, tmp_pat
         f"data.train={tmp_path / 'pairs.jsonl'}", "train.steps=60", "train.batch_size=16",
         "train.eval_every=0"]), progress=False)
     assert rm["eval_accuracy"] > 0.7
-    before = true_reward(sft_model)
+    before = sft_true_reward
     last = train(load_config(ROOT / "configs/ppo_arithmetic.yaml", [
         f"out_dir={tmp_path / 'ppo'}", f"model.path={sft_model}",
         f"rl.reward_model={tmp_path / 'rm' / 'model'}", "train.steps=12", "train.lr=2e-4",

@@ -22,7 +22,7 @@ from align_jax.train import NonFiniteError, train
 ROOT = Path(__file__).parents[2]
 TINY = ["model.init.hidden_size=32", "model.init.intermediate_size=64",
         "model.init.num_hidden_layers=2", "data.synthetic_args.n=200", "train.batch_size=8",
-        "train.log_every=1", "data.max_length=64"]
+        "train.log_every=1", "data.max_length=64", "data.buckets=[64]"]
 
 
 def config(out, *extra, base="configs/sft_arithmetic.yaml"):
