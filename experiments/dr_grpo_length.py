@@ -149,19 +149,25 @@ def pooled(samples: list[dict]) -> dict:
     return {k: np.concatenate([s[k] for s in samples]) for keys in MEASURES.values() for k in keys}
 
 
-def check(results: dict) -> list[str]:
-    """The paper's claim at this scale, on the exact filler gap; an empty list when it holds."""
+def growth(results: dict) -> dict[str, tuple[float, float]]:
+    """Each method's growth of the filler gap over the SFT model's, and its standard error."""
     base, base_se = gap(results["SFT"], "filler")
-    growth = {}
+    out = {}
     for m in METHODS:
         g, se = gap(pooled(results[m]), "filler")
-        growth[m] = g - base, float(np.hypot(se, base_se))
+        out[m] = g - base, float(np.hypot(se, base_se))
+    return out
+
+
+def check(results: dict) -> list[str]:
+    """The paper's claim at this scale, on the exact filler gap; an empty list when it holds."""
+    grown = growth(results)
     failures = []
-    g, se = growth["GRPO"]
+    g, se = grown["GRPO"]
     if not g > 2 * se:
         failures.append(f"under GRPO the filler gap grew by {g:+.3f} tokens, not more than 2 "
                         f"standard errors (2 × {se:.3f})")
-    d, se_d = growth["Dr. GRPO"]
+    d, se_d = grown["Dr. GRPO"]
     if not d < g:
         failures.append(f"the filler gap grew more under Dr. GRPO ({d:+.3f}) than under GRPO "
                         f"({g:+.3f})")
@@ -193,8 +199,8 @@ def regime(results: dict, mechanism_holds: bool) -> str:
             "language model's filler gap (wrong − right) is "
             f"{sft:+.3f} ± {sft_se:.3f} tokens after SFT, and after training " + "; ".join(moved)
             + ".")
-    if mechanism_holds and any(f.startswith("under GRPO the filler gap grew")
-                               for f in check(results)):
+    g, se = growth(results)["GRPO"]
+    if mechanism_holds and not g > 2 * se:
         text += (" Its filler does not come to depend on whether its own answer is right, which "
                  "the bias needs: the model is outside the mechanism's regime, and the tabular "
                  "test is the evidence that the code carries the bias and Dr. GRPO removes it.")
